@@ -1,0 +1,71 @@
+"""The engine's parameters: the single source of truth read by the RTL, the performance model, the
+testbenches and (later) the compiler. Units are in the key names. The integer numerics
+(``quant.reference``) do not depend on any of these: they only decide how fast it is computed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quant.formats import linear_acc_bound, qk_acc_bound, pv_acc_bound, signed_bits_for
+from quant.schema import param
+
+
+@dataclass
+class EngineParams:
+    pe_rows: int = param(4, "output rows computed in parallel (one dot product each)", min=1, max=4096)
+    pe_lanes: int = param(8, "multipliers per row: inputs (dense) or kept weights (2:4) per cycle",
+                          min=2, max=1024)
+    mm_tokens: int = param(2, "prefill: tokens that share each fetched weight (matrix-matrix mode)",
+                           min=1, max=64)
+    acc_bits: int = param(32, "accumulator width in bits", min=8, max=64)
+    max_reduction_len: int = param(4096, "longest dot product (inputs, head_dim or keys) supported",
+                                   min=4, max=1 << 20)
+    max_head_dim: int = param(128, "largest attention head dimension", min=4, max=1024)
+    max_keys: int = param(4096, "largest attention span (sinks + window) for P·V", min=1, max=1 << 20)
+    multiplier_style: str = param("lut", "how 8x2/8x4-bit products are built (docs/arithmetic.md)",
+                                  choices=["lut", "dsp"])
+    act_buffer_bytes: int = param(8192, "on-chip activation buffer (int8 inputs of one operation)",
+                                  min=64, max=1 << 26)
+
+    @property
+    def macs_per_cycle(self) -> int:
+        return self.pe_rows * self.pe_lanes
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.pe_lanes % 2:
+            out.append(("pe_lanes", f"must be even (2:4 mode feeds two kept weights per group of "
+                                    f"four), got {self.pe_lanes}"))
+        if self.max_reduction_len % self.pe_lanes:
+            out.append(("max_reduction_len", f"{self.max_reduction_len} is not a multiple of "
+                                             f"pe_lanes = {self.pe_lanes}"))
+        for key, bound, what in (
+            ("max_reduction_len", linear_acc_bound(self.max_reduction_len), "W2xA8 linear"),
+            ("max_head_dim", qk_acc_bound(self.max_head_dim), "Q.K^T"),
+            ("max_keys", pv_acc_bound(self.max_keys), "P.V"),
+        ):
+            need = signed_bits_for(bound)
+            if need > self.acc_bits:
+                out.append(("acc_bits", f"{self.acc_bits} bits cannot hold the {what} bound {bound} "
+                                        f"for {key} = {getattr(self, key)}: need {need} bits "
+                                        f"(docs/numerics.md, accumulators)"))
+        if self.act_buffer_bytes < self.max_reduction_len * self.mm_tokens:
+            out.append(("act_buffer_bytes", f"{self.act_buffer_bytes} bytes cannot hold "
+                        f"mm_tokens x max_reduction_len = {self.mm_tokens * self.max_reduction_len} "
+                        f"int8 activations"))
+        return out
+
+
+@dataclass
+class TargetParams:
+    part: str = param("xcu280-fsvh2892-2L-e", "FPGA part", choices=["xcu280-fsvh2892-2L-e"])
+    clock_mhz: float = param(225.0, "engine clock", min=1.0, max=1000.0)
+    hbm_channels: int = param(32, "HBM pseudo-channels used", min=1, max=32)
+    hbm_bandwidth_gbps: float = param(460.0, "theoretical HBM bandwidth in GB/s (1e9 bytes/s)",
+                                      min=1.0, max=10000.0)
+    hbm_efficiency: float = param(0.659, "fraction of HBM bandwidth reached (FlightLLM measured "
+                                  "65.9% on U280, ../shared/ANCHORS.md)", min=0.01, max=1.0)
+
+    @property
+    def hbm_bytes_per_cycle(self) -> float:
+        return self.hbm_bandwidth_gbps * 1e9 / (self.clock_mhz * 1e6)

@@ -1,0 +1,99 @@
+"""The numeric formats of accllm, defined once.
+
+Every integer that flows between the compressed model and the hardware has its range here.
+``docs/numerics.md`` explains each choice; ``quant.reference`` defines the operations on them.
+Nothing in this module depends on the shape of the hardware array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """A two's-complement (signed) or plain binary (unsigned) integer of ``bits`` bits."""
+
+    name: str
+    bits: int
+    signed: bool
+
+    @property
+    def min(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def max(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def contains(self, values) -> bool:
+        import numpy as np
+
+        v = np.asarray(values)
+        return bool(v.size == 0 or (v.min() >= self.min and v.max() <= self.max))
+
+
+# --- weights: w = S_row * (s_hat * q + m_hat), group-wise along the input dimension --------------
+W_CODE = IntFormat("weight code", 2, signed=False)  # q in 0..3
+W_SCALE = IntFormat("group scale s_hat", 8, signed=False)  # 0..255, in units of the row scale
+W_MIN = IntFormat("group min m_hat", 8, signed=True)  # -128..127, in units of the row scale
+WEIGHT_BITS_SUPPORTED = (2, 4)  # codes the engine multiplies (4-bit codes share the KV4 datapath)
+
+# --- activations: symmetric per-token int8 ----------------------------------------------------------
+ACT = IntFormat("activation", 8, signed=True)  # the engine accepts -128..127
+ACT_QMAX = 127  # the quantizer emits -127..127 (symmetric)
+
+# --- KV cache: asymmetric per-token (per head) uint4 with an integer zero-point -------------------
+KV_CODE = IntFormat("kv code", 4, signed=False)  # 0..15
+KV_ZERO = IntFormat("kv zero-point", 4, signed=False)  # 0..15
+KV_QMAX = 15
+
+# --- fixed point at the boundary to the special-function domain -----------------------------------
+FX_FRAC_BITS = 16  # Q15.16 in an int32
+FX = IntFormat("fixed point Q15.16", 32, signed=True)
+
+# --- requantization multiplier ----------------------------------------------------------------------
+REQ_MULT = IntFormat("requant multiplier", 16, signed=False)  # 1..65535
+REQ_SHIFT_MAX = 62
+
+# --- 2:4 structured sparsity --------------------------------------------------------------------------
+SPARSE_N = 2  # kept
+SPARSE_M = 4  # per group of four consecutive inputs
+#: The six ways to keep two of four, indexed by the 3-bit metadata code (lexicographic order).
+SPARSE_PATTERNS: tuple[tuple[int, int], ...] = tuple(combinations(range(SPARSE_M), SPARSE_N))
+SPARSE_META_BITS = 3  # ceil(log2(6)); codes 6 and 7 are invalid
+
+#: Bits of a row scale (stored as float16 in the artifact).
+ROW_SCALE_BITS = 16
+
+
+def weight_bits_per_weight(group_size: int, *, sparse: bool, code_bits: int = 2) -> float:
+    """Stored bits per dense weight position (codes, 2:4 metadata and group scale+min), excluding the
+    per-row scale which adds ``16 / in_features``."""
+    scale_bits = (W_SCALE.bits + W_MIN.bits) / group_size
+    if sparse:
+        return (SPARSE_N * code_bits + SPARSE_META_BITS) / SPARSE_M + scale_bits
+    return code_bits + scale_bits
+
+
+def linear_acc_bound(k: int, code_bits: int = 2) -> int:
+    """Largest |accumulator| a W×A8 linear over ``k`` inputs can reach, for any group size:
+    per input, |s_hat * q * a| + |m_hat * a| <= 255 * qmax * 128 + 128 * 128."""
+    qmax = (1 << code_bits) - 1
+    return k * (W_SCALE.max * qmax * -ACT.min + -W_MIN.min * -ACT.min)
+
+
+def qk_acc_bound(head_dim: int) -> int:
+    """Largest |Q·K^T| accumulator: per channel |a| * |code - zero| <= 128 * 15."""
+    return head_dim * -ACT.min * KV_QMAX
+
+
+def pv_acc_bound(n_keys: int) -> int:
+    """Largest |P·V| accumulator: per key |p| * |code - zero| <= 128 * 15."""
+    return n_keys * -ACT.min * KV_QMAX
+
+
+def signed_bits_for(bound: int) -> int:
+    """Width of a two's-complement register that holds every value in [-bound, bound]."""
+    return int(bound).bit_length() + 1

@@ -1,0 +1,133 @@
+"""The compression recipe (a list of named modifiers, applied in order) and the model section.
+
+YAML form, in the spirit of llm-compressor's recipes::
+
+    recipe:
+      name: w2a8kv4
+      modifiers:
+        - quantize_weights: {bits: 2, group_size: 64, method: gptq}
+        - quantize_activations: {bits: 8}
+        - quantize_kv: {bits: 4}
+        - attention_window: {sinks: 4, window: 508}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .formats import ACT, KV_CODE, WEIGHT_BITS_SUPPORTED
+from .schema import param
+
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ModelConfig:
+    source: str = param("smollm2-135m", "a Hugging Face folder, a .gguf file, or the alias smollm2-135m")
+    device: str = param("cpu", "torch device", choices=["cpu", "cuda"])
+    calib_text: str = param("", "text file for calibration ('' = the built-in default)")
+    calib_samples: int = param(64, "calibration sequences", min=1, max=100_000)
+    calib_seq_len: int = param(512, "tokens per calibration sequence", min=8, max=131_072)
+    eval_text: str = param("", "text file for perplexity ('' = the built-in default)")
+    eval_seq_len: int = param(512, "tokens per evaluation window", min=8, max=131_072)
+    seed: int = param(0, "seed for sampling calibration windows", min=0)
+
+
+@dataclass
+class Prune:
+    method: str = param("sparsegpt", "how to choose the pruned weights", choices=["sparsegpt", "wanda"])
+    n: int = param(2, "kept weights per group of m", min=1, max=2)
+    m: int = param(4, "group of consecutive inputs", min=4, max=4)
+    targets: list[str] = param(doc="linear layers pruned (projection names)",
+                               default_factory=lambda: list(LINEAR_TARGETS))
+    damp_percent: float = param(0.01, "Hessian dampening (fraction of mean diagonal)", min=0.0, max=1.0)
+    block_size: int = param(128, "columns per lazy update block", min=4, max=4096)
+
+    def problems(self):
+        return [("targets", f"unknown projection {t!r}; known: {', '.join(LINEAR_TARGETS)}")
+                for t in self.targets if t not in LINEAR_TARGETS]
+
+
+@dataclass
+class QuantizeWeights:
+    bits: int = param(2, "bits per weight code", choices=list(WEIGHT_BITS_SUPPORTED))
+    group_size: int = param(64, "inputs sharing one scale and min", min=4, max=8192)
+    method: str = param("gptq", "rtn: round to nearest; gptq: error feedback", choices=["rtn", "gptq"])
+    act_order: bool = param(True, "GPTQ: process columns by decreasing Hessian diagonal")
+    damp_percent: float = param(0.01, "GPTQ: Hessian dampening", min=0.0, max=1.0)
+    block_size: int = param(128, "GPTQ: columns per lazy update block", min=4, max=4096)
+    clip_search: bool = param(True, "search each group's range to minimise the quantization error")
+    targets: list[str] = param(doc="linear layers quantized", default_factory=lambda: list(LINEAR_TARGETS))
+    overrides: dict[str, int] = param(doc="bits per layer-name pattern (fnmatch), e.g. {'lm_head': 4}",
+                                      default_factory=dict)
+
+    def problems(self):
+        out = []
+        if self.group_size % 4:
+            out.append(("group_size", f"{self.group_size} is not a multiple of 4 (2:4 groups)"))
+        out += [("targets", f"unknown projection {t!r}; known: {', '.join(LINEAR_TARGETS)}")
+                for t in self.targets if t not in LINEAR_TARGETS]
+        out += [(f"overrides.{k}", f"{v} bits: the engine runs {list(WEIGHT_BITS_SUPPORTED)}")
+                for k, v in self.overrides.items() if v not in WEIGHT_BITS_SUPPORTED]
+        return out
+
+
+@dataclass
+class QuantizeActivations:
+    bits: int = param(8, "activation bits (symmetric, per token, dynamic)", choices=[ACT.bits])
+    granularity: str = param("per_token", "scale granularity", choices=["per_token"])
+
+
+@dataclass
+class QuantizeKV:
+    bits: int = param(4, "KV cache bits (asymmetric, per token and head)", choices=[KV_CODE.bits])
+    k_smoothing: bool = param(True, "fold static per-channel key scales into q_proj/k_proj")
+
+
+@dataclass
+class AttentionWindow:
+    sinks: int = param(4, "attention-sink tokens always kept", min=0, max=1024)
+    window: int = param(508, "most recent tokens kept", min=1, max=1 << 20)
+
+
+@dataclass
+class Reconstruct:
+    steps: int = param(60, "optimizer steps per decoder layer", min=1, max=100_000)
+    lr: float = param(1e-3, "learning rate", min=0.0, max=1.0)
+    tune_codes: bool = param(False, "also let codes change (otherwise scales and mins only)")
+
+
+#: The modifier names a recipe may list, in YAML as single-key mappings.
+MODIFIERS = {
+    "prune": Prune,
+    "quantize_weights": QuantizeWeights,
+    "quantize_activations": QuantizeActivations,
+    "quantize_kv": QuantizeKV,
+    "attention_window": AttentionWindow,
+    "reconstruct": Reconstruct,
+}
+Modifier = Prune | QuantizeWeights | QuantizeActivations | QuantizeKV | AttentionWindow | Reconstruct
+
+
+@dataclass
+class Recipe:
+    name: str = param("fp16", "a label recorded in the artifact")
+    modifiers: list[Modifier] = param(doc="named modifiers, applied in order", default_factory=list)
+
+    def get(self, kind: type):
+        found = [m for m in self.modifiers if isinstance(m, kind)]
+        return found[0] if found else None
+
+    def problems(self):
+        out = []
+        seen = set()
+        for i, m in enumerate(self.modifiers):
+            if type(m) in seen:
+                out.append((f"modifiers[{i}]", f"{type(m).__name__} appears twice"))
+            seen.add(type(m))
+        prune, qw = self.get(Prune), self.get(QuantizeWeights)
+        if self.get(Reconstruct) and not qw:
+            out.append(("modifiers", "reconstruct needs a quantize_weights modifier to tune"))
+        if prune and qw and qw.group_size % 4:
+            out.append(("modifiers", "2:4 pruning needs a weight group size that is a multiple of 4"))
+        return out

@@ -1,0 +1,434 @@
+"""The integer reference model: what the hardware computes, defined in numpy and nothing else.
+
+This module is the specification. The quantized PyTorch model's integer path, the Amaranth engine
+and the cocotb runs on generated Verilog are each checked against it with ``np.array_equal``.
+It is written for clarity first; ``docs/numerics.md`` gives the reasons behind every rule.
+
+Conventions
+-----------
+* Integer arrays are returned as ``np.int64`` (codes as ``np.uint8``/``np.int8``); inputs of any
+  integer dtype are accepted and range-checked.
+* Shapes: activations ``(T, K)`` (T tokens, K inputs); weights ``(N, K)`` (N outputs); a
+  matrix–vector product is the case ``T == 1``.
+* Two rounding rules, each used in one place:
+  ``round_div`` (half away from zero) for the quantizers' divisions, so that quantization is
+  odd-symmetric; ``shift_round`` (half up, i.e. add half then arithmetic shift) for requantization,
+  the cheapest exact rounding in hardware.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .formats import (
+    ACT,
+    ACT_QMAX,
+    FX,
+    FX_FRAC_BITS,
+    KV_CODE,
+    KV_QMAX,
+    KV_ZERO,
+    REQ_MULT,
+    REQ_SHIFT_MAX,
+    SPARSE_M,
+    SPARSE_N,
+    SPARSE_PATTERNS,
+    W_CODE,
+    W_MIN,
+    W_SCALE,
+    IntFormat,
+)
+
+
+class FormatError(ValueError):
+    """An operand is outside its numeric format or has an impossible shape."""
+
+
+def _int(x, fmt: IntFormat | None = None, name: str = "operand") -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise FormatError(f"{name}: expected an integer array, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    if fmt is not None and a.size and (a.min() < fmt.min or a.max() > fmt.max):
+        bad = np.argwhere((a < fmt.min) | (a > fmt.max))[0]
+        raise FormatError(
+            f"{name}: value {a[tuple(bad)]} at index {tuple(int(i) for i in bad)} is outside "
+            f"{fmt.name} [{fmt.min}, {fmt.max}]"
+        )
+    return a
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rounding primitives
+# ---------------------------------------------------------------------------------------------------
+def round_div(n, d) -> np.ndarray:
+    """n / d rounded to the nearest integer, ties away from zero; d > 0. Exact for int64."""
+    n = np.asarray(n, dtype=np.int64)
+    d = np.asarray(d, dtype=np.int64)
+    if np.any(d <= 0):
+        raise FormatError("round_div: divisor must be positive")
+    mag = (2 * np.abs(n) + d) // (2 * d)
+    return np.where(n < 0, -mag, mag)
+
+
+def shift_round(x, shift) -> np.ndarray:
+    """x / 2**shift rounded to the nearest integer, ties toward +inf (add half, shift right)."""
+    x = np.asarray(x, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    if np.any(shift < 0):
+        raise FormatError("shift_round: shift must be >= 0")
+    half = np.where(shift > 0, np.left_shift(np.int64(1), np.maximum(shift - 1, 0)), 0)
+    return np.right_shift(x + half, shift)
+
+
+def saturate(x, fmt: IntFormat) -> np.ndarray:
+    return np.clip(np.asarray(x, dtype=np.int64), fmt.min, fmt.max)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixed point (the boundary to the float / special-function domain)
+# ---------------------------------------------------------------------------------------------------
+def to_fx(x) -> np.ndarray:
+    """Float to Q15.16: x * 2**16 rounded half to even (exact for float32/64), saturated to int32."""
+    scaled = np.rint(np.asarray(x, dtype=np.float64) * (1 << FX_FRAC_BITS))
+    return np.clip(scaled, FX.min, FX.max).astype(np.int64)
+
+
+def from_fx(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64) / (1 << FX_FRAC_BITS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activation quantizer: symmetric, per token, dynamic
+# ---------------------------------------------------------------------------------------------------
+def quantize_activations(x_fx) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize fixed-point activations (T, K) to int8 codes per token.
+
+    amax_t = max_i |x_ti|;  a_ti = round_div(127 * x_ti, amax_t)  (0 where amax_t == 0).
+    Returns (codes (T, K) int8 in [-127, 127], amax (T,) int64). The token's real scale is
+    amax_t / 127 in Q15.16 units: x ~= a * amax / 127 / 2**16.
+    """
+    x = _int(x_fx, FX, "activations (Q15.16)")
+    if x.ndim != 2:
+        raise FormatError(f"activations must be 2-D (tokens, features), got shape {x.shape}")
+    amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.int64)
+    safe = np.where(amax == 0, 1, amax)[:, None]
+    codes = np.where(amax[:, None] == 0, 0, round_div(ACT_QMAX * x, safe))
+    return codes.astype(np.int8), amax.astype(np.int64)
+
+
+def dequantize_activations(codes, amax) -> np.ndarray:
+    a = _int(codes, ACT, "activation codes")
+    return a * (np.asarray(amax, np.float64)[:, None] / ACT_QMAX) / (1 << FX_FRAC_BITS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV quantizer: asymmetric uint4 per token (per head), integer zero-point
+# ---------------------------------------------------------------------------------------------------
+def quantize_kv(x_fx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize one head's keys or values, (T, D) in Q15.16, to 4-bit codes as tokens enter the cache.
+
+    lo, hi = min, max over the token's D channels, widened to include 0; r = hi - lo (the range).
+    zero = round_div(-15 * lo, r) in [0, 15];  code = clamp(round_div(15 * x, r) + zero, 0, 15).
+    Returns (codes (T, D) uint8, zero (T,) uint8, range (T,) int64); r == 0 gives codes = zero = 0.
+    Dequantized: x ~= (code - zero) * r / 15 / 2**16.
+    """
+    x = _int(x_fx, FX, "kv (Q15.16)")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise FormatError(f"kv must be 2-D (tokens, head_dim) with head_dim > 0, got {x.shape}")
+    lo = np.minimum(x.min(axis=1), 0)
+    hi = np.maximum(x.max(axis=1), 0)
+    r = hi - lo
+    safe = np.where(r == 0, 1, r)
+    zero = np.where(r == 0, 0, round_div(-KV_QMAX * lo, safe))
+    codes = np.where(
+        r[:, None] == 0, 0, np.clip(round_div(KV_QMAX * x, safe[:, None]) + zero[:, None], 0, KV_QMAX)
+    )
+    return codes.astype(np.uint8), zero.astype(np.uint8), r.astype(np.int64)
+
+
+def dequantize_kv(codes, zero, rng) -> np.ndarray:
+    c = _int(codes, KV_CODE, "kv codes")
+    z = _int(zero, KV_ZERO, "kv zero-points")
+    return (c - z[:, None]) * (np.asarray(rng, np.float64)[:, None] / KV_QMAX) / (1 << FX_FRAC_BITS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight format: w = S_row * (s_hat * q + m_hat), per group of G inputs
+# ---------------------------------------------------------------------------------------------------
+def _check_weights(codes, scales, mins, group_size: int, code_bits: int = 2):
+    cfmt = W_CODE if code_bits == 2 else IntFormat(f"{code_bits}-bit weight code", code_bits, False)
+    q = _int(codes, cfmt, "weight codes")
+    s = _int(scales, W_SCALE, "group scales")
+    m = _int(mins, W_MIN, "group mins")
+    if q.ndim != 2:
+        raise FormatError(f"weight codes must be 2-D (out, in), got shape {q.shape}")
+    n, k = q.shape
+    if group_size <= 0 or k % group_size:
+        raise FormatError(f"group size {group_size} does not divide the input dimension {k}")
+    if s.shape != (n, k // group_size) or m.shape != s.shape:
+        raise FormatError(
+            f"scales {s.shape} and mins {m.shape} must both be (out, in/group) = {(n, k // group_size)}"
+        )
+    return q, s, m
+
+
+def dequantize_weights(
+    codes, scales, mins, row_scale, group_size: int, mask=None, code_bits: int = 2
+) -> np.ndarray:
+    """Float weights (N, K) the integer format stands for (pruned positions, where mask is False, are 0)."""
+    q, s, m = _check_weights(codes, scales, mins, group_size, code_bits)
+    w_int = np.repeat(s, group_size, axis=1) * q + np.repeat(m, group_size, axis=1)
+    if mask is not None:
+        w_int = np.where(np.asarray(mask, bool), w_int, 0)
+    return w_int * np.asarray(row_scale, np.float64)[:, None]
+
+
+def fit_weight_grid(lo, hi, code_bits: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Choose the two-level grid for ranges [lo, hi] of each group (arrays (N, G_count), float).
+
+    Per group the ideal grid is lo + step * q, step = (hi - lo) / qmax. The row scale S is the
+    smallest value such that every step fits 255 S and every lo fits [-128 S, 127 S]; then
+    s_hat = round(step / S), m_hat = round(lo / S). Returns (row_scale (N,), s_hat, m_hat).
+    """
+    lo = np.asarray(lo, np.float64)
+    hi = np.asarray(hi, np.float64)
+    qmax = (1 << code_bits) - 1
+    step = np.maximum(hi - lo, 0.0) / qmax
+    need = np.maximum(step / W_SCALE.max, np.maximum(-lo / -W_MIN.min, lo / W_MIN.max))
+    row_scale = need.max(axis=1)
+    row_scale = np.where(row_scale > 0, row_scale, 1.0).astype(np.float16).astype(np.float64)
+    # float16 rounding may have shrunk S below what is needed: grow it by one ulp until it fits.
+    while True:
+        short = row_scale < need.max(axis=1)
+        if not short.any():
+            break
+        up = np.nextafter(row_scale.astype(np.float16), np.float16(np.inf)).astype(np.float64)
+        row_scale = np.where(short, up, row_scale)
+    s_hat = np.clip(np.rint(step / row_scale[:, None]), W_SCALE.min, W_SCALE.max).astype(np.int64)
+    m_hat = np.clip(np.rint(lo / row_scale[:, None]), W_MIN.min, W_MIN.max).astype(np.int64)
+    return row_scale, s_hat, m_hat
+
+
+def nearest_codes(w, row_scale, scales, mins, group_size: int, code_bits: int = 2) -> np.ndarray:
+    """Round each weight to the nearest grid point of its group (ties to the lower code)."""
+    w = np.asarray(w, np.float64)
+    qmax = (1 << code_bits) - 1
+    s = np.repeat(np.asarray(scales, np.float64), group_size, axis=1)
+    m = np.repeat(np.asarray(mins, np.float64), group_size, axis=1)
+    target = w / np.asarray(row_scale, np.float64)[:, None] - m
+    safe = np.where(s == 0, 1.0, s)
+    q = np.where(s == 0, 0, np.clip(np.ceil(target / safe - 0.5), 0, qmax))
+    return q.astype(np.uint8)
+
+
+def quantize_weights_rtn(w, group_size: int, code_bits: int = 2):
+    """Round-to-nearest baseline: per group min/max range, then nearest codes.
+    Returns (codes (N, K) uint8, s_hat, m_hat, row_scale)."""
+    w = np.asarray(w, np.float64)
+    n, k = w.shape
+    if k % group_size:
+        raise FormatError(f"group size {group_size} does not divide the input dimension {k}")
+    g = w.reshape(n, k // group_size, group_size)
+    row_scale, s_hat, m_hat = fit_weight_grid(g.min(axis=2), g.max(axis=2), code_bits)
+    codes = nearest_codes(w, row_scale, s_hat, m_hat, group_size, code_bits)
+    return codes, s_hat, m_hat, row_scale
+
+
+# ---------------------------------------------------------------------------------------------------
+# W×A8 linear layers (dense and 2:4 sparse); matrix–vector is T == 1
+# ---------------------------------------------------------------------------------------------------
+def w2a8_linear(a, codes, scales, mins, group_size: int, mask=None, code_bits: int = 2) -> np.ndarray:
+    """acc[t, n] = sum_g ( s_hat[n,g] * sum_{i in g, kept} q[n,i] a[t,i]
+                           + m_hat[n,g] * sum_{i in g, kept} a[t,i] ).
+
+    ``mask`` (N, K) bool marks kept weights (None: dense). Returns int64 (T, N). The real output is
+    acc * S_row[n] * amax_t / 127 / 2**16.
+    """
+    x = _int(a, ACT, "activations")
+    q, s, m = _check_weights(codes, scales, mins, group_size, code_bits)
+    n, k = q.shape
+    if x.ndim != 2 or x.shape[1] != k:
+        raise FormatError(f"activations {x.shape} do not match weights {q.shape}: need (T, {k})")
+    keep = np.ones_like(q) if mask is None else np.asarray(mask, bool).astype(np.int64)
+    if keep.shape != q.shape:
+        raise FormatError(f"mask {keep.shape} must match weights {q.shape}")
+    ng = k // group_size
+    qk = (q * keep).reshape(n, ng, group_size)
+    kept = keep.reshape(n, ng, group_size)
+    xg = x.reshape(x.shape[0], ng, group_size)
+    prod = np.einsum("tgi,ngi->tng", xg, qk)  # sum q*a per group
+    asum = np.einsum("tgi,ngi->tng", xg, kept)  # sum a over kept inputs per group
+    return (s[None] * prod + m[None] * asum).sum(axis=2)
+
+
+def check_24_mask(mask) -> np.ndarray:
+    mk = np.asarray(mask, bool)
+    if mk.ndim != 2 or mk.shape[1] % SPARSE_M:
+        raise FormatError(f"2:4 mask must be (out, in) with in divisible by 4, got {mk.shape}")
+    per = mk.reshape(mk.shape[0], -1, SPARSE_M).sum(axis=2)
+    if np.any(per != SPARSE_N):
+        r, g = np.argwhere(per != SPARSE_N)[0]
+        raise FormatError(
+            f"2:4 mask row {r}, inputs {4 * g}..{4 * g + 3} keep {per[r, g]} weights, not exactly 2"
+        )
+    return mk
+
+
+def compress_24(codes, mask) -> tuple[np.ndarray, np.ndarray]:
+    """Dense codes + 2:4 mask -> (kept codes (N, K/2) uint8, metadata (N, K/4) uint8 pattern index)."""
+    mk = check_24_mask(mask)
+    q = _int(codes, None, "codes")
+    n, k = q.shape
+    groups = mk.reshape(n, k // SPARSE_M, SPARSE_M)
+    meta = np.zeros((n, k // SPARSE_M), np.uint8)
+    for idx, p in enumerate(SPARSE_PATTERNS):
+        sel = np.zeros(SPARSE_M, bool)
+        sel[list(p)] = True
+        meta[np.all(groups == sel, axis=2)] = idx
+    kept = q.reshape(n, k // SPARSE_M, SPARSE_M)[groups].reshape(n, k // 2)
+    return kept.astype(np.uint8), meta
+
+
+def expand_24(kept, meta) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of compress_24: -> (dense codes (N, K) uint8 with 0 at pruned places, mask (N, K) bool)."""
+    kq = _int(kept, None, "kept codes")
+    md = _int(meta, None, "2:4 metadata")
+    if md.size and (md.min() < 0 or md.max() >= len(SPARSE_PATTERNS)):
+        bad = np.argwhere((md < 0) | (md >= len(SPARSE_PATTERNS)))[0]
+        raise FormatError(f"2:4 metadata code {md[tuple(bad)]} at {tuple(bad)} is not one of 0..5")
+    n, gcount = md.shape
+    if kq.shape != (n, gcount * SPARSE_N):
+        raise FormatError(f"kept codes {kq.shape} must be (out, in/2) = {(n, gcount * SPARSE_N)}")
+    pat = np.array(SPARSE_PATTERNS, np.int64)[md]  # (N, G4, 2) positions within each four
+    mask = np.zeros((n, gcount, SPARSE_M), bool)
+    codes = np.zeros((n, gcount, SPARSE_M), np.int64)
+    rows = np.arange(n)[:, None, None]
+    grp = np.arange(gcount)[None, :, None]
+    mask[rows, grp, pat] = True
+    codes[rows, grp, pat] = kq.reshape(n, gcount, SPARSE_N)
+    return codes.reshape(n, -1).astype(np.uint8), mask.reshape(n, -1)
+
+
+def w2a8_sparse_linear(a, kept, meta, scales, mins, group_size: int) -> np.ndarray:
+    """The 2:4-sparse linear, written directly on the compressed form (what the engine streams):
+    in every four inputs, metadata selects two activations; each is multiplied by its kept code and
+    also summed for the group-min term. Equal to w2a8_linear on the expanded codes and mask."""
+    x = _int(a, ACT, "activations")
+    kq = _int(kept, W_CODE, "kept weight codes")
+    md = _int(meta, None, "2:4 metadata")
+    n, g4 = md.shape
+    k = g4 * SPARSE_M
+    s = _int(scales, W_SCALE, "group scales")
+    m = _int(mins, W_MIN, "group mins")
+    if x.ndim != 2 or x.shape[1] != k:
+        raise FormatError(f"activations {x.shape} do not match 2:4 metadata for {k} inputs")
+    if group_size % SPARSE_M or k % group_size:
+        raise FormatError(f"group size {group_size} must be a multiple of 4 dividing {k}")
+    if kq.shape != (n, k // 2) or s.shape != (n, k // group_size) or m.shape != s.shape:
+        raise FormatError("kept codes, scales or mins have the wrong shape for the metadata")
+    if md.size and (md.min() < 0 or md.max() > 5):
+        raise FormatError("2:4 metadata codes must be 0..5")
+    pat = np.array(SPARSE_PATTERNS, np.int64)[md]  # (N, G4, 2)
+    idx = (np.arange(g4)[None, :, None] * SPARSE_M + pat).reshape(n, k // 2)  # input index per kept
+    sel = x[:, idx]  # (T, N, K/2): the selected activations
+    per_group = group_size // 2  # kept weights per scale group
+    qk = kq.reshape(n, k // group_size, per_group)
+    selg = sel.reshape(x.shape[0], n, k // group_size, per_group)
+    prod = (selg * qk[None]).sum(axis=3)
+    asum = selg.sum(axis=3)
+    return (s[None] * prod + m[None] * asum).sum(axis=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention products against the KV4 cache
+# ---------------------------------------------------------------------------------------------------
+def qk_scores(q_a, k_codes, k_zero) -> np.ndarray:
+    """scores[t, j] = sum_c q[t, c] * (k[j, c] - zero[j]).  (Tq, D) x (Tk, D) -> int64 (Tq, Tk).
+    The real score is scores * (amax_q / 127) * (r_j / 15) / 2**32."""
+    q = _int(q_a, ACT, "query codes")
+    k = _int(k_codes, KV_CODE, "key codes")
+    z = _int(k_zero, KV_ZERO, "key zero-points")
+    if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1] or z.shape != (k.shape[0],):
+        raise FormatError(f"Q {q.shape}, K {k.shape}, zero {z.shape}: need (Tq, D), (Tk, D), (Tk,)")
+    return q @ (k - z[:, None]).T
+
+
+def pv_product(p_a, v_codes, v_zero) -> np.ndarray:
+    """out[t, c] = sum_j p[t, j] * (v[j, c] - zero[j]).  (Tq, Tk) x (Tk, D) -> int64 (Tq, D).
+    p holds the attention weights with each value token's scale r_j / 15 folded in before
+    they were quantized per query by ``quantize_activations``."""
+    p = _int(p_a, ACT, "attention-weight codes")
+    v = _int(v_codes, KV_CODE, "value codes")
+    z = _int(v_zero, KV_ZERO, "value zero-points")
+    if p.ndim != 2 or v.ndim != 2 or p.shape[1] != v.shape[0] or z.shape != (v.shape[0],):
+        raise FormatError(f"P {p.shape}, V {v.shape}, zero {z.shape}: need (Tq, Tk), (Tk, D), (Tk,)")
+    return p @ (v - z[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Requantization between operations
+# ---------------------------------------------------------------------------------------------------
+def requantize(acc, mult, shift: int, out: IntFormat) -> np.ndarray:
+    """out = saturate(shift_round(acc * mult, shift)). ``mult`` broadcasts (e.g. one per output row)."""
+    x = _int(acc, None, "accumulator")
+    mu = _int(mult, REQ_MULT, "requant multiplier")
+    if not 0 <= int(shift) <= REQ_SHIFT_MAX:
+        raise FormatError(f"requant shift {shift} outside 0..{REQ_SHIFT_MAX}")
+    if x.size and np.abs(x).max() >= (1 << 46):
+        raise FormatError("accumulator beyond 2**46: acc * mult would overflow 63 bits")
+    return saturate(shift_round(x * mu, int(shift)), out)
+
+
+def multiplier_for(real: float) -> tuple[int, int]:
+    """Represent a positive real scale as mult / 2**shift with mult a 16-bit integer in [2**15, 2**16)
+    (full precision), computed in float64 (so torch and numpy agree bit for bit)."""
+    if not (real > 0 and np.isfinite(real)):
+        raise FormatError(f"requant scale must be positive and finite, got {real}")
+    mant, exp = np.frexp(np.float64(real))  # real = mant * 2**exp, mant in [0.5, 1)
+    mult = int(np.rint(mant * (1 << 16)))
+    shift = 16 - int(exp)
+    if mult == 1 << 16:
+        mult, shift = 1 << 15, shift - 1
+    if shift < 0:
+        raise FormatError(f"requant scale {real} is too large (>= 2**16)")
+    if shift > REQ_SHIFT_MAX:
+        raise FormatError(f"requant scale {real} is too small (shift {shift} > {REQ_SHIFT_MAX})")
+    return mult, shift
+
+
+# ---------------------------------------------------------------------------------------------------
+# Λ-shaped attention: sink + window cache addressing and positions
+# ---------------------------------------------------------------------------------------------------
+def cache_slot(t, sinks: int, window: int) -> np.ndarray:
+    """The cache slot token t is written to: sinks keep slots 0..S-1; the rest cycle through a ring of W."""
+    t = np.asarray(t, np.int64)
+    if sinks < 0 or window < 1:
+        raise FormatError("need sinks >= 0 and window >= 1")
+    return np.where(t < sinks, t, sinks + (t - sinks) % window)
+
+
+def visible_tokens(n: int, sinks: int, window: int) -> np.ndarray:
+    """Token indices a query at token n attends to: the sinks and the last W tokens up to n."""
+    start = max(sinks, n - window + 1)
+    return np.concatenate([np.arange(min(sinks, n + 1)), np.arange(start, n + 1)]).astype(np.int64)
+
+
+def attention_distances(n: int, sinks: int, window: int) -> np.ndarray:
+    """Relative position (query minus key) seen for each visible token (order of visible_tokens).
+
+    Window keys are seen at their true distance (< W). A sink s is seen at distance
+    min(n, S + W - 1) - s: exact while the context fits the cache, then frozen, so no distance ever
+    exceeds S + W - 1. Keys are stored already rotated at their own position; the query is rotated
+    twice, at n for the window and at min(n, S + W - 1) for the sinks.
+    """
+    vis = visible_tokens(n, sinks, window)
+    qpos_sink = min(n, sinks + window - 1)
+    return np.where(vis < sinks, qpos_sink - vis, n - vis).astype(np.int64)
+
+
+def lambda_mask(t: int, sinks: int, window: int) -> np.ndarray:
+    """(T, T) bool: entry [n, j] is True when the query at n sees key j."""
+    n = np.arange(t)[:, None]
+    j = np.arange(t)[None, :]
+    return (j <= n) & ((j < sinks) | (j > n - window))
