@@ -141,7 +141,7 @@ def _check_range(f: dataclasses.Field, value: Any, path: str, where: str) -> Non
         raise ConfigError(where, path, f"{value} is above the maximum {hi}")
 
 
-def _build(cls, data: Any, path: str, where: str):
+def _build(cls, data: Any, path: str, where: str, cross: bool = True):
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -157,7 +157,7 @@ def _build(cls, data: Any, path: str, where: str):
         kwargs[key] = _convert(value, hints[key], sub, where)
         _check_range(f, kwargs[key], sub, where)
     obj = cls(**kwargs)
-    if hasattr(obj, "problems"):
+    if hasattr(obj, "problems") and (cross or cls is not Config):
         for key, message in obj.problems():
             raise ConfigError(where, f"{path}.{key}" if path else key, message)
     return obj
@@ -176,8 +176,9 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def from_data(data: Any, where: str = "") -> Config:
-    return _build(Config, data, "", where)
+def from_data(data: Any, where: str = "", cross: bool = True) -> Config:
+    """Validate plain data into a Config; ``cross=False`` skips the checks across sections."""
+    return _build(Config, data, "", where, cross)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -208,14 +209,12 @@ def load(*paths: Path | str, overrides: dict | None = None) -> Config:
         if not isinstance(d, dict):
             raise ConfigError(str(p), "", "the top level must be a mapping of sections")
         where = str(p)
-        from_data(d, where)  # validate each file alone so errors name the right file
+        from_data(d, where, cross=False)  # each file alone, so errors name the right file
         data = _merge(data, d)
     if overrides:
         data = _merge(data, overrides)
-    cfg = from_data(data, where if len(paths) == 1 else ", ".join(map(str, paths)))
-    for key, message in cfg.problems():
-        raise ConfigError(where if len(paths) == 1 else "+".join(map(str, paths)), key, message)
-    return cfg
+    # checks across sections run on the merged result, naming every file that contributed
+    return from_data(data, where if len(paths) == 1 else " + ".join(map(str, paths)))
 
 
 def dump(cfg: Config | None = None) -> str:

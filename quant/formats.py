@@ -78,10 +78,14 @@ def weight_bits_per_weight(group_size: int, *, sparse: bool, code_bits: int = 2)
 
 
 def linear_acc_bound(k: int, code_bits: int = 2) -> int:
-    """Largest |accumulator| a W×A8 linear over ``k`` inputs can reach, for any group size:
-    per input, |s_hat * q * a| + |m_hat * a| <= 255 * qmax * 128 + 128 * 128."""
+    """Largest |accumulator| a W×A8 linear over ``k`` inputs can reach, for any group size.
+
+    Each input contributes (s_hat*q + m_hat) * a; the integer weight s_hat*q + m_hat lies in
+    [-128, 255*qmax + 127] and |a| <= 128, so |acc| <= k * 128 * max(255*qmax + 127, 128).
+    The bound is reached (a = -128, q = qmax, s_hat = 255, m_hat = 127), so it is tight."""
     qmax = (1 << code_bits) - 1
-    return k * (W_SCALE.max * qmax * -ACT.min + -W_MIN.min * -ACT.min)
+    w_max = max(W_SCALE.max * qmax + W_MIN.max, -W_MIN.min)
+    return k * -ACT.min * w_max
 
 
 def qk_acc_bound(head_dim: int) -> int:

@@ -1,0 +1,248 @@
+"""The `accllm` command: thin wrappers over Python functions that notebooks and tests call too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+EPILOG = """\
+stages: quant/ (compress a Llama checkpoint to W2A8KV4), hw/ (the Amaranth engine),
+sim/ (co-simulation against the integer reference), bitstream/ (U280 builds).
+Start with `accllm doctor`, then `accllm run` (the main job on the built-in defaults).
+Numeric formats: docs/numerics.md.  Configuration: `accllm config --dump`."""
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one clear line, exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from quant.reference import FormatError
+
+    from .config import ConfigError
+
+    errs: list[type[BaseException]] = [UserError, ConfigError, FormatError]
+    try:
+        from quant.errors import QuantError
+
+        errs.append(QuantError)
+    except ImportError:
+        pass
+    try:
+        from sim.engine_check import SimulatorMissing
+
+        errs.append(SimulatorMissing)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+# ---------------------------------------------------------------------------------------------------
+def cmd_doctor(args) -> int:
+    from .doctor import doctor, format_table
+
+    report = doctor()
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0 if report["ok"] else 1
+
+
+def cmd_config(args) -> int:
+    from . import config
+
+    if args.dump:
+        cfg = config.load(*args.files) if args.files else config.Config()
+        sys.stdout.write(config.dump(cfg))
+        return 0
+    if args.check:
+        for f in args.check:
+            config.load(f)
+            print(f"{f}: ok")
+        return 0
+    raise UserError("config: give --dump [FILE...] or --check FILE [FILE...]")
+
+
+def cmd_run(args) -> int:
+    from .flow import run
+
+    summary = run(config_files=args.config, out_dir=args.out, force=args.force, steps=args.steps,
+                  progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0 if summary.get("ok", False) else 1
+
+
+def cmd_quantize(args) -> int:
+    from quant.pipeline import quantize_model
+
+    from .config import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    report = quantize_model(args.model, recipe, args.out, calib_text=args.calib_text,
+                            calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed,
+                            device=args.device, progress=not args.quiet)
+    print(json.dumps(report, indent=2) if args.json else
+          f"wrote {args.out}: {report.get('bits_per_weight', 0):.3f} bits/weight, "
+          f"{report.get('size_bytes', 0) / 1e6:.1f} MB, {report.get('seconds', 0):.0f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from quant.evaluate import evaluate
+
+    res = evaluate(args.model, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                   device=args.device, integer_path=args.integer_path, progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens "
+              f"(seq_len {res['seq_len']}, integer path: {res['integer_path']})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from quant.evaluate import generate
+
+    print(generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device))
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from sim.engine_check import simulate_engine
+
+    from .config import load_hw
+
+    cfg = load_hw(args.hw)
+    waves = args.waves or os.environ.get("WAVES", "") not in ("", "0")
+    res = simulate_engine(cfg.engine, args.sim, args.cases, args.seed,
+                          stall_probability=args.stall_probability, waves=waves,
+                          build_dir=args.build_dir)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.sim}: {res['cases']} cases, modes {', '.join(res['modes'])}: "
+              f"{'bit-exact' if res['bit_exact'] else str(res['mismatches']) + ' MISMATCHES'}; "
+              f"{res['macs']} MACs in {res['cycles']} cycles = {res['macs_per_cycle']:.2f} MACs/cycle")
+    return 0 if res["bit_exact"] else 1
+
+
+# ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="accllm", description="Algorithm-hardware co-design toolflow for "
+                                "long-context LLM inference on FPGAs (W2A8KV4, 2:4, Λ-attention, U280).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"accllm {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("doctor", help="check which tools are installed and their versions",
+                       description="For each tool: version found, version wanted (requirements/pinned.txt), "
+                                   "whether it is required, and ok/missing/wrong with an install hint. "
+                                   "Exit status 1 when a required tool is missing or wrong.")
+    d.add_argument("--json", action="store_true", help="machine-readable report")
+    d.set_defaults(func=cmd_doctor)
+
+    c = sub.add_parser("config", help="dump the resolved defaults or check YAML files",
+                       description="--dump prints the fully resolved configuration (defaults, or FILEs "
+                                   "merged onto them) as YAML that loads back to the same object. --check "
+                                   "validates files: unknown keys (with the nearest valid key), wrong types, "
+                                   "out-of-range values and impossible combinations are named by file and key.")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--dump", action="store_true", help="print resolved configuration as YAML")
+    g.add_argument("--check", nargs="+", metavar="FILE", help="validate YAML files")
+    c.add_argument("files", nargs="*", metavar="FILE", help="with --dump: files merged onto the defaults")
+    c.set_defaults(func=cmd_config)
+
+    r = sub.add_parser("run", help="the main job: the whole flow on a config (resumable)",
+                       description="Runs the flow's ordered steps (see accllm/flow.py), each verified "
+                                   "before the next. Finished steps whose inputs did not change are skipped "
+                                   "on a rerun. With no --config, runs the built-in default offline.")
+    r.add_argument("--config", nargs="*", default=[], metavar="FILE", help="YAML files merged onto defaults")
+    r.add_argument("--out", default="build/run", help="output folder (default: build/run)")
+    r.add_argument("--steps", nargs="*", default=None, help="only these steps (default: all)")
+    r.add_argument("--force", action="store_true", help="rerun steps even if up to date")
+    r.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("quantize", help="compress a checkpoint with a recipe into a packed artifact",
+                       description="MODEL: a Hugging Face Llama folder, a .gguf file, or smollm2-135m. "
+                                   "Writes DIR atomically: model.safetensors, recipe.yaml, manifest.json, "
+                                   "report.json.")
+    q.add_argument("model")
+    q.add_argument("--recipe", required=True, help="built-in name (fp16, rtn-w2a8kv4, w2a8kv4, "
+                                                   "w2a8kv4-sparse24) or a YAML path")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--calib-text", default=None, metavar="FILE", help="calibration text (default: built-in)")
+    q.add_argument("--calib-samples", type=int, default=64, metavar="N")
+    q.add_argument("--seq-len", type=int, default=512, metavar="L")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model or artifact on a text",
+                       description="An artifact is evaluated on its integer path (the hardware's arithmetic) "
+                                   "by default.")
+    e.add_argument("model", metavar="MODEL_OR_ARTIFACT")
+    e.add_argument("--text", default=None, metavar="FILE", help="text file (default: built-in excerpt)")
+    e.add_argument("--seq-len", type=int, default=512, metavar="L")
+    e.add_argument("--max-tokens", type=int, default=None, metavar="N")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ip = e.add_mutually_exclusive_group()
+    ip.add_argument("--integer-path", dest="integer_path", action="store_true", default=None)
+    ip.add_argument("--float-path", dest="integer_path", action="store_false")
+    e.add_argument("--json", action="store_true",
+                   help='print {"perplexity", "tokens", "seq_len", "integer_path"}')
+    e.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text for a quick look")
+    gen.add_argument("model", metavar="MODEL_OR_ARTIFACT")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    gen.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    gen.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("simulate", help="simulate hardware against the integer reference")
+    ssub = s.add_subparsers(dest="what", metavar="WHAT", required=True)
+    se = ssub.add_parser("engine", help="random cases in every mode on one simulator",
+                         description="Random cases across all engine modes (dense/sparse, mv/mm, qk, pv) with "
+                                     "random stalls, checked bit for bit against quant.reference. Exit status "
+                                     "1 on any mismatch; the first bad element is named and the case dumped.")
+    se.add_argument("--hw", default="ci-small", help="engine config: ci-small, u280 or a YAML path")
+    se.add_argument("--sim", default="amaranth", choices=["amaranth", "verilator", "icarus"])
+    se.add_argument("--cases", type=int, default=50, metavar="N")
+    se.add_argument("--seed", type=int, default=0, metavar="S")
+    se.add_argument("--stall-probability", type=float, default=0.25)
+    se.add_argument("--waves", action="store_true", help="write a waveform (or WAVES=1)")
+    se.add_argument("--build-dir", default="build/sim")
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"accllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `accllm ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
