@@ -1,0 +1,31 @@
+"""The stages' import rules: data flows quant -> hw -> sim -> bitstream; no stage imports accllm."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ORDER = ["quant", "hw", "sim", "bitstream"]
+ALL = ORDER + ["accllm"]
+
+
+def _imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out & set(ALL)
+
+
+@pytest.mark.parametrize("stage", ORDER)
+def test_stage_imports_only_upstream(stage):
+    allowed = set(ORDER[: ORDER.index(stage) + 1])
+    bad = {}
+    for f in sorted((REPO / stage).rglob("*.py")):
+        extra = _imports(f) - allowed
+        if extra:
+            bad[str(f.relative_to(REPO))] = sorted(extra)
+    assert not bad, f"{stage} may import only {sorted(allowed)}: {bad}"
