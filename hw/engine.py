@@ -1,0 +1,378 @@
+"""The reconfigurable compute engine: a pe_rows x pe_lanes array of 8-bit x 4-bit multipliers that runs
+every integer product of the W2A8KV4 model (``quant.reference``) with valid/ready streams on every
+interface. ``docs/engine.md`` describes the architecture, the stream protocols and the cycle behaviour.
+
+Modes (``Mode``), each run as a sequence of row tiles of ``pe_rows`` outputs:
+
+* ``DENSE``  W2xA8 ``w2a8_linear``: lane l of a weight beat multiplies input ``beat*pe_lanes + l``.
+  ``tokens == 1`` is the matrix-vector (decode) case; ``tokens > 1`` (prefill, matrix-matrix) holds each
+  weight beat for ``tokens`` cycles, one token per cycle, so every fetched weight is reused.
+* ``SPARSE`` 2:4 W2xA8 ``w2a8_sparse_linear``: a beat carries ``pe_lanes`` *kept* codes (covering
+  ``2*pe_lanes`` dense inputs) and one 3-bit pattern per pair of lanes; the pattern picks the two
+  activations of each group of four. No multiplier sees a pruned weight.
+* ``QK``     ``qk_scores``: rows are keys, the reduction runs over head_dim; the key codes are the
+  4-bit codes, and the group (the whole head_dim) has s_hat = 1, m_hat = -zero (sent on the scale
+  stream), so acc = sum q*k - zero * sum q.
+* ``PV``     ``pv_product``: rows are value channels, the reduction runs over keys; lane l carries
+  v[key, channel] and the beat carries each lane's key zero-point. An extra row of ``pe_lanes``
+  multipliers forms sum p*zero, which is subtracted (s = 1, m = -1 internally, no scale beats).
+
+Every accumulator is optionally requantized on output: saturate(shift_round(acc * mult, shift)) to int8.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from amaranth.hdl import Array, Cat, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import bits_for
+
+from quant.formats import ACT, KV_CODE, KV_QMAX, SPARSE_PATTERNS, W_MIN, W_SCALE, signed_bits_for
+
+from .params import EngineParams
+
+__all__ = ["Mode", "Engine", "EngineConfigError", "check_params", "layouts", "CODE_BITS"]
+
+#: Bits of a code lane: the array is built for the widest code it multiplies (the 4-bit KV cache).
+CODE_BITS = KV_CODE.bits
+META_BITS = 3
+SHIFT_BITS = 6
+MULT_BITS = 16
+TILE_BITS = 16
+
+
+class Mode(IntEnum):
+    DENSE = 0
+    SPARSE = 1
+    QK = 2
+    PV = 3
+
+
+class EngineConfigError(ValueError):
+    """An engine configuration the RTL cannot build; ``param`` names the offending parameter."""
+
+    def __init__(self, param: str, message: str):
+        self.param = param
+        super().__init__(f"engine.{param}: {message}")
+
+
+def max_reduction(p: EngineParams) -> int:
+    return max(p.max_reduction_len, p.max_keys)
+
+
+def check_params(p: EngineParams) -> None:
+    """Refuse configurations the RTL cannot build, naming the parameter."""
+    problems = list(p.problems())
+    if p.pe_lanes % 2:
+        pass  # already reported by problems()
+    if p.act_buffer_bytes % (2 * p.pe_lanes):
+        problems.append(("act_buffer_bytes", f"{p.act_buffer_bytes} is not a multiple of 2 * pe_lanes "
+                                             f"= {2 * p.pe_lanes} (two banks of pe_lanes bytes)"))
+    if p.max_keys % p.pe_lanes:
+        problems.append(("max_keys", f"{p.max_keys} is not a multiple of pe_lanes = {p.pe_lanes}"))
+    if p.act_buffer_bytes < p.mm_tokens * max_reduction(p):
+        problems.append(("act_buffer_bytes", f"{p.act_buffer_bytes} bytes cannot hold mm_tokens x "
+                                             f"max_keys = {p.mm_tokens * p.max_keys} int8 inputs"))
+    if p.max_head_dim > p.max_reduction_len:
+        problems.append(("max_head_dim", f"{p.max_head_dim} exceeds max_reduction_len "
+                                         f"= {p.max_reduction_len}"))
+    if problems:
+        key, msg = problems[0]
+        more = "" if len(problems) == 1 else f" (and {len(problems) - 1} more: " + \
+            "; ".join(f"{k}: {m}" for k, m in problems[1:]) + ")"
+        raise EngineConfigError(key, msg + more)
+
+
+def partial_bits(p: EngineParams) -> int:
+    """Width of a group partial sum (sum q*a, sum a, or sum p*zero over one group)."""
+    return signed_bits_for(max_reduction(p) * -ACT.min * KV_QMAX)
+
+
+def layouts(p: EngineParams) -> dict[str, data.StructLayout | data.ArrayLayout]:
+    """Payload layouts of the four input streams and the output stream (first field at bit 0)."""
+    kb = max_reduction(p) // p.pe_lanes
+    return {
+        "cmd": data.StructLayout({
+            "mode": 2,
+            "tokens": range(p.mm_tokens + 1),
+            "k_beats": range(kb + 1),      # weight beats per row tile (per token)
+            "group_beats": range(kb + 1),  # weight beats per scale group
+            "tiles": TILE_BITS,            # row tiles of pe_rows outputs
+            "requant": 1,
+            "shift": SHIFT_BITS,
+            "mult": MULT_BITS,
+        }),
+        "act": data.ArrayLayout(signed(ACT.bits), p.pe_lanes),
+        "weight": data.StructLayout({
+            "codes": data.ArrayLayout(unsigned(CODE_BITS), p.pe_rows * p.pe_lanes),  # [row*lanes+lane]
+            "meta": data.ArrayLayout(unsigned(META_BITS), p.pe_rows * p.pe_lanes // 2),
+            "zero": data.ArrayLayout(unsigned(CODE_BITS), p.pe_lanes),
+        }),
+        "scale": data.StructLayout({
+            "s": data.ArrayLayout(unsigned(W_SCALE.bits), p.pe_rows),
+            "m": data.ArrayLayout(signed(W_MIN.bits), p.pe_rows),
+        }),
+        "out": data.ArrayLayout(signed(p.acc_bits), p.pe_rows),
+    }
+
+
+def _product(m: Module, act: Value, codes: list, code_bits: int, style: str) -> list:  # noqa: F821
+    """One column of the array: a signed 8-bit activation times unsigned codes -> signed products.
+    (The single place a multiply is written; ``hw.mult.column_products`` has the same contract.)"""
+    return [act * c for c in codes]
+
+
+def _tree_sum(values: list):
+    vals = list(values)
+    while len(vals) > 1:
+        nxt = [vals[i] + vals[i + 1] for i in range(0, len(vals) - 1, 2)]
+        if len(vals) % 2:
+            nxt.append(vals[-1])
+        vals = nxt
+    return vals[0]
+
+
+# position of the first / second kept input of a group of four, per metadata code
+_FIRST = [pat[0] for pat in SPARSE_PATTERNS]
+_SECOND = [pat[1] for pat in SPARSE_PATTERNS]
+
+
+class Engine(wiring.Component):
+    """The compute engine. Streams: ``cmd``, ``act``, ``weight``, ``scale`` in; ``out`` out."""
+
+    def __init__(self, params: EngineParams):
+        check_params(params)
+        self.p = params
+        self.layouts = layouts(params)
+        super().__init__({
+            "cmd": In(stream.Signature(self.layouts["cmd"])),
+            "act": In(stream.Signature(self.layouts["act"])),
+            "weight": In(stream.Signature(self.layouts["weight"])),
+            "scale": In(stream.Signature(self.layouts["scale"])),
+            "out": Out(stream.Signature(self.layouts["out"])),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        p = self.p
+        R, L, TT = p.pe_rows, p.pe_lanes, p.mm_tokens
+        m = Module()
+        WP = partial_bits(p)
+        ACC = p.acc_bits
+        kb_max = max_reduction(p) // L
+        bank_depth = p.act_buffer_bytes // (2 * L)
+        widx_bits = bits_for(2 * bank_depth)
+
+        # ---------------- command registers ----------------
+        cmd = Signal(self.layouts["cmd"])
+        IDLE, LOAD, COMPUTE = 0, 1, 2
+        state = Signal(2)
+        wpt = Signal(range(2 * kb_max + 1))  # activation words per token
+        m.d.comb += wpt.eq(Mux(cmd.mode == Mode.SPARSE, cmd.k_beats << 1, cmd.k_beats))
+
+        # ---------------- activation buffer: two banks of pe_lanes bytes ----------------
+        banks = [Memory(shape=unsigned(8 * L), depth=bank_depth, init=[]) for _ in range(2)]
+        m.submodules.bank0, m.submodules.bank1 = banks
+        wps = [b.write_port() for b in banks]
+        rps = [b.read_port(domain="sync") for b in banks]
+
+        # ---------------- pipeline registers ----------------
+        s1_valid, s2_valid, s3_valid = Signal(), Signal(), Signal()
+        stall = Signal()
+        pipe_empty = ~(s1_valid | s2_valid | s3_valid)
+
+        # ---------------- IDLE / LOAD ----------------
+        lw = Signal(widx_bits)          # word being written
+        lword = Signal(range(2 * kb_max + 1))
+        ltok = Signal(range(TT + 1))
+        m.d.comb += self.cmd.ready.eq((state == IDLE) & pipe_empty)
+        m.d.comb += self.busy.eq((state != IDLE) | ~pipe_empty)
+
+        # compute counters
+        t = Signal(range(TT + 1))
+        b = Signal(range(kb_max + 1))
+        gb = Signal(range(kb_max + 1))
+        g_first = Signal()
+        tile = Signal(TILE_BITS)
+        tok_base = Signal(widx_bits)
+        b_word = Signal(widx_bits)
+
+        with m.If(self.cmd.valid & self.cmd.ready):
+            m.d.sync += [cmd.eq(self.cmd.payload), state.eq(LOAD), lw.eq(0), lword.eq(0), ltok.eq(0)]
+
+        m.d.comb += self.act.ready.eq(state == LOAD)
+        for i in range(2):
+            m.d.comb += [wps[i].addr.eq(lw >> 1), wps[i].data.eq(self.act.payload.as_value()),
+                         wps[i].en.eq((state == LOAD) & self.act.valid & (lw[0] == i))]
+        with m.If((state == LOAD) & self.act.valid):
+            m.d.sync += [lw.eq(lw + 1), lword.eq(lword + 1)]
+            with m.If(lword == wpt - 1):
+                m.d.sync += [lword.eq(0), ltok.eq(ltok + 1)]
+                with m.If(ltok == cmd.tokens - 1):
+                    m.d.sync += [state.eq(COMPUTE), t.eq(0), b.eq(0), gb.eq(0), g_first.eq(1),
+                                 tile.eq(0), tok_base.eq(0), b_word.eq(0)]
+
+        # ---------------- S0: issue one (token, weight beat) op per cycle ----------------
+        w, sc = self.weight, self.scale
+        last_tok = t == cmd.tokens - 1
+        last_gb = gb == cmd.group_beats - 1
+        last_beat = b == cmd.k_beats - 1
+        need_scale = (cmd.mode != Mode.PV) & last_gb
+        issue = Signal()
+        m.d.comb += issue.eq((state == COMPUTE) & w.valid & (~need_scale | sc.valid) & ~stall)
+        m.d.comb += [w.ready.eq(issue & last_tok), sc.ready.eq(issue & need_scale & last_tok)]
+
+        widx = tok_base + b_word
+        for i in range(2):
+            m.d.comb += [rps[i].addr.eq(widx >> 1), rps[i].en.eq(~stall)]
+
+        with m.If(issue):
+            with m.If(last_tok):
+                m.d.sync += [t.eq(0), tok_base.eq(0), b.eq(b + 1), gb.eq(gb + 1),
+                             b_word.eq(b_word + Mux(cmd.mode == Mode.SPARSE, 2, 1))]
+                with m.If(last_gb):
+                    m.d.sync += [gb.eq(0), g_first.eq(0)]
+                with m.If(last_beat):
+                    m.d.sync += [b.eq(0), b_word.eq(0), gb.eq(0), g_first.eq(1), tile.eq(tile + 1)]
+                    with m.If(tile == cmd.tiles - 1):
+                        m.d.sync += state.eq(IDLE)
+            with m.Else():
+                m.d.sync += [t.eq(t + 1), tok_base.eq(tok_base + wpt)]
+
+        # S1 registers
+        s1 = {
+            "t": Signal(range(TT)), "parity": Signal(), "first_gb": Signal(), "last_gb": Signal(),
+            "first_group": Signal(), "last_beat": Signal(), "last_tok": Signal(),
+            "w": Signal(self.layouts["weight"]), "sc": Signal(self.layouts["scale"]),
+        }
+        with m.If(~stall):
+            m.d.sync += [
+                s1_valid.eq(issue), s1["t"].eq(t), s1["parity"].eq(widx[0]), s1["first_gb"].eq(gb == 0),
+                s1["last_gb"].eq(last_gb), s1["first_group"].eq(g_first), s1["last_beat"].eq(last_beat),
+                s1["last_tok"].eq(last_tok), s1["w"].eq(w.payload), s1["sc"].eq(sc.payload),
+            ]
+
+        # ---------------- S1: select activations, multiply, reduce ----------------
+        d0, d1 = rps[0].data, rps[1].data
+        wide = Cat(d0, d1)
+        dense_word = Mux(s1["parity"], d1, d0)
+        a_dense = [dense_word.word_select(lane, 8).as_signed() for lane in range(L)]
+        is_sparse = cmd.mode == Mode.SPARSE
+        is_pv = cmd.mode == Mode.PV
+        codes, meta = s1["w"].codes, s1["w"].meta
+        P = [Signal(signed(WP), name=f"s2_p{r}") for r in range(R)]
+        A = [Signal(signed(WP), name=f"s2_a{r}") for r in range(R)]
+        # zero row (P.V): sum over lanes of p * zero-point of the lane's key
+        zprods = [_product(m, a_dense[lane], [s1["w"].zero[lane]], CODE_BITS, p.multiplier_style)[0]
+                  for lane in range(L)]
+        zsum = Signal(signed(WP))
+        m.d.comb += zsum.eq(_tree_sum(zprods))
+        a_sel = [[None] * L for _ in range(R)]
+        for r in range(R):
+            for pair in range(L // 2):
+                quad = [wide.word_select(4 * pair + i, 8).as_signed() for i in range(4)]
+                mc = meta[r * (L // 2) + pair]
+                for k, table in enumerate((_FIRST, _SECOND)):
+                    sel = Signal(signed(8), name=f"sel_r{r}_l{2 * pair + k}")
+                    with m.Switch(mc):
+                        for code, pos in enumerate(table):
+                            with m.Case(code):
+                                m.d.comb += sel.eq(quad[pos])
+                    lane = 2 * pair + k
+                    a_sel[r][lane] = Mux(is_sparse, sel, a_dense[lane])
+        # the products, column by column (one activation shared by the rows in dense/qk/pv)
+        prods = [[None] * L for _ in range(R)]
+        for lane in range(L):
+            # in sparse mode each row has its own selected activation; the column helper still takes
+            # one activation per call, so call it per row there (same multiplier count: R*L)
+            for r in range(R):
+                prods[r][lane] = _product(m, a_sel[r][lane], [codes[r * L + lane]], CODE_BITS,
+                                          p.multiplier_style)[0]
+        s2 = {
+            "t": Signal(range(TT)), "first_gb": Signal(), "last_gb": Signal(), "first_group": Signal(),
+            "last_beat": Signal(), "last_tok": Signal(),
+            "s": [Signal(unsigned(W_SCALE.bits), name=f"s2_s{r}") for r in range(R)],
+            "m": [Signal(signed(W_MIN.bits), name=f"s2_m{r}") for r in range(R)],
+        }
+        with m.If(~stall):
+            m.d.sync += s2_valid.eq(s1_valid)
+            for key in ("t", "first_gb", "last_gb", "first_group", "last_beat", "last_tok"):
+                m.d.sync += s2[key].eq(s1[key])
+            for r in range(R):
+                m.d.sync += [
+                    P[r].eq(_tree_sum(prods[r])),
+                    A[r].eq(Mux(is_pv, zsum, _tree_sum(a_sel[r]))),
+                    s2["s"][r].eq(Mux(is_pv, 1, s1["sc"].s[r])),
+                    s2["m"][r].eq(Mux(is_pv, -1, s1["sc"].m[r])),
+                ]
+
+        # ---------------- S2: group accumulation and group scale ----------------
+        Pg = [Array(Signal(signed(WP), name=f"pg_t{tk}_r{r}") for tk in range(TT)) for r in range(R)]
+        Ag = [Array(Signal(signed(WP), name=f"ag_t{tk}_r{r}") for tk in range(TT)) for r in range(R)]
+        s3 = {"t": Signal(range(TT)), "first_group": Signal(), "last_beat": Signal(), "last_tok": Signal(),
+              "g": [Signal(signed(ACC), name=f"s3_g{r}") for r in range(R)]}
+        with m.If(~stall):
+            m.d.sync += s3_valid.eq(s2_valid & s2["last_gb"])
+            for key in ("t", "first_group", "last_beat", "last_tok"):
+                m.d.sync += s3[key].eq(s2[key])
+        for r in range(R):
+            ptot = Signal(signed(WP), name=f"ptot{r}")
+            atot = Signal(signed(WP), name=f"atot{r}")
+            m.d.comb += [ptot.eq(Mux(s2["first_gb"], 0, Pg[r][s2["t"]]) + P[r]),
+                         atot.eq(Mux(s2["first_gb"], 0, Ag[r][s2["t"]]) + A[r])]
+            with m.If(s2_valid & ~stall):
+                m.d.sync += [Pg[r][s2["t"]].eq(ptot), Ag[r][s2["t"]].eq(atot)]
+                m.d.sync += s3["g"][r].eq(s2["s"][r] * ptot + s2["m"][r] * atot)
+
+        # ---------------- S3: row accumulators, hand-over to the output bank ----------------
+        acc = [Array(Signal(signed(ACC), name=f"acc_t{tk}_r{r}") for tk in range(TT)) for r in range(R)]
+        ob = [Array(Signal(signed(ACC), name=f"ob_t{tk}_r{r}") for tk in range(TT)) for r in range(R)]
+        ob_busy = Signal()
+        ob_e = Signal(range(TT + 1))
+        ob_tokens = Signal(range(TT + 1))
+        ob_rq = Signal()
+        ob_shift = Signal(SHIFT_BITS)
+        ob_mult = Signal(MULT_BITS)
+        m.d.comb += stall.eq(s3_valid & s3["last_beat"] & ob_busy)
+        with m.If(s3_valid & ~stall):
+            for r in range(R):
+                new = Signal(signed(ACC), name=f"newacc{r}")
+                m.d.comb += new.eq(Mux(s3["first_group"], 0, acc[r][s3["t"]]) + s3["g"][r])
+                m.d.sync += acc[r][s3["t"]].eq(new)
+                with m.If(s3["last_beat"]):
+                    m.d.sync += ob[r][s3["t"]].eq(new)
+            with m.If(s3["last_beat"] & s3["last_tok"]):
+                m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(cmd.tokens), ob_rq.eq(cmd.requant),
+                             ob_shift.eq(cmd.shift), ob_mult.eq(cmd.mult)]
+
+        # ---------------- output: one beat of pe_rows values per token ----------------
+        m.d.comb += self.out.valid.eq(ob_busy)
+        half = Mux(ob_shift == 0, 0, (Const(1, 1) << ob_shift) >> 1)
+        for r in range(R):
+            v = ob[r][ob_e]
+            scaled = Signal(signed(ACC + MULT_BITS + 1 + 64), name=f"rq_scaled{r}")
+            m.d.comb += scaled.eq(((v * ob_mult) + half) >> ob_shift)
+            sat = Mux(scaled > ACT.max, ACT.max, Mux(scaled < ACT.min, ACT.min, scaled))
+            m.d.comb += self.out.payload[r].eq(Mux(ob_rq, sat, v))
+        with m.If(self.out.valid & self.out.ready):
+            m.d.sync += ob_e.eq(ob_e + 1)
+            with m.If(ob_e == ob_tokens - 1):
+                m.d.sync += [ob_busy.eq(0), ob_e.eq(0)]
+        return m
+
+
+class CycleCounter(Elaboratable):
+    """Wraps an engine for simulation: a free-running cycle counter next to it."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.cycles = Signal(48)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.engine = self.engine
+        m.d.sync += self.cycles.eq(self.cycles + 1)
+        return m

