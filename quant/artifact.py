@@ -1,0 +1,245 @@
+"""The packed artifact the hardware runs, and reading it back.
+
+A folder::
+
+    model.safetensors   quantized linears packed as the hardware reads them (quant.packing):
+                          {name}.qweight    codes, ``bits`` per field LSB-first per row (N, ceil(K·bits/8))
+                                            — for a 2:4 layer only the kept codes (N, ceil(K/2·bits/8))
+                          {name}.meta       2:4 pattern index per four inputs, 3 bits (N, ceil(K/4·3/8))
+                          {name}.scales     s_hat uint8 (N, K/G);  {name}.mins  m_hat int8 (N, K/G)
+                          {name}.row_scale  S_row float16 (N,)
+                        and the tensors left in float under their Hugging Face names (embeddings,
+                        norms, an unquantized lm_head or projection). The header metadata
+                        ``accllm.linears`` (JSON) gives each quantized linear's in/out/bits/group/sparse.
+    config.json         the model's transformers config;  tokenizer files
+    recipe.yaml         the resolved recipe (every modifier with every field)
+    manifest.json       source, its sha256, tool versions, seconds per step, runtime numerics
+    report.json         bits_per_weight, size_bytes, seconds, peak_rss_bytes, ...
+
+Writing goes to a hidden temporary folder beside the destination, moved into place at the end
+(``atomic_dir``): a failure leaves nothing at ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import packing, reference
+from .errors import QuantError
+from .formats import SPARSE_M, SPARSE_N
+from .model import ATTN, MLP_NAMES, FloatLinear, LlamaLM, Numerics, QLinear, DecoderLayer, linear_name
+
+FORMAT = "accllm-artifact"
+FORMAT_VERSION = 1
+
+try:  # the per-layer algorithms' container (validates ranges); a plain record otherwise
+    from .qlinear import QuantizedLinear
+except ImportError:  # pragma: no cover - only while quant/qlinear.py is absent
+    @dataclasses.dataclass
+    class QuantizedLinear:  # type: ignore[no-redef]
+        codes: np.ndarray
+        scales: np.ndarray
+        mins: np.ndarray
+        row_scale: np.ndarray
+        group_size: int
+        bits: int = 2
+        mask: np.ndarray | None = None
+        bias: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# atomic output folder
+# ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path):
+    """Yield a temporary folder; on success it replaces ``out_dir``, on any error it is removed."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise QuantError(f"--out {out}: exists and is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise QuantError(f"--out {out}: exists, is not empty and is not an accllm artifact; refusing to "
+                         f"replace it. Remove it or choose another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuantError(f"--out {out}: cannot create the parent folder ({e})") from e
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# packing one linear
+# ---------------------------------------------------------------------------------------------------
+def pack_linear(name: str, q) -> tuple[dict[str, np.ndarray], dict]:
+    """QuantizedLinear -> (tensors, metadata). Pure repacking; ``unpack_linear`` inverts it exactly."""
+    codes = np.asarray(q.codes)
+    n, k = codes.shape
+    t: dict[str, np.ndarray] = {}
+    sparse = q.mask is not None
+    if sparse:
+        kept, meta = reference.compress_24(codes, q.mask)
+        t[f"{name}.qweight"] = packing.pack_bits(kept, q.bits)
+        t[f"{name}.meta"] = packing.pack_sparse_meta(meta)
+    else:
+        t[f"{name}.qweight"] = packing.pack_bits(codes, q.bits)
+    t[f"{name}.scales"] = np.asarray(q.scales).astype(np.uint8)
+    t[f"{name}.mins"] = np.asarray(q.mins).astype(np.int8)
+    t[f"{name}.row_scale"] = np.asarray(q.row_scale).astype(np.float16)
+    if q.bias is not None:
+        t[f"{name}.bias"] = np.asarray(q.bias).astype(np.float32)
+    meta = {"in": int(k), "out": int(n), "bits": int(q.bits), "group_size": int(q.group_size), "sparse": sparse}
+    return t, meta
+
+
+def packed_weight_bytes(tensors: dict[str, np.ndarray], name: str) -> int:
+    """Bytes of a quantized linear as stored: codes, 2:4 metadata, group scales and mins, row scales."""
+    return sum(tensors[f"{name}.{p}"].nbytes for p in ("qweight", "meta", "scales", "mins", "row_scale")
+               if f"{name}.{p}" in tensors)
+
+
+def unpack_linear(name: str, t: dict[str, np.ndarray], meta: dict):
+    n, k, bits, g = meta["out"], meta["in"], meta["bits"], meta["group_size"]
+    try:
+        if meta["sparse"]:
+            kept = packing.unpack_bits(t[f"{name}.qweight"], bits, k // SPARSE_M * SPARSE_N)
+            md = packing.unpack_sparse_meta(t[f"{name}.meta"], k // SPARSE_M)
+            codes, mask = reference.expand_24(kept, md)
+        else:
+            codes, mask = packing.unpack_bits(t[f"{name}.qweight"], bits, k), None
+        bias = t.get(f"{name}.bias")
+        return QuantizedLinear(codes=codes, scales=t[f"{name}.scales"], mins=t[f"{name}.mins"],
+                               row_scale=t[f"{name}.row_scale"].astype(np.float64), group_size=g, bits=bits,
+                               mask=mask, bias=bias)
+    except KeyError as e:
+        raise QuantError(f"artifact: tensor {e.args[0]} missing for {name}; the artifact is corrupt") from e
+    except (reference.FormatError, ValueError) as e:
+        raise QuantError(f"artifact: {name} cannot be unpacked ({e}); the artifact is corrupt") from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# recipe <-> yaml (quant must not import accllm.config: serialise the dataclasses directly)
+# ---------------------------------------------------------------------------------------------------
+def recipe_dict(recipe) -> dict:
+    from .recipe import MODIFIERS
+
+    names = {cls: key for key, cls in MODIFIERS.items()}
+    mods = [{names[type(m)]: dataclasses.asdict(m)} for m in recipe.modifiers]
+    return {"recipe": {"name": recipe.name, "modifiers": mods}}
+
+
+def recipe_yaml(recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe_dict(recipe), sort_keys=False)
+
+
+def runtime_numerics(recipe) -> dict:
+    from .recipe import AttentionWindow, QuantizeActivations, QuantizeKV
+
+    win = recipe.get(AttentionWindow)
+    return {"a8": recipe.get(QuantizeActivations) is not None, "kv4": recipe.get(QuantizeKV) is not None,
+            "sinks": win.sinks if win else 0, "window": win.window if win else None}
+
+
+def tool_versions() -> dict:
+    import platform
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for d in ("accllm", "torch", "transformers", "safetensors", "numpy", "gguf", "tokenizers"):
+        try:
+            out[d] = md.version(d)
+        except md.PackageNotFoundError:
+            out[d] = None
+    return out
+
+
+def write_model(folder: Path, tensors: dict[str, np.ndarray | torch.Tensor], linears: dict[str, dict]):
+    from safetensors.torch import save_file
+
+    pt = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
+          for k, v in tensors.items()}
+    save_file(pt, str(folder / "model.safetensors"),
+              metadata={"format": FORMAT, "accllm.linears": json.dumps(linears, sort_keys=True)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading back
+# ---------------------------------------------------------------------------------------------------
+def load_artifact(path: str | Path, device: str = "cpu", numerics: Numerics | None = None):
+    """-> (LlamaLM with QLinear modules, tokenizer)."""
+    from safetensors import safe_open
+    from .loading import check_architecture, load_tokenizer
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise QuantError(f"artifact {path}: manifest.json unreadable ({e}); the artifact is corrupt") from e
+    if manifest.get("format") != FORMAT:
+        raise QuantError(f"artifact {path}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise QuantError(f"artifact {path}: config.json unreadable ({e})") from e
+    check_architecture(cfg, str(path))
+    f = path / "model.safetensors"
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            md = h.metadata() or {}
+            t = {k: h.get_tensor(k) for k in h.keys()}
+    except Exception as e:
+        raise QuantError(f"artifact {f}: cannot read ({type(e).__name__}: {e}); the artifact is corrupt") from e
+    linears = json.loads(md.get("accllm.linears", "{}"))
+    rt = manifest.get("runtime", {})
+    nm = numerics or Numerics(a8=bool(rt.get("a8")), kv4=bool(rt.get("kv4")), sinks=int(rt.get("sinks") or 0),
+                              window=rt.get("window"))
+    tnp = None
+
+    def lin(name):
+        nonlocal tnp
+        if name in linears:
+            if tnp is None:
+                tnp = {k: v.numpy() for k, v in t.items()}
+            return QLinear(unpack_linear(name, tnp, linears[name]), nm, name)
+        if name + ".weight" not in t:
+            raise QuantError(f"artifact {f}: tensor {name}.weight missing; the artifact is corrupt")
+        return FloatLinear(t[name + ".weight"])
+
+    def get(name):
+        if name not in t:
+            raise QuantError(f"artifact {f}: tensor {name} missing; the artifact is corrupt")
+        return t[name]
+
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        lins = {p: lin(linear_name(i, p)) for p in ATTN + MLP_NAMES}
+        norms = {n: get(f"model.layers.{i}.{n}.weight") for n in ("input_layernorm", "post_attention_layernorm")}
+        layers.append(DecoderLayer(cfg, nm, lins, norms))
+    head = lin("lm_head") if ("lm_head" in linears or "lm_head.weight" in t) else None
+    model = LlamaLM(cfg, get("model.embed_tokens.weight"), layers, get("model.norm.weight"), head, nm)
+    return model.to(device).eval(), load_tokenizer(path)

@@ -1,0 +1,77 @@
+"""Text -> token windows for calibration and evaluation. No network: the defaults are the
+public-domain excerpts shipped in ``quant/data/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import QuantError
+
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_CALIB = DATA / "calib-sense-and-sensibility.txt"
+DEFAULT_EVAL = DATA / "eval-pride-and-prejudice.txt"
+
+
+def read_text(path: str | Path | None, *, kind: str) -> tuple[str, str]:
+    """-> (text, where). ``kind`` is 'calibration' or 'evaluation' (chooses the default)."""
+    if path is None or str(path) == "":
+        path = DEFAULT_CALIB if kind == "calibration" else DEFAULT_EVAL
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise QuantError(f"{kind} text {p}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QuantError(f"{kind} text {p}: not UTF-8 text ({e})") from e
+    if not text.strip():
+        raise QuantError(f"{kind} text {p}: the file is empty")
+    return text, str(p)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D LongTensor of ids (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokenizer, text_path: str | Path | None, n: int, seq_len: int, seed: int = 0
+                        ) -> tuple[torch.Tensor, dict]:
+    """``n`` disjoint windows of ``seq_len`` tokens chosen at random (numpy Generator(seed)) among the
+    text's consecutive chunks. -> (ids (n, seq_len), info). Deterministic for (text, n, seq_len, seed)."""
+    if n < 1 or seq_len < 2:
+        raise QuantError(f"calibration needs --calib-samples >= 1 and --seq-len >= 2 (got {n}, {seq_len})")
+    text, where = read_text(text_path, kind="calibration")
+    ids = tokenize(tokenizer, text)
+    chunks = ids.numel() // seq_len
+    if chunks < n:
+        raise QuantError(
+            f"calibration text {where} has {ids.numel()} tokens: too short for {n} samples of {seq_len} "
+            f"tokens (needs {n * seq_len}). Give a longer --calib-text, or fewer --calib-samples or a "
+            f"shorter --seq-len (at most {chunks} samples of {seq_len})")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(chunks, size=n, replace=False))
+    win = ids[: chunks * seq_len].view(chunks, seq_len)[torch.from_numpy(pick)]
+    return win.contiguous(), {"text": where, "tokens_in_text": int(ids.numel()), "samples": n,
+                              "seq_len": seq_len, "seed": seed, "windows": pick.tolist()}
+
+
+def eval_windows(tokenizer, text_path: str | Path | None, seq_len: int, max_tokens: int | None = None
+                 ) -> tuple[list[torch.Tensor], dict]:
+    """Consecutive non-overlapping windows of ``seq_len`` tokens over the first ``max_tokens`` tokens
+    (the last one may be shorter, kept if it has >= 2 tokens). Each window predicts its tokens 1..len-1."""
+    if seq_len < 2:
+        raise QuantError(f"--seq-len must be >= 2, got {seq_len}")
+    text, where = read_text(text_path, kind="evaluation")
+    ids = tokenize(tokenizer, text)
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise QuantError(f"--max-tokens must be >= 2, got {max_tokens}")
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise QuantError(f"evaluation text {where} has {ids.numel()} tokens; need at least 2")
+    wins = [ids[i: i + seq_len] for i in range(0, ids.numel(), seq_len)]
+    wins = [w for w in wins if w.numel() >= 2]
+    return wins, {"text": where, "tokens": int(ids.numel())}

@@ -1,0 +1,472 @@
+"""A compact Llama forward over the checkpoint's weights, with the accllm numerics switchable in place.
+
+Why an own forward rather than patching transformers: Λ-shaped attention rotates a query at two
+positions (``reference.attention_distances``), the KV cache holds 4-bit codes in a fixed ring of
+S + W slots, and the integer path must compute every product as the reference does. All of that is a
+few lines here and fragile as a patch. With every switch off the forward is the Hugging Face Llama
+forward (same RMSNorm, RoPE from ``LlamaRotaryEmbedding``, SwiGLU, GQA); a test checks the perplexity
+against ``LlamaForCausalLM``'s own loss.
+
+Numerics (``Numerics``), each as ``quant.reference`` defines it:
+
+* A8: the input of every quantized linear is put into Q15.16 (``to_fx``) and quantized per token
+  (``quantize_activations``): symmetric int8, amax per token.
+* Linear, integer path: ``acc = a @ W_intᵀ`` with ``W_int = s_hat·q + m_hat`` at kept positions (0 at
+  pruned ones). This is ``reference.w2a8_linear`` regrouped (the sum is distributive over the groups);
+  it is computed in float64, which is exact because every partial sum is an integer far below 2**53
+  (|a| <= 127, |W_int| <= 255·15 + 128, K <= 2**17). Real output = acc · S_row[n] · amax_t / 127 / 2**16.
+  Without the integer path the same codes are dequantized and multiplied in float32 (fake quant).
+* KV4: keys (after RoPE, at their own position) and values are quantized per token and per KV head
+  with ``quantize_kv``; the cache stores the codes, zero-points and ranges.
+* Q·K: the query (after RoPE) is A8-quantized per token and per head; acc = q_a · (k − zero);
+  real score = acc · amax_q/127 · r_j/15 / 2**32, then × head_dim**-0.5, softmax in float32.
+* P·V (the fold): with p_j the float32 softmax probability and r_j the value token's range,
+  P̃_j = rint(p_j · r_j / 15) is the Q15.16 code of the real number p_j · r_j/15/2**16 (= to_fx of
+  it, computed in float64); P̃ is A8-quantized per query row, acc = p_a · (v − zero), and the real
+  output is acc · amax_p / 127 / 2**16. (Σ_j p_j (v_j − z_j) r_j/15/2**16 = Σ_j P̃_j/2**16 (v_j − z_j).)
+* Λ attention (``Numerics.window`` set): a query at n sees sinks 0..S-1 and keys n-W+1..n
+  (``reference.lambda_mask``); scores against sink keys use the query rotated at min(n, S+W-1).
+  In generation the cache is a ring of S + W slots (``reference.cache_slot``): constant memory.
+* RMSNorm, RoPE, SiLU, softmax and residuals stay in float32.
+* Static per-channel key smoothing (``QuantizeKV.k_smoothing``) is not applied yet: keys are
+  quantized as they come out of RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .formats import ACT_QMAX, FX, FX_FRAC_BITS, KV_QMAX
+
+F64 = torch.float64
+_FX_ONE = float(1 << FX_FRAC_BITS)
+
+
+@dataclass
+class Numerics:
+    a8: bool = False  # 8-bit per-token activations into quantized linears and attention products
+    kv4: bool = False  # 4-bit per-token KV cache
+    sinks: int = 0
+    window: int | None = None  # None: full causal attention; else Λ-shaped (sinks + window)
+    integer_path: bool = False  # quantized linears computed in the integer domain (exact)
+    record: bool = False  # keep the last integer operands of every module (tests)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the reference's quantizers in torch (int64, bit-exact with quant.reference)
+# ---------------------------------------------------------------------------------------------------
+def to_fx(x: torch.Tensor) -> torch.Tensor:
+    """reference.to_fx: rint(x · 2**16) (half to even), saturated to int32, as int64."""
+    return torch.round(x.to(F64) * _FX_ONE).clamp(FX.min, FX.max).to(torch.int64)
+
+
+def round_div(n: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """reference.round_div: n / d, ties away from zero (d > 0)."""
+    mag = torch.div(2 * n.abs() + d, 2 * d, rounding_mode="floor")
+    return torch.where(n < 0, -mag, mag)
+
+
+def quantize_act_fx(x_fx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_activations over the last axis of int64 Q15.16 values -> (codes, amax)."""
+    amax = x_fx.abs().amax(dim=-1)
+    safe = torch.where(amax == 0, torch.ones_like(amax), amax).unsqueeze(-1)
+    codes = torch.where(amax.unsqueeze(-1) == 0, torch.zeros_like(x_fx), round_div(ACT_QMAX * x_fx, safe))
+    return codes, amax
+
+
+def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_act_fx(to_fx(x))
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.quantize_kv over the last axis (one head's channels) -> (codes, zero, range), int64."""
+    x = to_fx(x)
+    lo = torch.clamp(x.amin(dim=-1), max=0)
+    hi = torch.clamp(x.amax(dim=-1), min=0)
+    r = hi - lo
+    safe = torch.where(r == 0, torch.ones_like(r), r)
+    zero = torch.where(r == 0, torch.zeros_like(r), round_div(-KV_QMAX * lo, safe))
+    codes = torch.clamp(round_div(KV_QMAX * x, safe.unsqueeze(-1)) + zero.unsqueeze(-1), 0, KV_QMAX)
+    codes = torch.where(r.unsqueeze(-1) == 0, torch.zeros_like(codes), codes)
+    return codes, zero, r
+
+
+def fold_pv(p: torch.Tensor, v_range: torch.Tensor) -> torch.Tensor:
+    """P̃ = rint(p · r / 15): Q15.16 codes of p_j · r_j/15/2**16 (see the module docstring).
+    p (..., Tq, Tk) float32 probabilities, v_range (..., Tk) int64 -> int64."""
+    return torch.round(p.to(F64) * (v_range.to(F64) / KV_QMAX).unsqueeze(-2)).clamp(FX.min, FX.max).to(torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# linear layers
+# ---------------------------------------------------------------------------------------------------
+class FloatLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.to(torch.float32), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(torch.float32), requires_grad=False)
+
+    @property
+    def in_features(self):
+        return self.weight.shape[1]
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class QLinear(nn.Module):
+    """A linear layer in the hardware's weight format (any object with the fields of
+    ``quant.qlinear.QuantizedLinear``: codes, scales, mins, row_scale, group_size, bits, mask, bias)."""
+
+    def __init__(self, q, numerics: Numerics, name: str = ""):
+        super().__init__()
+        self.q = q  # the integer fields (numpy), for the reference and the artifact
+        self.name = name
+        self.numerics = numerics
+        g = int(q.group_size)
+        s = np.repeat(np.asarray(q.scales, np.int64), g, axis=1)
+        m = np.repeat(np.asarray(q.mins, np.int64), g, axis=1)
+        w_int = s * np.asarray(q.codes, np.int64) + m
+        if q.mask is not None:
+            w_int = np.where(np.asarray(q.mask, bool), w_int, 0)
+        self.register_buffer("w_int", torch.from_numpy(w_int.astype(np.int16)), persistent=False)
+        self.register_buffer("row_scale", torch.from_numpy(np.asarray(q.row_scale, np.float64)), persistent=False)
+        b = None if q.bias is None else torch.from_numpy(np.asarray(q.bias, np.float32))
+        self.register_buffer("bias", b, persistent=False)
+        self.last = None
+
+    @property
+    def in_features(self):
+        return self.w_int.shape[1]
+
+    def weight_float(self) -> torch.Tensor:
+        """The dequantized weights (reference.dequantize_weights), float32."""
+        return (self.w_int.to(F64) * self.row_scale[:, None]).to(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nm = self.numerics
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if not nm.a8:
+            y = x2 @ self.weight_float().T
+        else:
+            a, amax = quantize_act(x2)
+            if nm.integer_path:
+                acc = a.to(F64) @ self.w_int.to(F64).T  # exact integers (see module docstring)
+                y = (acc * (amax.to(F64)[:, None] * self.row_scale[None, :]) / (ACT_QMAX * _FX_ONE)).to(torch.float32)
+                if nm.record:
+                    self.last = {"x": x2.detach().clone(), "a": a, "amax": amax, "acc": acc.to(torch.int64), "y": y}
+            else:
+                xq = (a.to(F64) * (amax.to(F64)[:, None] / (ACT_QMAX * _FX_ONE))).to(torch.float32)
+                y = xq @ self.weight_float().T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# RoPE, norm
+# ---------------------------------------------------------------------------------------------------
+class Rope(nn.Module):
+    """cos/sin exactly as transformers' LlamaRotaryEmbedding (so rope_scaling variants are honoured)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        hf = LlamaRotaryEmbedding(cfg)
+        self.register_buffer("inv_freq", hf.inv_freq.detach().clone().to(torch.float32), persistent=False)
+        self.scale = float(hf.attention_scaling)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = pos[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scale, emb.sin() * self.scale
+
+
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.to(torch.float32)
+    var = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(var + eps))
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention with KV4, A8 and Λ
+# ---------------------------------------------------------------------------------------------------
+class KVCache:
+    """One layer's cache for one sequence: S + W slots under Λ (a ring, ``reference.cache_slot``),
+    otherwise growing. Stores 4-bit codes + zero + range when KV4 is on, float otherwise."""
+
+    def __init__(self, n_kv: int, head_dim: int, numerics: Numerics, capacity: int | None):
+        self.nm = numerics
+        self.capacity = capacity
+        size = capacity or 16
+        dt = torch.uint8 if numerics.kv4 else torch.float32
+        self.k = torch.zeros(n_kv, size, head_dim, dtype=dt)
+        self.v = torch.zeros(n_kv, size, head_dim, dtype=dt)
+        self.kz = torch.zeros(n_kv, size, dtype=torch.int64)
+        self.kr = torch.zeros(n_kv, size, dtype=torch.int64)
+        self.vz = torch.zeros(n_kv, size, dtype=torch.int64)
+        self.vr = torch.zeros(n_kv, size, dtype=torch.int64)
+        self.pos = torch.full((size,), -1, dtype=torch.int64)  # token index held by each slot
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kz, self.kr, self.vz, self.vr, self.pos))
+
+    def _slot(self, t: int) -> int:
+        if self.capacity is None:
+            if t >= self.k.shape[1]:  # grow (no Λ window): double
+                for name in ("k", "v", "kz", "kr", "vz", "vr", "pos"):
+                    old = getattr(self, name)
+                    pad = torch.zeros_like(old) if name != "pos" else torch.full_like(old, -1)
+                    setattr(self, name, torch.cat([old, pad], dim=-2 if old.dim() == 3 else -1))
+            return t
+        s, w = self.nm.sinks, self.nm.window
+        return t if t < s else s + (t - s) % w
+
+    def write(self, t: int, k, v):
+        """k, v (n_kv, D) float (k already rotated at t)."""
+        i = self._slot(t)
+        if self.nm.kv4:
+            kc, kz, kr = quantize_kv(k)
+            vc, vz, vr = quantize_kv(v)
+            self.k[:, i], self.kz[:, i], self.kr[:, i] = kc.to(torch.uint8), kz, kr
+            self.v[:, i], self.vz[:, i], self.vr[:, i] = vc.to(torch.uint8), vz, vr
+        else:
+            self.k[:, i], self.v[:, i] = k, v
+        self.pos[i] = t
+
+    def view(self):
+        """Filled slots ordered by token index -> (k, kz, kr, v, vz, vr, positions)."""
+        filled = torch.nonzero(self.pos >= 0).flatten()
+        order = filled[torch.argsort(self.pos[filled])]
+        return tuple(t[:, order] for t in (self.k, self.kz, self.kr, self.v, self.vz, self.vr)) + (self.pos[order],)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, numerics: Numerics, q, k, v, o):
+        super().__init__()
+        self.nm = numerics
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scaling = self.head_dim ** -0.5
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        self.last = None
+
+    # -- the two products, shared by the full-sequence and the cached forward ------------------------
+    def _scores(self, q, k, kz, kr):
+        """q (..., Tq, D) float rotated; k (..., Tk, D) float or codes -> real scores float64."""
+        nm = self.nm
+        if nm.a8:
+            qa, qamax = quantize_act(q)
+            qv, qs = qa.to(F64), qamax.to(F64) / (ACT_QMAX * _FX_ONE)
+        else:
+            qv, qs = q.to(F64), torch.ones(q.shape[:-1], dtype=F64)
+        if nm.kv4:
+            kv_, ks = (k.to(torch.int64) - kz.unsqueeze(-1)).to(F64), kr.to(F64) / (KV_QMAX * _FX_ONE)
+        else:
+            kv_, ks = k.to(F64), torch.ones(k.shape[:-1], dtype=F64)
+        acc = qv @ kv_.transpose(-1, -2)
+        if nm.record and nm.a8 and nm.kv4:
+            self._rec.setdefault("qk", []).append({"q": q.detach().clone(), "k_codes": k, "k_zero": kz,
+                                                   "k_range": kr, "acc": acc.to(torch.int64)})
+        return acc * qs.unsqueeze(-1) * ks.unsqueeze(-2)
+
+    def _pv(self, p, v, vz, vr):
+        """p (..., Tq, Tk) float32 probabilities -> output (..., Tq, D) float32."""
+        nm = self.nm
+        if nm.kv4 and nm.a8:
+            pf = fold_pv(p, vr)
+            pa, pamax = quantize_act_fx(pf)
+            acc = pa.to(F64) @ (v.to(torch.int64) - vz.unsqueeze(-1)).to(F64)
+            if nm.record:
+                self._rec["pv"] = {"p": p.detach().clone(), "v_codes": v, "v_zero": vz, "v_range": vr,
+                                   "acc": acc.to(torch.int64)}
+            return (acc * (pamax.to(F64) / (ACT_QMAX * _FX_ONE)).unsqueeze(-1)).to(torch.float32)
+        if nm.kv4:
+            vd = ((v.to(torch.int64) - vz.unsqueeze(-1)).to(F64) * (vr.to(F64) / (KV_QMAX * _FX_ONE)).unsqueeze(-1))
+            return (p.to(F64) @ vd).to(torch.float32)
+        if nm.a8:
+            pa, pamax = quantize_act(p)
+            pq = (pa.to(F64) * (pamax.to(F64) / (ACT_QMAX * _FX_ONE)).unsqueeze(-1)).to(torch.float32)
+            return pq @ v
+        return p @ v
+
+    def _kv_store(self, k, v):
+        if self.nm.kv4:
+            kc, kz, kr = quantize_kv(k)
+            vc, vz, vr = quantize_kv(v)
+            return kc, kz, kr, vc, vz, vr
+        return k, None, None, v, None, None
+
+    def _expand(self, t, dim: int = 1):
+        """Share KV heads among query heads (GQA): head h reads KV head h // (n_heads / n_kv)."""
+        rep = self.n_heads // self.n_kv
+        return t if t is None or rep == 1 else t.repeat_interleave(rep, dim=dim)
+
+    def forward(self, x, rope: Rope, pos: torch.Tensor):
+        """Full sequence: x (B, T, H); pos (T,) int64 token positions 0..T-1."""
+        nm = self.nm
+        self._rec = {}
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = rope(pos)
+        qr, kr_ = rotate(q, cos, sin), rotate(k, cos, sin)
+        kc, kz, krng, vc, vz, vrng = (self._expand(z) for z in self._kv_store(kr_, v))
+        scores = self._scores(qr, kc, kz, krng)
+        lam = nm.window is not None
+        n = torch.arange(t)[:, None]
+        j = torch.arange(t)[None, :]
+        visible = j <= n
+        if lam:
+            s, w = nm.sinks, nm.window
+            visible = visible & ((j < s) | (j > n - w))
+            if s > 0 and t > s + w:  # queries past the cache see the sinks from position S+W-1
+                cs, ss = rope(torch.clamp(pos, max=s + w - 1))
+                sl = slice(0, min(s, t))
+                sink = self._scores(rotate(q, cs, ss), kc[..., sl, :],
+                                    None if kz is None else kz[..., sl], None if krng is None else krng[..., sl])
+                scores = torch.cat([sink, scores[..., s:]], dim=-1)
+        scores = (scores * self.scaling).to(torch.float32).masked_fill(~visible, float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        out = self._pv(p, vc, vz, vrng)
+        if nm.record:
+            self.last = self._rec
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.o_proj(out)
+
+    def step(self, x, rope: Rope, n: int, cache: KVCache):
+        """One new token at position n: x (1, 1, H) -> (1, 1, H), reading and writing ``cache``."""
+        nm = self.nm
+        self._rec = {}
+        q = self.q_proj(x).view(self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(self.n_kv, self.head_dim)
+        cos, sin = rope(torch.tensor([n]))
+        cache.write(n, rotate(k, cos, sin), v)
+        kc, kz, krng, vc, vz, vrng, kpos = cache.view()
+        kc, kz, krng, vc, vz, vrng = (self._expand(z, 0) for z in (kc, kz, krng, vc, vz, vrng))
+        if not nm.kv4:
+            kz = krng = vz = vrng = None
+        qr = rotate(q, cos, sin).unsqueeze(1)  # (heads, 1, D)
+        scores = self._scores(qr, kc, kz, krng)  # (heads, 1, Tk)
+        if nm.window is not None and nm.sinks > 0 and n > nm.sinks + nm.window - 1:
+            cs, ss = rope(torch.tensor([nm.sinks + nm.window - 1]))
+            ns = int((kpos < nm.sinks).sum())
+            sink = self._scores(rotate(q, cs, ss).unsqueeze(1), kc[:, :ns],
+                                None if kz is None else kz[:, :ns], None if krng is None else krng[:, :ns])
+            scores = torch.cat([sink, scores[..., ns:]], dim=-1)
+        p = torch.softmax((scores * self.scaling).to(torch.float32), dim=-1)
+        out = self._pv(p, vc, vz, vrng)  # (heads, 1, D)
+        return self.o_proj(out.reshape(1, 1, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, gate, up, down):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, numerics: Numerics, linears: dict, norms: dict):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, numerics, linears["q_proj"], linears["k_proj"], linears["v_proj"],
+                                   linears["o_proj"])
+        self.mlp = MLP(linears["gate_proj"], linears["up_proj"], linears["down_proj"])
+        self.input_layernorm = nn.Parameter(norms["input_layernorm"].to(torch.float32), requires_grad=False)
+        self.post_attention_layernorm = nn.Parameter(norms["post_attention_layernorm"].to(torch.float32),
+                                                     requires_grad=False)
+
+    def forward(self, x, rope, pos):
+        h = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), rope, pos)
+        return h + self.mlp(rms_norm(h, self.post_attention_layernorm, self.eps))
+
+    def step(self, x, rope, n, cache):
+        h = x + self.self_attn.step(rms_norm(x, self.input_layernorm, self.eps), rope, n, cache)
+        return h + self.mlp(rms_norm(h, self.post_attention_layernorm, self.eps))
+
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def linear_name(i: int, proj: str) -> str:
+    return f"model.layers.{i}.{'self_attn' if proj in ATTN else 'mlp'}.{proj}"
+
+
+def float_layer(cfg, store, i: int, numerics: Numerics) -> DecoderLayer:
+    """Decoder layer i in float, read from a WeightStore."""
+    lin = {p: FloatLinear(store.get(linear_name(i, p) + ".weight")) for p in ATTN + MLP_NAMES}
+    norms = {n: store.get(f"model.layers.{i}.{n}.weight") for n in ("input_layernorm", "post_attention_layernorm")}
+    return DecoderLayer(cfg, numerics, lin, norms)
+
+
+class LlamaLM(nn.Module):
+    def __init__(self, cfg, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
+                 lm_head: nn.Module | None, numerics: Numerics):
+        super().__init__()
+        self.config = cfg
+        self.numerics = numerics
+        self.embed_tokens = nn.Parameter(embed.to(torch.float32), requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.Parameter(norm.to(torch.float32), requires_grad=False)
+        self.lm_head = lm_head  # None: tied to the embedding
+        self.rope = Rope(cfg)
+        self.eps = cfg.rms_norm_eps
+
+    @classmethod
+    def from_store(cls, cfg, store, numerics: Numerics | None = None) -> "LlamaLM":
+        nm = numerics or Numerics()
+        layers = [float_layer(cfg, store, i, nm) for i in range(cfg.num_hidden_layers)]
+        head = store.lm_head()
+        return cls(cfg, store.get("model.embed_tokens.weight"), layers, store.get("model.norm.weight"),
+                   None if head is None else FloatLinear(head), nm)
+
+    @property
+    def quantized(self) -> bool:
+        return any(isinstance(m, QLinear) for m in self.modules())
+
+    def head(self, h):
+        h = rms_norm(h, self.norm, self.eps)
+        if self.lm_head is None:
+            return h @ self.embed_tokens.T
+        return self.lm_head(h)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V) float32."""
+        pos = torch.arange(ids.shape[1])
+        h = self.embed_tokens[ids]
+        for layer in self.layers:
+            h = layer(h, self.rope, pos)
+        return self.head(h)
+
+    def new_cache(self) -> list[KVCache]:
+        nm = self.numerics
+        cap = None if nm.window is None else nm.sinks + nm.window
+        a = self.layers[0].self_attn
+        return [KVCache(a.n_kv, a.head_dim, nm, cap) for _ in self.layers]
+
+    def step(self, token: int, n: int, cache: list[KVCache]) -> torch.Tensor:
+        """Logits (V,) for one token at position n, updating the caches."""
+        h = self.embed_tokens[torch.tensor([[token]])]
+        for layer, c in zip(self.layers, cache):
+            h = layer.step(h, self.rope, n, c)
+        return self.head(h)[0, 0]

@@ -1,0 +1,309 @@
+"""quantize: checkpoint -> calibrated, pruned, quantized, packed artifact, one decoder layer at a time.
+
+Per layer i (GPTQ-style sequential over layers):
+  1. read layer i's float weights from the checkpoint (lazily: nothing else of the model is in memory
+     except the embeddings, the final norm and the already packed earlier layers);
+  2. run the calibration activations X (N, L, H) through it with the deployment numerics in the
+     attention (KV4, A8 on Q·K/P·V, Λ window) and hooks accumulating, for every linear, the
+     Hessian H = 2 XᵀX / n (float64) and the input norms ‖X_:,i‖;
+  3. per linear named by the recipe: ``quant.algorithms.quantize_linear`` (GPTQ / RTN, SparseGPT /
+     Wanda 2:4, bits from ``QuantizeWeights.overrides``), packed immediately;
+  4. run X through the quantized layer (A8 linears too): its output is layer i+1's input.
+The final norm's output calibrates an ``lm_head`` named in the overrides (e.g. ``{lm_head: 4}``).
+
+Peak memory beyond the packed result is one float decoder layer, its Hessians, and the
+calibration activations twice (input and output of the layer):
+
+    peak ≈ P_layer·4 + Σ_linears K²·8 (Hessians, float64) + 2·N·L·H·4 + V·H·4 (embeddings)
+           + packed layers (≈ 2.25/8 bytes per weight) + runtime (~0.6 GB for torch + transformers)
+
+For Llama-2-7B (H 4096, I 11008, V 32000, 32 layers, 202 M weights per layer) with 64 × 512
+calibration tokens: 0.81 GB + (3·4096² + 11008²)·8 B = 1.37 GB + 2·0.54 GB + 0.52 GB + 1.9 GB + 0.6 GB
+≈ 6.3 GB, well inside 24 GB (the float checkpoint itself is memory-mapped, never loaded whole).
+``report.json`` records the measured ``peak_rss_bytes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import reference
+from .artifact import (FORMAT, FORMAT_VERSION, QuantizedLinear, atomic_dir, pack_linear, packed_weight_bytes,
+                       recipe_yaml, runtime_numerics, tool_versions, write_model)
+from .data import calibration_windows
+from .errors import QuantError
+from .loading import WeightStore, is_artifact, load_config, load_tokenizer, resolve_source
+from .model import ATTN, MLP_NAMES, FloatLinear, Numerics, QLinear, float_layer, linear_name, rms_norm
+from .recipe import AttentionWindow, Prune, QuantizeActivations, QuantizeKV, QuantizeWeights, Reconstruct, Recipe
+
+CHUNK = 4  # calibration sequences per forward
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _in_features(cfg, proj: str) -> int:
+    heads = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return {"o_proj": heads * hd, "down_proj": cfg.intermediate_size}.get(proj, cfg.hidden_size)
+
+
+def bits_for(qw: QuantizeWeights, name: str) -> int | None:
+    """Bits for a linear by full name (model.layers.3.mlp.down_proj) or short name (down_proj, lm_head);
+    None if the recipe leaves it in float. An override names lm_head to quantize it."""
+    short = name.rsplit(".", 1)[-1]
+    for pat, b in qw.overrides.items():
+        if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(short, pat):
+            if short in qw.targets or short == "lm_head":
+                return int(b)
+    return qw.bits if short in qw.targets else None
+
+
+def check_recipe(cfg, recipe: Recipe, where: str):
+    """Everything that can make the recipe fail on this model, before any work is done."""
+    probs = recipe.problems()
+    for m in recipe.modifiers:
+        probs += [(f"{type(m).__name__}.{k}", msg) for k, msg in (m.problems() if hasattr(m, "problems") else [])]
+    if probs:
+        raise QuantError(f"recipe {recipe.name!r}: " + "; ".join(f"{k}: {m}" for k, m in probs))
+    if recipe.get(Reconstruct) is not None:
+        raise QuantError(f"recipe {recipe.name!r}: the reconstruct modifier is not implemented by the "
+                         f"pipeline yet; remove it from the recipe")
+    qw, prune = recipe.get(QuantizeWeights), recipe.get(Prune)
+    for proj in ATTN + MLP_NAMES + ("lm_head",):
+        k = _in_features(cfg, proj)
+        if qw is not None and bits_for(qw, proj if proj != "lm_head" else "lm_head") is not None:
+            if k % qw.group_size:
+                divs = [g for g in (32, 64, 128, 256) if k % g == 0]
+                raise QuantError(
+                    f"recipe {recipe.name!r}: quantize_weights.group_size={qw.group_size} does not divide the "
+                    f"input dimension {k} of {proj} in {where}; choose a group size that divides "
+                    f"{k} (e.g. {', '.join(map(str, divs)) or 'a divisor of it'})")
+        if prune is not None and proj in prune.targets and k % prune.m:
+            raise QuantError(f"recipe {recipe.name!r}: 2:4 pruning needs the input dimension {k} of {proj} "
+                             f"to be a multiple of {prune.m} ({where})")
+    win = recipe.get(AttentionWindow)
+    if win is not None and win.sinks + win.window < 2:
+        raise QuantError(f"recipe {recipe.name!r}: attention_window keeps fewer than 2 tokens")
+
+
+class _Stats:
+    """Hook accumulating XᵀX (float64) and Σx² of a linear's inputs."""
+
+    def __init__(self, k: int):
+        self.xtx = torch.zeros(k, k, dtype=torch.float64)
+        self.sq = torch.zeros(k, dtype=torch.float64)
+        self.n = 0
+
+    def __call__(self, module, inputs, output):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+        self.xtx += x.T @ x
+        self.sq += (x * x).sum(0)
+        self.n += x.shape[0]
+
+    def hessian(self):
+        return 2.0 * self.xtx / max(self.n, 1)
+
+    def x_norm(self):
+        return torch.sqrt(self.sq)
+
+
+def _quantize_linear(w: torch.Tensor, st: _Stats, qcfg: QuantizeWeights | None, prune: Prune | None):
+    """-> QuantizedLinear (qcfg given) or pruned float weights (prune only)."""
+    try:
+        from . import algorithms
+    except ImportError:
+        algorithms = None
+    if qcfg is None:  # prune only: float weights with the 2:4 mask applied
+        if algorithms is None:
+            raise QuantError("pruning needs quant/algorithms.py, which is not installed")
+        if prune.method == "sparsegpt":
+            w_p, _ = algorithms.sparsegpt(w, st.hessian(), prune)
+            return torch.as_tensor(w_p).to(torch.float32)
+        mk = algorithms.wanda(w, st.x_norm(), prune)
+        return (w * torch.as_tensor(mk)).to(torch.float32)
+    if algorithms is not None:
+        return algorithms.quantize_linear(w, st.hessian(), st.x_norm(), qcfg, prune)
+    if prune is not None:  # pragma: no cover - fallback while algorithms.py is absent
+        raise QuantError("2:4 pruning needs quant/algorithms.py, which is not installed")
+    codes, s, m, S = reference.quantize_weights_rtn(w.double().numpy(), qcfg.group_size, qcfg.bits)
+    return QuantizedLinear(codes=codes, scales=s, mins=m, row_scale=S, group_size=qcfg.group_size, bits=qcfg.bits)
+
+
+@torch.no_grad()
+def _run(layer, x: torch.Tensor, rope, out: torch.Tensor | None = None) -> torch.Tensor:
+    pos = torch.arange(x.shape[1])
+    out = torch.empty_like(x) if out is None else out
+    for s in range(0, x.shape[0], CHUNK):
+        out[s: s + CHUNK] = layer(x[s: s + CHUNK], rope, pos)
+    return out
+
+
+def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_text: str | Path | None = None,
+                   calib_samples: int = 64, seq_len: int = 512, seed: int = 0, device: str = "cpu",
+                   progress: bool = True) -> dict:
+    """Compress ``source`` with ``recipe`` into the artifact folder ``out_dir`` (written atomically).
+    Returns the report dict (also written to out_dir/report.json)."""
+    from tqdm import tqdm
+
+    from .model import Rope
+
+    if device != "cpu":
+        if not (device.startswith("cuda") and torch.cuda.is_available()):
+            raise QuantError(f"--device {device}: not available here (torch {torch.__version__}, "
+                             f"cuda available: {torch.cuda.is_available()}); use --device cpu")
+        raise QuantError("--device cuda: the layer-wise pipeline runs on cpu only so far; use --device cpu")
+    t_start = time.time()
+    secs: dict[str, float] = {}
+    t = time.time()
+    path = resolve_source(source)
+    if is_artifact(path):
+        raise QuantError(f"{path} is already an accllm artifact; quantize the original checkpoint")
+    cfg = load_config(path)
+    check_recipe(cfg, recipe, str(path))
+    qw, prune = recipe.get(QuantizeWeights), recipe.get(Prune)
+    rt = runtime_numerics(recipe)
+    nm = Numerics(a8=rt["a8"], kv4=rt["kv4"], sinks=rt["sinks"], window=rt["window"])
+    float_nm = Numerics(a8=False, kv4=rt["kv4"], sinks=rt["sinks"], window=rt["window"])
+
+    with atomic_dir(out_dir) as tmp:
+        store = WeightStore(path, cfg)
+        tok = load_tokenizer(path)
+        secs["load"] = time.time() - t
+        t = time.time()
+        needs_calib = qw is not None or prune is not None
+        calib_info = None
+        if needs_calib:
+            ids, calib_info = calibration_windows(tok, calib_text, calib_samples, seq_len, seed)
+            embed = store.get("model.embed_tokens.weight").to(torch.float32)
+            x = embed[ids]  # (N, L, H)
+            y = torch.empty_like(x)
+        secs["calibration_data"] = time.time() - t
+        rope = Rope(cfg)
+
+        tensors: dict = {}
+        linears: dict[str, dict] = {}
+        qbytes = 0
+        qweights = 0
+        t = time.time()
+        it = range(cfg.num_hidden_layers)
+        bar = tqdm(it, desc=f"quantize {recipe.name}", unit="layer", disable=not progress)
+        for i in bar:
+            layer = float_layer(cfg, store, i, float_nm)
+            for nrm in ("input_layernorm", "post_attention_layernorm"):
+                tensors[f"model.layers.{i}.{nrm}.weight"] = store.get(f"model.layers.{i}.{nrm}.weight")
+            mods = {p: (layer.self_attn if p in ATTN else layer.mlp) for p in ATTN + MLP_NAMES}
+            todo = {}
+            for p in ATTN + MLP_NAMES:
+                name = linear_name(i, p)
+                b = bits_for(qw, name) if qw is not None else None
+                pr = prune if (prune is not None and p in prune.targets) else None
+                if b is not None or pr is not None:
+                    todo[p] = (b, pr)
+            if todo:
+                stats = {p: _Stats(getattr(mods[p], p).in_features) for p in todo}
+                hooks = [getattr(mods[p], p).register_forward_hook(stats[p]) for p in todo]
+                _run(layer, x, rope, y)
+                for h in hooks:
+                    h.remove()
+            for p in ATTN + MLP_NAMES:
+                name = linear_name(i, p)
+                lin = getattr(mods[p], p)
+                if p not in todo:
+                    tensors[name + ".weight"] = store.get(name + ".weight")
+                    continue
+                b, pr = todo[p]
+                qcfg = None if b is None else dataclasses.replace(qw, bits=b)
+                res = _quantize_linear(lin.weight.data, stats.pop(p), qcfg, pr)
+                if isinstance(res, torch.Tensor):  # pruned float
+                    setattr(mods[p], p, FloatLinear(res))
+                    tensors[name + ".weight"] = res.to(store.get(name + ".weight").dtype)
+                    continue
+                packed, meta = pack_linear(name, res)
+                tensors.update(packed)
+                linears[name] = meta
+                qbytes += packed_weight_bytes(packed, name)
+                qweights += meta["in"] * meta["out"]
+                setattr(mods[p], p, QLinear(res, nm, name))
+            if needs_calib:
+                layer.self_attn.nm = nm
+                _run(layer, x, rope, y)
+                x, y = y, x
+            del layer
+            bar.set_postfix(rss=f"{peak_rss_bytes() / 2**20:.0f}MiB")
+        secs["layers"] = time.time() - t
+
+        t = time.time()
+        tensors["model.embed_tokens.weight"] = store.get("model.embed_tokens.weight")
+        tensors["model.norm.weight"] = store.get("model.norm.weight")
+        head_w = store.lm_head()
+        tied = head_w is None
+        hb = bits_for(qw, "lm_head") if qw is not None else None
+        if hb is not None:
+            w = (store.get("model.embed_tokens.weight") if tied else head_w).to(torch.float32)
+            st = _Stats(w.shape[1])
+            h = rms_norm(x, store.get("model.norm.weight").to(torch.float32), cfg.rms_norm_eps)
+            st(None, (h,), None)
+            res = _quantize_linear(w, st, dataclasses.replace(qw, bits=hb), None)
+            packed, meta = pack_linear("lm_head", res)
+            tensors.update(packed)
+            linears["lm_head"] = meta
+            qbytes += packed_weight_bytes(packed, "lm_head")
+            qweights += meta["in"] * meta["out"]
+        elif not tied:
+            tensors["lm_head.weight"] = head_w
+        secs["lm_head"] = time.time() - t
+
+        t = time.time()
+        write_model(tmp, tensors, linears)
+        cfg.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
+        secs["write"] = time.time() - t
+        t = time.time()
+        src_hash = store.source_hash()
+        secs["hash"] = time.time() - t
+        seconds = time.time() - t_start
+        not_applied = []
+        kv = recipe.get(QuantizeKV)
+        if kv is not None and kv.k_smoothing:
+            not_applied.append("quantize_kv.k_smoothing (static key smoothing is not implemented; keys are "
+                               "quantized as they leave RoPE)")
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "source": str(source), "source_path": str(path), "source_sha256": src_hash,
+            "recipe": recipe.name, "runtime": rt, "tools": tool_versions(),
+            "seconds": {k: round(v, 3) for k, v in secs.items()}, "calibration": calib_info,
+            "not_applied": not_applied,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        size = (tmp / "model.safetensors").stat().st_size
+        report = {
+            "recipe": recipe.name,
+            "source": str(source),
+            "bits_per_weight": (8 * qbytes / qweights) if qweights else None,
+            "quantized_linears": len(linears),
+            "quantized_weights": qweights,
+            "quantized_weight_bytes": qbytes,
+            "size_bytes": size,
+            "artifact_bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()),
+            "seconds": round(seconds, 3),
+            "seconds_per_step": manifest["seconds"],
+            "seconds_per_layer": round(secs["layers"] / cfg.num_hidden_layers, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "layers": cfg.num_hidden_layers,
+            "calibration_tokens": (calib_samples * seq_len) if needs_calib else 0,
+            "not_applied": not_applied,
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
