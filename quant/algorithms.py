@@ -123,8 +123,6 @@ def clip_candidates(steps: int = 14, max_frac: float = 0.42, max_total: float = 
     return ab[ab.sum(1) <= max_total + 1e-12]
 
 
-_CLIP = clip_candidates()
-
 
 def _group_ranges(wg: torch.Tensor, keep: torch.Tensor | None):
     """min / max over the (kept) weights of each group; groups with nothing kept get [0, 0]."""
@@ -137,48 +135,78 @@ def _group_ranges(wg: torch.Tensor, keep: torch.Tensor | None):
     return torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
 
 
+CLIP_COARSE_STEPS = 7  # coarse grid of shrink fractions per side: 0, 0.07, ..., 0.42
+CLIP_MAX_FRAC = 0.42
+CLIP_REFINE_ROUNDS = 2  # then halve the step around each group's best (a, b), this many times
+
+
 def _search(wg, keep, wt, bits: int, S=None, clip: bool = True):
     """Choose each group's grid minimising sum_i wt_i (w_i − ŵ_i)² over its kept weights.
 
     wg (N, ng, G) weights; keep (N, ng, G) bool or None; wt broadcastable to wg (e.g. H diagonal as
     (1, ng, G)) or None. Without S (continuous grids) returns (lo, hi) (N, ng); with S (N,) returns
     the integer (s_hat, m_hat) (N, ng) int64 of the best integer grid under that row scale.
+
+    Candidates shrink [lo, hi] to [lo + a r, hi − b r]: the unclipped range first (kept on ties), then
+    with ``clip`` a coarse asymmetric grid of (a, b) and a local refinement around each group's best.
     """
     qmax = (1 << bits) - 1
     lo0, hi0 = _group_ranges(wg, keep)
     r = hi0 - lo0
-    cands = _CLIP if clip else _CLIP[:1]
-    wk = keep.to(F64) if keep is not None else None
-    weight = wt if wt is not None else None
-    if weight is not None and wk is not None:
-        weight = weight * wk
-    elif wk is not None:
-        weight = wk
+    weight = wt
+    if keep is not None:
+        weight = keep.to(F64) if weight is None else weight * keep.to(F64)
     Sx = None if S is None else S.reshape(-1, 1)
-    best_err = best_a = best_b = None
-    for a, b in cands.tolist():
-        lo = lo0 + a * r
-        hi = hi0 - b * r
-        if Sx is None:
+    # candidates are scored in float32 (2x faster; only the choice depends on it), the chosen grid
+    # is then computed in float64 below
+    f32 = torch.float32
+    wg32 = wg.to(f32)
+    weight32 = None if weight is None else weight.to(f32)
+    S32 = None if Sx is None else Sx.to(f32)
+    lo032, hi032, r32 = lo0.to(f32), hi0.to(f32), r.to(f32)
+
+    def evaluate(a, b):
+        a = a.to(f32)
+        b = b.to(f32)
+        lo = lo032 + a * r32
+        hi = hi032 - b * r32
+        if S32 is None:
             step = (hi - lo) / qmax
             zero = step == 0
-            q = torch.clamp(torch.round((wg - lo[..., None]) / torch.where(zero, 1.0, step)[..., None]), 0, qmax)
+            q = torch.clamp(torch.round((wg32 - lo[..., None]) / torch.where(zero, 1.0, step)[..., None]), 0, qmax)
             w_hat = lo[..., None] + step[..., None] * q
         else:
-            s, m = _int_grid(lo, hi, Sx, qmax)
-            q = _codes(wg, Sx[..., None], s[..., None], m[..., None], bits)
-            w_hat = Sx[..., None] * (s[..., None] * q + m[..., None])
-        e = (wg - w_hat) ** 2
-        err = (e * weight).sum(-1) if weight is not None else e.sum(-1)
-        if best_err is None:
-            best_err = err
-            best_a = torch.full_like(err, a)
-            best_b = torch.full_like(err, b)
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_a = torch.where(better, a, best_a)
-            best_b = torch.where(better, b, best_b)
+            s, m = _int_grid(lo, hi, S32, qmax)
+            q = _codes(wg32, S32[..., None], s[..., None], m[..., None], bits)
+            w_hat = S32[..., None] * (s[..., None] * q + m[..., None])
+        e = (wg32 - w_hat) ** 2
+        return (e * weight32).sum(-1) if weight32 is not None else e.sum(-1)
+
+    best_a = torch.zeros_like(r)
+    best_b = torch.zeros_like(r)
+    best_err = evaluate(best_a, best_b)
+
+    def consider(a, b):
+        nonlocal best_err, best_a, best_b
+        err = evaluate(a, b)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_a = torch.where(better, a, best_a)
+        best_b = torch.where(better, b, best_b)
+
+    if clip:
+        for a, b in clip_candidates(CLIP_COARSE_STEPS, CLIP_MAX_FRAC, 2 * CLIP_MAX_FRAC)[1:].tolist():
+            consider(torch.full_like(r, a), torch.full_like(r, b))
+        d = CLIP_MAX_FRAC / (CLIP_COARSE_STEPS - 1)
+        for _ in range(CLIP_REFINE_ROUNDS):
+            d = d / 2
+            a0, b0 = best_a, best_b
+            for da in (-d, 0.0, d):
+                for db in (-d, 0.0, d):
+                    if da or db:
+                        a = torch.clamp(a0 + da, min=0.0)
+                        b = torch.clamp(b0 + db, min=0.0)
+                        consider(a, torch.minimum(b, 0.95 - a))
     lo = lo0 + best_a * r
     hi = hi0 - best_b * r
     if Sx is None:
