@@ -34,10 +34,17 @@ class ConfigError(ValueError):
         super().__init__(f"{loc}{key or '<top>'}: {message}")
 
 
+DEFAULT_RECIPE = "w2a8kv4"  # the product's default: AccLLM's recipe, defined once in configs/recipes/
+
+
+def _default_recipe() -> Recipe:
+    return load_recipe(DEFAULT_RECIPE)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    recipe: Recipe = field(default_factory=Recipe)
+    recipe: Recipe = field(default_factory=_default_recipe)
     engine: EngineParams = field(default_factory=EngineParams)
     target: TargetParams = field(default_factory=TargetParams)
     simulation: SimParams = field(default_factory=SimParams)

@@ -83,11 +83,54 @@ def _step_numerics(cfg: Config, out: Path, done: dict) -> dict:
     return rep
 
 
+def _step_quantize(cfg: Config, out: Path, done: dict) -> dict:
+    from quant.pipeline import quantize_model
+
+    m = cfg.model
+    report = quantize_model(m.source, cfg.recipe, out / "artifact", calib_text=m.calib_text or None,
+                            calib_samples=m.calib_samples, seq_len=m.calib_seq_len, seed=m.seed,
+                            device=m.device, progress=True)
+    keep = ("bits_per_weight", "size_bytes", "seconds", "peak_rss_bytes")
+    return {"ok": True, "artifact": "quantize/artifact", **{k: report.get(k) for k in keep}}
+
+
+def _step_evaluate(cfg: Config, out: Path, done: dict) -> dict:
+    """Perplexity of the model as loaded and of the artifact (on its integer path), same text."""
+    from quant.evaluate import evaluate
+
+    m = cfg.model
+    run_dir = out.parent
+    kw = dict(seq_len=m.eval_seq_len, max_tokens=m.eval_max_tokens or None, device=m.device)
+    base = evaluate(m.source, m.eval_text or None, integer_path=False, **kw)
+    art = evaluate(str(run_dir / "quantize" / "artifact"), m.eval_text or None, **kw)
+    res = {"ok": True, "as_loaded": base, "compressed": art,
+           "ratio": art["perplexity"] / base["perplexity"]}
+    (out / "perplexity.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _step_simulate(cfg: Config, out: Path, done: dict) -> dict:
+    """Random cases in every engine mode, checked bit for bit against the integer reference."""
+    from sim.engine_check import simulate_engine
+
+    s = cfg.simulation
+    res = simulate_engine(cfg.engine, s.simulator, s.cases, s.seed, stall_probability=s.stall_probability,
+                          waves=s.waves, build_dir=out / "runs")
+    res["ok"] = bool(res["bit_exact"])
+    return res
+
+
 STEPS: list[Step] = [
     Step("doctor", lambda c: None, _step_doctor, "check tools and versions"),
     Step("config", lambda c: config_mod.to_plain(c), _step_config, "resolve and record the configuration"),
     Step("numerics", lambda c: (config_mod.to_plain(c.recipe), config_mod.to_plain(c.engine), c.model.seed),
          _step_numerics, "self-check the integer reference on the configured formats and bounds"),
+    Step("quantize", lambda c: (config_mod.to_plain(c.model), config_mod.to_plain(c.recipe)), _step_quantize,
+         "compress the model with the recipe into a packed artifact"),
+    Step("evaluate", lambda c: config_mod.to_plain(c.model), _step_evaluate,
+         "perplexity as loaded and on the artifact's integer path"),
+    Step("simulate", lambda c: (config_mod.to_plain(c.engine), config_mod.to_plain(c.simulation)),
+         _step_simulate, "run the engine RTL against the integer reference"),
 ]
 
 

@@ -30,6 +30,8 @@ class ModelConfig:
     calib_seq_len: int = param(512, "tokens per calibration sequence", min=8, max=131_072)
     eval_text: str = param("", "text file for perplexity ('' = the built-in default)")
     eval_seq_len: int = param(512, "tokens per evaluation window", min=8, max=131_072)
+    eval_max_tokens: int = param(8192, "evaluate at most this many tokens (0 = the whole text)",
+                                 min=0, max=1 << 31)
     seed: int = param(0, "seed for sampling calibration windows", min=0)
 
 
