@@ -174,7 +174,7 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
     qw, prune = recipe.get(QuantizeWeights), recipe.get(Prune)
     rt = runtime_numerics(recipe)
     nm = Numerics(a8=rt["a8"], kv4=rt["kv4"], sinks=rt["sinks"], window=rt["window"])
-    float_nm = Numerics(a8=False, kv4=rt["kv4"], sinks=rt["sinks"], window=rt["window"])
+    float_nm = Numerics()  # Hessians from the float layer (on the quantized predecessors' outputs)
 
     with atomic_dir(out_dir) as tmp:
         store = WeightStore(path, cfg)

@@ -1,0 +1,239 @@
+"""quant.pipeline / quant.evaluate / quant.artifact on tiny random Llamas: float ppl equals
+transformers', artifacts round-trip, bad input leaves nothing behind, Λ attention and its cache."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from accllm.config import load_recipe
+from quant import formats, reference
+from quant.artifact import load_artifact, pack_linear, unpack_linear
+from quant.data import calibration_windows, eval_windows
+from quant.errors import QuantError
+from quant.evaluate import evaluate, generate, generate_ids, perplexity
+from quant.loading import load_model
+from quant.pipeline import quantize_model
+from quant.qlinear import QuantizedLinear
+from quant.recipe import AttentionWindow, QuantizeWeights, Recipe
+from tiny_llama import make_tiny_llama
+
+pytestmark = pytest.mark.model
+CAL = dict(calib_samples=4, seq_len=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    hf = make_tiny_llama(d, tie=False, n_kv=2)
+    return d, hf
+
+
+@pytest.fixture(scope="module")
+def rtn_artifact(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("a") / "rtn"
+    rep = quantize_model(str(tiny[0]), load_recipe("rtn-w2a8kv4"), out, **CAL)
+    return out, rep
+
+
+def _hf_ppl(hf, tok, seq_len, max_tokens):
+    wins, _ = eval_windows(tok, None, seq_len, max_tokens)
+    nll = cnt = 0
+    with torch.no_grad():
+        for w in wins:
+            loss = hf(w[None], labels=w[None]).loss  # mean over len-1 predictions
+            nll += float(loss) * (w.numel() - 1)
+            cnt += w.numel() - 1
+    return math.exp(nll / cnt), cnt
+
+
+def test_fp16_recipe_ppl_equals_transformers_loss(tiny, tmp_path):
+    d, hf = tiny
+    _, tok = load_model(str(d))
+    ref, cnt = _hf_ppl(hf, tok, 64, 300)
+    got = evaluate(str(d), None, seq_len=64, max_tokens=300, progress=False)
+    assert got["tokens"] == cnt and got["integer_path"] is False and got["seq_len"] == 64
+    assert got["perplexity"] == pytest.approx(ref, rel=1e-5)
+    out = tmp_path / "fp16"
+    rep = quantize_model(str(d), load_recipe("fp16"), out, **CAL)
+    assert rep["bits_per_weight"] is None and rep["quantized_linears"] == 0
+    again = evaluate(str(out), None, seq_len=64, max_tokens=300, progress=False)
+    assert again["integer_path"] is False
+    assert again["perplexity"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_calibration_windows_deterministic(tiny):
+    _, tok = load_model(str(tiny[0]))
+    a, ia = calibration_windows(tok, None, 8, 32, seed=3)
+    b, _ = calibration_windows(tok, None, 8, 32, seed=3)
+    c, _ = calibration_windows(tok, None, 8, 32, seed=4)
+    assert a.shape == (8, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    assert len(set(ia["windows"])) == 8  # disjoint windows
+    with pytest.raises(QuantError, match="too short"):
+        calibration_windows(tok, None, 100_000, 512, seed=0)
+
+
+def test_artifact_contents_and_report(rtn_artifact):
+    out, rep = rtn_artifact
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "recipe.yaml", "manifest.json", "report.json", "config.json"} <= names
+    man = json.loads((out / "manifest.json").read_text())
+    assert len(man["source_sha256"]) == 64 and man["tools"]["torch"] and man["seconds"]["layers"] >= 0
+    assert json.loads((out / "report.json").read_text()) == rep
+    assert rep["size_bytes"] == (out / "model.safetensors").stat().st_size and rep["peak_rss_bytes"] > 0
+    # bits/weight over the 7 projections of 2 layers: 2-bit codes, 16 bits of scale+min per 64, 16-bit row scale
+    h, i = 64, 128
+    shapes = [(h, h), (h // 2, h), (h // 2, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in); k, v: 2 of 4 heads
+    bits = sum(n * k * formats.weight_bits_per_weight(64, sparse=False) + n * 16 for n, k in shapes)
+    assert rep["bits_per_weight"] == pytest.approx(bits / sum(n * k for n, k in shapes))
+    assert rep["quantized_linears"] == 14
+    y = (out / "recipe.yaml").read_text()
+    assert "rtn-w2a8kv4" in y and "group_size: 64" in y
+
+
+def test_artifact_round_trip_gives_identical_eval(rtn_artifact):
+    out, _ = rtn_artifact
+    a = evaluate(str(out), None, seq_len=64, max_tokens=256, progress=False)
+    b = evaluate(str(out), None, seq_len=64, max_tokens=256, progress=False)
+    assert a == b and a["integer_path"] is True
+    fake = evaluate(str(out), None, seq_len=64, max_tokens=256, progress=False, integer_path=False)
+    assert fake["integer_path"] is False
+    assert fake["perplexity"] == pytest.approx(a["perplexity"], rel=1e-3)  # same numbers, float rounding
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pack_unpack_linear_is_exact(sparse):
+    rng = np.random.default_rng(0)
+    n, k, g = 8, 64, 16
+    codes = rng.integers(0, 4, (n, k)).astype(np.uint8)
+    mask = None
+    if sparse:
+        mask = np.zeros((n, k // 4, 4), bool)
+        for r in range(n):
+            for j in range(k // 4):
+                mask[r, j, rng.choice(4, 2, replace=False)] = True
+        mask = mask.reshape(n, k)
+        codes = np.where(mask, codes, 0).astype(np.uint8)
+    q = QuantizedLinear(codes=codes, scales=rng.integers(0, 256, (n, k // g)), mins=rng.integers(-128, 128, (n, k // g)),
+                        row_scale=np.float16(rng.random(n) + 0.1).astype(np.float64), group_size=g, mask=mask)
+    t, meta = pack_linear("x", q)
+    assert t["x.qweight"].shape == (n, (k // 2 if sparse else k) * 2 // 8)
+    back = unpack_linear("x", t, meta)
+    assert np.array_equal(back.codes, q.codes) and np.array_equal(back.scales, q.scales)
+    assert np.array_equal(back.mins, q.mins) and np.array_equal(back.row_scale, q.row_scale)
+    assert (back.mask is None) == (not sparse)
+    if sparse:
+        assert np.array_equal(back.mask, q.mask)
+
+
+def test_sparse_recipe_and_lm_head_override(tiny, tmp_path):
+    rec = load_recipe("w2a8kv4-sparse24")
+    qw = rec.get(QuantizeWeights)
+    qw.method, qw.clip_search, qw.overrides = "rtn", False, {"lm_head": 4}
+    out = tmp_path / "sp"
+    rep = quantize_model(str(tiny[0]), rec, out, **CAL)
+    model, _ = load_artifact(out)
+    assert model.lm_head.q.bits == 4 and model.lm_head.q.mask is None
+    for layer in model.layers:
+        reference.check_24_mask(layer.mlp.up_proj.q.mask)
+    assert rep["quantized_linears"] == 15
+    res = evaluate(str(out), None, seq_len=64, max_tokens=256, progress=False)
+    assert math.isfinite(res["perplexity"])
+
+
+def _no_leftovers(parent, name):
+    return not any(p.name == name or p.name.startswith(f".{name}.") for p in parent.iterdir())
+
+
+def test_bad_inputs_raise_and_leave_no_output(tiny, tmp_path):
+    d = str(tiny[0])
+    rec = load_recipe("rtn-w2a8kv4")
+    rec.get(QuantizeWeights).group_size = 48  # divides neither 64 nor 128
+    with pytest.raises(QuantError, match="group_size=48 does not divide"):
+        quantize_model(d, rec, tmp_path / "o1", **CAL)
+    assert _no_leftovers(tmp_path, "o1")
+    with pytest.raises(QuantError, match="too short"):
+        quantize_model(d, load_recipe("rtn-w2a8kv4"), tmp_path / "o2", calib_samples=10_000, seq_len=64,
+                       progress=False)
+    assert _no_leftovers(tmp_path, "o2")
+    with pytest.raises(QuantError, match="does not exist"):
+        quantize_model(str(tmp_path / "missing"), load_recipe("fp16"), tmp_path / "o3", **CAL)
+    assert _no_leftovers(tmp_path, "o3")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    with pytest.raises(QuantError, match="too short"):
+        quantize_model(d, load_recipe("rtn-w2a8kv4"), tmp_path / "o4", calib_text=short, **CAL)
+    assert _no_leftovers(tmp_path, "o4")
+
+
+def test_cli_bad_input_exits_nonzero_without_output(tiny, tmp_path):
+    out = tmp_path / "cli-out"
+    r = subprocess.run([sys.executable, "-m", "accllm.cli", "quantize", str(tmp_path / "missing"), "--recipe",
+                        "rtn-w2a8kv4", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "does not exist" in (r.stderr + r.stdout)
+    assert _no_leftovers(tmp_path, "cli-out")
+
+
+def _with_window(model, sinks, window):
+    model.numerics.sinks, model.numerics.window = sinks, window
+    return model
+
+
+def test_lambda_with_window_covering_the_sequence_equals_full_attention(rtn_artifact):
+    model, _ = load_artifact(rtn_artifact[0])
+    ids = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = _with_window(model, 0, None)(ids)
+        lam = _with_window(model, 4, 44)(ids)  # S + W = 48 = T
+        lam2 = _with_window(model, 2, 1000)(ids)
+        narrow = _with_window(model, 4, 8)(ids)
+    assert torch.equal(full, lam) and torch.equal(full, lam2)
+    assert torch.equal(full[0, :12], narrow[0, :12])  # up to S+W tokens nothing is dropped
+    assert not torch.allclose(full[0, 12:], narrow[0, 12:], atol=1e-3)
+
+
+@pytest.mark.parametrize("integer_path", [False, True])
+def test_constant_memory_cache_matches_lambda_forward(rtn_artifact, integer_path):
+    model, _ = load_artifact(rtn_artifact[0])
+    model.numerics.integer_path = integer_path
+    s, w, t = 3, 9, 40
+    _with_window(model, s, w)
+    ids = torch.randint(0, 300, (1, t), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids)[0]
+        cache = model.new_cache()
+        sizes, steps = [], []
+        for n in range(t):
+            steps.append(model.step(int(ids[0, n]), n, cache))
+            sizes.append(sum(c.nbytes() for c in cache))
+    assert len(set(sizes)) == 1  # allocated once for S + W slots, never grows
+    assert cache[0].k.shape[1] == s + w and cache[0].k.dtype == torch.uint8  # 4-bit codes (one per byte)
+    assert sorted(cache[0].pos.tolist()) == list(range(s)) + list(range(t - w, t))
+    torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
+
+
+def test_generate(rtn_artifact, tiny):
+    txt = generate(str(rtn_artifact[0]), "It is a truth", max_new_tokens=5)
+    assert isinstance(txt, str)
+    model, tok = load_artifact(rtn_artifact[0])
+    ids = tok("It is a truth")["input_ids"]
+    assert len(generate_ids(model, ids, 5)) == 5
+    # float model: greedy tokens equal transformers' greedy tokens
+    hf = tiny[1]
+    fm, ftok = load_model(str(tiny[0]))
+    ours = generate_ids(fm, ids, 6)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(ids):].tolist()
+    assert ours == ref
+
+
+def test_eval_json_fields_and_integer_path_refused_for_float(tiny):
+    res = evaluate(str(tiny[0]), None, seq_len=32, max_tokens=64, progress=False)
+    assert set(res) == {"perplexity", "tokens", "seq_len", "integer_path"}
+    with pytest.raises(QuantError, match="integer path"):
+        evaluate(str(tiny[0]), None, seq_len=32, max_tokens=64, integer_path=True, progress=False)
