@@ -1,0 +1,141 @@
+"""Quality benchmark: perplexity of SmolLM2-135M on held-out *Pride and Prejudice* (calibration is on
+*Sense and Sensibility*), as loaded and after each compression recipe, at short and long context with
+and without Λ-shaped attention. Writes a markdown and a JSON table.
+
+    .venv/bin/python benchmarks/quality.py --out benchmarks/results/quality \
+        --rows float,rtn,float-long,float-long-lambda,rtn-long-lambda --max-tokens 2048
+
+Every number in the table comes from this script's run; the JSON records the settings, seconds and
+peak RSS of every row. Quantized rows are evaluated on the integer path (the hardware's arithmetic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ROWS = {
+    # name: (description, recipe or None for the float model, eval seq_len key, lambda override)
+    "float": ("as loaded (GGUF Q4_1 dequantized to float32)", None, "short", None),
+    "rtn": ("RTN-W2A8KV4 (integer path)", "rtn-w2a8kv4", "short", None),
+    "gptq": ("W2A8KV4: GPTQ + clipping search (integer path)", "w2a8kv4", "short", None),
+    "sparse": ("W2A8KV4 + 2:4 SparseGPT (integer path)", "w2a8kv4-sparse24", "short", None),
+    "float-long": ("as loaded, long context, full attention", None, "long", "off"),
+    "float-long-lambda": ("as loaded, long context, Λ 4 sinks + 508 window", None, "long", (4, 508)),
+    "rtn-long": ("RTN-W2A8KV4, long context, full attention", "rtn-w2a8kv4", "long", "off"),
+    "rtn-long-lambda": ("RTN-W2A8KV4, long context, Λ 4 + 508", "rtn-w2a8kv4", "long", (4, 508)),
+}
+
+
+def default_text() -> Path:
+    d = os.environ.get("ACCLLM_TEXT_DIR")
+    if d and (Path(d) / "pride-and-prejudice.txt").is_file():
+        return Path(d) / "pride-and-prejudice.txt"
+    from quant.data import DEFAULT_EVAL
+
+    return DEFAULT_EVAL
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--text", default=None, help="evaluation text (default: Pride and Prejudice)")
+    ap.add_argument("--rows", default="float,rtn,float-long,float-long-lambda,rtn-long-lambda")
+    ap.add_argument("--short", type=int, default=512, help="short-context eval window")
+    ap.add_argument("--long", type=int, default=2048, help="long-context eval window")
+    ap.add_argument("--max-tokens", type=int, default=2048, help="evaluated tokens per row")
+    ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from accllm.config import load_recipe
+    from quant.artifact import load_artifact
+    from quant.evaluate import perplexity
+    from quant.loading import load_model
+    from quant.pipeline import peak_rss_bytes, quantize_model
+
+    torch.set_grad_enabled(False)
+    text = Path(args.text) if args.text else default_text()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    results = []
+    artifacts: dict[str, tuple] = {}
+    float_model = None
+    with tempfile.TemporaryDirectory(prefix="accllm-quality-") as tmp:
+        for r in rows:
+            desc, recipe, ctx, lam = ROWS[r]
+            seq = args.short if ctx == "short" else args.long
+            t0 = time.time()
+            qreport = None
+            if recipe is None:
+                if float_model is None:
+                    float_model = load_model(args.model)
+                model, tok = float_model
+            else:
+                if recipe not in artifacts:
+                    out = Path(tmp) / recipe
+                    qreport = quantize_model(args.model, load_recipe(recipe), out, calib_samples=args.calib_samples,
+                                             seq_len=args.calib_seq_len, seed=args.seed, progress=True)
+                    artifacts[recipe] = (load_artifact(out), qreport)
+                (model, tok), qreport = artifacts[recipe]
+                model.numerics.integer_path = True
+            nm = model.numerics
+            saved = (nm.sinks, nm.window)
+            if lam == "off":
+                nm.sinks, nm.window = 0, None
+            elif lam is not None:
+                nm.sinks, nm.window = lam
+            t1 = time.time()
+            res = perplexity(model, tok, text, seq_len=seq, max_tokens=args.max_tokens, progress=True)
+            used = None if nm.window is None else [nm.sinks, nm.window]
+            nm.sinks, nm.window = saved
+            row = {"row": r, "description": desc, "recipe": recipe, **res,
+                   "lambda": used,
+                   "eval_seconds": round(time.time() - t1, 1), "row_seconds": round(time.time() - t0, 1),
+                   "bits_per_weight": qreport["bits_per_weight"] if qreport else None,
+                   "quantize_seconds": qreport["seconds"] if qreport else None}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    meta = {"model": args.model, "text": str(text), "max_tokens": args.max_tokens, "short": args.short,
+            "long": args.long, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
+            "seed": args.seed, "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpj = out.with_suffix(".json.tmp")
+    tmpj.write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
+    os.replace(tmpj, out.with_suffix(".json"))
+    lines = [f"# Perplexity of {args.model} on {Path(text).name} (first {args.max_tokens} tokens)", "",
+             f"Calibration: {args.calib_samples} × {args.calib_seq_len} tokens of Sense and Sensibility, seed "
+             f"{args.seed}. Quantized rows run on the integer path.", "",
+             "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | tokens | eval s |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in results:
+        bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "float"
+        lam = "-" if not r["lambda"] else f"{tuple(r['lambda'])}"
+        lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | "
+                     f"{r['tokens']} | {r['eval_seconds']} |")
+    tmpm = out.with_suffix(".md.tmp")
+    tmpm.write_text("\n".join(lines) + "\n")
+    os.replace(tmpm, out.with_suffix(".md"))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
