@@ -41,6 +41,8 @@ __all__ = [
     "magnitude_24",
     "quantize_linear",
     "output_error",
+    "FakeQuantLinear",
+    "reconstruct_linear",
 ]
 
 F64 = torch.float64
@@ -552,3 +554,115 @@ def quantize_linear(W, H, x_norm, qcfg: QuantizeWeights, prune: Prune | None = N
             return gptq(w, H, qcfg, mask=mk, bias=bias)
         return rtn(w, qcfg, mask=mk, h_diag=h_diag, bias=bias)
     raise ValueError(f"unknown pruning method {prune.method!r}; known: sparsegpt, wanda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# reconstruction: differentiable fake-quant of a QuantizedLinear (for block-wise output matching)
+# ---------------------------------------------------------------------------------------------------
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _ste_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x + (x.to(torch.float16).to(x.dtype) - x).detach()
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """A QuantizedLinear whose group scales s_hat and mins m_hat (and optionally the row scales and
+    the codes) are float parameters; the forward pass rounds them to the integer format with
+    straight-through gradients, so ``weight()`` is always a weight the hardware can hold and
+    :meth:`to_quantized` exports exactly that weight.
+
+    Every parameter is in units where one optimizer step of ~lr moves it by a comparable amount:
+    s and m in integer units, codes as a latent continuous code u (q = clamp(round(u))), and
+    the row scale as log S (relative), rounded to float16 in the forward pass.
+
+    * ``train_row_scale``: log row scales are parameters; else the row scales are fixed.
+    * ``tune_codes``: the latent codes u (initialised at the codes) are parameters; else codes are fixed.
+    """
+
+    def __init__(self, ql: QuantizedLinear, train_row_scale: bool = False, tune_codes: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        ql.validate()
+        self.group_size = int(ql.group_size)
+        self.bits = int(ql.bits)
+        self.tune_codes = tune_codes
+        self.train_row_scale = train_row_scale
+        self.s = torch.nn.Parameter(torch.from_numpy(ql.scales.astype(np.float64)).to(dtype))
+        self.m = torch.nn.Parameter(torch.from_numpy(ql.mins.astype(np.float64)).to(dtype))
+        rs = torch.from_numpy(ql.row_scale.astype(np.float64)).to(dtype)
+        if train_row_scale:
+            self.log_row_scale = torch.nn.Parameter(torch.log(rs))
+        else:
+            self.register_buffer("row_scale", rs)
+        codes = torch.from_numpy(ql.codes.astype(np.float64)).to(dtype)
+        if tune_codes:
+            self.u = torch.nn.Parameter(codes)
+        else:
+            self.register_buffer("codes", codes)
+        mask = np.ones(ql.codes.shape, bool) if ql.mask is None else ql.mask
+        self.register_buffer("mask", torch.from_numpy(mask.astype(np.float64)).to(dtype))
+        self.has_mask = ql.mask is not None
+        self.register_buffer("bias", None if ql.bias is None else torch.from_numpy(ql.bias.astype(np.float64)).to(dtype))
+
+    def _fields(self):
+        G, qmax = self.group_size, (1 << self.bits) - 1
+        s = torch.clamp(_ste_round(self.s), W_SCALE.min, W_SCALE.max)
+        m = torch.clamp(_ste_round(self.m), W_MIN.min, W_MIN.max)
+        if self.train_row_scale:  # float16 normal range; exp keeps it positive
+            S = _ste_fp16(torch.clamp(torch.exp(self.log_row_scale), min=2.0**-14, max=65504.0))
+        else:
+            S = self.row_scale
+        s_full = s.repeat_interleave(G, 1)
+        m_full = m.repeat_interleave(G, 1)
+        q = torch.clamp(_ste_round(self.u), 0, qmax) * self.mask if self.tune_codes else self.codes
+        return s, m, S, q, s_full, m_full
+
+    def weight(self) -> torch.Tensor:
+        s, m, S, q, s_full, m_full = self._fields()
+        return S[:, None] * (s_full * q + m_full) * self.mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight().T
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def to_quantized(self) -> QuantizedLinear:
+        """The integer layer whose dequantized weights are :meth:`weight` (exactly, up to float32)."""
+        s, m, S, q, _, _ = self._fields()
+        return QuantizedLinear(
+            codes=q.detach().cpu().to(torch.int64).numpy().astype(np.uint8),
+            scales=s.detach().cpu().to(torch.int64).numpy(),
+            mins=m.detach().cpu().to(torch.int64).numpy(),
+            row_scale=S.detach().cpu().to(torch.float16).to(torch.float64).numpy(),
+            group_size=self.group_size,
+            bits=self.bits,
+            mask=(self.mask.cpu().numpy() > 0) if self.has_mask else None,
+            bias=None if self.bias is None else self.bias.cpu().to(torch.float32).numpy(),
+        )
+
+
+def reconstruct_linear(ql: QuantizedLinear, x: torch.Tensor, y: torch.Tensor, steps: int = 60, lr: float = 0.05,
+                       tune_codes: bool = False, train_row_scale: bool = False) -> QuantizedLinear:
+    """Tune one layer's s_hat / m_hat (and optionally codes, row scales) with Adam to match target
+    outputs y ≈ x Ŵᵀ (+ b) in mean squared error; returns the better of the start and the result.
+    ``lr`` is in units of the integer grid (Adam moves s and m by about lr per step; a move must add
+    up to 0.5 to change an integer), so values like Reconstruct's 1e-3 change nothing in 60 steps.
+    (The block-wise stage of the pipeline uses FakeQuantLinear directly inside a decoder layer.)"""
+    fq = FakeQuantLinear(ql, train_row_scale=train_row_scale, tune_codes=tune_codes)
+    x = torch.as_tensor(x).to(torch.float32)
+    y = torch.as_tensor(y).to(torch.float32)
+    opt = torch.optim.Adam([p for p in fq.parameters() if p.requires_grad], lr=lr)
+    with torch.no_grad():
+        start = torch.mean((fq(x) - y) ** 2).item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.mean((fq(x) - y) ** 2)
+        loss.backward()
+        opt.step()
+    out = fq.to_quantized()
+    with torch.no_grad():
+        end = torch.mean((x @ out.dequantize().T + (0 if out.bias is None else torch.from_numpy(out.bias)) - y) ** 2).item()
+    return out if end < start else ql

@@ -265,3 +265,40 @@ def test_lazy_block_updates_are_exact(layer, clip, act_order):
     w_p1, m1 = A.sparsegpt(w, h, Prune(block_size=K))
     w_p8, m8 = A.sparsegpt(w, h, Prune(block_size=8))
     assert torch.equal(m1, m8) and torch.allclose(w_p1, w_p8, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fake_quant_round_trips_and_exports_what_it_computes(layer, sparse):
+    w, x, h = layer
+    p = Prune(method="wanda") if sparse else None
+    ql = A.quantize_linear(w, h, x.norm(dim=0), cfg(clip_search=True), p, bias=torch.ones(N))
+    fq = A.FakeQuantLinear(ql, train_row_scale=True, tune_codes=True)
+    assert torch.allclose(fq.weight().double(), ql.dequantize().double(), rtol=1e-6, atol=0)
+    back = fq.to_quantized()
+    for f in ("codes", "scales", "mins", "row_scale", "mask", "bias"):
+        a, b = getattr(back, f), getattr(ql, f)
+        assert (a is None and b is None) or np.array_equal(a, b), f
+    # gradients reach every parameter through the straight-through rounding
+    y = fq(x.float()[:64]).square().sum()
+    y.backward()
+    for name, prm in fq.named_parameters():
+        assert prm.grad is not None and prm.grad.abs().sum() > 0, name
+    # move the parameters off the integers: the export is still valid and equals the forward weight
+    with torch.no_grad():
+        fq.s.add_(torch.linspace(-3.4, 3.4, fq.s.numel()).reshape(fq.s.shape))
+        fq.m.sub_(0.7)
+        fq.log_row_scale.add_(0.013)
+        fq.u.add_(torch.linspace(-0.9, 0.9, fq.u.numel()).reshape(fq.u.shape))
+    moved = fq.to_quantized()
+    check_format(moved, 2, sparse=sparse)
+    assert not np.array_equal(moved.scales, ql.scales) and not np.array_equal(moved.codes, ql.codes)
+    assert torch.allclose(moved.dequantize().double(), fq.weight().detach().double(), rtol=1e-6, atol=1e-12)
+
+
+def test_reconstruct_linear_lowers_the_output_error(layer):
+    w, x, h = layer
+    ql = A.rtn(w, cfg(method="rtn", clip_search=True), h_diag=torch.diagonal(h))
+    y = (x @ w.T).float()
+    out = A.reconstruct_linear(ql, x.float(), y, steps=40, lr=0.05)
+    check_format(out, 2, sparse=False)
+    assert err(w, out, x) < 0.99 * err(w, ql, x)  # measured 0.978x; returns the start if no better
