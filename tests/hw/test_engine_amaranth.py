@@ -1,0 +1,89 @@
+"""Reference <-> Amaranth simulation of the compute engine: every mode, random stalls, edge values,
+and configurations the RTL cannot build refused with the parameter named."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from accllm.config import load_hw
+from hw.engine import Engine, EngineConfigError
+from sim.engine_check import MODES, check, make_case, make_cases, run_amaranth, simulate_engine
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_hw("ci-small").engine
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_bit_exact_with_stalls(params, mode):
+    cases = make_cases(params, 4, seed=11 + MODES.index(mode), modes=(mode,))
+    actual, cycles = run_amaranth(params, cases, seed=5, stall_probability=0.3)
+    bad, first = check(cases, actual)
+    assert bad == 0, first
+    assert cycles > 0
+
+
+@pytest.mark.parametrize("edge", ["extreme", "min", "max", "pruned"])
+def test_edge_values(params, edge):
+    rng = np.random.default_rng(3)
+    cases = [make_case(params, mode, rng, edge=edge, requant=(i % 2 == 0)) for i, mode in enumerate(MODES)]
+    actual, _ = run_amaranth(params, cases, seed=1, stall_probability=0.2)
+    bad, first = check(cases, actual)
+    assert bad == 0, first
+
+
+def test_fully_pruned_groups_are_zero(params):
+    rng = np.random.default_rng(0)
+    case = make_case(params, "dense_mv", rng, edge="pruned", k_beats=2, group_beats=1, requant=False)
+    case.inputs["scales"][:] = 0
+    # every group pruned: rebuild the expected output and the scale beats from scratch
+    for key in ("s", "m"):
+        case.beats["scale"][key][:] = 0
+    case.expected = np.zeros_like(case.expected)
+    actual, _ = run_amaranth(params, [case], seed=0, stall_probability=0.0)
+    assert np.array_equal(actual[0], case.expected)
+
+
+def test_mismatch_is_detected_and_named(params):
+    cases = make_cases(params, 2, seed=4, modes=("dense_mv",))
+    actual, _ = run_amaranth(params, cases, seed=0, stall_probability=0.0)
+    actual[1] = actual[1].copy()
+    actual[1][0, 0] += 1
+    bad, first = check(cases, actual)
+    assert bad == 1 and first["case"] == 1 and first["token"] == 0 and first["row"] == 0
+
+
+def test_full_throughput_steady_state(params):
+    """No stalls, long reduction: the array is busy nearly every cycle (one beat per cycle)."""
+    rng = np.random.default_rng(1)
+    kb = 32
+    case = make_case(params, "dense_mv", rng, k_beats=kb, n=2 * params.pe_rows, group_beats=8, requant=False)
+    actual, cycles = run_amaranth(params, [case], seed=0, stall_probability=0.0)
+    assert np.array_equal(actual[0], case.expected)
+    compute = 2 * kb  # two row tiles of kb beats
+    load = kb  # activation words
+    assert cycles <= load + compute + 12, cycles
+
+
+def test_simulate_engine_reports(params, tmp_path):
+    res = simulate_engine(params, "amaranth", 6, seed=2, build_dir=tmp_path)
+    assert res["bit_exact"] and res["mismatches"] == 0 and res["cases"] == 6
+    assert set(res["modes"]) == set(MODES)
+    assert res["macs"] > 0 and res["cycles"] > 0
+    assert res["macs_per_cycle"] == pytest.approx(res["macs"] / res["cycles"])
+
+
+@pytest.mark.parametrize("change, param", [
+    (dict(pe_lanes=7, max_reduction_len=4095 - 4095 % 7, max_keys=4095 - 4095 % 7), "pe_lanes"),
+    (dict(max_reduction_len=4100), "max_reduction_len"),
+    (dict(acc_bits=16), "acc_bits"),
+    (dict(act_buffer_bytes=1000), "act_buffer_bytes"),
+])
+def test_bad_config_refused_with_parameter(params, change, param):
+    bad = dataclasses.replace(params, **change)
+    with pytest.raises(EngineConfigError) as e:
+        Engine(bad)
+    assert e.value.param == param
+    assert f"engine.{param}" in str(e.value)
