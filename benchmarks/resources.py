@@ -1,0 +1,218 @@
+"""Resource estimates (Yosys ``synth_xilinx -family xcup``) for engine configurations, and the
+multiplier-style sweep behind docs/arithmetic.md.
+
+For each hardware config (default ``ci-small`` and ``u280``):
+
+* the multiplier array: ``pe_rows x pe_lanes`` products of a signed 8-bit activation and a
+  ``--code-bits`` code (default 4: the engine's array is built for the widest code, the 4-bit KV cache)
+  in the config's ``multiplier_style`` and, for comparison, in the other styles. Large arrays are
+  measured on a slice (``--slice-cols`` columns of ``pe_rows`` rows) and scaled linearly to
+  ``pe_lanes`` columns; the JSON says so (``measured`` vs ``scaled_to``).
+* the full engine (``hw.engine.Engine``) when it imports and elaborates, under ``--engine-timeout``;
+  any failure is recorded, not hidden.
+
+``--sweep`` adds one column of R rows (R = 1, 4, 16, 64) for 2- and 4-bit codes in every style, the
+numbers of docs/arithmetic.md. Results are cached by content under build/yosys/ (bitstream/yosys.py).
+
+    .venv/bin/python benchmarks/resources.py --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from accllm.config import load_hw  # noqa: E402
+from bitstream.yosys import YosysError, estimate, yosys_version  # noqa: E402
+from hw.mult import Array, Column, dsps_for  # noqa: E402
+
+# Alveo U280 (xcu280): device totals used for the fractions below.
+U280 = {"lut": 1_303_680, "ff": 2_607_360, "dsp": 9_024, "bram36": 2_016, "uram": 960}
+KEYS = ("lut", "ff", "dsp", "bram36", "uram", "carry")
+SWEEP_STYLES = ("lut", "dsp", "mul", "mul-nodsp", "offset")
+
+
+def _style_args(style: str) -> tuple[str, bool]:
+    """Harness style and Yosys -nodsp flag for a sweep style name."""
+    if style == "mul-nodsp":
+        return "mul", True
+    return style, False
+
+
+def _summary(res: dict) -> dict:
+    return {k: res[k] for k in KEYS} | {"cells": res["cells"], "seconds": res["seconds"],
+                                         "cached": res["cached"]}
+
+
+def measure_column(rows: int, code_bits: int, style: str, cols: int = 1) -> dict:
+    hstyle, nodsp = _style_args(style)
+    design = Column(rows, code_bits, hstyle) if cols == 1 else Array(rows, cols, code_bits, hstyle)
+    # Columns share nothing, so the hierarchy is kept (synth_xilinx's default): same counts, and
+    # the per-column breakdown is in the Yosys log.
+    res = estimate(design, nodsp=nodsp, flatten=False)
+    n = rows * cols
+    out = {"style": style, "rows": rows, "cols": cols, "code_bits": code_bits, "products": n,
+           **_summary(res)}
+    out["per_product"] = {k: round(res[k] / n, 3) for k in ("lut", "ff", "dsp", "carry")}
+    return out
+
+
+def sweep(rows_list=(1, 4, 16, 64), bits_list=(2, 4), styles=SWEEP_STYLES) -> list[dict]:
+    out = []
+    for bits in bits_list:
+        for rows in rows_list:
+            for style in styles:
+                if style == "offset" and rows == 1:
+                    continue
+                r = measure_column(rows, bits, style)
+                out.append(r)
+                pp = r["per_product"]
+                print(f"  sweep b={bits} R={rows:3d} {style:9s} LUT/p {pp['lut']:6.2f} "
+                      f"FF/p {pp['ff']:4.1f} DSP/p {pp['dsp']:5.3f} CARRY4/p {pp['carry']:5.2f} "
+                      f"({r['seconds']:.0f} s{', cached' if r['cached'] else ''})", flush=True)
+    return out
+
+
+def array_estimate(rows: int, lanes: int, code_bits: int, style: str, slice_cols: int,
+                   max_full_products: int) -> dict:
+    """The rows x lanes array, measured whole when small, else on ``slice_cols`` columns and scaled."""
+    if rows * lanes <= max_full_products:
+        cols = lanes
+    else:
+        cols = max(1, min(slice_cols, lanes))
+    r = measure_column(rows, code_bits, style, cols=cols)
+    scale = lanes / cols
+    est = {k: (r[k] * scale) for k in KEYS}
+    return {
+        "style": style, "code_bits": code_bits, "products": rows * lanes,
+        "measured": {"rows": rows, "cols": cols, "products": rows * cols,
+                     **{k: r[k] for k in KEYS}, "cells": r["cells"], "seconds": r["seconds"]},
+        "scaled": cols != lanes,
+        "scale_factor": scale,
+        "note": (f"measured {rows} x {cols} and scaled linearly x{scale:g} to {rows} x {lanes} "
+                 f"(columns are independent: no logic is shared between columns)"
+                 if cols != lanes else f"measured whole ({rows} x {lanes})"),
+        "estimate": {k: round(v, 1) for k, v in est.items()},
+        "expected_dsp": dsps_for(rows, code_bits, _style_args(style)[0]) * lanes,
+        "u280_fraction": {k: round(est[k] / U280[k], 4) for k in ("lut", "ff", "dsp")},
+    }
+
+
+def engine_estimate(params, timeout_s: float) -> dict:
+    t0 = time.monotonic()
+    try:
+        from hw.engine import Engine
+    except Exception as e:  # the engine is being written concurrently: record why it is missing
+        return {"status": "unavailable", "error": f"import hw.engine failed: {type(e).__name__}: {e}"}
+    try:
+        eng = Engine(params)
+        from amaranth.back import rtlil
+        text = rtlil.convert(eng, name="top")
+    except Exception as e:
+        return {"status": "error", "error": f"Engine({params}) did not elaborate: "
+                                            f"{type(e).__name__}: {e}"}
+    try:
+        res = estimate(text, timeout_s=timeout_s)
+    except YosysError as e:
+        return {"status": "error", "error": str(e)[:2000],
+                "seconds": round(time.monotonic() - t0, 1)}
+    return {"status": "ok", **_summary(res),
+            "u280_fraction": {k: round(res[k] / U280[k], 4) for k in ("lut", "ff", "dsp", "bram36",
+                                                                        "uram")}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="*", default=["ci-small", "u280"], help="hw configs (names or paths)")
+    ap.add_argument("--code-bits", type=int, default=4, help="code width of the array (default 4)")
+    ap.add_argument("--slice-cols", type=int, default=8,
+                    help="columns measured for arrays too large to run whole (scaled linearly)")
+    ap.add_argument("--max-full-products", type=int, default=1024,
+                    help="arrays with at most this many products are measured whole")
+    ap.add_argument("--styles", default="lut,dsp,mul", help="array styles to estimate per config")
+    ap.add_argument("--no-engine", action="store_true", help="skip the full-engine estimate")
+    ap.add_argument("--engine-timeout", type=float, default=900, help="seconds per engine Yosys run")
+    ap.add_argument("--sweep", action="store_true", help="also run the multiplier-style sweep")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/resources.json"))
+    args = ap.parse_args(argv)
+
+    cmd = ".venv/bin/python benchmarks/resources.py " + " ".join(shlex.quote(a) for a in
+                                                                 (argv if argv is not None else sys.argv[1:]))
+    t0 = time.monotonic()
+    result = {
+        "command": cmd.strip(),
+        "tool": yosys_version(),
+        "script": "read_rtlil design.il; synth_xilinx -family xcup -top top -noiopad -uram "
+                  "[-nodsp for mul-nodsp]; stat -json",
+        "python": platform.python_version(),
+        "u280_device": U280,
+        "counting": "lut = LUT1..6 + LUT6_2 + INV; ff = FD*; dsp = DSP48E2; bram36 = RAMB36E2 + "
+                    "RAMB18E2/2; uram = URAM288; carry = CARRY4 (Yosys emits no CARRY8)",
+        "configs": {},
+    }
+    styles = [s for s in args.styles.split(",") if s]
+    for name in args.configs:
+        cfg = load_hw(name)
+        e = cfg.engine
+        print(f"{name}: pe_rows {e.pe_rows} x pe_lanes {e.pe_lanes} = {e.macs_per_cycle} products, "
+              f"multiplier_style {e.multiplier_style}", flush=True)
+        entry = {"pe_rows": e.pe_rows, "pe_lanes": e.pe_lanes, "multiplier_style": e.multiplier_style,
+                 "arrays": {}}
+        for style in dict.fromkeys([e.multiplier_style, *styles]):
+            a = array_estimate(e.pe_rows, e.pe_lanes, args.code_bits, style, args.slice_cols,
+                               args.max_full_products)
+            entry["arrays"][style] = a
+            print(f"  array {style:4s}: " + ", ".join(f"{k} {a['estimate'][k]:g}" for k in KEYS)
+                  + f"  [{a['note']}]", flush=True)
+        if args.no_engine:
+            entry["engine"] = {"status": "skipped", "error": "--no-engine"}
+        else:
+            entry["engine"] = engine_estimate(e, args.engine_timeout)
+            eng = entry["engine"]
+            if eng["status"] == "ok":
+                print("  engine: " + ", ".join(f"{k} {eng[k]:g}" for k in KEYS)
+                      + f" ({eng['seconds']:.0f} s)", flush=True)
+            else:
+                print(f"  engine: {eng['status']}: {eng['error'][:300]}", flush=True)
+        result["configs"][name] = entry
+    if args.sweep:
+        print("multiplier sweep (one column of R rows, products as top-level outputs):", flush=True)
+        result["sweep"] = sweep()
+    result["seconds"] = round(time.monotonic() - t0, 1)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    _table(result)
+    print(f"wrote {out}")
+    return 0
+
+
+def _table(result: dict) -> None:
+    print()
+    print(f"{'config':10s} {'what':22s} {'LUT':>10s} {'FF':>9s} {'DSP':>7s} {'BRAM36':>7s} {'URAM':>5s} "
+          f"{'CARRY4':>7s}  note")
+    for name, entry in result["configs"].items():
+        for style, a in entry["arrays"].items():
+            est = a["estimate"]
+            print(f"{name:10s} {'array ' + style:22s} {est['lut']:10.0f} {est['ff']:9.0f} {est['dsp']:7.0f} "
+                  f"{est['bram36']:7.1f} {est['uram']:5.0f} {est['carry']:7.0f}  "
+                  f"{'scaled x%g' % a['scale_factor'] if a['scaled'] else 'whole'}")
+        eng = entry["engine"]
+        if eng["status"] == "ok":
+            print(f"{name:10s} {'engine':22s} {eng['lut']:10.0f} {eng['ff']:9.0f} {eng['dsp']:7.0f} "
+                  f"{eng['bram36']:7.1f} {eng['uram']:5.0f} {eng['carry']:7.0f}  whole")
+        else:
+            print(f"{name:10s} {'engine':22s} {eng['status']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

