@@ -37,6 +37,20 @@ BINARIES = {"verilator": "verilator", "icarus": "iverilog"}
 STREAMS = ("cmd", "act", "weight", "scale")
 
 
+#: cycle count at each output beat of the last run (for per-case timing in benchmarks/engine.py)
+LAST_STAMPS: list[int] = []
+
+
+def case_cycles(cases: list[Case], stamps: list[int]) -> list[int]:
+    """Cycles each case took back to back: from the previous case's last output to its own."""
+    out, i, prev = [], 0, 0
+    for c in cases:
+        i += c.n_out
+        out.append(stamps[i - 1] - prev)
+        prev = stamps[i - 1]
+    return out
+
+
 class SimulatorMissing(RuntimeError):
     def __init__(self, name: str, hint: str):
         self.name, self.hint = name, hint
@@ -340,6 +354,7 @@ def run_amaranth(p: EngineParams, cases: list[Case], seed: int, stall_probabilit
     n_out = sum(c.n_out for c in cases)
     rng = np.random.default_rng(seed + 1)
     got: list[int] = []
+    stamps: list[int] = []
     result = {}
 
     def source(name):
@@ -366,6 +381,7 @@ def run_amaranth(p: EngineParams, cases: list[Case], seed: int, stall_probabilit
             ctx.set(dut.out.ready, 1)
             (payload,) = await ctx.tick().sample(dut.out.payload.as_value()).until(dut.out.valid)
             got.append(payload)
+            stamps.append(ctx.get(top.cycles))
             ctx.set(dut.out.ready, 0)
         result["cycles"] = ctx.get(top.cycles)
 
@@ -379,6 +395,7 @@ def run_amaranth(p: EngineParams, cases: list[Case], seed: int, stall_probabilit
             sim.run()
     else:
         sim.run()
+    LAST_STAMPS[:] = stamps
     return split_outputs(p, cases, unpack_out(p, got)), int(result["cycles"])
 
 
@@ -394,6 +411,7 @@ module harness(input clk, input rst, output reg done, output reg [47:0] cycles);
   reg done_q;
   wire done_pulse = done & ~done_q;
   reg [{ow}:0] cap [0:{n_out_m1}];
+  reg [47:0] cap_cyc [0:{n_out_m1}];
   wire out_valid;
   wire [{ow}:0] out_payload;
   reg [31:0] rnd_out;
@@ -414,6 +432,7 @@ module harness(input clk, input rst, output reg done, output reg [47:0] cycles);
       if (!done) cycles <= cycles + 1;
       if (out_valid && out_ready) begin
         cap[n_out] <= out_payload;
+        cap_cyc[n_out] <= cycles;
         n_out <= n_out + 1;
         if (n_out + 1 == {n_out}) done <= 1;
       end
@@ -421,7 +440,10 @@ module harness(input clk, input rst, output reg done, output reg [47:0] cycles);
     end
   end
   always @(posedge clk) done_q <= done;
-  always @(posedge clk) if (done_pulse) $writememh("{out_file}", cap);
+  always @(posedge clk) if (done_pulse) begin
+    $writememh("{out_file}", cap);
+    $writememh("{out_file}.cycles", cap_cyc);
+  end
 endmodule
 """
 
@@ -548,6 +570,9 @@ def run_cocotb(p: EngineParams, cases: list[Case], simulator: str, seed: int, st
     lines = [ln.strip() for ln in Path(info["out_file"]).read_text().splitlines()
              if ln.strip() and not ln.strip().startswith("//")]
     words = [int(ln, 16) for ln in lines[:info["n_out"]]]
+    stamps = [int(ln.strip(), 16) for ln in Path(info["out_file"] + ".cycles").read_text().splitlines()
+              if ln.strip() and not ln.strip().startswith("//")][:info["n_out"]]
+    LAST_STAMPS[:] = stamps
     return split_outputs(p, cases, unpack_out(p, words)), int(res["cycles"]), float(res.get("sim_seconds", seconds))
 
 

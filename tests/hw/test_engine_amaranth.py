@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """Reference <-> Amaranth simulation of the compute engine: every mode, random stalls, edge values,
 and configurations the RTL cannot build refused with the parameter named."""
 
