@@ -135,9 +135,7 @@ def _tree_sum(values: list):
     return vals[0]
 
 
-# position of the first / second kept input of a group of four, per metadata code
-_FIRST = [pat[0] for pat in SPARSE_PATTERNS]
-_SECOND = [pat[1] for pat in SPARSE_PATTERNS]
+assert SPARSE_PATTERNS == ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # the selects below
 
 
 class Engine(wiring.Component):
@@ -257,8 +255,9 @@ class Engine(wiring.Component):
 
         # ---------------- S1: select activations, multiply, reduce ----------------
         d0, d1 = rps[0].data, rps[1].data
-        wide = Cat(d0, d1)
-        dense_word = Mux(s1["parity"], d1, d0)
+        wide = Signal(2 * 8 * L)  # named signals: slicing an expression re-emits all of it per slice
+        dense_word = Signal(8 * L)
+        m.d.comb += [wide.eq(Cat(d0, d1)), dense_word.eq(Mux(s1["parity"], d1, d0))]
         a_dense = [dense_word.word_select(lane, 8).as_signed() for lane in range(L)]
         is_sparse = cmd.mode == Mode.SPARSE
         is_pv = cmd.mode == Mode.PV
@@ -273,16 +272,13 @@ class Engine(wiring.Component):
         a_sel = [[None] * L for _ in range(R)]
         for r in range(R):
             for pair in range(L // 2):
-                quad = [wide.word_select(4 * pair + i, 8).as_signed() for i in range(4)]
+                q0, q1, q2, q3 = (wide.word_select(4 * pair + i, 8).as_signed() for i in range(4))
                 mc = meta[r * (L // 2) + pair]
-                for k, table in enumerate((_FIRST, _SECOND)):
-                    sel = Signal(signed(8), name=f"sel_r{r}_l{2 * pair + k}")
-                    with m.Switch(mc):
-                        for code, pos in enumerate(table):
-                            with m.Case(code):
-                                m.d.comb += sel.eq(quad[pos])
-                    lane = 2 * pair + k
-                    a_sel[r][lane] = Mux(is_sparse, sel, a_dense[lane])
+                # SPARSE_PATTERNS: 0:(0,1) 1:(0,2) 2:(0,3) 3:(1,2) 4:(1,3) 5:(2,3)
+                first = Mux(mc < 3, q0, Mux(mc < 5, q1, q2))
+                second = Mux(mc == 0, q1, Mux((mc == 1) | (mc == 3), q2, q3))
+                a_sel[r][2 * pair] = Mux(is_sparse, first, a_dense[2 * pair])
+                a_sel[r][2 * pair + 1] = Mux(is_sparse, second, a_dense[2 * pair + 1])
         # the products, column by column (one activation shared by the rows in dense/qk/pv)
         prods = [[None] * L for _ in range(R)]
         for lane in range(L):
