@@ -32,6 +32,7 @@ from amaranth.utils import bits_for
 
 from quant.formats import ACT, KV_CODE, KV_QMAX, SPARSE_PATTERNS, W_MIN, W_SCALE, signed_bits_for
 
+from .mult import column_products
 from .params import EngineParams
 
 __all__ = ["Mode", "Engine", "EngineConfigError", "check_params", "layouts", "CODE_BITS"]
@@ -119,10 +120,11 @@ def layouts(p: EngineParams) -> dict[str, data.StructLayout | data.ArrayLayout]:
     }
 
 
-def _product(m: Module, act: Value, codes: list, code_bits: int, style: str) -> list:  # noqa: F821
-    """One column of the array: a signed 8-bit activation times unsigned codes -> signed products.
-    (The single place a multiply is written; ``hw.mult.column_products`` has the same contract.)"""
-    return [act * c for c in codes]
+def _product(m: Module, act, codes: list, code_bits: int, style: str) -> list:
+    """One column of the array: a signed 8-bit activation times unsigned codes -> signed products,
+    built in the configured multiplier style (``hw.mult``, docs/arithmetic.md)."""
+    return column_products(m, act, [c.as_value() if hasattr(c, "as_value") else c for c in codes],
+                           code_bits, style)
 
 
 def _tree_sum(values: list):
