@@ -1,7 +1,8 @@
 """Per-layer algorithm comparison on real SmolLM2-135M linears.
 
 Collects the inputs X of a few linear layers of one decoder layer (calibration: ``--calib`` sequences of
-``--seq-len`` tokens from a public-domain novel; held-out: ``--heldout`` further sequences), then
+``--seq-len`` tokens from a public-domain novel, one run per count; held-out: ``--heldout`` further
+sequences), then
 compresses each layer with every algorithm and reports the relative output error
 ‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F on the calibration and held-out inputs, plus wall-clock seconds.
 
@@ -79,25 +80,7 @@ def collect(layer: int, names: list[str], n_seq: int, seq_len: int, seed: int):
     return weights, {nm: torch.cat(v).to(torch.float64) for nm, v in xs.items()}, str(text_path)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layer", type=int, default=3)
-    ap.add_argument("--names", default="q_proj,down_proj")
-    ap.add_argument("--calib", type=int, default=16)
-    ap.add_argument("--heldout", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--bits", type=int, default=2)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/layer_algorithms.json"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    names = args.names.split(",")
-    t0 = time.time()
-    weights, xs, text = collect(args.layer, names, args.calib + args.heldout, args.seq_len, seed=0)
-    t_collect = time.time() - t0
-    ncal = args.calib * args.seq_len
-    base = QuantizeWeights(bits=args.bits, group_size=args.group_size)
+def run(weights, xs, names, ncal, nheld_tokens, base):
     cfgs = {
         "rtn": (replace(base, method="rtn", clip_search=False, act_order=False), None),
         "rtn+clip": (replace(base, method="rtn", clip_search=True, act_order=False), None),
@@ -105,13 +88,14 @@ def main():
         "gptq+clip": (replace(base, method="gptq", clip_search=True, act_order=False), None),
         "gptq+clip+act_order": (replace(base, method="gptq", clip_search=True, act_order=True), None),
         "sparsegpt24 joint (gptq+clip)": (replace(base, method="gptq", clip_search=True), Prune(method="sparsegpt")),
-        "wanda24+gptq+clip+act_order": (replace(base, method="gptq", clip_search=True, act_order=True), Prune(method="wanda")),
+        "wanda24+gptq+clip+act_order": (replace(base, method="gptq", clip_search=True, act_order=True),
+                                        Prune(method="wanda")),
         "wanda24+rtn+clip": (replace(base, method="rtn", clip_search=True), Prune(method="wanda")),
     }
     results = {}
     for nm in names:
         W, X = weights[nm], xs[nm]
-        Xc, Xh = X[:ncal], X[ncal:]
+        Xc, Xh = X[:ncal], X[-nheld_tokens:]  # the held-out tokens are the same for every run
         H = A.hessian(Xc)
         xnorm = Xc.norm(dim=0)
         layer_res = {"shape": list(W.shape), "calib_tokens": int(Xc.shape[0]), "heldout_tokens": int(Xh.shape[0])}
@@ -131,17 +115,44 @@ def main():
             wq = ql.dequantize().to(torch.float64)
             layer_res[label] = {"rel_err_calib": A.output_error(W, wq, Xc), "rel_err_heldout": A.output_error(W, wq, Xh),
                                 "seconds": dt, "config": asdict(qcfg), "prune": None if prune is None else asdict(prune)}
-            print(f"{nm:10s} {label:32s} calib {layer_res[label]['rel_err_calib']:.4f} "
-                  f"heldout {layer_res[label]['rel_err_heldout']:.4f}  {dt:6.2f}s", flush=True)
+        for label, r in layer_res.items():
+            if isinstance(r, dict):
+                sec = "" if r["seconds"] is None else f"{r['seconds']:6.2f}s"
+                print(f"calib {Xc.shape[0]:6d} tok  {nm:10s} {label:32s} calib {r['rel_err_calib']:.4f} "
+                      f"heldout {r['rel_err_heldout']:.4f}  {sec}", flush=True)
         results[nm] = layer_res
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layer", type=int, default=3)
+    ap.add_argument("--names", default="q_proj,down_proj")
+    ap.add_argument("--calib", default="16,64", help="calibration sequence counts, one run each")
+    ap.add_argument("--heldout", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/layer_algorithms.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.names.split(",")
+    calib = [int(c) for c in args.calib.split(",")]
+    t0 = time.time()
+    weights, xs, text = collect(args.layer, names, max(calib) + args.heldout, args.seq_len, seed=0)
+    t_collect = time.time() - t0
+    base = QuantizeWeights(bits=args.bits, group_size=args.group_size)
+    runs = [{"calib_sequences": c,
+             "layers": run(weights, xs, names, c * args.seq_len, args.heldout * args.seq_len, base)} for c in calib]
     out = {
         "command": "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/layer_algorithms.py " + " ".join(sys.argv[1:]),
         "model": str(GGUF.name), "text": Path(text).name, "decoder_layer": args.layer,
         "bits": args.bits, "group_size": args.group_size, "seq_len": args.seq_len,
-        "calib_sequences": args.calib, "heldout_sequences": args.heldout, "torch_threads": args.threads,
+        "heldout_sequences": args.heldout, "torch_threads": args.threads,
         "collect_seconds": t_collect, "torch": torch.__version__, "python": platform.python_version(),
-        "metric": "||(W - W_hat) X^T||_F / ||W X^T||_F",
-        "layers": results,
+        "metric": "||(W - W_hat) X^T||_F / ||W X^T||_F (calibration tokens, and held-out tokens not used to fit)",
+        "runs": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -15,7 +15,12 @@ evaluated is what the hardware will compute.
 GPTQ with act-order is folded so the hardware still sees plain contiguous groups: columns are
 processed by decreasing Hessian diagonal, but a group's grid belongs to its contiguous block of
 ORIGINAL columns and is fitted when the first of them is reached, on the current (already
-error-compensated) weights of the whole group. Codes come back in the original column order.
+error-compensated) weights of the whole group (with the clipping search; without it, on the original
+weights, which measured better — see ``_obs_pass``). Codes come back in the original column order.
+
+Measured on SmolLM2-135M layer 3 (``benchmarks/layer_algorithms.py``, W2 g64, 64x256 calibration
+tokens, relative output error on held-out tokens): q_proj RTN 0.366, RTN+clip 0.156, GPTQ 0.211,
+GPTQ+clip 0.126; down_proj 0.439, 0.308, 0.380, 0.269.
 """
 
 from __future__ import annotations
