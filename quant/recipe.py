@@ -95,7 +95,7 @@ class AttentionWindow:
 @dataclass
 class Reconstruct:
     steps: int = param(60, "optimizer steps per decoder layer", min=1, max=100_000)
-    lr: float = param(1e-3, "learning rate", min=0.0, max=1.0)
+    lr: float = param(0.05, "learning rate (scales and mins move in integer units: 1e-3 never changes a rounded value)", min=0.0, max=1.0)
     tune_codes: bool = param(False, "also let codes change (otherwise scales and mins only)")
 
 
