@@ -45,6 +45,36 @@ def default_text() -> Path:
     return DEFAULT_EVAL
 
 
+def write_tables(args, text, results):
+    import torch
+
+    from quant.pipeline import peak_rss_bytes
+
+    meta = {"model": args.model, "text": str(text), "max_tokens": args.max_tokens, "short": args.short,
+            "long": args.long, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
+            "seed": args.seed, "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpj = out.with_suffix(".json.tmp")
+    tmpj.write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
+    os.replace(tmpj, out.with_suffix(".json"))
+    lines = [f"# Perplexity of {args.model} on {Path(text).name} (first {args.max_tokens} tokens)", "",
+             f"Calibration: {args.calib_samples} × {args.calib_seq_len} tokens of Sense and Sensibility, seed "
+             f"{args.seed}. Quantized rows run on the integer path.", "",
+             "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | tokens | eval s |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in results:
+        bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "float"
+        lam = "-" if not r["lambda"] else f"{tuple(r['lambda'])}"
+        lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | "
+                     f"{r['tokens']} | {r['eval_seconds']} |")
+    tmpm = out.with_suffix(".md.tmp")
+    tmpm.write_text("\n".join(lines) + "\n")
+    os.replace(tmpm, out.with_suffix(".md"))
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -57,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
+    ap.add_argument("--artifacts-dir", default=None,
+                    help="keep artifacts in DIR/<recipe> and reuse one found there (same settings assumed)")
     args = ap.parse_args(argv)
 
     import torch
@@ -88,9 +120,13 @@ def main(argv=None) -> int:
                 model, tok = float_model
             else:
                 if recipe not in artifacts:
-                    out = Path(tmp) / recipe
-                    qreport = quantize_model(args.model, load_recipe(recipe), out, calib_samples=args.calib_samples,
-                                             seq_len=args.calib_seq_len, seed=args.seed, progress=True)
+                    out = Path(args.artifacts_dir or tmp) / recipe
+                    if (out / "report.json").is_file():
+                        qreport = json.loads((out / "report.json").read_text())
+                    else:
+                        qreport = quantize_model(args.model, load_recipe(recipe), out,
+                                                 calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                                                 seed=args.seed, progress=True)
                     artifacts[recipe] = (load_artifact(out), qreport)
                 (model, tok), qreport = artifacts[recipe]
                 model.numerics.integer_path = True
@@ -111,28 +147,7 @@ def main(argv=None) -> int:
                    "quantize_seconds": qreport["seconds"] if qreport else None}
             results.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"model": args.model, "text": str(text), "max_tokens": args.max_tokens, "short": args.short,
-            "long": args.long, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
-            "seed": args.seed, "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmpj = out.with_suffix(".json.tmp")
-    tmpj.write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
-    os.replace(tmpj, out.with_suffix(".json"))
-    lines = [f"# Perplexity of {args.model} on {Path(text).name} (first {args.max_tokens} tokens)", "",
-             f"Calibration: {args.calib_samples} × {args.calib_seq_len} tokens of Sense and Sensibility, seed "
-             f"{args.seed}. Quantized rows run on the integer path.", "",
-             "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | tokens | eval s |",
-             "|---|---:|---|---:|---:|---:|---:|"]
-    for r in results:
-        bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "float"
-        lam = "-" if not r["lambda"] else f"{tuple(r['lambda'])}"
-        lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | "
-                     f"{r['tokens']} | {r['eval_seconds']} |")
-    tmpm = out.with_suffix(".md.tmp")
-    tmpm.write_text("\n".join(lines) + "\n")
-    os.replace(tmpm, out.with_suffix(".md"))
+            lines = write_tables(args, text, results)
     print("\n".join(lines))
     return 0
 
