@@ -14,13 +14,15 @@ The final norm's output calibrates an ``lm_head`` named in the overrides (e.g. `
 Peak memory beyond the packed result is one float decoder layer, its Hessians, and the
 calibration activations twice (input and output of the layer):
 
-    peak ≈ P_layer·4 + Σ_linears K²·8 (Hessians, float64) + 2·N·L·H·4 + V·H·4 (embeddings)
-           + packed layers (≈ 2.25/8 bytes per weight) + runtime (~0.6 GB for torch + transformers)
+    peak ≈ P_layer·4 (one float layer) + (3·H² + I²)·8 (Hessians: q/k/v share one, gate/up one,
+           o and down one each; float64) + 2·N·L·H·4 (calibration activations in and out)
+           + V·H·4 (embeddings) + packed layers (≈ 2.3/8 bytes per weight) + runtime (~0.6 GB)
 
 For Llama-2-7B (H 4096, I 11008, V 32000, 32 layers, 202 M weights per layer) with 64 × 512
-calibration tokens: 0.81 GB + (3·4096² + 11008²)·8 B = 1.37 GB + 2·0.54 GB + 0.52 GB + 1.9 GB + 0.6 GB
-≈ 6.3 GB, well inside 24 GB (the float checkpoint itself is memory-mapped, never loaded whole).
-``report.json`` records the measured ``peak_rss_bytes``.
+calibration tokens: 0.81 GB + 1.37 GB + 1.07 GB + 0.52 GB + 1.9 GB + 0.6 GB ≈ 6.3 GB, well inside
+24 GB (the float checkpoint is memory-mapped and read tensor by tensor, never loaded whole).
+Measured on SmolLM2-135M (GGUF, whose dequantized float32 tensors, 0.54 GB, are held whole), 8 × 256
+calibration tokens: peak RSS 1.69 GB. ``report.json`` records ``peak_rss_bytes`` of every run.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .model import ATTN, MLP_NAMES, FloatLinear, Numerics, QLinear, float_layer,
 from .recipe import AttentionWindow, Prune, QuantizeActivations, QuantizeKV, QuantizeWeights, Reconstruct, Recipe
 
 CHUNK = 4  # calibration sequences per forward
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
 
 def peak_rss_bytes() -> int:
@@ -210,9 +213,10 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
                 pr = prune if (prune is not None and p in prune.targets) else None
                 if b is not None or pr is not None:
                     todo[p] = (b, pr)
-            if todo:
-                stats = {p: _Stats(getattr(mods[p], p).in_features) for p in todo}
-                hooks = [getattr(mods[p], p).register_forward_hook(stats[p]) for p in todo]
+            if todo:  # q/k/v and gate/up read the same input: one Hessian each
+                hook_on = {SHARED_INPUT.get(p, p) for p in todo}
+                stats = {p: _Stats(getattr(mods[p], p).in_features) for p in hook_on}
+                hooks = [getattr(mods[p], p).register_forward_hook(stats[p]) for p in hook_on]
                 _run(layer, x, rope, y)
                 for h in hooks:
                     h.remove()
@@ -224,7 +228,7 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
                     continue
                 b, pr = todo[p]
                 qcfg = None if b is None else dataclasses.replace(qw, bits=b)
-                res = _quantize_linear(lin.weight.data, stats.pop(p), qcfg, pr)
+                res = _quantize_linear(lin.weight.data, stats[SHARED_INPUT.get(p, p)], qcfg, pr)
                 if isinstance(res, torch.Tensor):  # pruned float
                     setattr(mods[p], p, FloatLinear(res))
                     tensors[name + ".weight"] = res.to(store.get(name + ".weight").dtype)
