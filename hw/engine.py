@@ -348,11 +348,17 @@ class Engine(wiring.Component):
 
         # ---------------- output: one beat of pe_rows values per token ----------------
         m.d.comb += self.out.valid.eq(ob_busy)
-        half = Mux(ob_shift == 0, 0, (Const(1, 1) << ob_shift) >> 1)
+        half = Signal(64)
+        m.d.comb += half.eq(Mux(ob_shift == 0, 0, (Const(1, 1) << ob_shift) >> 1))
+        # |acc * mult| < 2**(ACC+16) and half <= 2**61: the sum fits max(ACC + 18, 64) bits (64 for
+        # acc_bits <= 46, a machine word in Verilator).
+        sum_bits = max(ACC + MULT_BITS + 2, 64)
         for r in range(R):
-            v = ob[r][ob_e]
-            scaled = Signal(signed(ACC + MULT_BITS + 1 + 64), name=f"rq_scaled{r}")
-            m.d.comb += scaled.eq(((v * ob_mult) + half) >> ob_shift)
+            v = Signal(signed(ACC), name=f"ob_sel{r}")
+            m.d.comb += v.eq(ob[r][ob_e])
+            summed = Signal(signed(sum_bits), name=f"rq_sum{r}")
+            scaled = Signal(signed(sum_bits), name=f"rq_scaled{r}")
+            m.d.comb += [summed.eq(v * ob_mult + half), scaled.eq(summed >> ob_shift)]
             sat = Mux(scaled > ACT.max, ACT.max, Mux(scaled < ACT.min, ACT.min, scaled))
             m.d.comb += self.out.payload[r].eq(Mux(ob_rq, sat, v))
         with m.If(self.out.valid & self.out.ready):

@@ -40,6 +40,7 @@ STREAMS = ("cmd", "act", "weight", "scale")
 #: cycle count at each output beat of the last run (for per-case timing in benchmarks/engine.py)
 LAST_STAMPS: list[int] = []
 LAST_SIM_SECONDS: list[float] = [0.0]
+LAST_SIM_CPU: list[float] = [0.0]  # CPU seconds of the simulation (load-independent speed)
 
 
 def case_cycles(cases: list[Case], stamps: list[int]) -> list[int]:
@@ -391,13 +392,14 @@ def run_amaranth(p: EngineParams, cases: list[Case], seed: int, stall_probabilit
     for st in STREAMS:
         sim.add_testbench(source(st), background=True)
     sim.add_testbench(sink)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if waves and run_dir is not None:
         with sim.write_vcd(str(Path(run_dir) / "engine.vcd")):
             sim.run()
     else:
         sim.run()
     LAST_SIM_SECONDS[0] = time.perf_counter() - t0  # simulation only, without elaboration
+    LAST_SIM_CPU[0] = time.process_time() - c0
     LAST_STAMPS[:] = stamps
     return split_outputs(p, cases, unpack_out(p, got)), int(result["cycles"])
 
@@ -570,6 +572,7 @@ def run_cocotb(p: EngineParams, cases: list[Case], simulator: str, seed: int, st
     if not result_file.exists():
         raise RuntimeError(f"{simulator} run in {run_dir} produced no result (see {run_dir}/sim.log)")
     res = json.loads(result_file.read_text())
+    LAST_SIM_CPU[0] = float(res.get("sim_cpu_seconds", 0.0))
     lines = [ln.strip() for ln in Path(info["out_file"]).read_text().splitlines()
              if ln.strip() and not ln.strip().startswith("//")]
     words = [int(ln, 16) for ln in lines[:info["n_out"]]]
@@ -625,6 +628,8 @@ def simulate_engine(engine: EngineParams, simulator: str, cases: int, seed: int,
         "wall_seconds": round(wall, 3),
         "sim_seconds": round(sim_seconds, 3),
         "cycles_per_second": round(cycles / sim_seconds, 1) if sim_seconds else 0.0,
+        "sim_cpu_seconds": round(LAST_SIM_CPU[0], 3),
+        "cycles_per_cpu_second": round(cycles / LAST_SIM_CPU[0], 1) if LAST_SIM_CPU[0] else 0.0,
     }
     if first is not None:
         path = dump_mismatch(run_dir, cs, actual, first)
