@@ -88,3 +88,17 @@ def test_bad_config_refused_with_parameter(params, change, param):
         Engine(bad)
     assert e.value.param == param
     assert f"engine.{param}" in str(e.value)
+
+
+def test_mismatch_dump_names_inputs(params, tmp_path):
+    from sim.engine_check import dump_mismatch
+
+    cases = make_cases(params, 1, seed=9, modes=("sparse_mv",))
+    actual = [cases[0].expected.copy()]
+    actual[0][0, -1] ^= 1
+    bad, first = check(cases, actual)
+    assert bad == 1 and first["row"] == cases[0].rows - 1
+    path = dump_mismatch(tmp_path, cases, actual, first)
+    z = np.load(path)
+    assert {"expected", "actual", "input_a", "input_kept", "input_meta"} <= set(z.files)
+    assert not np.array_equal(z["expected"], z["actual"])
