@@ -89,7 +89,7 @@ def main(argv=None):
     thr_sim = "verilator" if "verilator" not in args.skip else "amaranth"
     result["throughput_simulator"] = thr_sim
     result["throughput"] = throughput(p, thr_sim, [1, 2, 4, 8, 16, 64, 256], bdir)
-    workloads = {"verilator": (600, 64, 16), "icarus": (12, 8, 3), "amaranth": (12, 8, 3)}
+    workloads = {"verilator": (600, 64, 16), "icarus": (60, 8, 3), "amaranth": (30, 8, 3)}
     result["sim_speed"] = {}
     for sim_name, (n, kb, tiles) in workloads.items():
         if sim_name in args.skip:

