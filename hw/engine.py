@@ -334,18 +334,6 @@ class Engine(wiring.Component):
         ob_rq = Signal()
         ob_shift = Signal(SHIFT_BITS)
         ob_mult = Signal(MULT_BITS)
-        m.d.comb += stall.eq(s3_valid & s3["last_beat"] & ob_busy)
-        with m.If(s3_valid & ~stall):
-            for r in range(R):
-                new = Signal(signed(ACC), name=f"newacc{r}")
-                m.d.comb += new.eq(Mux(s3["first_group"], 0, acc[r][s3["t"]]) + s3["g"][r])
-                m.d.sync += acc[r][s3["t"]].eq(new)
-                with m.If(s3["last_beat"]):
-                    m.d.sync += ob[r][s3["t"]].eq(new)
-            with m.If(s3["last_beat"] & s3["last_tok"]):
-                m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(cmd.tokens), ob_rq.eq(cmd.requant),
-                             ob_shift.eq(cmd.shift), ob_mult.eq(cmd.mult)]
-
         # ---------------- output: one beat of pe_rows values per token ----------------
         m.d.comb += self.out.valid.eq(ob_busy)
         half = Signal(64)
@@ -365,6 +353,28 @@ class Engine(wiring.Component):
             m.d.sync += ob_e.eq(ob_e + 1)
             with m.If(ob_e == ob_tokens - 1):
                 m.d.sync += [ob_busy.eq(0), ob_e.eq(0)]
+        # A finished tile may overwrite token t of the output bank once the bank's old token t has
+        # gone out (or goes out this cycle); its last token re-arms the bank when the old contents
+        # have all gone out. So a tile of one beat per token does not wait for the drain.
+        t3 = s3["t"]
+        out_fire = Signal()
+        fire_last = Signal()
+        m.d.comb += [out_fire.eq(self.out.valid & self.out.ready),
+                     fire_last.eq(out_fire & (ob_e == ob_tokens - 1))]
+        may_write = ~ob_busy | (t3 >= ob_tokens) | (t3 < ob_e) | ((t3 == ob_e) & out_fire)
+        may_final = ~ob_busy | fire_last
+        m.d.comb += stall.eq(s3_valid & s3["last_beat"] & Mux(s3["last_tok"], ~may_final, ~may_write))
+        with m.If(s3_valid & ~stall):
+            for r in range(R):
+                new = Signal(signed(ACC), name=f"newacc{r}")
+                m.d.comb += new.eq(Mux(s3["first_group"], 0, acc[r][s3["t"]]) + s3["g"][r])
+                m.d.sync += acc[r][s3["t"]].eq(new)
+                with m.If(s3["last_beat"]):
+                    m.d.sync += ob[r][s3["t"]].eq(new)
+            with m.If(s3["last_beat"] & s3["last_tok"]):
+                m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(cmd.tokens), ob_rq.eq(cmd.requant),
+                             ob_shift.eq(cmd.shift), ob_mult.eq(cmd.mult)]
+
         return m
 
 
