@@ -29,6 +29,7 @@ ROWS = {
     "rtn": ("RTN-W2A8KV4 (integer path)", "rtn-w2a8kv4", "short", None),
     "gptq": ("W2A8KV4: GPTQ + clipping search (integer path)", "w2a8kv4", "short", None),
     "sparse": ("W2A8KV4 + 2:4 SparseGPT (integer path)", "w2a8kv4-sparse24", "short", None),
+    "gptq-noclip": ("W2A8KV4: GPTQ without the clipping search (integer path)", "w2a8kv4:noclip", "short", None),
     "float-long": ("as loaded, long context, full attention", None, "long", "off"),
     "float-long-lambda": ("as loaded, long context, Λ 4 sinks + 508 window", None, "long", (4, 508)),
     "rtn-long": ("RTN-W2A8KV4, long context, full attention", "rtn-w2a8kv4", "long", "off"),
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--text", default=None, help="evaluation text (default: Pride and Prejudice)")
-    ap.add_argument("--rows", default="float,rtn,float-long,float-long-lambda,rtn-long-lambda")
+    ap.add_argument("--rows", default="float,float-long,float-long-lambda,rtn,rtn-long-lambda,gptq,sparse")
+    ap.add_argument("--append", action="store_true", help="add the rows to the existing JSON table at --out")
     ap.add_argument("--short", type=int, default=512, help="short-context eval window")
     ap.add_argument("--long", type=int, default=2048, help="long-context eval window")
     ap.add_argument("--max-tokens", type=int, default=2048, help="evaluated tokens per row")
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     results = []
+    if args.append and Path(args.out).with_suffix(".json").is_file():
+        results = json.loads(Path(args.out).with_suffix(".json").read_text())["rows"]
     artifacts: dict[str, tuple] = {}
     float_model = None
     with tempfile.TemporaryDirectory(prefix="accllm-quality-") as tmp:
@@ -120,11 +124,17 @@ def main(argv=None) -> int:
                 model, tok = float_model
             else:
                 if recipe not in artifacts:
-                    out = Path(args.artifacts_dir or tmp) / recipe
+                    out = Path(args.artifacts_dir or tmp) / recipe.replace(":", "-")
                     if (out / "report.json").is_file():
                         qreport = json.loads((out / "report.json").read_text())
                     else:
-                        qreport = quantize_model(args.model, load_recipe(recipe), out,
+                        rec = load_recipe(recipe.split(":")[0])
+                        if recipe.endswith(":noclip"):  # a cheaper variant: GPTQ without the clip search
+                            from quant.recipe import QuantizeWeights
+
+                            rec.get(QuantizeWeights).clip_search = False
+                            rec.name += "-noclip"
+                        qreport = quantize_model(args.model, rec, out,
                                                  calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
                                                  seed=args.seed, progress=True)
                     artifacts[recipe] = (load_artifact(out), qreport)

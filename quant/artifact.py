@@ -75,11 +75,25 @@ def atomic_dir(out_dir: str | Path):
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    # SIGTERM (e.g. `kill`, a CI timeout) would end the process without unwinding: turn it into
+    # SystemExit while the folder is being written so the temporary folder is removed.
+    import signal
+    import threading
+
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise SystemExit(128 + signum)
+
+        old_term = signal.signal(signal.SIGTERM, _term)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

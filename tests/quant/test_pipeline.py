@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,3 +238,23 @@ def test_eval_json_fields_and_integer_path_refused_for_float(tiny):
     assert set(res) == {"perplexity", "tokens", "seq_len", "integer_path"}
     with pytest.raises(QuantError, match="integer path"):
         evaluate(str(tiny[0]), None, seq_len=32, max_tokens=64, integer_path=True, progress=False)
+
+
+def test_sigterm_during_quantize_leaves_no_output(tiny, tmp_path):
+    out = tmp_path / "killed"
+    repo = str(Path(__file__).resolve().parents[2])
+    code = (f"import sys; sys.path.insert(0, {repo!r})\n"
+            "import os, signal, threading, time\n"
+            "from accllm.config import load_recipe\n"
+            "import quant.pipeline as P\n"
+            "orig = P._quantize_linear\n"
+            "def slow(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n"
+            "    return orig(*a, **k)\n"
+            "P._quantize_linear = slow\n"
+            f"P.quantize_model({str(tiny[0])!r}, load_recipe('rtn-w2a8kv4'), {str(out)!r}, calib_samples=2, "
+            "seq_len=32, progress=False)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 128 + 15, r.stderr[-2000:]
+    assert _no_leftovers(tmp_path, "killed")
