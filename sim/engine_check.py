@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hw.engine import CODE_BITS, Engine, Mode, check_params, layouts
+from hw.engine import Engine, Mode, check_params, layouts
 from hw.params import EngineParams
 from quant import reference as ref
 from quant.formats import ACT, SPARSE_PATTERNS
