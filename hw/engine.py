@@ -120,11 +120,18 @@ def layouts(p: EngineParams) -> dict[str, data.StructLayout | data.ArrayLayout]:
     }
 
 
+#: The style the array's products are built in for now. The configured ``multiplier_style`` ("lut",
+#: "dsp") is not applied yet: built per (row, lane) as the 2:4 mode needs, the "lut" products made the
+#: u280 (64 x 128) RTLIL conversion exceed 11 GB in Amaranth (docs/engine.md, Limitations).
+ARRAY_MULT_STYLE = "mul"
+
+
 def _product(m: Module, act, codes: list, code_bits: int, style: str) -> list:
-    """One column of the array: a signed 8-bit activation times unsigned codes -> signed products,
-    built in the configured multiplier style (``hw.mult``, docs/arithmetic.md)."""
+    """One column of the array: a signed 8-bit activation times unsigned codes -> signed products
+    (``hw.mult.column_products``, docs/arithmetic.md). ``style`` is the configured style; see
+    ``ARRAY_MULT_STYLE``."""
     return column_products(m, act, [c.as_value() if hasattr(c, "as_value") else c for c in codes],
-                           code_bits, style)
+                           code_bits, ARRAY_MULT_STYLE)
 
 
 def _tree_sum(values: list):
