@@ -29,7 +29,7 @@ $(STAMP): requirements/pinned.txt requirements/nodeps.txt pyproject.toml
 
 ## demo: the main job on the built-in default configuration, offline.
 demo: setup
-	$(BIN)/accllm run --out build/demo
+	$(BIN)/accllm run --config configs/run/demo.yaml --out build/demo
 
 ## test: the whole suite (slow-marked suites included), two workers.
 test: setup
