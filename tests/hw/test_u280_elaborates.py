@@ -1,5 +1,5 @@
 # amaranth: UnusedElaboratable=no
-"""The u280 engine configuration (64 x 128 PEs) elaborates and converts to RTLIL.
+"""The u280 engine configuration (256 x 32 PEs) elaborates and converts to RTLIL.
 
 Conversion of the full array takes ~10 minutes and ~7.5 GB in Amaranth's netlist builder (about 8k
 PEs; docs/engine.md), so the full conversion is marked slow; the fast test elaborates the whole array and checks the payload
