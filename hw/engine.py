@@ -66,20 +66,7 @@ def max_reduction(p: EngineParams) -> int:
 
 def check_params(p: EngineParams) -> None:
     """Refuse configurations the RTL cannot build, naming the parameter."""
-    problems = list(p.problems())
-    if p.pe_lanes % 2:
-        pass  # already reported by problems()
-    if p.act_buffer_bytes % (2 * p.pe_lanes):
-        problems.append(("act_buffer_bytes", f"{p.act_buffer_bytes} is not a multiple of 2 * pe_lanes "
-                                             f"= {2 * p.pe_lanes} (two banks of pe_lanes bytes)"))
-    if p.max_keys % p.pe_lanes:
-        problems.append(("max_keys", f"{p.max_keys} is not a multiple of pe_lanes = {p.pe_lanes}"))
-    if p.act_buffer_bytes < p.mm_tokens * max_reduction(p):
-        problems.append(("act_buffer_bytes", f"{p.act_buffer_bytes} bytes cannot hold mm_tokens x "
-                                             f"max_keys = {p.mm_tokens * p.max_keys} int8 inputs"))
-    if p.max_head_dim > p.max_reduction_len:
-        problems.append(("max_head_dim", f"{p.max_head_dim} exceeds max_reduction_len "
-                                         f"= {p.max_reduction_len}"))
+    problems = list(p.problems())  # every build constraint lives in EngineParams.problems()
     if problems:
         key, msg = problems[0]
         more = "" if len(problems) == 1 else f" (and {len(problems) - 1} more: " + \

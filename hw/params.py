@@ -49,10 +49,18 @@ class EngineParams:
                 out.append(("acc_bits", f"{self.acc_bits} bits cannot hold the {what} bound {bound} "
                                         f"for {key} = {getattr(self, key)}: need {need} bits "
                                         f"(docs/numerics.md, accumulators)"))
-        if self.act_buffer_bytes < self.max_reduction_len * self.mm_tokens:
-            out.append(("act_buffer_bytes", f"{self.act_buffer_bytes} bytes cannot hold "
-                        f"mm_tokens x max_reduction_len = {self.mm_tokens * self.max_reduction_len} "
-                        f"int8 activations"))
+        longest = max(self.max_reduction_len, self.max_keys)
+        if self.act_buffer_bytes < longest * self.mm_tokens:
+            out.append(("act_buffer_bytes", f"{self.act_buffer_bytes} bytes cannot hold mm_tokens x "
+                        f"max(max_reduction_len, max_keys) = {self.mm_tokens * longest} int8 inputs"))
+        if self.act_buffer_bytes % (2 * self.pe_lanes):
+            out.append(("act_buffer_bytes", f"{self.act_buffer_bytes} is not a multiple of 2 * pe_lanes "
+                                            f"= {2 * self.pe_lanes} (two banks of pe_lanes bytes)"))
+        if self.max_keys % self.pe_lanes:
+            out.append(("max_keys", f"{self.max_keys} is not a multiple of pe_lanes = {self.pe_lanes}"))
+        if self.max_head_dim > self.max_reduction_len:
+            out.append(("max_head_dim", f"{self.max_head_dim} exceeds max_reduction_len "
+                                        f"= {self.max_reduction_len}"))
         return out
 
 

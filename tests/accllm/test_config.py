@@ -70,6 +70,7 @@ def test_misspelled_section_and_modifier(tmp_path):
     ("recipe:\n  modifiers:\n    - quantize_activations: {bits: 4}\n", r"bits: 4 is not one of \[8\]"),
     ("engine:\n  pe_lanes: 7\n  max_reduction_len: 7\n", r"engine.pe_lanes: must be even"),
     ("engine:\n  acc_bits: 24\n", r"engine.acc_bits: 24 bits cannot hold"),
+    ("engine:\n  max_keys: 4092\n", r"engine.max_keys: 4092 is not a multiple of pe_lanes = 8"),
     ("recipe:\n  modifiers:\n    - quantize_weights: {group_size: 36}\n",
      r"group_size: 36 is not a multiple of engine.pe_lanes = 8"),
     ("recipe:\n  modifiers:\n    - prune: {}\n    - quantize_weights: {group_size: 8}\n",
