@@ -38,10 +38,12 @@ ROWS = {
 
 
 def default_text() -> Path:
-    d = os.environ.get("ACCLLM_TEXT_DIR")
-    if d and (Path(d) / "pride-and-prejudice.txt").is_file():
-        return Path(d) / "pride-and-prejudice.txt"
     from quant.data import DEFAULT_EVAL
+    from quant.loading import default_text_dir
+
+    d = default_text_dir()
+    if d and (d / "pride-and-prejudice.txt").is_file():
+        return d / "pride-and-prejudice.txt"
 
     return DEFAULT_EVAL
 
