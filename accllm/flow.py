@@ -171,7 +171,11 @@ def run(config_files: list[str] | tuple = (), out_dir: str | Path = "build/run",
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         t0 = time.perf_counter()
-        result = step.run(cfg, tmp, summary["steps"])
+        try:
+            result = step.run(cfg, tmp, summary["steps"])
+        except BaseException:  # bad input or an interrupt: leave nothing half-written
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         result["seconds"] = round(time.perf_counter() - t0, 3)
         (tmp / "step.json").write_text(json.dumps({"key": key, "result": result}, indent=2, default=str))
         shutil.rmtree(sdir, ignore_errors=True)

@@ -81,3 +81,12 @@ def test_run_default_is_resumable(tmp_path, capsys):
     assert summary["steps"]["numerics"].get("skipped") is True
     assert main(["run", "--out", str(out), "--quiet", "--steps", "nope"]) == 2
     assert "unknown step" in capsys.readouterr().err
+
+
+def test_failed_step_leaves_no_temporary_folder(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  source: /nonexistent/model\n")
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet", "--steps", "quantize"]) == 2
+    assert "/nonexistent/model" in capsys.readouterr().err
+    assert not list(out.glob(".*.tmp")) and not (out / "quantize").exists()
