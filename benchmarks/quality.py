@@ -36,6 +36,14 @@ ROWS = {
     "rtn-long-lambda": ("RTN-W2A8KV4, long context, Λ 4 + 508", "rtn-w2a8kv4", "long", (4, 508)),
 }
 
+# --- peer quantizers (optional extra `peers`: optimum-quanto, hqq) -- benchmarks/peers.py -------------
+# Rows quanto-w2, quanto-w4, hqq-w2, hqq-w4 (+ quanto-w2a16, quanto-w4a16, peers-float); run by the hook
+# in main(); without the extra a row is reported as skipped with the install command.
+from benchmarks.peers import PEER_ROWS  # noqa: E402  (light: torch/quanto/hqq are imported per row)
+
+ROWS.update({name: (spec[0], "peer", "short", None) for name, spec in PEER_ROWS.items()})
+# --- end peer quantizers ----------------------------------------------------------------------------
+
 
 def default_text() -> Path:
     from quant.data import DEFAULT_EVAL
@@ -68,6 +76,9 @@ def write_tables(args, text, results):
              "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | tokens | eval s |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in results:
+        if r.get("skipped"):  # a peer row whose optional package is missing (benchmarks/peers.py)
+            lines.append(f"| {r['description']} | skipped: {r['skipped']} | | | | | |")
+            continue
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "float"
         lam = "-" if not r["lambda"] else f"{tuple(r['lambda'])}"
         lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | "
@@ -118,6 +129,13 @@ def main(argv=None) -> int:
         for r in rows:
             desc, recipe, ctx, lam = ROWS[r]
             seq = args.short if ctx == "short" else args.long
+            if r in PEER_ROWS:  # peer quantizers: benchmarks/peers.py (own model, same windows)
+                from benchmarks.peers import quality_row
+
+                results.append(quality_row(r, args, text, seq))
+                print(json.dumps(results[-1]), flush=True)
+                lines = write_tables(args, text, results)
+                continue
             t0 = time.time()
             qreport = None
             if recipe is None:
