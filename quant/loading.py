@@ -3,16 +3,22 @@ a GGUF file (through transformers' GGUF reader), the alias ``smollm2-135m``, or 
 
 Weights are read lazily, tensor by tensor (``WeightStore.get``), so the pipeline holds one decoder
 layer in float at a time: a safetensors checkpoint is memory-mapped with ``safe_open`` and nothing is
-materialised until asked for. A GGUF file is dequantized by transformers in one pass (its whole float
-state dict is in memory: fine for the small models GGUF is used for here).
+materialised until asked for. A GGUF file is dequantized by transformers once and kept as a Hugging Face folder (config.json,
+tokenizer, float ``model.safetensors``) in a content-hashed cache (``gguf_folder``: the key is the
+GGUF file's sha256 and the transformers version), because transformers' GGUF reader parses the
+49k-entry tokenizer field by field in Python: about 17 s for each of config, tokenizer and weights on
+the small model, against well under a second for the cached folder.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
 import importlib.metadata
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import QuantError
@@ -107,6 +113,82 @@ def check_architecture(cfg, where: str):
         raise QuantError(f"{where}: hidden_act={cfg.hidden_act!r}; only silu (SwiGLU) Llamas are supported")
 
 
+def cache_dir() -> Path:
+    """Where accllm caches derived files: $ACCLLM_CACHE, else $XDG_CACHE_HOME/accllm, else ~/.cache/accllm."""
+    if os.environ.get("ACCLLM_CACHE"):
+        return Path(os.environ["ACCLLM_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "accllm"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_folder(path: Path) -> Path:
+    """The GGUF file as a Hugging Face folder (config.json, tokenizer files, float model.safetensors),
+    converted once by transformers and cached under ``cache_dir()/gguf/<sha256[:20]>-tf<version>``.
+    The folder is written under a temporary name and renamed when complete, so an interrupted
+    conversion leaves nothing that a later run would trust."""
+    import transformers
+
+    path = Path(path)
+    try:
+        key = f"{file_sha256(path)[:20]}-tf{transformers.__version__}"
+    except OSError as e:
+        raise QuantError(f"{path}: cannot read the GGUF file ({e})") from e
+    root = cache_dir() / "gguf"
+    final = root / key
+    if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    try:
+        _convert_gguf(path, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: use its folder
+            if not (final / "model.safetensors").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _convert_gguf(path: Path, out: Path):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise QuantError(f"{path}: cannot read the model configuration ({type(e).__name__}: {e}). "
+                         f"Supported: {SUPPORTED_TEXT}.") from e
+    check_architecture(cfg, str(path))
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(cfg)  # only for the GGUF -> HF name mapping
+    try:
+        sd = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    except Exception as e:
+        raise QuantError(f"{path}: cannot read the GGUF tensors ({type(e).__name__}: {e})") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise QuantError(f"{path}: cannot load the GGUF tokenizer ({type(e).__name__}: {e})") from e
+    tensors = {k: (v if torch.is_tensor(v) else torch.as_tensor(v)).contiguous() for k, v in sd.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": path.name})
+    tok.save_pretrained(str(out))
+    cfg.save_pretrained(str(out))  # last: its presence with the weights marks the folder complete
+
+
 def load_config(path: Path):
     """The transformers config of a folder or GGUF file, architecture-checked."""
     from transformers import AutoConfig
@@ -124,7 +206,7 @@ def load_config(path: Path):
                                  f"Supported: {SUPPORTED_TEXT}.")
             cfg = AutoConfig.from_pretrained(str(path))
         else:
-            cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            cfg = AutoConfig.from_pretrained(str(gguf_folder(path)))
     except QuantError:
         raise
     except json.JSONDecodeError as e:
@@ -143,7 +225,9 @@ def load_tokenizer(path: Path):
     try:
         if path.is_dir():
             return AutoTokenizer.from_pretrained(str(path))
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(gguf_folder(path)))
+    except QuantError:
+        raise
     except Exception as e:
         raise QuantError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e}); the folder needs "
                          f"tokenizer.json / tokenizer_config.json (save_pretrained writes them)") from e
@@ -158,41 +242,25 @@ class WeightStore:
     def __init__(self, path: Path, cfg):
         self.path = Path(path)
         self.cfg = cfg
-        self._gguf = None
         self._index: dict[str, Path] = {}
-        if self.path.is_dir():
-            from safetensors import safe_open
+        folder = self.path if self.path.is_dir() else gguf_folder(self.path)  # GGUF: its cached HF folder
+        from safetensors import safe_open
 
-            for f in sorted(self.path.glob("*.safetensors")):
-                try:
-                    with safe_open(str(f), framework="pt") as h:
-                        for k in h.keys():
-                            self._index[k] = f
-                except Exception as e:
-                    raise QuantError(f"{f}: cannot read safetensors ({type(e).__name__}: {e}); the file is "
-                                     f"truncated or corrupt: download or convert it again") from e
-        else:
-            self._load_gguf()
+        for f in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        self._index[k] = f
+            except Exception as e:
+                raise QuantError(f"{f}: cannot read safetensors ({type(e).__name__}: {e}); the file is "
+                                 f"truncated or corrupt: download or convert it again") from e
         self._check()
 
-    def _load_gguf(self):
-        import torch
-        from transformers import LlamaForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        with torch.device("meta"):
-            skeleton = LlamaForCausalLM(self.cfg)  # only for the GGUF -> HF name mapping
-        try:
-            sd = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=skeleton)["tensors"]
-        except Exception as e:
-            raise QuantError(f"{self.path}: cannot read the GGUF tensors ({type(e).__name__}: {e})") from e
-        self._gguf = {k: (v if torch.is_tensor(v) else torch.as_tensor(v)) for k, v in sd.items()}
-
     def keys(self):
-        return list(self._gguf) if self._gguf is not None else list(self._index)
+        return list(self._index)
 
     def __contains__(self, name):
-        return name in (self._gguf if self._gguf is not None else self._index)
+        return name in self._index
 
     def _check(self):
         need = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -209,10 +277,6 @@ class WeightStore:
     def get(self, name: str):
         import torch
 
-        if self._gguf is not None:
-            if name not in self._gguf:
-                raise QuantError(f"{self.path}: tensor {name} missing")
-            return self._gguf[name]
         from safetensors import safe_open
 
         f = self._index.get(name)
@@ -235,8 +299,6 @@ class WeightStore:
 
     def source_hash(self) -> str:
         """sha256 over the weight files (name, size and content)."""
-        import hashlib
-
         files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.safetensors"))
         h = hashlib.sha256()
         for f in files:

