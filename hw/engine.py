@@ -32,7 +32,7 @@ from amaranth.utils import bits_for
 
 from quant.formats import ACT, KV_CODE, KV_QMAX, SPARSE_PATTERNS, W_MIN, W_SCALE, signed_bits_for
 
-from .mult import column_products
+from .mult import lut_multiples, select_multiples, split_product
 from .params import EngineParams
 
 __all__ = ["Mode", "Engine", "EngineConfigError", "check_params", "layouts", "CODE_BITS"]
@@ -105,20 +105,6 @@ def layouts(p: EngineParams) -> dict[str, data.StructLayout | data.ArrayLayout]:
         }),
         "out": data.ArrayLayout(signed(p.acc_bits), p.pe_rows),
     }
-
-
-#: The style the array's products are built in for now. The configured ``multiplier_style`` ("lut",
-#: "dsp") is not applied yet: built per (row, lane) as the 2:4 mode needs, the "lut" products made the
-#: u280 (64 x 128) RTLIL conversion exceed 11 GB in Amaranth (docs/engine.md, Limitations).
-ARRAY_MULT_STYLE = "mul"
-
-
-def _product(m: Module, act, codes: list, code_bits: int, style: str) -> list:
-    """One column of the array: a signed 8-bit activation times unsigned codes -> signed products
-    (``hw.mult.column_products``, docs/arithmetic.md). ``style`` is the configured style; see
-    ``ARRAY_MULT_STYLE``."""
-    return column_products(m, act, [c.as_value() if hasattr(c, "as_value") else c for c in codes],
-                           code_bits, ARRAY_MULT_STYLE)
 
 
 def _tree_sum(values: list):
@@ -257,32 +243,60 @@ class Engine(wiring.Component):
         a_dense = [dense_word.word_select(lane, 8).as_signed() for lane in range(L)]
         is_sparse = cmd.mode == Mode.SPARSE
         is_pv = cmd.mode == Mode.PV
-        codes, meta = s1["w"].codes, s1["w"].meta
         P = [Signal(signed(WP), name=f"s2_p{r}") for r in range(R)]
         A = [Signal(signed(WP), name=f"s2_a{r}") for r in range(R)]
-        # zero row (P.V): sum over lanes of p * zero-point of the lane's key
-        zprods = [_product(m, a_dense[lane], [s1["w"].zero[lane]], CODE_BITS, p.multiplier_style)[0]
-                  for lane in range(L)]
+        # Fields of the weight beat as slices of the registered signal itself: indexing the payload
+        # view (a slice of the beat) per product re-emits the whole beat in Amaranth's netlist builder,
+        # which made the conversion time and memory grow with pe_rows squared.
+        w_bits = s1["w"].as_value()
+        wl = self.layouts["weight"]
+        codes_at = wl["codes"].offset
+        meta_at = wl["meta"].offset
+        zero_at = wl["zero"].offset
+        hi_enable = Signal()  # 2:4 mode multiplies 2-bit codes: the code's high digit is ignored
+        m.d.comb += hi_enable.eq(~is_sparse)
+        # Candidate activations of each lane pair, shared by every row (docs/engine.md, "The array"):
+        # the pair's group of four in 2:4 mode; c0 and c3 are the pair's own two lanes otherwise.
+        cand = []
+        for pair in range(L // 2):
+            q = [wide.word_select(4 * pair + i, 8).as_signed() for i in range(4)]
+            c = [Signal(signed(8), name=f"cand{pair}_{i}") for i in range(4)]
+            m.d.comb += [c[0].eq(Mux(is_sparse, q[0], a_dense[2 * pair])), c[1].eq(q[1]), c[2].eq(q[2]),
+                         c[3].eq(Mux(is_sparse, q[3], a_dense[2 * pair + 1]))]
+            cand.append([lut_multiples(m, c[i], name=f"cand{pair}_{i}") for i in range(4)])
+        # zero row (P.V): sum over lanes of p * zero-point of the lane's key (the lane's own multiples)
+        zprods = []
+        for lane in range(L):
+            own = cand[lane // 2][0 if lane % 2 == 0 else 3]
+            z = w_bits[zero_at + CODE_BITS * lane:zero_at + CODE_BITS * (lane + 1)]
+            zprods.append(split_product(m, own, own, z, Const(1), f"zp{lane}"))
         zsum = Signal(signed(WP))
         m.d.comb += zsum.eq(_tree_sum(zprods))
         a_sel = [[None] * L for _ in range(R)]
+        prods = [[None] * L for _ in range(R)]
         for r in range(R):
             for pair in range(L // 2):
-                q0, q1, q2, q3 = (wide.word_select(4 * pair + i, 8).as_signed() for i in range(4))
-                mc = meta[r * (L // 2) + pair]
-                # SPARSE_PATTERNS: 0:(0,1) 1:(0,2) 2:(0,3) 3:(1,2) 4:(1,3) 5:(2,3)
-                first = Mux(mc < 3, q0, Mux(mc < 5, q1, q2))
-                second = Mux(mc == 0, q1, Mux((mc == 1) | (mc == 3), q2, q3))
-                a_sel[r][2 * pair] = Mux(is_sparse, first, a_dense[2 * pair])
-                a_sel[r][2 * pair + 1] = Mux(is_sparse, second, a_dense[2 * pair + 1])
-        # the products, column by column (one activation shared by the rows in dense/qk/pv)
-        prods = [[None] * L for _ in range(R)]
-        for lane in range(L):
-            # in sparse mode each row has its own selected activation; the column helper still takes
-            # one activation per call, so call it per row there (same multiplier count: R*L)
-            for r in range(R):
-                prods[r][lane] = _product(m, a_sel[r][lane], [codes[r * L + lane]], CODE_BITS,
-                                          p.multiplier_style)[0]
+                mi = r * (L // 2) + pair
+                mc = Signal(META_BITS, name=f"meta_r{r}_{pair}")
+                m.d.comb += mc.eq(w_bits[meta_at + META_BITS * mi:meta_at + META_BITS * (mi + 1)])
+                # SPARSE_PATTERNS: 0:(0,1) 1:(0,2) 2:(0,3) 3:(1,2) 4:(1,3) 5:(2,3). The first kept
+                # weight takes candidate 0, 1 or 2 of the group, the second 1, 2 or 3; outside 2:4 mode
+                # the lanes take c0 and c3 (their dense activations).
+                sel_first = Signal(2, name=f"self_r{r}_{pair}")
+                sel_second = Signal(2, name=f"sels_r{r}_{pair}")
+                m.d.comb += [
+                    sel_first.eq(Mux(is_sparse, Mux(mc < 3, 0, Mux(mc < 5, 1, 2)), 0)),
+                    sel_second.eq(Mux(is_sparse, Mux(mc == 0, 0, Mux((mc == 1) | (mc == 3), 1, 2)), 2)),
+                ]
+                cs = cand[pair]
+                for j, (lane, sel, group, own) in enumerate((
+                        (2 * pair, sel_first, cs[0:3], cs[0]),
+                        (2 * pair + 1, sel_second, cs[1:4], cs[3]))):
+                    ci = r * L + lane
+                    code = w_bits[codes_at + CODE_BITS * ci:codes_at + CODE_BITS * (ci + 1)]
+                    chosen = select_multiples(m, group, sel, f"pe_r{r}_l{lane}")
+                    a_sel[r][lane] = chosen[0]
+                    prods[r][lane] = split_product(m, chosen, own, code, hi_enable, f"pe_r{r}_l{lane}_p")
         s2 = {
             "t": Signal(range(TT)), "first_gb": Signal(), "last_gb": Signal(), "first_group": Signal(),
             "last_beat": Signal(), "last_tok": Signal(),
@@ -293,12 +307,17 @@ class Engine(wiring.Component):
             m.d.sync += s2_valid.eq(s1_valid)
             for key in ("t", "first_gb", "last_gb", "first_group", "last_beat", "last_tok"):
                 m.d.sync += s2[key].eq(s1[key])
+            sc_bits = s1["sc"].as_value()
+            sl = self.layouts["scale"]
+            s_at, m_at = sl["s"].offset, sl["m"].offset
             for r in range(R):
+                s_r = sc_bits[s_at + W_SCALE.bits * r:s_at + W_SCALE.bits * (r + 1)]
+                m_r = sc_bits[m_at + W_MIN.bits * r:m_at + W_MIN.bits * (r + 1)].as_signed()
                 m.d.sync += [
                     P[r].eq(_tree_sum(prods[r])),
                     A[r].eq(Mux(is_pv, zsum, _tree_sum(a_sel[r]))),
-                    s2["s"][r].eq(Mux(is_pv, 1, s1["sc"].s[r])),
-                    s2["m"][r].eq(Mux(is_pv, -1, s1["sc"].m[r])),
+                    s2["s"][r].eq(Mux(is_pv, 1, s_r)),
+                    s2["m"][r].eq(Mux(is_pv, -1, m_r)),
                 ]
 
         # ---------------- S2: group accumulation and group scale ----------------
@@ -342,7 +361,7 @@ class Engine(wiring.Component):
             scaled = Signal(signed(sum_bits), name=f"rq_scaled{r}")
             m.d.comb += [summed.eq(v * ob_mult + half), scaled.eq(summed >> ob_shift)]
             sat = Mux(scaled > ACT.max, ACT.max, Mux(scaled < ACT.min, ACT.min, scaled))
-            m.d.comb += self.out.payload[r].eq(Mux(ob_rq, sat, v))
+            m.d.comb += self.out.payload.as_value()[ACC * r:ACC * (r + 1)].eq(Mux(ob_rq, sat, v))
         with m.If(self.out.valid & self.out.ready):
             m.d.sync += ob_e.eq(ob_e + 1)
             with m.If(ob_e == ob_tokens - 1):

@@ -111,14 +111,31 @@ def _mul_products(m: Module, act: Value, codes: list[Value], code_bits: int) -> 
     return out
 
 
+def lut_multiples(m: Module, act: Value, name: str = "lut") -> tuple[Signal, Signal, Signal]:
+    """The multiples ``a, 2a, 3a`` of a signed 8-bit activation (``signed(10)`` each): shifts are
+    wires, ``3a`` is the only adder. Computed once per shared activation (a column in dense mode, a
+    candidate activation in 2:4 mode) and selected from by every product that uses it."""
+    mult_w = ACT_BITS + 2
+    m1 = Signal(signed(mult_w), name=f"{name}_a1")
+    m2 = Signal(signed(mult_w), name=f"{name}_a2")
+    m3 = Signal(signed(mult_w), name=f"{name}_a3")
+    m.d.comb += [m1.eq(act), m2.eq(act << 1), m3.eq((act << 1) + act)]
+    return m1, m2, m3
+
+
+def lut_digit(m: Module, multiples: tuple, digit: Value, name: str) -> Signal:
+    """``a * digit`` for a 2-bit digit: a 4:1 select among ``0, a, 2a, 3a`` (one LUT per bit)."""
+    m1, m2, m3 = multiples
+    t = Signal(signed(ACT_BITS + 2), name=name)
+    m.d.comb += t.eq(Mux(digit[1], Mux(digit[0], m3, m2), Mux(digit[0], m1, 0)))
+    return t
+
+
 def _lut_products(m: Module, act: Value, codes: list[Value], code_bits: int) -> list[Value]:
     w = product_bits(code_bits)
     # Multiples shared by the whole column (shifts are wires; 3a is the only adder).
-    mult_w = ACT_BITS + 2
-    m1 = Signal(signed(mult_w), name="lut_a1")
-    m2 = Signal(signed(mult_w), name="lut_a2")
-    m3 = Signal(signed(mult_w), name="lut_a3")
-    m.d.comb += [m1.eq(act), m2.eq(act << 1), m3.eq((act << 1) + act)]
+    multiples = lut_multiples(m, act)
+    m1 = multiples[0]
     digits = (code_bits + 1) // 2
     out = []
     for i, c in enumerate(codes):
@@ -126,12 +143,10 @@ def _lut_products(m: Module, act: Value, codes: list[Value], code_bits: int) -> 
         for d in range(digits):
             lo = 2 * d
             if lo + 1 < code_bits:
-                sel = c[lo:lo + 2]
-                t = Signal(signed(mult_w), name=f"lut_p{i}_d{d}")
                 # 4:1 select: one LUT6 per output bit (two select bits + four data bits).
-                m.d.comb += t.eq(Mux(sel[1], Mux(sel[0], m3, m2), Mux(sel[0], m1, 0)))
+                t = lut_digit(m, multiples, c[lo:lo + 2], f"lut_p{i}_d{d}")
             else:  # a single leftover bit (odd code_bits): AND gate
-                t = Signal(signed(mult_w), name=f"lut_p{i}_d{d}")
+                t = Signal(signed(ACT_BITS + 2), name=f"lut_p{i}_d{d}")
                 m.d.comb += t.eq(Mux(c[lo], m1, 0))
             terms.append((t, lo))
         acc = terms[0][0]
@@ -141,6 +156,44 @@ def _lut_products(m: Module, act: Value, codes: list[Value], code_bits: int) -> 
         m.d.comb += p.eq(acc)
         out.append(p)
     return out
+
+
+def select_multiples(m: Module, candidates: list[tuple], sel: Value, name: str) -> tuple:
+    """One of up to four candidates' multiple sets (``lut_multiples``), chosen by ``sel``: the
+    per-row choice of 2:4 mode. ``a`` and ``3a`` are selected (a 3:1 or 4:1 select per bit, one
+    LUT); ``2a`` is a wire. Returns ``(x, 2x, 3x)`` of the chosen candidate ``x``."""
+    if not 1 <= len(candidates) <= 4:
+        raise ValueError(f"1..4 candidates, got {len(candidates)}")
+
+    def pick(vals):
+        if len(vals) == 1:
+            return vals[0]
+        if len(vals) == 2:
+            return Mux(sel[0], vals[1], vals[0])
+        hi = vals[2] if len(vals) == 3 else Mux(sel[0], vals[3], vals[2])
+        return Mux(sel[1], hi, Mux(sel[0], vals[1], vals[0]))
+
+    mult_w = ACT_BITS + 2
+    x1 = Signal(signed(ACT_BITS), name=f"{name}_x1")  # the chosen activation itself
+    x2 = Signal(signed(mult_w), name=f"{name}_x2")
+    x3 = Signal(signed(mult_w), name=f"{name}_x3")
+    m.d.comb += [x1.eq(pick([Value.cast(c[0])[:ACT_BITS].as_signed() for c in candidates])),
+                 x2.eq(x1 << 1), x3.eq(pick([c[2] for c in candidates]))]
+    return x1, x2, x3
+
+
+def split_product(m: Module, lo: tuple, hi: tuple, code: Value, hi_enable: Value, name: str) -> Signal:
+    """``x_lo * code[1:0] + 4 * x_hi * code[3:2]`` (``signed(12)``) for a 4-bit code, from two multiple
+    sets: ``lo`` (e.g. chosen per row by ``select_multiples``) and ``hi`` (e.g. the column's). The
+    high digit is forced to 0 when ``hi_enable`` is 0. With ``lo`` and ``hi`` the multiples of the same
+    activation and ``hi_enable`` = 1 this is exactly ``x * code``."""
+    if Value.cast(code).shape() != unsigned(4):
+        raise ValueError(f"code must be unsigned(4), got {Value.cast(code).shape()}")
+    d0 = lut_digit(m, lo, code[0:2], f"{name}_d0")
+    d1 = lut_digit(m, hi, Mux(hi_enable, code[2:4], 0), f"{name}_d1")
+    p = Signal(signed(product_bits(4)), name=name)
+    m.d.comb += p.eq(d0 + (d1 << 2))
+    return p
 
 
 def _dsp_products(m: Module, act: Value, codes: list[Value], code_bits: int) -> list[Value]:

@@ -2,11 +2,11 @@
 Amaranth simulation, with enough codes per column to fill several DSP groups and a partial one."""
 
 import pytest
-from amaranth.hdl import Module, Signal, signed, unsigned
+from amaranth.hdl import Elaboratable, Module, Signal, signed, unsigned
 from amaranth.sim import Simulator
 
 from hw.mult import (Column, codes_per_dsp, column_offset_products, column_products, dsps_for,
-                     product_bits)
+                     lut_multiples, product_bits, select_multiples, split_product)
 
 
 def _exhaustive(code_bits: int, rows: int, style: str) -> int:
@@ -80,3 +80,65 @@ def test_rejects_bad_operands():
         column_products(m, Signal(signed(8)), [Signal(2)], 2, "dsp48")
     with pytest.raises(ValueError, match="codes is empty"):
         column_offset_products(m, Signal(signed(8)), [], 2)
+
+
+class _Shared(Elaboratable):
+    """The engine's array cell: candidate activations with their multiples computed once, one product
+    that selects a candidate for its low digit (``select_multiples``) and takes its high digit from a
+    fixed multiple set (``split_product``)."""
+
+    def __init__(self, n_cands: int):
+        self.cands = [Signal(signed(8), name=f"c{i}") for i in range(n_cands)]
+        self.hi = Signal(signed(8))
+        self.sel = Signal(2)
+        self.code = Signal(4)
+        self.hi_en = Signal()
+        self.x = Signal(signed(8))
+        self.prod = Signal(signed(12))
+
+    def elaborate(self, platform):
+        m = Module()
+        sets = [lut_multiples(m, c, name=f"m{i}") for i, c in enumerate(self.cands)]
+        hi = lut_multiples(m, self.hi, name="hi")
+        chosen = select_multiples(m, sets, self.sel, "row")
+        m.d.comb += [self.x.eq(chosen[0]), self.prod.eq(split_product(m, chosen, hi, self.code,
+                                                                        self.hi_en, "p"))]
+        return m
+
+
+@pytest.mark.parametrize("n_cands", [3])  # the engine: c0..c2 or c1..c3 of a group of four
+def test_shared_candidate_products_exhaustive(n_cands):
+    """Every (selected activation, code, candidate index) with the other candidates and the high-digit
+    activation set to values that differ from it; the high digit on (qk/pv) and off (2:4)."""
+    import random
+    rnd = random.Random(n_cands)
+    dut = _Shared(n_cands)
+    sim = Simulator(dut)
+    bad = []
+    count = [0]
+
+    async def tb(ctx):
+        for a in range(-128, 128):
+            for sel in range(n_cands):
+                others = [rnd.randrange(-128, 128) for _ in range(n_cands)]
+                others[sel] = a
+                for i, v in enumerate(others):
+                    ctx.set(dut.cands[i], v)
+                ctx.set(dut.sel, sel)
+                for hi_en in (0, 1):
+                    hi = a if hi_en and rnd.random() < 0.5 else rnd.randrange(-128, 128)
+                    ctx.set(dut.hi, hi)
+                    ctx.set(dut.hi_en, hi_en)
+                    for code in range(16):
+                        ctx.set(dut.code, code)
+                        await ctx.delay(1e-9)
+                        want = a * (code & 3) + (4 * hi * (code >> 2) if hi_en else 0)
+                        got = ctx.get(dut.prod)
+                        if (got != want or ctx.get(dut.x) != a) and len(bad) < 5:
+                            bad.append((a, sel, hi, hi_en, code, got, want))
+                        count[0] += 1
+
+    sim.add_testbench(tb)
+    sim.run()
+    assert not bad, f"(act, sel, hi, hi_en, code, got, want) {bad}"
+    assert count[0] == 256 * n_cands * 2 * 16
