@@ -106,6 +106,25 @@ def array_estimate(rows: int, lanes: int, code_bits: int, style: str, slice_cols
     }
 
 
+def engine_array(rows_list=(4, 64), lanes: int = 8) -> list[dict]:
+    """The engine's own array (``hw.engine.ArraySlice``: candidate multiples per lane pair, per-row
+    selects, one adder per product; every mode's datapath, 4-bit code lanes), ``rows x lanes`` products
+    as top-level outputs, per product. Comparable with the sweep's one-activation columns."""
+    from hw.engine import ArraySlice
+    out = []
+    for rows in rows_list:
+        res = estimate(ArraySlice(rows, lanes // 2), flatten=False)
+        n = rows * lanes
+        r = {"rows": rows, "lanes": lanes, "products": n, **_summary(res),
+             "per_product": {k: round(res[k] / n, 3) for k in ("lut", "ff", "dsp", "carry")}}
+        out.append(r)
+        pp = r["per_product"]
+        print(f"  engine array {rows} x {lanes}: LUT/p {pp['lut']:6.2f} DSP/p {pp['dsp']:5.3f} "
+              f"CARRY4/p {pp['carry']:5.2f} ({r['seconds']:.0f} s{', cached' if r['cached'] else ''})",
+              flush=True)
+    return out
+
+
 _ELABORATE = """
 import sys, dataclasses, json
 sys.path.insert(0, {root!r})
@@ -117,14 +136,25 @@ open({out!r}, "w").write(rtlil.convert(Engine(params), name="top"))
 """
 
 
-def engine_estimate(params, timeout_s: float) -> dict:
-    """The full engine: import, elaborate and convert to RTLIL in a child process (the engine is being
-    written concurrently and a large one can take long), then Yosys; each step under ``timeout_s``.
-    Every failure is recorded with its reason."""
+def engine_estimate(params, timeout_s: float, rtlil_file: str | None = None) -> dict:
+    """The full engine: import, elaborate and convert to RTLIL in a child process (a large one can take
+    long), then Yosys; each step under ``timeout_s``. ``rtlil_file``: use this RTLIL of the same
+    engine instead of converting again (the u280 conversion alone takes minutes). Every failure is
+    recorded with its reason."""
     import dataclasses
     import subprocess
     import tempfile
     t0 = time.monotonic()
+    if rtlil_file is not None:
+        text = Path(rtlil_file).read_text()
+        try:
+            res = estimate(text, timeout_s=timeout_s)
+        except YosysError as e:
+            return {"status": "error", "error": str(e)[:2000], "rtlil_file": str(rtlil_file),
+                    "seconds": round(time.monotonic() - t0, 1)}
+        return {"status": "ok", **_summary(res), "rtlil_file": str(rtlil_file),
+                "u280_fraction": {k: round(res[k] / U280[k], 4) for k in ("lut", "ff", "dsp",
+                                                                            "bram36", "uram")}}
     with tempfile.TemporaryDirectory(prefix="accllm-engine-") as tmp:
         il = Path(tmp) / "engine.il"
         code = _ELABORATE.format(root=str(ROOT), params=json.dumps(dataclasses.asdict(params)),
@@ -151,6 +181,47 @@ def engine_estimate(params, timeout_s: float) -> dict:
                                                                         "uram")}}
 
 
+def engine_rows_estimate(params, rows_list: list[int], timeout_s: float) -> dict:
+    """Hierarchical estimate of a large engine: the real engine (``hw.engine.Engine``) with the same
+    parameters except ``pe_rows``, synthesized whole (flat) at two or more row counts; the cost is
+    fitted as ``fixed + per_row * pe_rows`` (least squares; exact for two counts) and evaluated at the
+    configured ``pe_rows``. Everything of the engine is either per row (codes, products, adder trees,
+    group partials, accumulators, output bank, requantizer) or independent of the row count (activation
+    buffer, candidate multiples per lane pair, zero-point row, control), so the fit is linear by
+    construction; the residual at the measured points is recorded."""
+    import dataclasses
+    import numpy as np
+    runs = []
+    for r in rows_list:
+        sub = dataclasses.replace(params, pe_rows=r)
+        res = engine_estimate(sub, timeout_s)
+        if res["status"] != "ok":
+            return {"status": res["status"], "error": f"pe_rows = {r}: {res.get('error', '')}"[:2000],
+                    "runs": runs}
+        runs.append({"pe_rows": r, **{k: res[k] for k in KEYS}, "cells": res["cells"],
+                     "seconds": res["seconds"], "elaborate_seconds": res.get("elaborate_seconds")})
+        print(f"    engine with pe_rows {r}: " + ", ".join(f"{k} {res[k]:g}" for k in KEYS)
+              + f" ({res['seconds']:.0f} s)", flush=True)
+    x = np.array([run["pe_rows"] for run in runs], float)
+    fit, est, resid = {}, {}, {}
+    for k in KEYS:
+        y = np.array([run[k] for run in runs], float)
+        per_row, fixed = np.polyfit(x, y, 1)
+        fit[k] = {"fixed": round(float(fixed), 2), "per_row": round(float(per_row), 3)}
+        est[k] = round(float(fixed + per_row * params.pe_rows), 1)
+        resid[k] = round(float(np.max(np.abs(fixed + per_row * x - y))), 2) if len(x) > 2 else 0.0
+    return {
+        "status": "estimate",
+        "method": (f"hierarchical: hw.engine.Engine with pe_rows in {list(rows_list)} (all other "
+                   f"parameters as configured, pe_lanes = {params.pe_lanes}) synthesized flat, each "
+                   f"count fitted as fixed + per_row * pe_rows and evaluated at pe_rows = "
+                   f"{params.pe_rows}; not a synthesis of the whole engine"),
+        "runs": runs, "fit": fit, "max_residual": resid, "estimate": est,
+        **{k: est[k] for k in KEYS},
+        "u280_fraction": {k: round(est[k] / U280[k], 4) for k in ("lut", "ff", "dsp", "bram36", "uram")},
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="*", default=["ci-small", "u280"], help="hw configs (names or paths)")
@@ -163,7 +234,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-engine", action="store_true", help="skip the full-engine estimate")
     ap.add_argument("--engine-timeout", type=float, default=900,
                     help="seconds allowed for elaborating the engine, and again for its Yosys run")
+    ap.add_argument("--engine-rows", default="",
+                    help="comma-separated pe_rows counts (e.g. 8,16): also estimate each config's engine "
+                         "from engines with these row counts (engine_rows_estimate), for configs with "
+                         "more rows than the largest count")
+    ap.add_argument("--engine-rtlil", default=None,
+                    help="RTLIL file of the (single) config's full engine, already converted; skips "
+                         "the conversion")
+    ap.add_argument("--no-arrays", action="store_true", help="skip the multiplier-array estimates")
+    ap.add_argument("--merge", action="store_true",
+                    help="update only the configs (and sweep) run now in an existing --out file")
     ap.add_argument("--sweep", action="store_true", help="also run the multiplier-style sweep")
+    ap.add_argument("--engine-array", action="store_true",
+                    help="also price the engine's own array cell (hw.engine.ArraySlice, 4 and 64 rows x 8 "
+                         "lanes)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/resources.json"))
     args = ap.parse_args(argv)
 
@@ -190,7 +274,7 @@ def main(argv=None) -> int:
               f"multiplier_style {e.multiplier_style}", flush=True)
         entry = {"pe_rows": e.pe_rows, "pe_lanes": e.pe_lanes, "multiplier_style": e.multiplier_style,
                  "arrays": {}}
-        for style in dict.fromkeys([e.multiplier_style, *styles]):
+        for style in ([] if args.no_arrays else dict.fromkeys([e.multiplier_style, *styles])):
             a = array_estimate(e.pe_rows, e.pe_lanes, args.code_bits, style, args.slice_cols,
                                args.max_full_products)
             entry["arrays"][style] = a
@@ -199,21 +283,50 @@ def main(argv=None) -> int:
         if args.no_engine:
             entry["engine"] = {"status": "skipped", "error": "--no-engine"}
         else:
-            entry["engine"] = engine_estimate(e, args.engine_timeout)
+            entry["engine"] = engine_estimate(e, args.engine_timeout, args.engine_rtlil)
             eng = entry["engine"]
             if eng["status"] == "ok":
                 print("  engine: " + ", ".join(f"{k} {eng[k]:g}" for k in KEYS)
                       + f" ({eng['seconds']:.0f} s)", flush=True)
             else:
                 print(f"  engine: {eng['status']}: {eng['error'][:300]}", flush=True)
+        rows = [int(r) for r in args.engine_rows.split(",") if r]
+        if rows and e.pe_rows > max(rows):
+            print(f"  engine from pe_rows {rows}:", flush=True)
+            entry["engine_rows_estimate"] = engine_rows_estimate(e, rows, args.engine_timeout)
+            est = entry["engine_rows_estimate"]
+            if est["status"] == "estimate":
+                print("  engine (estimate): " + ", ".join(f"{k} {est[k]:g}" for k in KEYS), flush=True)
+            else:
+                print(f"  engine estimate: {est['status']}: {est['error'][:300]}", flush=True)
+        entry["command"] = cmd.strip()
+        entry["date_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         result["configs"][name] = entry
     if args.sweep:
         print("multiplier sweep (one column of R rows, products as top-level outputs):", flush=True)
         result["sweep"] = sweep()
+    if args.engine_array:
+        print("engine array (hw.engine.ArraySlice, products as top-level outputs):", flush=True)
+        result["engine_array"] = engine_array()
     result["seconds"] = round(time.monotonic() - t0, 1)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        old = json.loads(out.read_text())
+        for name, entry in result["configs"].items():
+            # keep what this run did not measure (skipped engine, skipped arrays) from the old entry
+            keep = {k: v for k, v in entry.items()
+                    if not ((k == "engine" and v.get("status") == "skipped") or (k == "arrays" and not v))}
+            old.setdefault("configs", {})[name] = old["configs"].get(name, {}) | keep
+        for key in ("sweep", "engine_array"):
+            if key in result:
+                old[key] = result[key]
+        old.setdefault("commands", [old.get("command")])
+        old["commands"] = [c for c in old["commands"] if c] + [result["command"]]
+        for key in ("tool", "script", "python", "counting"):
+            old[key] = result[key]
+        result = old
     out.write_text(json.dumps(result, indent=1) + "\n")
     _table(result)
     print(f"wrote {out}")
@@ -236,6 +349,11 @@ def _table(result: dict) -> None:
                   f"{eng['bram36']:7.1f} {eng['uram']:5.0f} {eng['carry']:7.0f}  whole")
         else:
             print(f"{name:10s} {'engine':22s} {eng['status']}")
+        est = entry.get("engine_rows_estimate")
+        if est and est["status"] == "estimate":
+            print(f"{name:10s} {'engine (from rows)':22s} {est['lut']:10.0f} {est['ff']:9.0f} "
+                  f"{est['dsp']:7.0f} {est['bram36']:7.1f} {est['uram']:5.0f} {est['carry']:7.0f}  "
+                  f"estimate")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,77 @@ def _tree_sum(values: list):
     return vals[0]
 
 
+def pair_candidates(m: Module, q: list, a_even, a_odd, is_sparse, pair: int) -> list[tuple]:
+    """The four candidate activations of a lane pair and their multiples ``a, 2a, 3a``, computed once
+    for all rows: c0..c3 = the pair's group of four ``q`` in 2:4 mode; outside it c0 and c3 are the
+    pair's own two activations (``a_even``, ``a_odd``) and c1, c2 go unused."""
+    c = [Signal(signed(8), name=f"cand{pair}_{i}") for i in range(4)]
+    m.d.comb += [c[0].eq(Mux(is_sparse, q[0], a_even)), c[1].eq(q[1]), c[2].eq(q[2]),
+                 c[3].eq(Mux(is_sparse, q[3], a_odd))]
+    return [lut_multiples(m, c[i], name=f"cand{pair}_{i}") for i in range(4)]
+
+
+def pe_pair(m: Module, cand: list[tuple], meta, codes: list, is_sparse, hi_enable, r: int,
+            pair: int) -> tuple[list, list]:
+    """Row ``r``'s two products at lane pair ``pair`` (``signed(12)``) and the activations they chose
+    (``signed(8)``): only selects and one adder per product, the multiples come from ``cand``
+    (``pair_candidates``). ``meta``: the row's 3-bit 2:4 pattern; ``codes``: its two 4-bit codes."""
+    mc = Signal(META_BITS, name=f"meta_r{r}_{pair}")
+    m.d.comb += mc.eq(meta)
+    # SPARSE_PATTERNS: 0:(0,1) 1:(0,2) 2:(0,3) 3:(1,2) 4:(1,3) 5:(2,3). The first kept weight takes
+    # candidate 0, 1 or 2 of the group, the second 1, 2 or 3; outside 2:4 mode the lanes take c0 and
+    # c3 (their own activations).
+    sel_first = Signal(2, name=f"self_r{r}_{pair}")
+    sel_second = Signal(2, name=f"sels_r{r}_{pair}")
+    m.d.comb += [
+        sel_first.eq(Mux(is_sparse, Mux(mc < 3, 0, Mux(mc < 5, 1, 2)), 0)),
+        sel_second.eq(Mux(is_sparse, Mux(mc == 0, 0, Mux((mc == 1) | (mc == 3), 1, 2)), 2)),
+    ]
+    prods, acts = [], []
+    for lane, sel, group, own, code in ((2 * pair, sel_first, cand[0:3], cand[0], codes[0]),
+                                        (2 * pair + 1, sel_second, cand[1:4], cand[3], codes[1])):
+        chosen = select_multiples(m, group, sel, f"pe_r{r}_l{lane}")
+        acts.append(chosen[0])
+        prods.append(split_product(m, chosen, own, code, hi_enable, f"pe_r{r}_l{lane}_p"))
+    return prods, acts
+
+
+class ArraySlice(Elaboratable):
+    """A measurement harness: ``rows`` rows x ``2 * pairs`` lanes of the engine's array exactly as
+    ``Engine`` builds it (``pair_candidates`` + ``pe_pair``), every input and product a top-level port,
+    no registers. ``benchmarks/resources.py`` synthesizes it to price one product of the real array."""
+
+    def __init__(self, rows: int, pairs: int):
+        self.rows, self.pairs = rows, pairs
+        self.q = [[Signal(signed(8), name=f"q{p}_{i}") for i in range(4)] for p in range(pairs)]
+        self.dense = [Signal(signed(8), name=f"a{lane}") for lane in range(2 * pairs)]
+        self.is_sparse = Signal()
+        self.meta = [[Signal(META_BITS, name=f"meta{r}_{p}") for p in range(pairs)] for r in range(rows)]
+        self.codes = [[Signal(CODE_BITS, name=f"code{r}_{lane}") for lane in range(2 * pairs)]
+                      for r in range(rows)]
+        self.prods = [[Signal(signed(12), name=f"prod{r}_{lane}") for lane in range(2 * pairs)]
+                      for r in range(rows)]
+
+    @property
+    def ports(self) -> list:
+        return ([s for g in self.q for s in g] + self.dense + [self.is_sparse]
+                + [s for row in self.meta for s in row] + [s for row in self.codes for s in row]
+                + [s for row in self.prods for s in row])
+
+    def elaborate(self, platform):
+        m = Module()
+        hi_enable = Signal()
+        m.d.comb += hi_enable.eq(~self.is_sparse)
+        cand = [pair_candidates(m, self.q[p], self.dense[2 * p], self.dense[2 * p + 1], self.is_sparse, p)
+                for p in range(self.pairs)]
+        for r in range(self.rows):
+            for p in range(self.pairs):
+                pp, _ = pe_pair(m, cand[p], self.meta[r][p], self.codes[r][2 * p:2 * p + 2],
+                                self.is_sparse, hi_enable, r, p)
+                m.d.comb += [self.prods[r][2 * p].eq(pp[0]), self.prods[r][2 * p + 1].eq(pp[1])]
+        return m
+
+
 assert SPARSE_PATTERNS == ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # the selects below
 
 
@@ -257,13 +328,9 @@ class Engine(wiring.Component):
         m.d.comb += hi_enable.eq(~is_sparse)
         # Candidate activations of each lane pair, shared by every row (docs/engine.md, "The array"):
         # the pair's group of four in 2:4 mode; c0 and c3 are the pair's own two lanes otherwise.
-        cand = []
-        for pair in range(L // 2):
-            q = [wide.word_select(4 * pair + i, 8).as_signed() for i in range(4)]
-            c = [Signal(signed(8), name=f"cand{pair}_{i}") for i in range(4)]
-            m.d.comb += [c[0].eq(Mux(is_sparse, q[0], a_dense[2 * pair])), c[1].eq(q[1]), c[2].eq(q[2]),
-                         c[3].eq(Mux(is_sparse, q[3], a_dense[2 * pair + 1]))]
-            cand.append([lut_multiples(m, c[i], name=f"cand{pair}_{i}") for i in range(4)])
+        cand = [pair_candidates(m, [wide.word_select(4 * pair + i, 8).as_signed() for i in range(4)],
+                                a_dense[2 * pair], a_dense[2 * pair + 1], is_sparse, pair)
+                for pair in range(L // 2)]
         # zero row (P.V): sum over lanes of p * zero-point of the lane's key (the lane's own multiples)
         zprods = []
         for lane in range(L):
@@ -277,26 +344,12 @@ class Engine(wiring.Component):
         for r in range(R):
             for pair in range(L // 2):
                 mi = r * (L // 2) + pair
-                mc = Signal(META_BITS, name=f"meta_r{r}_{pair}")
-                m.d.comb += mc.eq(w_bits[meta_at + META_BITS * mi:meta_at + META_BITS * (mi + 1)])
-                # SPARSE_PATTERNS: 0:(0,1) 1:(0,2) 2:(0,3) 3:(1,2) 4:(1,3) 5:(2,3). The first kept
-                # weight takes candidate 0, 1 or 2 of the group, the second 1, 2 or 3; outside 2:4 mode
-                # the lanes take c0 and c3 (their dense activations).
-                sel_first = Signal(2, name=f"self_r{r}_{pair}")
-                sel_second = Signal(2, name=f"sels_r{r}_{pair}")
-                m.d.comb += [
-                    sel_first.eq(Mux(is_sparse, Mux(mc < 3, 0, Mux(mc < 5, 1, 2)), 0)),
-                    sel_second.eq(Mux(is_sparse, Mux(mc == 0, 0, Mux((mc == 1) | (mc == 3), 1, 2)), 2)),
-                ]
-                cs = cand[pair]
-                for j, (lane, sel, group, own) in enumerate((
-                        (2 * pair, sel_first, cs[0:3], cs[0]),
-                        (2 * pair + 1, sel_second, cs[1:4], cs[3]))):
-                    ci = r * L + lane
-                    code = w_bits[codes_at + CODE_BITS * ci:codes_at + CODE_BITS * (ci + 1)]
-                    chosen = select_multiples(m, group, sel, f"pe_r{r}_l{lane}")
-                    a_sel[r][lane] = chosen[0]
-                    prods[r][lane] = split_product(m, chosen, own, code, hi_enable, f"pe_r{r}_l{lane}_p")
+                codes = [w_bits[codes_at + CODE_BITS * ci:codes_at + CODE_BITS * (ci + 1)]
+                         for ci in (r * L + 2 * pair, r * L + 2 * pair + 1)]
+                pp, xx = pe_pair(m, cand[pair], w_bits[meta_at + META_BITS * mi:meta_at + META_BITS * (mi + 1)],
+                                 codes, is_sparse, hi_enable, r, pair)
+                prods[r][2 * pair:2 * pair + 2] = pp
+                a_sel[r][2 * pair:2 * pair + 2] = xx
         s2 = {
             "t": Signal(range(TT)), "first_gb": Signal(), "last_gb": Signal(), "first_group": Signal(),
             "last_beat": Signal(), "last_tok": Signal(),
