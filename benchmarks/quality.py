@@ -34,6 +34,13 @@ ROWS = {
     "float-long-lambda": ("as loaded, long context, Λ 4 sinks + 508 window", None, "long", (4, 508)),
     "rtn-long": ("RTN-W2A8KV4, long context, full attention", "rtn-w2a8kv4", "long", "off"),
     "rtn-long-lambda": ("RTN-W2A8KV4, long context, Λ 4 + 508", "rtn-w2a8kv4", "long", (4, 508)),
+    "gptq-long": ("W2A8KV4, long context, full attention", "w2a8kv4", "long", "off"),
+    "gptq-long-lambda": ("W2A8KV4, long context, Λ 4 + 508", "w2a8kv4", "long", (4, 508)),
+    "recon": ("W2A8KV4 + reconstruction stage (integer path)", "w2a8kv4-recon", "short", None),
+    "recon-long": ("W2A8KV4 + reconstruction, long context, full attention", "w2a8kv4-recon", "long", "off"),
+    "recon-long-lambda": ("W2A8KV4 + reconstruction, long context, Λ 4 + 508", "w2a8kv4-recon", "long", (4, 508)),
+    "sparse-recon": ("W2A8KV4 + 2:4 + reconstruction stage (integer path)", "w2a8kv4-sparse24-recon", "short", None),
+    "sparse-long-lambda": ("W2A8KV4 + 2:4, long context, Λ 4 + 508", "w2a8kv4-sparse24", "long", (4, 508)),
 }
 
 # --- peer quantizers (optional extra `peers`: optimum-quanto, hqq) -- benchmarks/peers.py -------------
@@ -73,16 +80,22 @@ def write_tables(args, text, results):
     lines = [f"# Perplexity of {args.model} on {Path(text).name} (first {args.max_tokens} tokens)", "",
              f"Calibration: {args.calib_samples} × {args.calib_seq_len} tokens of Sense and Sensibility, seed "
              f"{args.seed}. Quantized rows run on the integer path.", "",
-             "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | tokens | eval s |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+             "Ratio: perplexity over the as-loaded model's at the same context and attention.", "",
+             "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | ratio | tokens | quantize s | eval s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    floats = {(r["seq_len"], tuple(r["lambda"] or ())): r["perplexity"] for r in results
+              if not r.get("skipped") and r["row"].startswith("float") and "perplexity" in r}
     for r in results:
         if r.get("skipped"):  # a peer row whose optional package is missing (benchmarks/peers.py)
             lines.append(f"| {r['description']} | skipped: {r['skipped']} | | | | | |")
             continue
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "float"
         lam = "-" if not r["lambda"] else f"{tuple(r['lambda'])}"
-        lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | "
-                     f"{r['tokens']} | {r['eval_seconds']} |")
+        ref = floats.get((r["seq_len"], tuple(r["lambda"] or ())))
+        ratio = f"{r['perplexity'] / ref:.2f}×" if ref else "-"
+        qs = r.get("quantize_seconds")
+        lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | {ratio} | "
+                     f"{r['tokens']} | {qs if qs is not None else '-'} | {r['eval_seconds']} |")
     tmpm = out.with_suffix(".md.tmp")
     tmpm.write_text("\n".join(lines) + "\n")
     os.replace(tmpm, out.with_suffix(".md"))
@@ -96,10 +109,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="float,float-long,float-long-lambda,rtn,rtn-long-lambda,gptq,sparse")
     ap.add_argument("--append", action="store_true", help="add the rows to the existing JSON table at --out")
     ap.add_argument("--short", type=int, default=512, help="short-context eval window")
-    ap.add_argument("--long", type=int, default=2048, help="long-context eval window")
-    ap.add_argument("--max-tokens", type=int, default=2048, help="evaluated tokens per row")
-    ap.add_argument("--calib-samples", type=int, default=8)
-    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--long", type=int, default=1024, help="long-context eval window")
+    ap.add_argument("--max-tokens", type=int, default=1024, help="evaluated tokens per row")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
     ap.add_argument("--artifacts-dir", default=None,

@@ -45,6 +45,7 @@ from .data import calibration_windows
 from .errors import QuantError
 from .loading import WeightStore, is_artifact, load_config, load_tokenizer, resolve_source
 from .model import ATTN, MLP_NAMES, FloatLinear, Numerics, QLinear, float_layer, linear_name, rms_norm
+from .reconstruct import reconstruct_layer
 from .recipe import AttentionWindow, Prune, QuantizeActivations, QuantizeKV, QuantizeWeights, Reconstruct, Recipe
 
 CHUNK = 4  # calibration sequences per forward
@@ -79,9 +80,6 @@ def check_recipe(cfg, recipe: Recipe, where: str):
         probs += [(f"{type(m).__name__}.{k}", msg) for k, msg in (m.problems() if hasattr(m, "problems") else [])]
     if probs:
         raise QuantError(f"recipe {recipe.name!r}: " + "; ".join(f"{k}: {m}" for k, m in probs))
-    if recipe.get(Reconstruct) is not None:
-        raise QuantError(f"recipe {recipe.name!r}: the reconstruct modifier is not implemented by the "
-                         f"pipeline yet; remove it from the recipe")
     qw, prune = recipe.get(QuantizeWeights), recipe.get(Prune)
     for proj in ATTN + MLP_NAMES + ("lm_head",):
         k = _in_features(cfg, proj)
@@ -175,6 +173,8 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
     cfg = load_config(path)
     check_recipe(cfg, recipe, str(path))
     qw, prune = recipe.get(QuantizeWeights), recipe.get(Prune)
+    recon = recipe.get(Reconstruct)
+    recon_log: list[dict] = []
     rt = runtime_numerics(recipe)
     nm = Numerics(a8=rt["a8"], kv4=rt["kv4"], sinks=rt["sinks"], window=rt["window"])
     float_nm = Numerics()  # Hessians from the float layer (on the quantized predecessors' outputs)
@@ -184,13 +184,17 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
         tok = load_tokenizer(path)
         secs["load"] = time.time() - t
         t = time.time()
-        needs_calib = qw is not None or prune is not None
+        # plain RTN (no clipping search, no pruning, no reconstruction) reads no activations
+        needs_calib = (prune is not None or recon is not None
+                       or (qw is not None and (qw.method != "rtn" or qw.clip_search)))
         calib_info = None
         if needs_calib:
             ids, calib_info = calibration_windows(tok, calib_text, calib_samples, seq_len, seed)
             embed = store.get("model.embed_tokens.weight").to(torch.float32)
             x = embed[ids]  # (N, L, H)
             y = torch.empty_like(x)
+            if recon is not None:  # the float model's own activations, the reconstruction's targets
+                xf, yf = x.clone(), torch.empty_like(x)
         secs["calibration_data"] = time.time() - t
         rope = Rope(cfg)
 
@@ -216,10 +220,14 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
             if todo:  # q/k/v and gate/up read the same input: one Hessian each
                 hook_on = {SHARED_INPUT.get(p, p) for p in todo}
                 stats = {p: _Stats(getattr(mods[p], p).in_features) for p in hook_on}
-                hooks = [getattr(mods[p], p).register_forward_hook(stats[p]) for p in hook_on]
-                _run(layer, x, rope, y)
-                for h in hooks:
-                    h.remove()
+                if needs_calib:
+                    hooks = [getattr(mods[p], p).register_forward_hook(stats[p]) for p in hook_on]
+                    _run(layer, x, rope, y)
+                    for h in hooks:
+                        h.remove()
+            if recon is not None:  # the float model's output of this layer: the target
+                _run(layer, xf, rope, yf)
+            results = {}
             for p in ATTN + MLP_NAMES:
                 name = linear_name(i, p)
                 lin = getattr(mods[p], p)
@@ -233,12 +241,21 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
                     setattr(mods[p], p, FloatLinear(res))
                     tensors[name + ".weight"] = res.to(store.get(name + ".weight").dtype)
                     continue
+                results[p] = res
+            if recon is not None and results:
+                results, rstats = reconstruct_layer(layer, results, x, yf, rope, recon, seed=seed + i)
+                recon_log.append({"layer": i, **rstats})
+                bar.set_postfix(recon=f"{rstats['loss_before']:.3g}->{rstats['loss_after']:.3g}")
+            for p, res in results.items():
+                name = linear_name(i, p)
                 packed, meta = pack_linear(name, res)
                 tensors.update(packed)
                 linears[name] = meta
                 qbytes += packed_weight_bytes(packed, name)
                 qweights += meta["in"] * meta["out"]
                 setattr(mods[p], p, QLinear(res, nm, name))
+            if recon is not None:
+                xf, yf = yf, xf
             if needs_calib:
                 layer.self_attn.nm = nm
                 _run(layer, x, rope, y)
@@ -246,6 +263,8 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
             del layer
             bar.set_postfix(rss=f"{peak_rss_bytes() / 2**20:.0f}MiB")
         secs["layers"] = time.time() - t
+        if recon_log:
+            secs["reconstruct"] = sum(r["seconds"] for r in recon_log)
 
         t = time.time()
         tensors["model.embed_tokens.weight"] = store.get("model.embed_tokens.weight")
@@ -256,8 +275,9 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
         if hb is not None:
             w = (store.get("model.embed_tokens.weight") if tied else head_w).to(torch.float32)
             st = _Stats(w.shape[1])
-            h = rms_norm(x, store.get("model.norm.weight").to(torch.float32), cfg.rms_norm_eps)
-            st(None, (h,), None)
+            if needs_calib:
+                h = rms_norm(x, store.get("model.norm.weight").to(torch.float32), cfg.rms_norm_eps)
+                st(None, (h,), None)
             res = _quantize_linear(w, st, dataclasses.replace(qw, bits=hb), None)
             packed, meta = pack_linear("lm_head", res)
             tensors.update(packed)
@@ -288,7 +308,7 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
             "source": str(source), "source_path": str(path), "source_sha256": src_hash,
             "recipe": recipe.name, "runtime": rt, "tools": tool_versions(),
             "seconds": {k: round(v, 3) for k, v in secs.items()}, "calibration": calib_info,
-            "not_applied": not_applied,
+            "not_applied": not_applied, "reconstruct": recon_log or None,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         size = (tmp / "model.safetensors").stat().st_size

@@ -94,10 +94,17 @@ class AttentionWindow:
 
 @dataclass
 class Reconstruct:
-    steps: int = param(60, "optimizer steps per decoder layer", min=1, max=100_000)
+    """Block-wise output matching (quant/reconstruct.py): after a decoder layer's linears are
+    quantized, tune their group scales and mins (and row scales, optionally the codes) with Adam so
+    that the quantized layer, fed the quantized model's activations, reproduces the float model's
+    output of that layer."""
+    steps: int = param(40, "optimizer steps per decoder layer", min=1, max=100_000)
     lr: float = param(0.05, "learning rate (scales and mins move in integer units: 1e-3 never changes a rounded value)", min=0.0, max=1.0)
+    row_scale_lr: float = param(0.0005, "learning rate of the log row scales (0 keeps them fixed)", min=0.0, max=1.0)
     tune_codes: bool = param(False, "also let codes change (otherwise scales and mins only)")
-
+    batch_samples: int = param(2, "calibration sequences per optimizer step", min=1, max=4096)
+    seq_len: int = param(256, "train on the first this many tokens of each sequence (causal, so exact "
+                              "prefixes; 0 = whole sequences)", min=0, max=131_072)
 
 #: The modifier names a recipe may list, in YAML as single-key mappings.
 MODIFIERS = {

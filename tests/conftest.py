@@ -7,3 +7,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `make test` runs two xdist workers on two cores: one BLAS/OpenMP thread each. Two threads per
+# worker oversubscribe the cores, and OpenMP's spinning barriers then made torch-heavy tests 3-4x
+# slower (measured: one SmolLM2 layer 26 s with one thread, 115 s with two, on a busy machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -92,6 +92,7 @@ def test_artifact_contents_and_report(rtn_artifact):
     bits = sum(n * k * formats.weight_bits_per_weight(64, sparse=False) + n * 16 for n, k in shapes)
     assert rep["bits_per_weight"] == pytest.approx(bits / sum(n * k for n, k in shapes))
     assert rep["quantized_linears"] == 14
+    assert rep["calibration_tokens"] == 0  # plain RTN reads no activations
     y = (out / "recipe.yaml").read_text()
     assert "rtn-w2a8kv4" in y and "group_size: 64" in y
 
@@ -157,8 +158,8 @@ def test_bad_inputs_raise_and_leave_no_output(tiny, tmp_path):
     with pytest.raises(QuantError, match="group_size=48 does not divide"):
         quantize_model(d, rec, tmp_path / "o1", **CAL)
     assert _no_leftovers(tmp_path, "o1")
-    with pytest.raises(QuantError, match="too short"):
-        quantize_model(d, load_recipe("rtn-w2a8kv4"), tmp_path / "o2", calib_samples=10_000, seq_len=64,
+    with pytest.raises(QuantError, match="too short"):  # GPTQ reads calibration data (plain RTN does not)
+        quantize_model(d, load_recipe("w2a8kv4"), tmp_path / "o2", calib_samples=10_000, seq_len=64,
                        progress=False)
     assert _no_leftovers(tmp_path, "o2")
     with pytest.raises(QuantError, match="does not exist"):
@@ -167,7 +168,7 @@ def test_bad_inputs_raise_and_leave_no_output(tiny, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("a few words only")
     with pytest.raises(QuantError, match="too short"):
-        quantize_model(d, load_recipe("rtn-w2a8kv4"), tmp_path / "o4", calib_text=short, **CAL)
+        quantize_model(d, load_recipe("w2a8kv4"), tmp_path / "o4", calib_text=short, **CAL)
     assert _no_leftovers(tmp_path, "o4")
 
 
@@ -258,3 +259,32 @@ def test_sigterm_during_quantize_leaves_no_output(tiny, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 128 + 15, r.stderr[-2000:]
     assert _no_leftovers(tmp_path, "killed")
+
+
+def test_reconstruct_stage_brings_the_quantized_model_closer_to_float(tiny, tmp_path):
+    """The reconstruction modifier tunes every layer (logged in the manifest) and the artifact's logits
+    end closer to the float model's than without it; the tuned fields are still the hardware format."""
+    base = load_recipe("w2a8kv4")
+    recon = load_recipe("w2a8kv4-recon")
+    for r in (base, recon):
+        r.get(QuantizeWeights).clip_search = False  # fast; the stage is what is under test
+    cal = dict(calib_samples=8, seq_len=64, progress=False)
+    quantize_model(str(tiny[0]), base, tmp_path / "base", **cal)
+    rep = quantize_model(str(tiny[0]), recon, tmp_path / "recon", **cal)
+    man = json.loads((tmp_path / "recon" / "manifest.json").read_text())
+    log = man["reconstruct"]
+    assert [e["layer"] for e in log] == [0, 1] and any(e["improved"] for e in log)
+    assert all(e["loss_after"] < e["loss_before"] or not e["improved"] for e in log)
+    assert "reconstruct" in rep["seconds_per_step"]
+    fm, tok = load_model(str(tiny[0]))
+    ids = calibration_windows(tok, None, 4, 64, seed=5)[0]
+    with torch.no_grad():
+        ref = fm(ids)
+        errs = {}
+        for name in ("base", "recon"):
+            m, _ = load_artifact(tmp_path / name)
+            m.numerics.integer_path = True
+            errs[name] = float(((m(ids) - ref) ** 2).mean())
+            for layer in m.layers:  # still a valid integer layer
+                layer.mlp.down_proj.q.validate()
+    assert errs["recon"] < errs["base"], errs

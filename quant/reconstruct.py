@@ -1,0 +1,96 @@
+"""The reconstruction stage (recipe modifier ``reconstruct``): block-wise output matching.
+
+After GPTQ (or RTN, or joint SparseGPT) has quantized the seven linears of decoder layer i, their
+integer fields become trainable through ``quant.algorithms.FakeQuantLinear``: group scales ŝ and
+mins m̂ (integer units), the float16 row scales (as log S), and optionally the codes (a latent
+continuous code, rounded). Every forward pass rounds them to the integer format with straight-through
+gradients, so the weights the optimizer evaluates are always weights the hardware can hold, and
+``to_quantized`` exports exactly those.
+
+The objective: the quantized layer, fed the *quantized* model's input to layer i, should reproduce
+the *float* model's output of layer i (its input being the float model's own activations). Matching
+the float model's activations rather than the float layer's output on the quantized input lets each
+layer correct part of the error accumulated upstream (as in OmniQuant's and EfficientQAT's block
+stages). Loss: mean squared error over all tokens and channels, Adam, ``batch_samples`` calibration
+sequences per step, each cut to its first ``seq_len`` tokens (exact: attention is causal, so a
+prefix's outputs do not depend on what follows it; the cost per step falls with the square of it). The training forward keeps activations and the KV cache in float (A8 and KV4 are
+applied at deployment, not simulated here) and attention causal: the calibration windows are no
+longer than the Λ cache.
+
+Safety: the loss on a fixed probe batch is measured before and after; if tuning made it worse the
+layer keeps its starting fields (``improved`` False in the returned statistics).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .algorithms import FakeQuantLinear
+from .model import ATTN, MLP_NAMES, DecoderLayer, Numerics
+from .qlinear import QuantizedLinear
+from .recipe import Reconstruct
+
+PROBE_SAMPLES = 4  # sequences on which the before / after loss is measured
+
+
+def _set(layer: DecoderLayer, proj: str, module):
+    parent = layer.self_attn if proj in ATTN else layer.mlp
+    setattr(parent, proj, module)
+
+
+@torch.no_grad()
+def _loss(layer, x, y, rope, pos, chunk: int = 4) -> float:
+    tot, n = 0.0, 0
+    for s in range(0, x.shape[0], chunk):
+        d = layer(x[s: s + chunk], rope, pos) - y[s: s + chunk]
+        tot += float((d * d).sum())
+        n += d.numel()
+    return tot / max(n, 1)
+
+
+def reconstruct_layer(layer: DecoderLayer, qlin: dict[str, QuantizedLinear], x: torch.Tensor, y: torch.Tensor,
+                      rope, cfg: Reconstruct, seed: int = 0) -> tuple[dict[str, QuantizedLinear], dict]:
+    """Tune ``qlin`` (projection name -> QuantizedLinear) inside ``layer`` so that ``layer(x) ≈ y``.
+
+    ``layer`` is the float decoder layer (its linears for the projections not in ``qlin`` stay as
+    they are); x, y (N, L, H) float32. Returns the tuned fields and statistics (loss before/after,
+    seconds). The layer's modules for ``qlin`` are left as FakeQuantLinear; the caller replaces them."""
+    t0 = time.time()
+    nm_saved = layer.self_attn.nm
+    layer.self_attn.nm = Numerics()  # float attention, differentiable
+    fq = {p: FakeQuantLinear(q, train_row_scale=cfg.row_scale_lr > 0, tune_codes=cfg.tune_codes)
+          for p, q in qlin.items()}
+    for p, m in fq.items():
+        _set(layer, p, m)
+    groups = [{"params": [p for m in fq.values() for p in (m.s, m.m)], "lr": cfg.lr}]
+    if cfg.tune_codes:
+        groups.append({"params": [m.u for m in fq.values()], "lr": cfg.lr})
+    if cfg.row_scale_lr > 0:
+        groups.append({"params": [m.log_row_scale for m in fq.values()], "lr": cfg.row_scale_lr})
+    opt = torch.optim.Adam(groups)
+    if 0 < cfg.seq_len < x.shape[1]:  # causal attention: a prefix's outputs depend on the prefix only
+        x, y = x[:, : cfg.seq_len], y[:, : cfg.seq_len]
+    pos = torch.arange(x.shape[1])
+    probe = slice(0, min(PROBE_SAMPLES, x.shape[0]))
+    start = {p: m.to_quantized() for p, m in fq.items()}
+    before = _loss(layer, x[probe], y[probe], rope, pos)
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    b = min(cfg.batch_samples, n)
+    with torch.enable_grad():
+        for _ in range(cfg.steps):
+            idx = torch.randperm(n, generator=g)[:b]
+            opt.zero_grad(set_to_none=True)
+            d = layer(x[idx], rope, pos) - y[idx]
+            loss = (d * d).mean()
+            loss.backward()
+            opt.step()
+    tuned = {p: m.to_quantized() for p, m in fq.items()}
+    after = _loss(layer, x[probe], y[probe], rope, pos)
+    layer.self_attn.nm = nm_saved
+    improved = after < before
+    stats = {"loss_before": before, "loss_after": after, "improved": bool(improved),
+             "seconds": round(time.time() - t0, 3)}
+    return (tuned if improved else start), stats
