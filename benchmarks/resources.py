@@ -150,9 +150,10 @@ def engine_estimate(params, timeout_s: float, rtlil_file: str | None = None) -> 
         try:
             res = estimate(text, timeout_s=timeout_s)
         except YosysError as e:
-            return {"status": "error", "error": str(e)[:2000], "rtlil_file": str(rtlil_file),
+            return {"status": "timeout" if "did not finish" in str(e) else "error", "error": str(e)[:2000],
+                    "rtlil_file": str(rtlil_file), "rtlil_bytes": len(text),
                     "seconds": round(time.monotonic() - t0, 1)}
-        return {"status": "ok", **_summary(res), "rtlil_file": str(rtlil_file),
+        return {"status": "ok", **_summary(res), "rtlil_file": str(rtlil_file), "rtlil_bytes": len(text),
                 "u280_fraction": {k: round(res[k] / U280[k], 4) for k in ("lut", "ff", "dsp",
                                                                             "bram36", "uram")}}
     with tempfile.TemporaryDirectory(prefix="accllm-engine-") as tmp:
@@ -301,6 +302,9 @@ def main(argv=None) -> int:
                 print(f"  engine estimate: {est['status']}: {est['error'][:300]}", flush=True)
         entry["command"] = cmd.strip()
         entry["date_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        for key in ("engine", "engine_rows_estimate"):  # provenance survives later --merge runs
+            if key in entry and entry[key].get("status") != "skipped":
+                entry[key].update(command=entry["command"], date_utc=entry["date_utc"])
         result["configs"][name] = entry
     if args.sweep:
         print("multiplier sweep (one column of R rows, products as top-level outputs):", flush=True)
@@ -318,7 +322,11 @@ def main(argv=None) -> int:
             # keep what this run did not measure (skipped engine, skipped arrays) from the old entry
             keep = {k: v for k, v in entry.items()
                     if not ((k == "engine" and v.get("status") == "skipped") or (k == "arrays" and not v))}
-            old.setdefault("configs", {})[name] = old["configs"].get(name, {}) | keep
+            prev = old.setdefault("configs", {}).get(name, {})
+            for key in ("engine", "engine_rows_estimate"):
+                if key in prev and "command" in prev:
+                    prev[key].setdefault("command", prev["command"])
+            old["configs"][name] = prev | keep
         for key in ("sweep", "engine_array"):
             if key in result:
                 old[key] = result[key]

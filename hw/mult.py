@@ -28,6 +28,10 @@ at the price of returning ``(a + 128) * c``: the caller subtracts ``128 * sum(c)
 ``"mul"``
     Plain ``act * code`` per product: the baseline the two styles are measured against (Yosys puts each
     one in its own DSP48E2). Not an engine choice.
+
+The engine's array (``hw.engine.pair_candidates`` / ``pe_pair``) is built from the ``lut`` pieces:
+:func:`lut_multiples` once per shared (candidate) activation, :func:`select_multiples` where a row picks
+one of several candidates (2:4 mode), :func:`lut_digit` and :func:`split_product` per product.
 """
 
 from __future__ import annotations
