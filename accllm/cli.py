@@ -76,11 +76,22 @@ def cmd_run(args) -> int:
     return 0 if summary.get("ok", False) else 1
 
 
+def _threads(args):
+    n = getattr(args, "threads", 0) or 0
+    if n < 0:
+        raise UserError(f"--threads must be >= 0, got {n}")
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def cmd_quantize(args) -> int:
     from quant.pipeline import quantize_model
 
     from .config import load_recipe
 
+    _threads(args)
     recipe = load_recipe(args.recipe)
     report = quantize_model(args.model, recipe, args.out, calib_text=args.calib_text,
                             calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed,
@@ -174,15 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report.json.")
     q.add_argument("model")
     q.add_argument("--recipe", required=True, help="built-in name (fp16, rtn-w2a8kv4, w2a8kv4, "
-                                                   "w2a8kv4-sparse24) or a YAML path")
+                                                   "w2a8kv4-sparse24, w2a8kv4-recon, w2a8kv4-sparse24-recon) "
+                                                   "or a YAML path")
     q.add_argument("--out", required=True, metavar="DIR")
     q.add_argument("--calib-text", default=None, metavar="FILE", help="calibration text (default: built-in)")
-    q.add_argument("--calib-samples", type=int, default=64, metavar="N")
-    q.add_argument("--seq-len", type=int, default=512, metavar="L")
+    q.add_argument("--calib-samples", type=int, default=32, metavar="N",
+                   help="calibration sequences (default 32; with --seq-len 512 that is 16k tokens)")
+    q.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per calibration sequence")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch CPU threads (default: torch's choice). On a machine other jobs share, "
+                        "1 is often several times faster (docs/quantizer.md, Speed)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model or artifact on a text",

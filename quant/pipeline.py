@@ -151,7 +151,7 @@ def _run(layer, x: torch.Tensor, rope, out: torch.Tensor | None = None) -> torch
 
 
 def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_text: str | Path | None = None,
-                   calib_samples: int = 64, seq_len: int = 512, seed: int = 0, device: str = "cpu",
+                   calib_samples: int = 32, seq_len: int = 512, seed: int = 0, device: str = "cpu",
                    progress: bool = True) -> dict:
     """Compress ``source`` with ``recipe`` into the artifact folder ``out_dir`` (written atomically).
     Returns the report dict (also written to out_dir/report.json)."""

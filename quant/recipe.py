@@ -26,7 +26,7 @@ class ModelConfig:
     source: str = param("smollm2-135m", "a Hugging Face folder, a .gguf file, or the alias smollm2-135m")
     device: str = param("cpu", "torch device", choices=["cpu", "cuda"])
     calib_text: str = param("", "text file for calibration ('' = the built-in default)")
-    calib_samples: int = param(64, "calibration sequences", min=1, max=100_000)
+    calib_samples: int = param(32, "calibration sequences (32 x 512 tokens: the quality table's setting)", min=1, max=100_000)
     calib_seq_len: int = param(512, "tokens per calibration sequence", min=8, max=131_072)
     eval_text: str = param("", "text file for perplexity ('' = the built-in default)")
     eval_seq_len: int = param(512, "tokens per evaluation window", min=8, max=131_072)
