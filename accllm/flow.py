@@ -59,10 +59,7 @@ def _step_numerics(cfg: Config, out: Path, done: dict) -> dict:
     w = rng.normal(size=(16, k))
     codes, s, m, S = R.quantize_weights_rtn(w, g)
     a, amax = R.quantize_activations(R.to_fx(rng.normal(size=(3, k))))
-    mask = np.zeros_like(codes, bool)
-    for r in range(16):
-        for grp in range(k // 4):
-            mask[r, 4 * grp + rng.choice(4, 2, replace=False)] = True
+    mask = R.random_24_mask(rng, 16, k)
     kept, meta = R.compress_24(codes, mask)
     checks = {
         "w2_pack_roundtrip": bool(np.array_equal(P.unpack_w2(P.pack_w2(codes), k), codes)),

@@ -262,6 +262,15 @@ def w2a8_linear(a, codes, scales, mins, group_size: int, mask=None, code_bits: i
     return (s[None] * prod + m[None] * asum).sum(axis=2)
 
 
+def random_24_mask(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """A random valid 2:4 mask (n, k) bool: each group of four inputs keeps one of the six patterns,
+    uniformly (for tests, self-checks and the engine's random cases)."""
+    if k % SPARSE_M:
+        raise FormatError(f"2:4 mask needs in_features divisible by {SPARSE_M}, got {k}")
+    pats = np.array([[i in p for i in range(SPARSE_M)] for p in SPARSE_PATTERNS], bool)
+    return pats[rng.integers(0, len(pats), (n, k // SPARSE_M))].reshape(n, k)
+
+
 def check_24_mask(mask) -> np.ndarray:
     mk = np.asarray(mask, bool)
     if mk.ndim != 2 or mk.shape[1] % SPARSE_M:

@@ -114,11 +114,7 @@ def test_pack_unpack_linear_is_exact(sparse):
     codes = rng.integers(0, 4, (n, k)).astype(np.uint8)
     mask = None
     if sparse:
-        mask = np.zeros((n, k // 4, 4), bool)
-        for r in range(n):
-            for j in range(k // 4):
-                mask[r, j, rng.choice(4, 2, replace=False)] = True
-        mask = mask.reshape(n, k)
+        mask = reference.random_24_mask(rng, n, k)
         codes = np.where(mask, codes, 0).astype(np.uint8)
     q = QuantizedLinear(codes=codes, scales=rng.integers(0, 256, (n, k // g)), mins=rng.integers(-128, 128, (n, k // g)),
                         row_scale=np.float16(rng.random(n) + 0.1).astype(np.float64), group_size=g, mask=mask)

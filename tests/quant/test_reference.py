@@ -132,14 +132,6 @@ def _w_int(codes, s, m, g, mask=None):
     return w if mask is None else np.where(mask, w, 0)
 
 
-def _random_24_mask(rng, n, k):
-    mask = np.zeros((n, k), bool)
-    for r in range(n):
-        for grp in range(k // 4):
-            mask[r, 4 * grp + rng.choice(4, 2, replace=False)] = True
-    return mask
-
-
 @SETTINGS
 @given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.sampled_from([4, 8, 16, 64]),
        st.integers(1, 4), st.integers(1, 3), st.sampled_from([2, 4]))
@@ -160,7 +152,7 @@ def test_sparse_linear_equals_masked_dense(seed, n, g, groups, t):
     rng = np.random.default_rng(seed)
     k = g * groups
     codes, s, m = _rand_weights(rng, n, k, g)
-    mask = _random_24_mask(rng, n, k)
+    mask = R.random_24_mask(rng, n, k)
     a = rng.integers(-128, 128, size=(t, k))
     kept, meta = R.compress_24(codes, mask)
     sparse = R.w2a8_sparse_linear(a, kept, meta, s, m, g)
@@ -322,3 +314,12 @@ def test_visible_tokens_never_share_a_slot(sinks, window, n):
 
 def test_lambda_mask_full_when_window_covers_context():
     assert np.array_equal(R.lambda_mask(10, 4, 10), np.tril(np.ones((10, 10), bool)))
+
+
+def test_random_24_mask_is_valid_and_uses_every_pattern():
+    m = R.random_24_mask(np.random.default_rng(1), 7, 400)
+    R.check_24_mask(m)
+    kept, meta = R.compress_24(np.zeros((7, 400), np.uint8), m)
+    assert set(np.unique(meta)) == set(range(len(F.SPARSE_PATTERNS)))
+    with pytest.raises(R.FormatError):
+        R.random_24_mask(np.random.default_rng(1), 2, 6)
