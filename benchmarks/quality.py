@@ -2,8 +2,13 @@
 *Sense and Sensibility*), as loaded and after each compression recipe, at short and long context with
 and without Λ-shaped attention. Writes a markdown and a JSON table.
 
-    .venv/bin/python benchmarks/quality.py --out benchmarks/results/quality \
-        --rows float,rtn,float-long,float-long-lambda,rtn-long-lambda --max-tokens 2048
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py --out benchmarks/results/quality \
+        --rows float,gptq,recon,sparse,sparse-recon,rtn,float-long,float-long-lambda,gptq-long-lambda \
+        --include benchmarks/results/peers.json
+
+(about 3 hours on two CPU cores: each W2A8KV4 quantization takes 10-50 minutes. ``--artifacts-dir
+DIR`` keeps the artifacts and reuses them; ``--append`` adds rows to an existing table. The
+committed table lists the exact commands that made it.)
 
 Every number in the table comes from this script's run; the JSON records the settings, seconds and
 peak RSS of every row. Quantized rows are evaluated on the integer path (the hardware's arithmetic).
@@ -15,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -71,7 +77,8 @@ def write_tables(args, text, results):
     meta = {"model": args.model, "text": str(text), "max_tokens": args.max_tokens, "short": args.short,
             "long": args.long, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
             "seed": args.seed, "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "commands": getattr(args, "commands", []), "include": getattr(args, "include", [])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmpj = out.with_suffix(".json.tmp")
@@ -80,10 +87,17 @@ def write_tables(args, text, results):
     lines = [f"# Perplexity of {args.model} on {Path(text).name} (first {args.max_tokens} tokens)", "",
              f"Calibration: {args.calib_samples} × {args.calib_seq_len} tokens of Sense and Sensibility, seed "
              f"{args.seed}. Quantized rows run on the integer path.", "",
-             "Ratio: perplexity over the as-loaded model's at the same context and attention.", "",
-             "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | ratio | tokens | quantize s | eval s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    floats = {(r["seq_len"], tuple(r["lambda"] or ())): r["perplexity"] for r in results
+             "Ratio: perplexity over the as-loaded model's at the same context and attention. "
+             "quantize s: wall seconds of the artifact's quantization as it ran (this table's runs: one "
+             "thread each on two cores shared with other jobs, load 3-5; docs/quantizer.md, Speed).", "",
+             "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | ratio | tokens | quantize s | "
+             "quantize peak RSS | eval s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def attention(r):  # Λ with a window covering the whole sequence is full attention
+        lam = tuple(r.get("lambda") or ())
+        return () if not lam or r["seq_len"] <= sum(lam) else lam
+
+    floats = {(r["seq_len"], attention(r)): r["perplexity"] for r in results
               if not r.get("skipped") and r["row"].startswith("float") and "perplexity" in r}
     for r in results:
         if r.get("skipped"):  # a peer row whose optional package is missing (benchmarks/peers.py)
@@ -91,11 +105,17 @@ def write_tables(args, text, results):
             continue
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "float"
         lam = "-" if not r["lambda"] else f"{tuple(r['lambda'])}"
-        ref = floats.get((r["seq_len"], tuple(r["lambda"] or ())))
+        ref = floats.get((r["seq_len"], attention(r)))
         ratio = f"{r['perplexity'] / ref:.2f}×" if ref else "-"
         qs = r.get("quantize_seconds")
+        rss = r.get("quantize_peak_rss_bytes") or r.get("peak_rss_bytes")  # peer rows: the row's peak
+        rss = f"{rss / 2**30:.2f} GiB" if rss else "-"
         lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | {ratio} | "
-                     f"{r['tokens']} | {qs if qs is not None else '-'} | {r['eval_seconds']} |")
+                     f"{r['tokens']} | {qs if qs is not None else '-'} | {rss} | {r['eval_seconds']} |")
+    if meta["commands"]:
+        lines += ["", "Made by (in this order; artifacts quantized by the first rows that need them, or found in "
+                  "`--artifacts-dir`; `--include` lists rows measured by another script):", "", "```"]
+        lines += meta["commands"] + ["```"]
     tmpm = out.with_suffix(".md.tmp")
     tmpm.write_text("\n".join(lines) + "\n")
     os.replace(tmpm, out.with_suffix(".md"))
@@ -115,6 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
+    ap.add_argument("--include", action="append", default=[], metavar="JSON",
+                    help="also list the rows of another results JSON of this format (e.g. "
+                         "benchmarks/results/peers.json); rows of the same name measured here win")
     ap.add_argument("--artifacts-dir", default=None,
                     help="keep artifacts in DIR/<recipe> and reuse one found there (same settings assumed)")
     args = ap.parse_args(argv)
@@ -134,8 +157,17 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     results = []
+    args.commands = []
     if args.append and Path(args.out).with_suffix(".json").is_file():
-        results = json.loads(Path(args.out).with_suffix(".json").read_text())["rows"]
+        old = json.loads(Path(args.out).with_suffix(".json").read_text())
+        results = old["rows"]
+        args.commands = old["meta"].get("commands", [])
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
+    args.commands = args.commands + [(env + " " if env else "") + ".venv/bin/python benchmarks/quality.py "
+                                     + shlex.join(sys.argv[1:] if argv is None else argv)]
+    for inc in args.include:
+        have = {r["row"] for r in results} | set(rows)
+        results += [r for r in json.loads(Path(inc).read_text())["rows"] if r["row"] not in have]
     artifacts: dict[str, tuple] = {}
     float_model = None
     with tempfile.TemporaryDirectory(prefix="accllm-quality-") as tmp:
@@ -187,10 +219,14 @@ def main(argv=None) -> int:
                    "lambda": used,
                    "eval_seconds": round(time.time() - t1, 1), "row_seconds": round(time.time() - t0, 1),
                    "bits_per_weight": qreport["bits_per_weight"] if qreport else None,
-                   "quantize_seconds": qreport["seconds"] if qreport else None}
+                   "quantize_seconds": qreport["seconds"] if qreport else None,
+                   "quantize_peak_rss_bytes": qreport.get("peak_rss_bytes") if qreport else None,
+                   "peak_rss_bytes_so_far": peak_rss_bytes()}
             results.append(row)
             print(json.dumps(row), flush=True)
             lines = write_tables(args, text, results)
+    if not rows:
+        lines = write_tables(args, text, results)
     print("\n".join(lines))
     return 0
 
