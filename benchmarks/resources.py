@@ -300,6 +300,9 @@ def main(argv=None) -> int:
                 print("  engine (estimate): " + ", ".join(f"{k} {est[k]:g}" for k in KEYS), flush=True)
             else:
                 print(f"  engine estimate: {est['status']}: {est['error'][:300]}", flush=True)
+        if not entry["arrays"] and entry["engine"]["status"] == "skipped" and "engine_rows_estimate" not in entry:
+            result["configs"][name] = entry  # nothing measured for this config: --merge keeps the old one
+            continue
         entry["command"] = cmd.strip()
         entry["date_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         for key in ("engine", "engine_rows_estimate"):  # provenance survives later --merge runs
