@@ -74,7 +74,6 @@ def reconstruct_layer(layer: DecoderLayer, qlin: dict[str, QuantizedLinear], x: 
         x, y = x[:, : cfg.seq_len], y[:, : cfg.seq_len]
     pos = torch.arange(x.shape[1])
     probe = slice(0, min(PROBE_SAMPLES, x.shape[0]))
-    start = {p: m.to_quantized() for p, m in fq.items()}
     before = _loss(layer, x[probe], y[probe], rope, pos)
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
@@ -93,4 +92,4 @@ def reconstruct_layer(layer: DecoderLayer, qlin: dict[str, QuantizedLinear], x: 
     improved = after < before
     stats = {"loss_before": before, "loss_after": after, "improved": bool(improved),
              "seconds": round(time.time() - t0, 3)}
-    return (tuned if improved else start), stats
+    return (tuned if improved else dict(qlin)), stats
