@@ -3,9 +3,9 @@ a GGUF file (through transformers' GGUF reader), the alias ``smollm2-135m``, or 
 
 Weights are read lazily, tensor by tensor (``WeightStore.get``), so the pipeline holds one decoder
 layer in float at a time: a safetensors checkpoint is memory-mapped with ``safe_open`` and nothing is
-materialised until asked for. A GGUF file is dequantized by transformers once and kept as a Hugging Face folder (config.json,
-tokenizer, float ``model.safetensors``) in a content-hashed cache (``gguf_folder``: the key is the
-GGUF file's sha256 and the transformers version), because transformers' GGUF reader parses the
+materialised until asked for. A GGUF file is dequantized by transformers once and kept as a Hugging
+Face folder (config.json, tokenizer, float ``model.safetensors``) in a content-hashed cache
+(``gguf_folder``: the key is the GGUF file's sha256 and the transformers version), because transformers' GGUF reader parses the
 49k-entry tokenizer field by field in Python: about 17 s for each of config, tokenizer and weights on
 the small model, against well under a second for the cached folder.
 """
@@ -121,11 +121,16 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "accllm"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _hash_file(h, path: Path):
+    """Feed a file's content into the hash ``h`` in 4 MiB chunks."""
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    _hash_file(h, path)
     return h.hexdigest()
 
 
@@ -303,9 +308,7 @@ class WeightStore:
         h = hashlib.sha256()
         for f in files:
             h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
+            _hash_file(h, f)
         return h.hexdigest()
 
 
