@@ -97,7 +97,8 @@ def cmd_quantize(args) -> int:
                             calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed,
                             device=args.device, progress=not args.quiet)
     print(json.dumps(report, indent=2) if args.json else
-          f"wrote {args.out}: {report.get('bits_per_weight', 0):.3f} bits/weight, "
+          f"wrote {args.out}: " + ("no weights quantized, " if report.get("bits_per_weight") is None else
+                                   f"{report['bits_per_weight']:.3f} bits/weight, ") +
           f"{report.get('size_bytes', 0) / 1e6:.1f} MB, {report.get('seconds', 0):.0f} s")
     return 0
 

@@ -48,6 +48,9 @@ __all__ = [
     "output_error",
     "FakeQuantLinear",
     "reconstruct_linear",
+    "PairMax",
+    "key_smoothing_factors",
+    "fold_key_smoothing",
 ]
 
 F64 = torch.float64
@@ -519,6 +522,63 @@ def wanda(W, x_norm, prune: Prune) -> torch.Tensor:
 def magnitude_24(W, n: int = SPARSE_N, m: int = SPARSE_M) -> torch.Tensor:
     """The baseline mask: keep the n largest |W| of every m inputs."""
     return _nm_mask(_weight(W).abs(), n, m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# static key smoothing (QuantizeKV.k_smoothing): per-channel key scales folded into q_proj / k_proj
+# ---------------------------------------------------------------------------------------------------
+class PairMax:
+    """Forward hook on q_proj or k_proj: running max over tokens of every RoPE pair's norm, per head.
+
+    RoPE rotates channel c with channel c + D/2 (``quant.model.rotate``), so the pair norm
+    sqrt(x_c² + x_{c+D/2}²) is the same before and after the rotation at any position: the maxima
+    taken on the projection's output are the maxima of the rotated keys and queries."""
+
+    def __init__(self, heads: int, head_dim: int):
+        if head_dim % 2:
+            raise ValueError(f"head_dim {head_dim} is odd: RoPE needs channel pairs")
+        self.heads, self.d = heads, head_dim
+        self.max = torch.zeros(heads, head_dim // 2, dtype=torch.float64)
+
+    def __call__(self, module, inputs, output):
+        o = output.detach().reshape(-1, self.heads, self.d).to(torch.float64)
+        h = self.d // 2
+        pn = torch.sqrt(o[..., :h] ** 2 + o[..., h:] ** 2).amax(0)
+        torch.maximum(self.max, pn, out=self.max)
+
+
+def key_smoothing_factors(q_max: torch.Tensor, k_max: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Per KV head and channel, the factor f that keys are divided by and queries multiplied by.
+
+    q_max (n_heads, D/2), k_max (n_kv, D/2): pair-norm maxima (:class:`PairMax`). Query head h reads
+    KV head h // (n_heads // n_kv) (``repeat_interleave``), so a KV head's factor meets the maximum of
+    its query heads. f = k_max^α / q_max^(1−α) (SmoothQuant's migration with strength α): with α = 0.5
+    every key channel's maximum becomes sqrt(k_max·q_max) and so does the matching query channel's,
+    which flattens the per-token range the 4-bit key grid must cover while the 8-bit query (quantized
+    per token and head) takes the spread. Channels never seen non-zero keep f = 1. Returns (n_kv, D),
+    the pair's factor repeated on both of its channels so the fold commutes with RoPE."""
+    n_heads, half = q_max.shape
+    n_kv = k_max.shape[0]
+    if n_heads % n_kv or k_max.shape[1] != half:
+        raise ValueError(f"q_max {tuple(q_max.shape)} and k_max {tuple(k_max.shape)} do not match a GQA layout")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha {alpha} outside [0, 1]")
+    qg = q_max.to(F64).reshape(n_kv, n_heads // n_kv, half).amax(1)
+    km = k_max.to(F64)
+    ok = (qg > 0) & (km > 0)
+    f = torch.where(ok, km.clamp(min=1e-30) ** alpha / qg.clamp(min=1e-30) ** (1.0 - alpha), torch.ones_like(km))
+    return torch.cat([f, f], dim=1)
+
+
+def fold_key_smoothing(wq: torch.Tensor, wk: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(wq · f, wk / f) row-wise: k_proj's row (g, c) divided by f[g, c], q_proj's rows (h, c) for every
+    query head h of group g multiplied by it. q·k per head is unchanged in exact arithmetic; the weight
+    quantizers see scaled rows only (each row has its own scale, so the codes do not change; the float16 row scale may round
+    differently)."""
+    n_kv, d = f.shape
+    n_heads = wq.shape[0] // d
+    fq = f.repeat_interleave(n_heads // n_kv, dim=0).reshape(-1, 1)
+    return ((wq.to(F64) * fq).to(wq.dtype), (wk.to(F64) / f.reshape(-1, 1)).to(wk.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------

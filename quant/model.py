@@ -28,8 +28,9 @@ Numerics (``Numerics``), each as ``quant.reference`` defines it:
   (``reference.lambda_mask``); scores against sink keys use the query rotated at min(n, S+W-1).
   In generation the cache is a ring of S + W slots (``reference.cache_slot``): constant memory.
 * RMSNorm, RoPE, SiLU, softmax and residuals stay in float32.
-* Static per-channel key smoothing (``QuantizeKV.k_smoothing``) is not applied yet: keys are
-  quantized as they come out of RoPE.
+* Static per-channel key smoothing (``QuantizeKV.k_smoothing``) lives in the weights: the quantizer
+  folds it into q_proj / k_proj (``quant.algorithms.fold_key_smoothing``), so this forward needs
+  nothing for it.
 """
 
 from __future__ import annotations

@@ -30,23 +30,22 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import math
 import resource
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import reference
-from .artifact import (FORMAT, FORMAT_VERSION, QuantizedLinear, atomic_dir, pack_linear, packed_weight_bytes,
+from .artifact import (FORMAT, FORMAT_VERSION, atomic_dir, pack_linear, packed_weight_bytes,
                        recipe_yaml, runtime_numerics, tool_versions, write_model)
 from .data import calibration_windows
 from .errors import QuantError
 from .loading import WeightStore, is_artifact, load_config, load_tokenizer, resolve_source
+from . import algorithms
+from .algorithms import PairMax
 from .model import ATTN, MLP_NAMES, FloatLinear, Numerics, QLinear, float_layer, linear_name, rms_norm
 from .reconstruct import reconstruct_layer
-from .recipe import AttentionWindow, Prune, QuantizeActivations, QuantizeKV, QuantizeWeights, Reconstruct, Recipe
+from .recipe import AttentionWindow, Prune, QuantizeKV, QuantizeWeights, Reconstruct, Recipe
 
 CHUNK = 4  # calibration sequences per forward
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
@@ -98,6 +97,28 @@ def check_recipe(cfg, recipe: Recipe, where: str):
         raise QuantError(f"recipe {recipe.name!r}: attention_window keeps fewer than 2 tokens")
 
 
+def _smooth_keys(att, pmax: dict, alpha: float, i: int) -> dict:
+    """Fold the calibrated key smoothing into the float layer's q_proj / k_proj (in place) and return
+    what it did: the spread (max / median) of the key pair maxima before and after."""
+    from .algorithms import fold_key_smoothing, key_smoothing_factors
+
+    f = key_smoothing_factors(pmax["q_proj"].max, pmax["k_proj"].max, alpha)
+    wq, wk = fold_key_smoothing(att.q_proj.weight.data, att.k_proj.weight.data, f)
+    att.q_proj.weight.data.copy_(wq)
+    att.k_proj.weight.data.copy_(wk)
+    half = f.shape[1] // 2
+    k0 = pmax["k_proj"].max
+    k1 = k0 / f[:, :half]
+    q1 = (pmax["q_proj"].max.reshape(f.shape[0], -1, half) * f[:, None, :half]).reshape(-1, half)
+
+    def spread(t):  # per head: max over channels / median over channels, then the worst head
+        return round(float((t.amax(1) / t.median(1).values.clamp(min=1e-30)).max()), 3)
+
+    return {"layer": i, "key_spread_before": spread(k0), "key_spread_after": spread(k1),
+            "query_spread_before": spread(pmax["q_proj"].max), "query_spread_after": spread(q1),
+            "factor_min": round(float(f.min()), 4), "factor_max": round(float(f.max()), 4)}
+
+
 class _Stats:
     """Hook accumulating XᵀX (float64) and Σx² of a linear's inputs."""
 
@@ -121,24 +142,13 @@ class _Stats:
 
 def _quantize_linear(w: torch.Tensor, st: _Stats, qcfg: QuantizeWeights | None, prune: Prune | None):
     """-> QuantizedLinear (qcfg given) or pruned float weights (prune only)."""
-    try:
-        from . import algorithms
-    except ImportError:
-        algorithms = None
     if qcfg is None:  # prune only: float weights with the 2:4 mask applied
-        if algorithms is None:
-            raise QuantError("pruning needs quant/algorithms.py, which is not installed")
         if prune.method == "sparsegpt":
             w_p, _ = algorithms.sparsegpt(w, st.hessian(), prune)
             return torch.as_tensor(w_p).to(torch.float32)
         mk = algorithms.wanda(w, st.x_norm(), prune)
         return (w * torch.as_tensor(mk)).to(torch.float32)
-    if algorithms is not None:
-        return algorithms.quantize_linear(w, st.hessian(), st.x_norm(), qcfg, prune)
-    if prune is not None:  # pragma: no cover - fallback while algorithms.py is absent
-        raise QuantError("2:4 pruning needs quant/algorithms.py, which is not installed")
-    codes, s, m, S = reference.quantize_weights_rtn(w.double().numpy(), qcfg.group_size, qcfg.bits)
-    return QuantizedLinear(codes=codes, scales=s, mins=m, row_scale=S, group_size=qcfg.group_size, bits=qcfg.bits)
+    return algorithms.quantize_linear(w, st.hessian(), st.x_norm(), qcfg, prune)
 
 
 @torch.no_grad()
@@ -176,6 +186,9 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
     recon = recipe.get(Reconstruct)
     recon_log: list[dict] = []
     rt = runtime_numerics(recipe)
+    kv = recipe.get(QuantizeKV)
+    smooth = kv is not None and kv.k_smoothing and rt["kv4"]
+    smooth_log: list[dict] = []
     nm = Numerics(a8=rt["a8"], kv4=rt["kv4"], sinks=rt["sinks"], window=rt["window"])
     float_nm = Numerics()  # Hessians from the float layer (on the quantized predecessors' outputs)
 
@@ -185,7 +198,7 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
         secs["load"] = time.time() - t
         t = time.time()
         # plain RTN (no clipping search, no pruning, no reconstruction) reads no activations
-        needs_calib = (prune is not None or recon is not None
+        needs_calib = (prune is not None or recon is not None or smooth
                        or (qw is not None and (qw.method != "rtn" or qw.clip_search)))
         calib_info = None
         if needs_calib:
@@ -217,14 +230,20 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
                 pr = prune if (prune is not None and p in prune.targets) else None
                 if b is not None or pr is not None:
                     todo[p] = (b, pr)
-            if todo:  # q/k/v and gate/up read the same input: one Hessian each
-                hook_on = {SHARED_INPUT.get(p, p) for p in todo}
-                stats = {p: _Stats(getattr(mods[p], p).in_features) for p in hook_on}
-                if needs_calib:
-                    hooks = [getattr(mods[p], p).register_forward_hook(stats[p]) for p in hook_on]
-                    _run(layer, x, rope, y)
-                    for h in hooks:
-                        h.remove()
+            # q/k/v and gate/up read the same input: one Hessian each
+            hook_on = {SHARED_INPUT.get(p, p) for p in todo}
+            stats = {p: _Stats(getattr(mods[p], p).in_features) for p in hook_on}
+            if needs_calib and (todo or smooth):
+                hooks = [getattr(mods[p], p).register_forward_hook(stats[p]) for p in hook_on]
+                if smooth:
+                    att = layer.self_attn
+                    pmax = {"q_proj": PairMax(att.n_heads, att.head_dim), "k_proj": PairMax(att.n_kv, att.head_dim)}
+                    hooks += [getattr(att, p).register_forward_hook(h) for p, h in pmax.items()]
+                _run(layer, x, rope, y)
+                for h in hooks:
+                    h.remove()
+                if smooth:  # q·k unchanged in float, so the Hessians and y above stay valid
+                    smooth_log.append(_smooth_keys(layer.self_attn, pmax, kv.k_smoothing_alpha, i))
             if recon is not None:  # the float model's output of this layer: the target
                 _run(layer, xf, rope, yf)
             results = {}
@@ -232,7 +251,9 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
                 name = linear_name(i, p)
                 lin = getattr(mods[p], p)
                 if p not in todo:
-                    tensors[name + ".weight"] = store.get(name + ".weight")
+                    w0 = store.get(name + ".weight")
+                    tensors[name + ".weight"] = (lin.weight.data.to(w0.dtype) if smooth and p in ("q_proj", "k_proj")
+                                                 else w0)
                     continue
                 b, pr = todo[p]
                 qcfg = None if b is None else dataclasses.replace(qw, bits=b)
@@ -299,16 +320,12 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
         secs["hash"] = time.time() - t
         seconds = time.time() - t_start
         not_applied = []
-        kv = recipe.get(QuantizeKV)
-        if kv is not None and kv.k_smoothing:
-            not_applied.append("quantize_kv.k_smoothing (static key smoothing is not implemented; keys are "
-                               "quantized as they leave RoPE)")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "source": str(source), "source_path": str(path), "source_sha256": src_hash,
             "recipe": recipe.name, "runtime": rt, "tools": tool_versions(),
             "seconds": {k: round(v, 3) for k, v in secs.items()}, "calibration": calib_info,
-            "not_applied": not_applied, "reconstruct": recon_log or None,
+            "not_applied": not_applied, "k_smoothing": smooth_log or None, "reconstruct": recon_log or None,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         size = (tmp / "model.safetensors").stat().st_size

@@ -83,7 +83,11 @@ class QuantizeActivations:
 @dataclass
 class QuantizeKV:
     bits: int = param(4, "KV cache bits (asymmetric, per token and head)", choices=[KV_CODE.bits])
-    k_smoothing: bool = param(True, "fold static per-channel key scales into q_proj/k_proj")
+    k_smoothing: bool = param(True, "fold static per-channel key scales, calibrated per RoPE pair, into "
+                                    "q_proj/k_proj (q·k unchanged; flattens the keys' channel ranges)")
+    k_smoothing_alpha: float = param(0.75, "migration strength: keys are divided by k_max^a / q_max^(1-a) "
+                                           "(docs/quantizer.md has the sweep)",
+                                     min=0.0, max=1.0)
 
 
 @dataclass
@@ -105,6 +109,9 @@ class Reconstruct:
     batch_samples: int = param(2, "calibration sequences per optimizer step", min=1, max=4096)
     seq_len: int = param(256, "train on the first this many tokens of each sequence (causal, so exact "
                               "prefixes; 0 = whole sequences)", min=0, max=131_072)
+    loss: str = param("mse", "mse: squared error over all tokens and channels; token_relative: each token's "
+                             "squared error over its target's squared norm (what the next RMSNorm sees, so "
+                             "the few huge residual channels do not dominate)", choices=["mse", "token_relative"])
 
 #: The modifier names a recipe may list, in YAML as single-key mappings.
 MODIFIERS = {

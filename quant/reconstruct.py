@@ -11,7 +11,10 @@ The objective: the quantized layer, fed the *quantized* model's input to layer i
 the *float* model's output of layer i (its input being the float model's own activations). Matching
 the float model's activations rather than the float layer's output on the quantized input lets each
 layer correct part of the error accumulated upstream (as in OmniQuant's and EfficientQAT's block
-stages). Loss: mean squared error over all tokens and channels, Adam, ``batch_samples`` calibration
+stages). Loss (``Reconstruct.loss``): mean squared error over all tokens and channels, or
+``token_relative``, each token's squared error relative to its target's squared norm (the next
+RMSNorm divides by that norm, and a few residual channels hundreds of times larger than the rest would
+otherwise decide the whole objective from layer 12 of SmolLM2 on). Adam, ``batch_samples`` calibration
 sequences per step, each cut to its first ``seq_len`` tokens (exact: attention is causal, so a
 prefix's outputs do not depend on what follows it; the cost per step falls with the square of it). The training forward keeps activations and the KV cache in float (A8 and KV4 are
 applied at deployment, not simulated here) and attention causal: the calibration windows are no
@@ -28,7 +31,7 @@ import time
 import torch
 
 from .algorithms import FakeQuantLinear
-from .model import ATTN, MLP_NAMES, DecoderLayer, Numerics
+from .model import ATTN, DecoderLayer, Numerics
 from .qlinear import QuantizedLinear
 from .recipe import Reconstruct
 
@@ -40,13 +43,21 @@ def _set(layer: DecoderLayer, proj: str, module):
     setattr(parent, proj, module)
 
 
+def _objective(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean loss of a batch (B, T, H) against its targets (``Reconstruct.loss``)."""
+    d = out - y
+    if kind == "token_relative":
+        return ((d * d).sum(-1) / (y * y).sum(-1).clamp(min=1e-12)).mean()
+    return (d * d).mean()
+
+
 @torch.no_grad()
-def _loss(layer, x, y, rope, pos, chunk: int = 4) -> float:
+def _loss(layer, x, y, rope, pos, kind: str = "mse", chunk: int = 4) -> float:
     tot, n = 0.0, 0
     for s in range(0, x.shape[0], chunk):
-        d = layer(x[s: s + chunk], rope, pos) - y[s: s + chunk]
-        tot += float((d * d).sum())
-        n += d.numel()
+        xb = x[s: s + chunk]
+        tot += float(_objective(layer(xb, rope, pos), y[s: s + chunk], kind)) * xb.shape[0]
+        n += xb.shape[0]
     return tot / max(n, 1)
 
 
@@ -74,7 +85,7 @@ def reconstruct_layer(layer: DecoderLayer, qlin: dict[str, QuantizedLinear], x: 
         x, y = x[:, : cfg.seq_len], y[:, : cfg.seq_len]
     pos = torch.arange(x.shape[1])
     probe = slice(0, min(PROBE_SAMPLES, x.shape[0]))
-    before = _loss(layer, x[probe], y[probe], rope, pos)
+    before = _loss(layer, x[probe], y[probe], rope, pos, cfg.loss)
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     b = min(cfg.batch_samples, n)
@@ -82,12 +93,11 @@ def reconstruct_layer(layer: DecoderLayer, qlin: dict[str, QuantizedLinear], x: 
         for _ in range(cfg.steps):
             idx = torch.randperm(n, generator=g)[:b]
             opt.zero_grad(set_to_none=True)
-            d = layer(x[idx], rope, pos) - y[idx]
-            loss = (d * d).mean()
+            loss = _objective(layer(x[idx], rope, pos), y[idx], cfg.loss)
             loss.backward()
             opt.step()
     tuned = {p: m.to_quantized() for p, m in fq.items()}
-    after = _loss(layer, x[probe], y[probe], rope, pos)
+    after = _loss(layer, x[probe], y[probe], rope, pos, cfg.loss)
     layer.self_attn.nm = nm_saved
     improved = after < before
     stats = {"loss_before": before, "loss_after": after, "improved": bool(improved),

@@ -302,3 +302,57 @@ def test_reconstruct_linear_lowers_the_output_error(layer):
     out = A.reconstruct_linear(ql, x.float(), y, steps=40, lr=0.05)
     check_format(out, 2, sparse=False)
     assert err(w, out, x) < 0.99 * err(w, ql, x)  # measured 0.978x; returns the start if no better
+
+
+# ---------------------------------------------------------------------------------------------------
+# static key smoothing
+# ---------------------------------------------------------------------------------------------------
+def _heads_scores(x, wq, wk, n_heads, n_kv, d):
+    """q·k per query head after RoPE, as quant.model's attention computes them (float64)."""
+    from quant.model import rotate
+
+    t = x.shape[0]
+    q = (x @ wq.T).view(t, n_heads, d).transpose(0, 1)
+    k = (x @ wk.T).view(t, n_kv, d).transpose(0, 1).repeat_interleave(n_heads // n_kv, dim=0)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=F64) / d))
+    fr = torch.arange(t, dtype=F64)[:, None] * inv
+    emb = torch.cat([fr, fr], -1)
+    cos, sin = emb.cos(), emb.sin()
+    return rotate(q, cos, sin) @ rotate(k, cos, sin).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_key_smoothing_fold_leaves_rotated_scores_unchanged_and_flattens_keys(alpha):
+    g = torch.Generator().manual_seed(1)
+    n_heads, n_kv, d, hid, t = 4, 2, 8, 16, 40
+    x = torch.randn(t, hid, generator=g, dtype=F64)
+    wq = torch.randn(n_heads * d, hid, generator=g, dtype=F64)
+    wk = torch.randn(n_kv * d, hid, generator=g, dtype=F64)
+    wk[3] *= 30.0  # an outlier key channel (pair 3 of KV head 0)
+    pq, pk = A.PairMax(n_heads, d), A.PairMax(n_kv, d)
+    pq(None, None, x @ wq.T)
+    pk(None, None, x @ wk.T)
+    f = A.key_smoothing_factors(pq.max, pk.max, alpha)
+    assert f.shape == (n_kv, d) and torch.equal(f[:, : d // 2], f[:, d // 2:])  # one factor per RoPE pair
+    wq2, wk2 = A.fold_key_smoothing(wq, wk, f)
+    s0 = _heads_scores(x, wq, wk, n_heads, n_kv, d)
+    s1 = _heads_scores(x, wq2, wk2, n_heads, n_kv, d)
+    assert torch.allclose(s0, s1, rtol=1e-10, atol=1e-9)
+    pk2 = A.PairMax(n_kv, d)
+    pk2(None, None, x @ wk2.T)
+    if alpha == 1.0:  # every key pair's maximum becomes 1
+        assert torch.allclose(pk2.max, torch.ones_like(pk2.max))
+    if alpha == 0.0:  # keys divided by 1/q_max: the key outlier stays
+        assert float(pk2.max[0].amax() / pk2.max[0].median()) > 5
+    else:
+        spread = lambda m: float(m[0].amax() / m[0].median())  # noqa: E731
+        assert spread(pk2.max) < spread(pk.max) / 3
+
+
+def test_key_smoothing_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="GQA"):
+        A.key_smoothing_factors(torch.ones(3, 4), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="alpha"):
+        A.key_smoothing_factors(torch.ones(4, 4), torch.ones(2, 4), 1.5)
+    with pytest.raises(ValueError, match="odd"):
+        A.PairMax(2, 7)

@@ -284,3 +284,61 @@ def test_reconstruct_stage_brings_the_quantized_model_closer_to_float(tiny, tmp_
             for layer in m.layers:  # still a valid integer layer
                 layer.mlp.down_proj.q.validate()
     assert errs["recon"] < errs["base"], errs
+
+
+def test_key_smoothing_repairs_an_outlier_key_channel(tmp_path):
+    """A model with one large key channel (q·k unchanged: the matching query channel is shrunk) loses
+    a lot to per-token KV4; the calibrated key smoothing folded into q_proj/k_proj wins it back, leaves
+    float scores alone, and is logged per layer in the manifest."""
+    from quant.recipe import QuantizeActivations, QuantizeKV
+
+    src = tmp_path / "outlier"
+    hf = make_tiny_llama(src, tie=False, n_kv=2)
+    d = hf.config.hidden_size // hf.config.num_attention_heads
+    rep = hf.config.num_attention_heads // hf.config.num_key_value_heads
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            a = layer.self_attn
+            for c in (1, 1 + d // 2):  # RoPE pair 1 of KV head 0, and its query heads
+                a.k_proj.weight[c] *= 25.0
+                for h in range(rep):
+                    a.q_proj.weight[h * d + c] /= 25.0
+    hf.save_pretrained(str(src))
+    errs, logs = {}, {}
+    fm, tok = load_model(str(src))
+    ids = calibration_windows(tok, None, 4, 64, seed=5)[0]
+    for on in (False, True):
+        r = Recipe(name=f"kv4-{on}", modifiers=[QuantizeActivations(), QuantizeKV(k_smoothing=on)])
+        out = tmp_path / r.name
+        quantize_model(str(src), r, out, **CAL)
+        man = json.loads((out / "manifest.json").read_text())
+        logs[on] = man["k_smoothing"]
+        assert man["not_applied"] == []
+        m, _ = load_artifact(out)
+        with torch.no_grad():
+            m.numerics.kv4, m.numerics.a8 = False, False  # float: the fold does not change the function
+            assert torch.allclose(m(ids), fm(ids), rtol=1e-4, atol=1e-4)
+            m.numerics.kv4, m.numerics.a8 = True, True
+            errs[on] = float(((m(ids) - fm(ids)) ** 2).mean())
+    assert logs[False] is None
+    assert [e["layer"] for e in logs[True]] == [0, 1]
+    assert all(e["key_spread_after"] < e["key_spread_before"] / 3 for e in logs[True]), logs[True]
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_token_relative_loss_weighs_every_token_alike():
+    """Reconstruct.loss token_relative: a token whose residual stream is 100x larger (SmolLM2's massive
+    channels) counts as much as any other; plain mse is dominated by it."""
+    from quant.reconstruct import _objective
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 8, 16, generator=g)
+    out = y + 0.1 * torch.randn(2, 8, 16, generator=g)
+    big_y, big_out = y.clone(), out.clone()
+    big_y[:, 0] *= 100.0
+    big_out[:, 0] *= 100.0  # same relative error, 100x the absolute one
+    rel = float(_objective(out, y, "token_relative"))
+    assert float(_objective(big_out, big_y, "token_relative")) == pytest.approx(rel, rel=1e-5)
+    assert float(_objective(big_out, big_y, "mse")) > 100 * float(_objective(out, y, "mse"))
+    d = out - y
+    assert rel == pytest.approx(float(((d * d).sum(-1) / (y * y).sum(-1)).mean()), rel=1e-6)
