@@ -689,7 +689,14 @@ class FakeQuantLinear(torch.nn.Module):
         s, m, S, q, s_full, m_full = self._fields()
         return S[:, None] * (s_full * q + m_full) * self.mask
 
+    #: simulate the A8 input quantization (``quant.model.fake_act``) in the forward
+    a8: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a8:
+            from .model import fake_act
+
+            x = fake_act(x)
         y = x @ self.weight().T
         return y if self.bias is None else y + self.bias
 

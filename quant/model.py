@@ -54,6 +54,9 @@ class Numerics:
     sinks: int = 0
     window: int | None = None  # None: full causal attention; else Λ-shaped (sinks + window)
     integer_path: bool = False  # quantized linears computed in the integer domain (exact)
+    # A8 and KV4 simulated in float with straight-through rounding (differentiable; for training
+    # only: ``fake_act`` / ``fake_kv``, not bit-exact with the reference)
+    simulate: bool = False
     record: bool = False  # keep the last integer operands of every module (tests)
 
 
@@ -125,6 +128,32 @@ def fold_quantize_pv(p: torch.Tensor, v_range: torch.Tensor) -> tuple[torch.Tens
 
 def _i64(t):
     return t.to(torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# differentiable simulations of A8 and KV4 (Numerics.simulate; the reconstruction stage trains through
+# them). The same grids as quantize_act / quantize_kv in float, without the Q15.16 input rounding;
+# straight-through: the forward value is quantized, the gradient is the identity's.
+# ---------------------------------------------------------------------------------------------------
+def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    return x + (xq - x).detach()
+
+
+def fake_act(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per last axis, amax/127 steps (quantize_act's grid), as float."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+    return _ste(x, torch.round(x.detach() * (ACT_QMAX / amax)) * (amax / ACT_QMAX))
+
+
+def fake_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit asymmetric per last axis with an integer zero (quantize_kv's grid), as float; also returns
+    each row's step r/15 (..., 1)."""
+    xd = x.detach()
+    lo, hi = xd.amin(dim=-1, keepdim=True).clamp(max=0), xd.amax(dim=-1, keepdim=True).clamp(min=0)
+    step = ((hi - lo) / KV_QMAX).clamp(min=1e-30)
+    z = torch.round(-lo / step)
+    q = (torch.round(xd / step) + z).clamp(0, KV_QMAX)
+    return _ste(x, (q - z) * step), step
 
 
 #: float32 represents every integer of magnitude <= 2**24 exactly
@@ -310,6 +339,8 @@ class Attention(nn.Module):
     def _scores(self, q, k, kz, kr):
         """q (..., Tq, D) float rotated; k (..., Tk, D) float or codes -> real scores, float32."""
         nm = self.nm
+        if nm.simulate:  # k is already fake_kv'd by _kv_store
+            return (fake_act(q) if nm.a8 else q) @ k.transpose(-1, -2)
         if not (nm.a8 or nm.kv4):
             return q @ k.transpose(-1, -2)
         if nm.a8:
@@ -338,6 +369,14 @@ class Attention(nn.Module):
     def _pv(self, p, v, vz, vr):
         """p (..., Tq, Tk) float32 probabilities -> output (..., Tq, D) float32."""
         nm = self.nm
+        if nm.simulate:  # v fake_kv'd, vr its steps (..., Tk, 1) or None: P·V as the fold computes it
+            if not nm.a8:
+                return p @ v
+            if vr is None:
+                return fake_act(p) @ v
+            w = p * vr.squeeze(-1).unsqueeze(-2)  # p_j · r_j/15, (..., Tq, Tk)
+            w = _ste(w, torch.round(w.detach() * _FX_ONE) / _FX_ONE)  # the fold's Q15.16 rounding (P̃)
+            return fake_act(w) @ (v / vr)
         if nm.kv4 and nm.a8:
             pa, pamax = fold_quantize_pv(p, vr)
             acc = _int_matmul(pa, v.to(F64) - vz.to(F64).unsqueeze(-1), ACT_QMAX * KV_QMAX)
@@ -355,6 +394,11 @@ class Attention(nn.Module):
         return p @ v
 
     def _kv_store(self, k, v):
+        if self.nm.simulate:
+            if not self.nm.kv4:
+                return k, None, None, v, None, None
+            (kq, _), (vq, vstep) = fake_kv(k), fake_kv(v)
+            return kq, None, None, vq, None, vstep
         if self.nm.kv4:
             kc, kz, kr = quantize_kv(k)
             vc, vz, vr = quantize_kv(v)

@@ -264,7 +264,8 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
                     continue
                 results[p] = res
             if recon is not None and results:
-                results, rstats = reconstruct_layer(layer, results, x, yf, rope, recon, seed=seed + i)
+                results, rstats = reconstruct_layer(layer, results, x, yf, rope, recon, seed=seed + i,
+                                                   deploy=nm)
                 recon_log.append({"layer": i, **rstats})
                 bar.set_postfix(recon=f"{rstats['loss_before']:.3g}->{rstats['loss_after']:.3g}")
             for p, res in results.items():

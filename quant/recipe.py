@@ -109,6 +109,8 @@ class Reconstruct:
     batch_samples: int = param(2, "calibration sequences per optimizer step", min=1, max=4096)
     seq_len: int = param(256, "train on the first this many tokens of each sequence (causal, so exact "
                               "prefixes; 0 = whole sequences)", min=0, max=131_072)
+    simulate_quant: bool = param(False, "train through A8 and KV4 simulated with straight-through rounding "
+                                        "(otherwise activations and the KV cache stay float while tuning)")
     loss: str = param("mse", "mse: squared error over all tokens and channels; token_relative: each token's "
                              "squared error over its target's squared norm (what the next RMSNorm sees, so "
                              "the few huge residual channels do not dominate)", choices=["mse", "token_relative"])

@@ -16,9 +16,11 @@ stages). Loss (``Reconstruct.loss``): mean squared error over all tokens and cha
 RMSNorm divides by that norm, and a few residual channels hundreds of times larger than the rest would
 otherwise decide the whole objective from layer 12 of SmolLM2 on). Adam, ``batch_samples`` calibration
 sequences per step, each cut to its first ``seq_len`` tokens (exact: attention is causal, so a
-prefix's outputs do not depend on what follows it; the cost per step falls with the square of it). The training forward keeps activations and the KV cache in float (A8 and KV4 are
-applied at deployment, not simulated here) and attention causal: the calibration windows are no
-longer than the Λ cache.
+prefix's outputs do not depend on what follows it; the cost per step falls with the square of it).
+The training forward keeps activations and the KV cache in float, or with ``simulate_quant`` runs
+them through A8 and KV4 simulated with straight-through rounding (``quant.model.fake_act`` /
+``fake_kv``), so the tuning can also absorb the activation and cache quantization; attention is
+causal (the training prefixes are no longer than the Λ cache).
 
 Safety: the loss on a fixed probe batch is measured before and after; if tuning made it worse the
 layer keeps its starting fields (``improved`` False in the returned statistics).
@@ -62,17 +64,23 @@ def _loss(layer, x, y, rope, pos, kind: str = "mse", chunk: int = 4) -> float:
 
 
 def reconstruct_layer(layer: DecoderLayer, qlin: dict[str, QuantizedLinear], x: torch.Tensor, y: torch.Tensor,
-                      rope, cfg: Reconstruct, seed: int = 0) -> tuple[dict[str, QuantizedLinear], dict]:
+                      rope, cfg: Reconstruct, seed: int = 0,
+                      deploy: Numerics | None = None) -> tuple[dict[str, QuantizedLinear], dict]:
     """Tune ``qlin`` (projection name -> QuantizedLinear) inside ``layer`` so that ``layer(x) ≈ y``.
 
     ``layer`` is the float decoder layer (its linears for the projections not in ``qlin`` stay as
     they are); x, y (N, L, H) float32. Returns the tuned fields and statistics (loss before/after,
-    seconds). The layer's modules for ``qlin`` are left as FakeQuantLinear; the caller replaces them."""
+    seconds). The layer's modules for ``qlin`` are left as FakeQuantLinear; the caller replaces them.
+    ``deploy``: the deployment numerics, simulated in training when ``cfg.simulate_quant``."""
     t0 = time.time()
     nm_saved = layer.self_attn.nm
-    layer.self_attn.nm = Numerics()  # float attention, differentiable
+    sim = cfg.simulate_quant and deploy is not None and (deploy.a8 or deploy.kv4)
+    # differentiable attention: float, or A8 / KV4 simulated with straight-through rounding
+    layer.self_attn.nm = Numerics(a8=deploy.a8, kv4=deploy.kv4, simulate=True) if sim else Numerics()
     fq = {p: FakeQuantLinear(q, train_row_scale=cfg.row_scale_lr > 0, tune_codes=cfg.tune_codes)
           for p, q in qlin.items()}
+    for m in fq.values():
+        m.a8 = bool(sim and deploy.a8)
     for p, m in fq.items():
         _set(layer, p, m)
     groups = [{"params": [p for m in fq.values() for p in (m.s, m.m)], "lr": cfg.lr}]
