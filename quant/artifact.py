@@ -134,7 +134,7 @@ def packed_weight_bytes(tensors: dict[str, np.ndarray], name: str) -> int:
 
 
 def unpack_linear(name: str, t: dict[str, np.ndarray], meta: dict):
-    n, k, bits, g = meta["out"], meta["in"], meta["bits"], meta["group_size"]
+    k, bits, g = meta["in"], meta["bits"], meta["group_size"]
     try:
         if meta["sparse"]:
             kept = packing.unpack_bits(t[f"{name}.qweight"], bits, k // SPARSE_M * SPARSE_N)

@@ -16,11 +16,11 @@ from quant import formats, reference
 from quant.artifact import load_artifact, pack_linear, unpack_linear
 from quant.data import calibration_windows, eval_windows
 from quant.errors import QuantError
-from quant.evaluate import evaluate, generate, generate_ids, perplexity
+from quant.evaluate import evaluate, generate, generate_ids
 from quant.loading import load_model
 from quant.pipeline import quantize_model
 from quant.qlinear import QuantizedLinear
-from quant.recipe import AttentionWindow, QuantizeWeights, Recipe
+from quant.recipe import QuantizeWeights, Recipe
 from tiny_llama import make_tiny_llama
 
 pytestmark = pytest.mark.model
