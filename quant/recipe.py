@@ -102,14 +102,14 @@ class Reconstruct:
     quantized, tune their group scales and mins (and row scales, optionally the codes) with Adam so
     that the quantized layer, fed the quantized model's activations, reproduces the float model's
     output of that layer."""
-    steps: int = param(40, "optimizer steps per decoder layer", min=1, max=100_000)
+    steps: int = param(100, "optimizer steps per decoder layer", min=1, max=100_000)
     lr: float = param(0.05, "learning rate (scales and mins move in integer units: 1e-3 never changes a rounded value)", min=0.0, max=1.0)
     row_scale_lr: float = param(0.0005, "learning rate of the log row scales (0 keeps them fixed)", min=0.0, max=1.0)
     tune_codes: bool = param(False, "also let codes change (otherwise scales and mins only)")
     batch_samples: int = param(2, "calibration sequences per optimizer step", min=1, max=4096)
     seq_len: int = param(256, "train on the first this many tokens of each sequence (causal, so exact "
                               "prefixes; 0 = whole sequences)", min=0, max=131_072)
-    simulate_quant: bool = param(False, "train through A8 and KV4 simulated with straight-through rounding "
+    simulate_quant: bool = param(True, "train through A8 and KV4 simulated with straight-through rounding "
                                         "(otherwise activations and the KV cache stay float while tuning)")
     loss: str = param("mse", "mse: squared error over all tokens and channels; token_relative: each token's "
                              "squared error over its target's squared norm (what the next RMSNorm sees, so "

@@ -268,6 +268,7 @@ def test_reconstruct_stage_brings_the_quantized_model_closer_to_float(tiny, tmp_
     recon = load_recipe("w2a8kv4-recon")
     rc = recon.get(Reconstruct)
     rc.simulate_quant, rc.loss = (False, "mse") if variant == "float-mse" else (True, "token_relative")
+    rc.steps = 40  # fast; the recipe's 100 are for real models
     for r in (base, recon):
         r.get(QuantizeWeights).clip_search = False  # fast; the stage is what is under test
     cal = dict(calib_samples=8, seq_len=64, progress=False)
