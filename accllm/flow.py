@@ -114,6 +114,11 @@ def _step_simulate(cfg: Config, out: Path, done: dict) -> dict:
     res = simulate_engine(cfg.engine, s.simulator, s.cases, s.seed, stall_probability=s.stall_probability,
                           waves=s.waves, build_dir=out / "runs")
     res["ok"] = bool(res["bit_exact"])
+    # the step folder is a temporary name until the step completes: record paths relative to it
+    base = out.resolve()
+    res["run_dir"] = str(Path(res["run_dir"]).relative_to(base))
+    if "first_mismatch" in res:
+        res["first_mismatch"]["dump"] = str(Path(res["first_mismatch"]["dump"]).resolve().relative_to(base))
     return res
 
 

@@ -90,3 +90,15 @@ def test_failed_step_leaves_no_temporary_folder(tmp_path, capsys):
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet", "--steps", "quantize"]) == 2
     assert "/nonexistent/model" in capsys.readouterr().err
     assert not list(out.glob(".*.tmp")) and not (out / "quantize").exists()
+
+
+def test_run_simulate_step_records_a_run_folder_that_exists(tmp_path):
+    """The step runs in a temporary folder renamed at the end: the summary's run_dir must be relative
+    to the final step folder, not the temporary one."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("simulation: {cases: 6}\n")
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet", "--steps", "config", "simulate"]) == 0
+    res = json.loads((out / "summary.json").read_text())["steps"]["simulate"]
+    assert res["bit_exact"] and not Path(res["run_dir"]).is_absolute()
+    assert (out / "simulate" / res["run_dir"]).is_dir()

@@ -24,7 +24,8 @@ def test_dump_round_trips():
     assert C.from_data(yaml.safe_load(C.dump(cfg))) == cfg
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "benchmarks").rglob("*.yaml")),
+                         ids=lambda p: p.name)
 def test_builtin_configs_load(path):
     C.load(path)
 
