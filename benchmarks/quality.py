@@ -78,7 +78,8 @@ def write_tables(args, text, results):
             "long": args.long, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
             "seed": args.seed, "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "commands": getattr(args, "commands", []), "include": getattr(args, "include", [])}
+            "commands": getattr(args, "commands", []), "include": getattr(args, "include", []),
+            "notes": getattr(args, "notes", [])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmpj = out.with_suffix(".json.tmp")
@@ -88,8 +89,8 @@ def write_tables(args, text, results):
              f"Calibration: {args.calib_samples} × {args.calib_seq_len} tokens of Sense and Sensibility, seed "
              f"{args.seed}. Quantized rows run on the integer path.", "",
              "Ratio: perplexity over the as-loaded model's at the same context and attention. "
-             "quantize s: wall seconds of the artifact's quantization as it ran (this table's runs: one "
-             "thread each on two cores shared with other jobs, load 3-5; docs/quantizer.md, Speed).", "",
+             "quantize s: wall seconds of the artifact's quantization as it ran, on whatever else the machine "
+             "was doing (the notes say; quiet-machine timings: docs/quantizer.md, Speed).", "",
              "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | ratio | tokens | quantize s | "
              "quantize peak RSS | eval s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -116,6 +117,8 @@ def write_tables(args, text, results):
         lines += ["", "Made by (in this order; artifacts quantized by the first rows that need them, or found in "
                   "`--artifacts-dir`; `--include` lists rows measured by another script):", "", "```"]
         lines += meta["commands"] + ["```"]
+    if meta["notes"]:
+        lines += ["", "Notes:", ""] + [f"* {n}" for n in meta["notes"]]
     tmpm = out.with_suffix(".md.tmp")
     tmpm.write_text("\n".join(lines) + "\n")
     os.replace(tmpm, out.with_suffix(".md"))
@@ -138,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--include", action="append", default=[], metavar="JSON",
                     help="also list the rows of another results JSON of this format (e.g. "
                          "benchmarks/results/peers.json); rows of the same name measured here win")
+    ap.add_argument("--note", dest="notes", action="append", default=[], metavar="TEXT",
+                    help="a sentence for the table's notes (how artifacts found in --artifacts-dir were made, "
+                         "the machine's load, rows carried over); kept by --append")
     ap.add_argument("--artifacts-dir", default=None,
                     help="keep artifacts in DIR/<recipe> and reuse one found there (same settings assumed)")
     args = ap.parse_args(argv)
@@ -162,6 +168,7 @@ def main(argv=None) -> int:
         old = json.loads(Path(args.out).with_suffix(".json").read_text())
         results = old["rows"]
         args.commands = old["meta"].get("commands", [])
+        args.notes = old["meta"].get("notes", []) + args.notes
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
     args.commands = args.commands + [(env + " " if env else "") + ".venv/bin/python benchmarks/quality.py "
                                      + shlex.join(sys.argv[1:] if argv is None else argv)]
