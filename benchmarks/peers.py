@@ -233,9 +233,17 @@ def projections_names(model, cls) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, cls)]
 
 
-def run_peer(peer: str | None, source: str, text, *, bits: int | None = 2, group_size: int = GROUP_SIZE,
-             activations8: bool = False, seq_len: int = 512, max_tokens: int | None = None, calib_text=None,
-             calib_samples: int = 8, calib_seq_len: int = 256, seed: int = 0, progress: bool = False) -> dict:
+def run_peer(peer: str | None, source: str, text, **kw) -> dict:
+    """:func:`_run_peer` without gradients, leaving the caller's grad mode as it was."""
+    import torch
+
+    with torch.no_grad():
+        return _run_peer(peer, source, text, **kw)
+
+
+def _run_peer(peer: str | None, source: str, text, *, bits: int | None = 2, group_size: int = GROUP_SIZE,
+              activations8: bool = False, seq_len: int = 512, max_tokens: int | None = None, calib_text=None,
+              calib_samples: int = 8, calib_seq_len: int = 256, seed: int = 0, progress: bool = False) -> dict:
     """Load the float model of ``source``, quantize it with ``peer`` ('quanto', 'hqq', or None for the float
     model itself) and measure its perplexity on ``text`` exactly as quality.py's rows do.
     -> {"perplexity", "tokens", "seq_len", "integer_path", "bits_per_weight", "load_seconds",
@@ -247,7 +255,6 @@ def run_peer(peer: str | None, source: str, text, *, bits: int | None = 2, group
     why = missing(peer)
     if why:
         raise ModuleNotFoundError(why)
-    torch.set_grad_enabled(False)
     t0 = time.time()
     with RssPeak() as rss:
         model, tok = load_hf_float(source)

@@ -126,6 +126,14 @@ def write_tables(args, text, results):
 
 
 def main(argv=None) -> int:
+    """The benchmark, without gradients; the caller's grad mode is left as it was (tests call main())."""
+    import torch
+
+    with torch.no_grad():
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--text", default=None, help="evaluation text (default: Pride and Prejudice)")
@@ -148,15 +156,12 @@ def main(argv=None) -> int:
                     help="keep artifacts in DIR/<recipe> and reuse one found there (same settings assumed)")
     args = ap.parse_args(argv)
 
-    import torch
-
     from accllm.config import load_recipe
     from quant.artifact import load_artifact
     from quant.evaluate import perplexity
     from quant.loading import load_model
     from quant.pipeline import peak_rss_bytes, quantize_model
 
-    torch.set_grad_enabled(False)
     text = Path(args.text) if args.text else default_text()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]

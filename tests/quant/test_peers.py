@@ -64,3 +64,6 @@ def test_missing_extra_is_a_skipped_row(tiny, tmp_path, monkeypatch):
     assert [r["row"] for r in rows] == ["hqq-w2", "quanto-w2"]
     assert all(r["perplexity"] is None and "pip install" in r["skipped"] for r in rows)
     assert "skipped" in out.with_suffix(".md").read_text()
+    import torch
+
+    assert torch.is_grad_enabled()  # main() must not switch gradients off for the rest of the process
