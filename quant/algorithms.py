@@ -573,8 +573,8 @@ def key_smoothing_factors(q_max: torch.Tensor, k_max: torch.Tensor, alpha: float
 def fold_key_smoothing(wq: torch.Tensor, wk: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(wq · f, wk / f) row-wise: k_proj's row (g, c) divided by f[g, c], q_proj's rows (h, c) for every
     query head h of group g multiplied by it. q·k per head is unchanged in exact arithmetic; the weight
-    quantizers see scaled rows only (each row has its own scale, so the codes do not change; the float16 row scale may round
-    differently)."""
+    quantizers see scaled rows only (each row has its own scale, so the codes do not change; the
+    float16 row scale may round differently)."""
     n_kv, d = f.shape
     n_heads = wq.shape[0] // d
     fq = f.repeat_interleave(n_heads // n_kv, dim=0).reshape(-1, 1)

@@ -42,7 +42,6 @@ from .data import calibration_windows
 from .errors import QuantError
 from .loading import WeightStore, is_artifact, load_config, load_tokenizer, resolve_source
 from . import algorithms
-from .algorithms import PairMax
 from .model import ATTN, MLP_NAMES, FloatLinear, Numerics, QLinear, float_layer, linear_name, rms_norm
 from .reconstruct import reconstruct_layer
 from .recipe import AttentionWindow, Prune, QuantizeKV, QuantizeWeights, Reconstruct, Recipe
@@ -100,10 +99,8 @@ def check_recipe(cfg, recipe: Recipe, where: str):
 def _smooth_keys(att, pmax: dict, alpha: float, i: int) -> dict:
     """Fold the calibrated key smoothing into the float layer's q_proj / k_proj (in place) and return
     what it did: the spread (max / median) of the key pair maxima before and after."""
-    from .algorithms import fold_key_smoothing, key_smoothing_factors
-
-    f = key_smoothing_factors(pmax["q_proj"].max, pmax["k_proj"].max, alpha)
-    wq, wk = fold_key_smoothing(att.q_proj.weight.data, att.k_proj.weight.data, f)
+    f = algorithms.key_smoothing_factors(pmax["q_proj"].max, pmax["k_proj"].max, alpha)
+    wq, wk = algorithms.fold_key_smoothing(att.q_proj.weight.data, att.k_proj.weight.data, f)
     att.q_proj.weight.data.copy_(wq)
     att.k_proj.weight.data.copy_(wk)
     half = f.shape[1] // 2
@@ -237,7 +234,8 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
                 hooks = [getattr(mods[p], p).register_forward_hook(stats[p]) for p in hook_on]
                 if smooth:
                     att = layer.self_attn
-                    pmax = {"q_proj": PairMax(att.n_heads, att.head_dim), "k_proj": PairMax(att.n_kv, att.head_dim)}
+                    pmax = {"q_proj": algorithms.PairMax(att.n_heads, att.head_dim),
+                            "k_proj": algorithms.PairMax(att.n_kv, att.head_dim)}
                     hooks += [getattr(att, p).register_forward_hook(h) for p, h in pmax.items()]
                 _run(layer, x, rope, y)
                 for h in hooks:
