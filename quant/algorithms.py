@@ -32,6 +32,7 @@ import torch
 
 from . import reference
 from .formats import SPARSE_M, SPARSE_N, W_MIN, W_SCALE, WEIGHT_BITS_SUPPORTED
+from .model import fake_act
 from .qlinear import QuantizedLinear
 from .recipe import Prune, QuantizeWeights
 from .reference import FormatError
@@ -645,12 +646,14 @@ class FakeQuantLinear(torch.nn.Module):
 
     * ``train_row_scale``: log row scales are parameters; else the row scales are fixed.
     * ``tune_codes``: the latent codes u (initialised at the codes) are parameters; else codes are fixed.
+    * ``a8``: the input is put through ``quant.model.fake_act`` (A8 simulated, straight-through).
     """
 
     def __init__(self, ql: QuantizedLinear, train_row_scale: bool = False, tune_codes: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, a8: bool = False):
         super().__init__()
         ql.validate()
+        self.a8 = a8  # simulate the A8 input quantization (quant.model.fake_act) in the forward
         self.group_size = int(ql.group_size)
         self.bits = int(ql.bits)
         self.tune_codes = tune_codes
@@ -689,13 +692,8 @@ class FakeQuantLinear(torch.nn.Module):
         s, m, S, q, s_full, m_full = self._fields()
         return S[:, None] * (s_full * q + m_full) * self.mask
 
-    #: simulate the A8 input quantization (``quant.model.fake_act``) in the forward
-    a8: bool = False
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a8:
-            from .model import fake_act
-
             x = fake_act(x)
         y = x @ self.weight().T
         return y if self.bias is None else y + self.bias

@@ -77,10 +77,9 @@ def reconstruct_layer(layer: DecoderLayer, qlin: dict[str, QuantizedLinear], x: 
     sim = cfg.simulate_quant and deploy is not None and (deploy.a8 or deploy.kv4)
     # differentiable attention: float, or A8 / KV4 simulated with straight-through rounding
     layer.self_attn.nm = Numerics(a8=deploy.a8, kv4=deploy.kv4, simulate=True) if sim else Numerics()
-    fq = {p: FakeQuantLinear(q, train_row_scale=cfg.row_scale_lr > 0, tune_codes=cfg.tune_codes)
+    fq = {p: FakeQuantLinear(q, train_row_scale=cfg.row_scale_lr > 0, tune_codes=cfg.tune_codes,
+                             a8=bool(sim and deploy.a8))
           for p, q in qlin.items()}
-    for m in fq.values():
-        m.a8 = bool(sim and deploy.a8)
     for p, m in fq.items():
         _set(layer, p, m)
     groups = [{"params": [p for m in fq.values() for p in (m.s, m.m)], "lr": cfg.lr}]
