@@ -43,6 +43,12 @@ WEIGHT_BITS_SUPPORTED = (2, 4)  # codes the engine multiplies (4-bit codes share
 # --- activations: symmetric per-token int8 ----------------------------------------------------------
 ACT = IntFormat("activation", 8, signed=True)  # the engine accepts -128..127
 ACT_QMAX = 127  # the quantizer emits -127..127 (symmetric)
+#: a token's amax = max |x| of Q15.16 values: reaches 2**31 (|-2**31|), so 32 bits unsigned
+AMAX = IntFormat("activation amax", 32, signed=False)
+
+# --- embedding table: symmetric int8 per row (token id), float16 row scale ---------------------------
+EMBED_CODE = IntFormat("embedding code", 8, signed=True)  # -127..127 produced
+EMBED_BITS_SUPPORTED = (8,)
 
 # --- KV cache: asymmetric per-token (per head) uint4 with an integer zero-point -------------------
 KV_CODE = IntFormat("kv code", 4, signed=False)  # 0..15

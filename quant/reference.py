@@ -23,6 +23,8 @@ import numpy as np
 from .formats import (
     ACT,
     ACT_QMAX,
+    AMAX,
+    EMBED_CODE,
     FX,
     FX_FRAC_BITS,
     KV_CODE,
@@ -378,15 +380,82 @@ def pv_product(p_a, v_codes, v_zero) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Requantization between operations
 # ---------------------------------------------------------------------------------------------------
-def requantize(acc, mult, shift: int, out: IntFormat) -> np.ndarray:
-    """out = saturate(shift_round(acc * mult, shift)). ``mult`` broadcasts (e.g. one per output row)."""
+def requantize(acc, mult, shift, out: IntFormat) -> np.ndarray:
+    """out = saturate(shift_round(acc * mult, shift)).
+
+    ``mult`` (uint16, 1..65535) and ``shift`` (0..62) broadcast against ``acc``: one per operation
+    (scalars) or one per output row (arrays of shape (N,) against acc (T, N)). A multiplier of 0 is
+    refused: it would silently zero the output (``multiplier_for`` never produces it)."""
     x = _int(acc, None, "accumulator")
     mu = _int(mult, REQ_MULT, "requant multiplier")
-    if not 0 <= int(shift) <= REQ_SHIFT_MAX:
-        raise FormatError(f"requant shift {shift} outside 0..{REQ_SHIFT_MAX}")
+    sh = _int(shift, None, "requant shift")
+    if mu.size and mu.min() == 0:
+        raise FormatError("requant multiplier 0 would zero every output; use multiplier_for(scale)")
+    if sh.size and (sh.min() < 0 or sh.max() > REQ_SHIFT_MAX):
+        bad = sh.min() if sh.min() < 0 else sh.max()
+        raise FormatError(f"requant shift {int(bad)} outside 0..{REQ_SHIFT_MAX}")
     if x.size and np.abs(x).max() >= (1 << 46):
         raise FormatError("accumulator beyond 2**46: acc * mult would overflow 63 bits")
-    return saturate(shift_round(x * mu, int(shift)), out)
+    return saturate(shift_round(x * mu, sh), out)
+
+
+def token_multiplier(amax) -> tuple[np.ndarray, np.ndarray]:
+    """A per-token integer scale (an activation ``amax``, 0..2**31-1) as a 16-bit mantissa and an
+    exponent, integer only: ``amax ~= mult * 2**exp`` with ``mult`` in [2**15, 2**16), rounded half up
+    (exact when amax < 2**16). ``amax == 0`` gives (0, 0). Returns (mult (T,) int64, exp (T,) int64)."""
+    a = _int(amax, AMAX, "amax")
+    bits = np.zeros(a.shape, np.int64)
+    nz = a > 0
+    # bit length of a positive int64, exactly (no float log)
+    v = a.copy()
+    for s in (32, 16, 8, 4, 2, 1):
+        big = v >= (1 << s)
+        bits += np.where(big, s, 0)
+        v = np.where(big, v >> s, v)
+    bits = np.where(nz, bits + 1, 0)
+    exp = bits - 16
+    mult = np.where(exp > 0, shift_round(a, np.maximum(exp, 0)), np.left_shift(a, np.maximum(-exp, 0)))
+    carry = mult == (1 << 16)  # rounding up to 2**16: renormalise
+    mult = np.where(carry, 1 << 15, mult)
+    exp = np.where(carry, exp + 1, exp)
+    return np.where(nz, mult, 0).astype(np.int64), np.where(nz, exp, 0).astype(np.int64)
+
+
+def rescale_linear(acc, row_mult, row_shift, tok_mult, tok_exp) -> np.ndarray:
+    """A W×A8 linear's accumulators (T, N) to Q15.16 with a per-row and a per-token scale:
+
+        y[t, n] = saturate_FX( shift_round(acc[t,n] * row_mult[n] * tok_mult[t], row_shift[n] - tok_exp[t]) )
+
+    where (row_mult, row_shift) = ``linear_row_multipliers(row_scale)`` stands for S_row[n] / 127 and
+    (tok_mult, tok_exp) = ``token_multiplier(amax)`` for the token's amax. |acc| < 2**31 and both
+    multipliers < 2**16 keep the product below 2**63; the effective shift must lie in 0..62."""
+    x = _int(acc, None, "accumulator")
+    rm = _int(row_mult, REQ_MULT, "row multiplier")
+    rs = _int(row_shift, None, "row shift")
+    tm = _int(tok_mult, REQ_MULT, "token multiplier")
+    te = _int(tok_exp, None, "token exponent")
+    if x.ndim != 2 or rm.shape != (x.shape[1],) or rs.shape != rm.shape or tm.shape != (x.shape[0],) \
+            or te.shape != tm.shape:
+        raise FormatError(f"rescale_linear: acc {x.shape}, row {rm.shape}/{rs.shape}, token {tm.shape}/{te.shape}")
+    if x.size and np.abs(x).max() >= (1 << 31):
+        raise FormatError("rescale_linear: |accumulator| >= 2**31 (the engine's 32-bit accumulators)")
+    sh = rs[None, :] - te[:, None]
+    live = (tm[:, None] != 0) & np.ones_like(sh, bool)
+    if np.any(live & ((sh < 0) | (sh > REQ_SHIFT_MAX))):
+        t, n = np.argwhere(live & ((sh < 0) | (sh > REQ_SHIFT_MAX)))[0]
+        raise FormatError(f"rescale_linear: shift {int(sh[t, n])} at token {t}, row {n} outside 0..{REQ_SHIFT_MAX} "
+                          f"(row scale or activation range out of the format)")
+    return saturate(shift_round(x * rm[None, :] * tm[:, None], np.clip(sh, 0, REQ_SHIFT_MAX)), FX)
+
+
+def linear_row_multipliers(row_scale) -> tuple[np.ndarray, np.ndarray]:
+    """(mult, shift) per output row for the real factor S_row[n] / 127 (``multiplier_for``, float64:
+    computed once offline from the artifact's float16 row scales, identically by every consumer)."""
+    rs = np.asarray(row_scale, np.float64)
+    pairs = [multiplier_for(float(s) / ACT_QMAX) for s in rs.reshape(-1)]
+    mult = np.array([p[0] for p in pairs], np.int64).reshape(rs.shape)
+    shift = np.array([p[1] for p in pairs], np.int64).reshape(rs.shape)
+    return mult, shift
 
 
 def multiplier_for(real: float) -> tuple[int, int]:
@@ -404,6 +473,55 @@ def multiplier_for(real: float) -> tuple[int, int]:
     if shift > REQ_SHIFT_MAX:
         raise FormatError(f"requant scale {real} is too small (shift {shift} > {REQ_SHIFT_MAX})")
     return mult, shift
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embedding table: int8 per row with a float16 row scale; lookup straight into Q15.16
+# ---------------------------------------------------------------------------------------------------
+def quantize_embedding(w) -> tuple[np.ndarray, np.ndarray]:
+    """Float table (V, H) -> (codes (V, H) int8 in -127..127, row_scale (V,) float16-representable
+    float64). Per row: S = amax / 127 rounded up to float16 (so |w| / S <= 127), codes = rint(w / S);
+    an all-zero row gets S = 1 and codes 0. S must stay below 1 (|w| < 127) so that the lookup's
+    multiplier S * 2**16 fits 16 bits."""
+    w = np.asarray(w, np.float64)
+    if w.ndim != 2:
+        raise FormatError(f"embedding table must be 2-D (vocab, hidden), got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        bad = np.argwhere(~np.isfinite(w))[0]
+        raise FormatError(f"embedding table: non-finite value at {tuple(int(i) for i in bad)}")
+    amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
+    s = (amax / ACT_QMAX).astype(np.float16).astype(np.float64)
+    short = s * ACT_QMAX < amax
+    s = np.where(short, np.nextafter(s.astype(np.float16), np.float16(np.inf)).astype(np.float64), s)
+    s = np.where(amax > 0, s, 1.0)
+    if np.any(s >= 1.0) and np.any(amax[s >= 1.0] > 0):
+        r = int(np.argmax((s >= 1.0) & (amax > 0)))
+        raise FormatError(f"embedding row {r}: |w| up to {amax[r]:.4g} needs a row scale >= 1, outside the "
+                          f"lookup's 16-bit multiplier (rows must stay below 127 in magnitude)")
+    codes = np.clip(np.rint(w / s[:, None]), -ACT_QMAX, ACT_QMAX).astype(np.int8)
+    return codes, s
+
+
+def embedding_multipliers(row_scale) -> tuple[np.ndarray, np.ndarray]:
+    """(mult, shift) per embedding row for the real factor S_row * 2**16 (codes -> Q15.16)."""
+    rs = np.asarray(row_scale, np.float64)
+    pairs = [multiplier_for(float(s) * (1 << FX_FRAC_BITS)) for s in rs.reshape(-1)]
+    return (np.array([p[0] for p in pairs], np.int64).reshape(rs.shape),
+            np.array([p[1] for p in pairs], np.int64).reshape(rs.shape))
+
+
+def embed_lookup(ids, codes, mult, shift) -> np.ndarray:
+    """Token ids (T,) -> hidden states (T, H) in Q15.16: shift_round(code * mult[id], shift[id])."""
+    i = _int(ids, None, "token ids")
+    c = _int(codes, EMBED_CODE, "embedding codes")
+    if i.ndim != 1:
+        raise FormatError(f"token ids must be 1-D, got shape {i.shape}")
+    if i.size and (i.min() < 0 or i.max() >= c.shape[0]):
+        bad = int(i[(i < 0) | (i >= c.shape[0])][0])
+        raise FormatError(f"token id {bad} outside the vocabulary 0..{c.shape[0] - 1}")
+    mu = _int(mult, REQ_MULT, "embedding multipliers")[i]
+    sh = _int(shift, None, "embedding shifts")[i]
+    return saturate(shift_round(c[i] * mu[:, None], sh[:, None]), FX)
 
 
 # ---------------------------------------------------------------------------------------------------
