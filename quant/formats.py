@@ -107,3 +107,40 @@ def pv_acc_bound(n_keys: int) -> int:
 def signed_bits_for(bound: int) -> int:
     """Width of a two's-complement register that holds every value in [-bound, bound]."""
     return int(bound).bit_length() + 1
+
+
+# --- the special functions between the products (docs/numerics.md, sections 11-16) ------------------
+#: RMSNorm: a row whose |x| reaches 2**23 (128.0) is shifted right (rounded) until it does not, so each
+#: square is exact below 2**46 and the int64 sum holds H <= 2**16 of them
+RMS_PRESHIFT_BITS = 23
+RMS_MAX_HIDDEN = 1 << 16
+#: reciprocal square root: r ~= 2**15 / sqrt(m), m in [1, 4) normalised from the sum of squares;
+#: table of 2**15/sqrt(m) indexed by the top 8 bits of m (Q2.30 >> 24: 64..255) + one Newton step
+RSQRT_FRAC = 15
+RSQRT_MANT_FRAC = 30
+RSQRT_INDEX_SHIFT = 24
+RSQRT_TABLE_LO = 64
+RSQRT_TABLE_HI = 256
+#: the RMSNorm weight gamma * sqrt(H) in Q15.16 (int32)
+GAMMA = IntFormat("rmsnorm gamma*sqrt(H), Q15.16", 32, signed=True)
+
+#: RoPE: a position's phase n * theta_j in turns as a 32-bit fraction; sin table of 2**14 entries
+#: per turn, values Q1.15 (|v| <= 2**15), nearest entry
+ROPE_PHASE_BITS = 32
+ROPE_TABLE_BITS = 14
+ROPE_FRAC = 15
+ROPE_MAX_POSITION = (1 << 31) - 1
+
+#: softmax: base-2 logits z in Q15.16 (int32 after saturation); 2**-f for the fraction f from a table
+#: of 2**10 entries (nearest), values Q0.16 in (2**15, 2**16]; exponentials e_j in Q0.16
+SOFTMAX_Z = FX
+EXP2_TABLE_BITS = 10
+EXP2_FRAC = 16
+#: reciprocal of the softmax sum: round(2**31 / m) for its 16-bit mantissa m
+RECIP_NUM_BITS = 31
+
+#: SiLU: sigmoid table on [-16, 16) in steps of 2**-7 (4096 intervals, 4097 entries, Q0.16), linear
+#: interpolation on the 9 bits below; sigmoid = 0 below -16 and 1 from 16 on
+SIGMOID_RANGE = 16
+SIGMOID_STEP_SHIFT = 9
+SIGMOID_FRAC = 16

@@ -540,6 +540,64 @@ class LlamaLM(nn.Module):
     def quantized(self) -> bool:
         return any(isinstance(m, QLinear) for m in self.modules())
 
+    # -- the integer route: the whole decoder in integers (quant.integer, twin of quant.golden) -----------
+    embed_q = None  # (codes (V, H) int8, row_scale (V,)) when the artifact's embedding is quantized
+
+    def integer_spec(self):
+        """The model's integers as a ``quant.golden.Spec`` (numpy): every linear and the lm_head must be
+        quantized and the embedding table int8 (``embed_q``); the float constants (γ, RoPE frequencies,
+        row scales) are converted once by ``reference.*_params``. Raises QuantError naming what is float."""
+        from . import golden as G
+        from . import reference as R
+        from .errors import QuantError
+
+        nm = self.numerics
+        if not nm.a8 or not nm.kv4:
+            raise QuantError("the integer path runs the hardware's numerics: it needs 8-bit activations and the "
+                             "4-bit KV cache (quantize_activations and quantize_kv in the recipe)")
+        if self.embed_q is None:
+            raise QuantError("the integer path needs the embedding table quantized (recipe modifier "
+                             "quantize_embedding); this artifact keeps it in float")
+        if not isinstance(self.lm_head, QLinear):
+            raise QuantError("the integer path needs a quantized lm_head (quantize_weights.overrides "
+                             "{lm_head: 4}); this artifact keeps it in float")
+
+        def lin(m, name):
+            if not isinstance(m, QLinear):
+                raise QuantError(f"the integer path needs every linear quantized; {name} is float")
+            q = m.q
+            return G.Linear.from_fields(name, q.codes, q.scales, q.mins, q.row_scale, q.group_size, q.bits,
+                                        q.mask, q.bias)
+
+        layers = []
+        for i, lay in enumerate(self.layers):
+            mods = {p: getattr(lay.self_attn, p) for p in ATTN} | {p: getattr(lay.mlp, p) for p in MLP_NAMES}
+            layers.append(G.Layer(G.Norm.from_float(lay.input_layernorm.detach().numpy(), lay.eps),
+                                  G.Norm.from_float(lay.post_attention_layernorm.detach().numpy(), lay.eps),
+                                  {p: lin(m, linear_name(i, p)) for p, m in mods.items()}))
+        a = self.layers[0].self_attn
+        codes, row_scale = self.embed_q
+        em, es = R.embedding_multipliers(row_scale)
+        theta, table = R.rope_params(self.rope.inv_freq.detach().numpy(), self.rope.scale)
+        mc, sc = R.softmax_params(a.head_dim)
+        cfg = self.config
+        return G.Spec(hidden=cfg.hidden_size, n_heads=a.n_heads, n_kv=a.n_kv, head_dim=a.head_dim, layers=layers,
+                      final_norm=G.Norm.from_float(self.norm.detach().numpy(), self.eps),
+                      lm_head=lin(self.lm_head, "lm_head"), embed_codes=np.asarray(codes, np.int8),
+                      embed_mult=em, embed_shift=es, rope_theta=theta, rope_table=table, softmax_mult=mc,
+                      softmax_shift=sc, sinks=nm.sinks if nm.window is not None else 0, window=nm.window,
+                      max_positions=getattr(cfg, "max_position_embeddings", None)).check()
+
+    def integer_decoder(self):
+        """The torch integer decoder for the current numerics (built once per Λ setting)."""
+        from .integer import Decoder
+
+        key = (self.numerics.sinks, self.numerics.window)
+        if getattr(self, "_decoder_key", None) != key:
+            self._decoder = Decoder(self.integer_spec())
+            self._decoder_key = key
+        return self._decoder
+
     def head(self, h):
         h = rms_norm(h, self.norm, self.eps)
         if self.lm_head is None:
@@ -547,21 +605,33 @@ class LlamaLM(nn.Module):
         return self.lm_head(h)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) -> logits (B, T, V) float32."""
+        """ids (B, T) -> logits (B, T, V): float32 on the float route; on the integer route the decoder's
+        Q15.16 integer logits as float64 (exact)."""
+        if self.numerics.integer_path:
+            from .integer import to_float_logits
+
+            dec = self.integer_decoder()
+            return torch.stack([to_float_logits(dec.forward(row, 0, dec.new_caches())) for row in ids])
         pos = torch.arange(ids.shape[1])
         h = self.embed_tokens[ids]
         for layer in self.layers:
             h = layer(h, self.rope, pos)
         return self.head(h)
 
-    def new_cache(self) -> list[KVCache]:
+    def new_cache(self) -> list:
         nm = self.numerics
+        if nm.integer_path:
+            return self.integer_decoder().new_caches()
         cap = None if nm.window is None else nm.sinks + nm.window
         a = self.layers[0].self_attn
         return [KVCache(a.n_kv, a.head_dim, nm, cap) for _ in self.layers]
 
     def step(self, token: int, n: int, cache: list[KVCache]) -> torch.Tensor:
         """Logits (V,) for one token at position n, updating the caches."""
+        if self.numerics.integer_path:
+            from .integer import to_float_logits
+
+            return to_float_logits(self.integer_decoder().forward([token], n, cache)[0])
         h = self.embed_tokens[torch.tensor([[token]])]
         for layer, c in zip(self.layers, cache):
             h = layer.step(h, self.rope, n, c)

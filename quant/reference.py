@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import formats as F
 from .formats import (
     ACT,
     ACT_QMAX,
@@ -399,26 +400,46 @@ def requantize(acc, mult, shift, out: IntFormat) -> np.ndarray:
     return saturate(shift_round(x * mu, sh), out)
 
 
-def token_multiplier(amax) -> tuple[np.ndarray, np.ndarray]:
-    """A per-token integer scale (an activation ``amax``, 0..2**31-1) as a 16-bit mantissa and an
-    exponent, integer only: ``amax ~= mult * 2**exp`` with ``mult`` in [2**15, 2**16), rounded half up
-    (exact when amax < 2**16). ``amax == 0`` gives (0, 0). Returns (mult (T,) int64, exp (T,) int64)."""
-    a = _int(amax, AMAX, "amax")
-    bits = np.zeros(a.shape, np.int64)
-    nz = a > 0
-    # bit length of a positive int64, exactly (no float log)
-    v = a.copy()
+def bit_length(x) -> np.ndarray:
+    """Bit length of non-negative int64 values (0 -> 0), exactly, without a float logarithm."""
+    v = _int(x, None, "bit_length operand")
+    if v.size and v.min() < 0:
+        raise FormatError("bit_length: negative operand")
+    bits = np.zeros(v.shape, np.int64)
     for s in (32, 16, 8, 4, 2, 1):
         big = v >= (1 << s)
         bits += np.where(big, s, 0)
         v = np.where(big, v >> s, v)
-    bits = np.where(nz, bits + 1, 0)
-    exp = bits - 16
+    return np.where(np.asarray(x) > 0, bits + 1, 0).astype(np.int64)
+
+
+def shift_round_signed(x, s) -> np.ndarray:
+    """x * 2**-s: ``shift_round`` for s >= 0, an exact left shift for s < 0 (callers bound the result)."""
+    x = np.asarray(x, np.int64)
+    s = np.asarray(s, np.int64)
+    return np.where(s >= 0, shift_round(x, np.maximum(s, 0)), np.left_shift(x, np.maximum(-s, 0)))
+
+
+def mantissa16(x) -> tuple[np.ndarray, np.ndarray]:
+    """A non-negative integer (< 2**62) as a 16-bit mantissa and an exponent, integer only:
+    ``x ~= mult * 2**exp`` with ``mult`` in [2**15, 2**16), rounded half up (exact when x < 2**16;
+    relative error <= 2**-16). 0 gives (0, 0)."""
+    a = _int(x, None, "mantissa16 operand")
+    if a.size and (a.min() < 0 or a.max() >= (1 << 62)):
+        raise FormatError("mantissa16: operand outside 0..2**62-1")
+    nz = a > 0
+    exp = bit_length(a) - 16
     mult = np.where(exp > 0, shift_round(a, np.maximum(exp, 0)), np.left_shift(a, np.maximum(-exp, 0)))
     carry = mult == (1 << 16)  # rounding up to 2**16: renormalise
     mult = np.where(carry, 1 << 15, mult)
     exp = np.where(carry, exp + 1, exp)
     return np.where(nz, mult, 0).astype(np.int64), np.where(nz, exp, 0).astype(np.int64)
+
+
+def token_multiplier(amax) -> tuple[np.ndarray, np.ndarray]:
+    """A per-token integer scale (an activation ``amax``, 0..2**31, or a KV range, 0..2**32-1) as
+    ``mantissa16``: (mult (T,) in [2**15, 2**16) or 0, exp (T,)), ``amax ~= mult * 2**exp``."""
+    return mantissa16(_int(amax, AMAX, "amax"))
 
 
 def rescale_linear(acc, row_mult, row_shift, tok_mult, tok_exp) -> np.ndarray:
@@ -481,7 +502,7 @@ def multiplier_for(real: float) -> tuple[int, int]:
 def quantize_embedding(w) -> tuple[np.ndarray, np.ndarray]:
     """Float table (V, H) -> (codes (V, H) int8 in -127..127, row_scale (V,) float16-representable
     float64). Per row: S = amax / 127 rounded up to float16 (so |w| / S <= 127), codes = rint(w / S);
-    an all-zero row gets S = 1 and codes 0. S must stay below 1 (|w| < 127) so that the lookup's
+    an all-zero row gets S = 2**-14 (the smallest normal float16) and codes 0. S must stay below 1 (|w| < 127) so that the lookup's
     multiplier S * 2**16 fits 16 bits."""
     w = np.asarray(w, np.float64)
     if w.ndim != 2:
@@ -493,8 +514,8 @@ def quantize_embedding(w) -> tuple[np.ndarray, np.ndarray]:
     s = (amax / ACT_QMAX).astype(np.float16).astype(np.float64)
     short = s * ACT_QMAX < amax
     s = np.where(short, np.nextafter(s.astype(np.float16), np.float16(np.inf)).astype(np.float64), s)
-    s = np.where(amax > 0, s, 1.0)
-    if np.any(s >= 1.0) and np.any(amax[s >= 1.0] > 0):
+    s = np.where(amax > 0, s, 2.0 ** -14)
+    if np.any(s >= 1.0):
         r = int(np.argmax((s >= 1.0) & (amax > 0)))
         raise FormatError(f"embedding row {r}: |w| up to {amax[r]:.4g} needs a row scale >= 1, outside the "
                           f"lookup's 16-bit multiplier (rows must stay below 127 in magnitude)")
@@ -559,3 +580,264 @@ def lambda_mask(t: int, sinks: int, window: int) -> np.ndarray:
     n = np.arange(t)[:, None]
     j = np.arange(t)[None, :]
     return (j <= n) & ((j < sinks) | (j > n - window))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The special functions between the products (docs/numerics.md, sections 11-16), integer only.
+# Constants that come from the float checkpoint (gamma, RoPE frequencies, the softmax's 1/sqrt(D)) are
+# turned into integers once, offline, by the ``*_params`` functions (float64, deterministic); every
+# consumer (the torch integer path, the golden model, the RTL) reads those integers.
+# ---------------------------------------------------------------------------------------------------
+def residual_add(x, y) -> np.ndarray:
+    """The residual stream is Q15.16 in an int32: x + y, saturated."""
+    return saturate(_int(x, FX, "residual") + _int(y, FX, "residual update"), FX)
+
+
+def rsqrt_table() -> np.ndarray:
+    """2**15 / sqrt(m) at the middle of each interval [i/64, (i+1)/64) of m, for i = 64..255 (entries
+    below 64 are unused zeros): a 192-entry table of 16-bit values."""
+    i = np.arange(F.RSQRT_TABLE_HI, dtype=np.float64)
+    t = np.rint((1 << F.RSQRT_FRAC) / np.sqrt((i + 0.5) / F.RSQRT_TABLE_LO))
+    t[: F.RSQRT_TABLE_LO] = 0
+    return t.astype(np.int64)
+
+
+_RSQRT_TABLE = rsqrt_table()
+
+
+def rsqrt(v) -> tuple[np.ndarray, np.ndarray]:
+    """1 / sqrt(v) for integers 1 <= v < 2**63 as r * 2**-(15 + e): (r in (2**14, 2**15], e >= 0).
+
+    v = m * 4**e with m in [1, 4) (e from the bit length); m as Q2.30 (truncated); y0 from the table at
+    m's top 8 bits; one Newton step y1 = y0 * (3 - m * y0**2) / 2 in fixed point, rounded half up."""
+    x = _int(v, None, "rsqrt operand")
+    if x.size and x.min() < 1:
+        raise FormatError("rsqrt: operand must be >= 1")
+    e = (bit_length(x) - 1) // 2
+    sh = 2 * e - F.RSQRT_MANT_FRAC
+    mq = np.where(sh > 0, np.right_shift(x, np.maximum(sh, 0)), np.left_shift(x, np.maximum(-sh, 0)))
+    y = _RSQRT_TABLE[mq >> F.RSQRT_INDEX_SHIFT]
+    t = shift_round(mq * (y * y), 2 * F.RSQRT_FRAC)  # m * y**2 in Q2.30, ~2**30
+    h = (3 << F.RSQRT_MANT_FRAC) - t
+    r = np.minimum(shift_round(y * h, F.RSQRT_MANT_FRAC + 1), 1 << F.RSQRT_FRAC)
+    return r.astype(np.int64), e.astype(np.int64)
+
+
+def rmsnorm_params(gamma, eps: float, hidden: int | None = None) -> tuple[np.ndarray, int]:
+    """Offline: (g, eps_term) with g = rint(gamma * sqrt(H) * 2**16) (Q15.16) and
+    eps_term = rint(eps * H * 2**32), the eps of the mean square in the units of the sum of squares of
+    Q15.16 values (2**-32)."""
+    gm = np.asarray(gamma, np.float64).reshape(-1)
+    h = gm.size if hidden is None else int(hidden)
+    if h < 1 or h > F.RMS_MAX_HIDDEN:
+        raise FormatError(f"rmsnorm: hidden size {h} outside 1..{F.RMS_MAX_HIDDEN} (the int64 sum of squares)")
+    if not np.all(np.isfinite(gm)) or not (np.isfinite(eps) and 0 <= eps < 1):
+        raise FormatError(f"rmsnorm: gamma must be finite and eps in [0, 1), got eps {eps}")
+    g = np.rint(gm * np.sqrt(h) * (1 << FX_FRAC_BITS))
+    if g.size and np.abs(g).max() > F.GAMMA.max:
+        i = int(np.argmax(np.abs(g)))
+        raise FormatError(f"rmsnorm: gamma[{i}] * sqrt({h}) = {gm[i] * np.sqrt(h):.4g} does not fit Q15.16")
+    return g.astype(np.int64), int(np.rint(eps * h * float(1 << (2 * FX_FRAC_BITS))))
+
+
+def rmsnorm(x_fx, g, eps_term: int) -> np.ndarray:
+    """y = x / sqrt(mean(x**2) + eps) * gamma in Q15.16, per row:
+
+        k  = max(bit_length(max |x|) - 23, -((62 - bit_length(eps_term)) // 2))   (may be negative)
+        x' = x * 2**-k  (shift_round for k > 0, exact left shift for k < 0)     (|x'| < 2**23)
+        ss = sum_i x'_i**2 + eps_term * 2**-2k                                   (< 2**63 for H <= 2**16)
+        r, e = rsqrt(ss)                                                         (1/sqrt(ss) ~= r * 2**-(15+e))
+        y_i = saturate( shift_round( shift_round(x'_i * r, 15) * g_i, e ) )
+
+    (g carries sqrt(H) and 2**16: y = x * gamma * sqrt(H * 2**(32-2k) / ss) * 2**-16 ... see
+    docs/numerics.md.) Normalising every row to about 23 significant bits keeps the relative error near
+    2**-15 for rows of any magnitude; the bound on k stops eps_term * 2**-2k from passing 2**62 (rows so
+    small are dominated by eps). A row with ss == 0 (all zero, eps_term 0) gives zeros."""
+    x = _int(x_fx, FX, "rmsnorm input (Q15.16)")
+    gg = _int(g, F.GAMMA, "rmsnorm weights")
+    if x.ndim != 2 or gg.shape != (x.shape[1],):
+        raise FormatError(f"rmsnorm: x {x.shape} and g {gg.shape} need (T, H) and (H,)")
+    if x.shape[1] > F.RMS_MAX_HIDDEN:
+        raise FormatError(f"rmsnorm: hidden size {x.shape[1]} beyond {F.RMS_MAX_HIDDEN}")
+    eps_term = int(eps_term)
+    if not 0 <= eps_term < (1 << 62):
+        raise FormatError(f"rmsnorm: eps_term {eps_term} outside 0..2**62")
+    kmin = -((62 - int(bit_length(eps_term))) // 2)
+    k = np.maximum(bit_length(np.abs(x).max(axis=1)) - F.RMS_PRESHIFT_BITS, kmin)
+    xs = shift_round_signed(x, k[:, None])
+    ss = (xs * xs).sum(axis=1) + shift_round_signed(eps_term, 2 * k)
+    r, e = rsqrt(np.maximum(ss, 1))
+    u = shift_round(xs * r[:, None], F.RSQRT_FRAC)
+    y = saturate(shift_round(u * gg[None, :], e[:, None]), FX)
+    return np.where((ss > 0)[:, None], y, 0)
+
+
+def rope_params(inv_freq, scaling: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Offline: (theta, table). theta_j = rint(inv_freq_j / 2pi * 2**32): radians per position as a
+    32-bit fraction of a turn; table[i] = rint(scaling * sin(2pi i / 2**14) * 2**15), 2**14 entries."""
+    f = np.asarray(inv_freq, np.float64).reshape(-1)
+    if not np.all(np.isfinite(f)) or np.any(f < 0) or np.any(f >= 2 * np.pi):
+        raise FormatError("rope: inverse frequencies must be finite and in [0, 2pi)")
+    if not (np.isfinite(scaling) and 0 < scaling < 2):
+        raise FormatError(f"rope: attention scaling {scaling} outside (0, 2): the Q1.15 table cannot hold it")
+    theta = np.rint(f / (2 * np.pi) * float(1 << F.ROPE_PHASE_BITS)).astype(np.int64)
+    n = 1 << F.ROPE_TABLE_BITS
+    table = np.rint(scaling * np.sin(2 * np.pi * np.arange(n) / n) * (1 << F.ROPE_FRAC)).astype(np.int64)
+    return theta, table
+
+
+def rope_cos_sin(pos, theta, table) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (P, D/2) in Q1.15 for positions (P,): phase = n * theta mod 2**32, nearest table entry."""
+    p = _int(pos, None, "positions")
+    if p.size and (p.min() < 0 or p.max() > F.ROPE_MAX_POSITION):
+        raise FormatError(f"rope: position outside 0..{F.ROPE_MAX_POSITION}")
+    th = _int(theta, None, "rope theta")
+    tb = F.ROPE_TABLE_BITS
+    ph = (p.reshape(-1)[:, None] * th[None, :]) & ((1 << F.ROPE_PHASE_BITS) - 1)
+    idx = ((ph + (1 << (F.ROPE_PHASE_BITS - tb - 1))) >> (F.ROPE_PHASE_BITS - tb)) & ((1 << tb) - 1)
+    t = np.asarray(table, np.int64)
+    return t[(idx + (1 << (tb - 2))) & ((1 << tb) - 1)], t[idx]
+
+
+def rope_rotate(x_fx, cos, sin) -> np.ndarray:
+    """Rotate (..., P, D) Q15.16 vectors, channel j with j + D/2 (the Hugging Face Llama convention):
+    x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, each shift_round(., 15) and saturated."""
+    x = _int(x_fx, FX, "rope input (Q15.16)")
+    half = x.shape[-1] // 2
+    if x.shape[-1] % 2 or cos.shape != sin.shape or cos.shape[-1] != half or cos.shape[0] != x.shape[-2]:
+        raise FormatError(f"rope: x {x.shape} against cos/sin {cos.shape}")
+    x1, x2 = x[..., :half], x[..., half:]
+    y1 = shift_round(x1 * cos - x2 * sin, F.ROPE_FRAC)
+    y2 = shift_round(x2 * cos + x1 * sin, F.ROPE_FRAC)
+    return saturate(np.concatenate([y1, y2], axis=-1), FX)
+
+
+def softmax_params(head_dim: int) -> tuple[int, int]:
+    """Offline: (mult, shift) of log2(e) / (127 * 15 * sqrt(D)): from a Q·K accumulator and the token
+    scales to a base-2 logit."""
+    if head_dim < 1:
+        raise FormatError("softmax: head_dim must be >= 1")
+    return multiplier_for(float(np.log2(np.e)) / (ACT_QMAX * KV_QMAX * np.sqrt(head_dim)))
+
+
+def attention_logits(acc, q_amax, k_range, mult: int, shift: int) -> np.ndarray:
+    """Base-2 logits z (Tq, Tk) in Q15.16 of the scores acc * amax_q/127 * r_j/15 * 2**-32 / sqrt(D):
+
+        mq, eq = mantissa16(amax_q);  mr, er = mantissa16(r_j);  mqc = shift_round(mq * mult, 16)
+        z = saturate( (acc * mqc * mr) * 2**-(shift - eq - er) )     (|acc*mqc*mr| < 2**51)"""
+    a = _int(acc, None, "Q.K accumulators")
+    mq, eq = token_multiplier(q_amax)
+    mr, er = token_multiplier(k_range)
+    if a.ndim != 2 or mq.shape != (a.shape[0],) or mr.shape != (a.shape[1],):
+        raise FormatError(f"attention_logits: acc {a.shape}, q_amax {mq.shape}, k_range {mr.shape}")
+    if a.size and np.abs(a).max() >= (1 << 19):
+        raise FormatError("attention_logits: |Q.K accumulator| >= 2**19 (head_dim beyond 128?)")
+    mqc = shift_round(mq * int(mult), 16)
+    s = int(shift) - eq[:, None] - er[None, :]
+    if np.any(s < -10):
+        raise FormatError("attention_logits: scale exponent out of range")
+    return saturate(shift_round_signed(a * mqc[:, None] * mr[None, :], s), F.SOFTMAX_Z)
+
+
+def exp2_table() -> np.ndarray:
+    """rint(2**(-i / 1024) * 2**16), i = 0..1023: Q0.16 values in (2**15, 2**16]."""
+    n = 1 << F.EXP2_TABLE_BITS
+    return np.rint(2.0 ** (-np.arange(n) / n) * (1 << F.EXP2_FRAC)).astype(np.int64)
+
+
+_EXP2_TABLE = exp2_table()
+
+
+def softmax_exp(z, visible=None) -> np.ndarray:
+    """e_j = 2**(z_j - max z) in Q0.16 over the visible keys of each row (0 elsewhere):
+    d = max - z; integer part d >> 16 shifts (half up), the fraction picks the nearest of 1024 table
+    entries (a fraction rounding up to 1 carries into the integer part)."""
+    zz = _int(z, F.SOFTMAX_Z, "logits")
+    vis = np.ones(zz.shape, bool) if visible is None else np.asarray(visible, bool)
+    if vis.shape != zz.shape:
+        raise FormatError(f"softmax: visible {vis.shape} does not match logits {zz.shape}")
+    if zz.ndim != 2 or (zz.shape[1] and not vis.any(axis=1).all()):
+        raise FormatError("softmax: every row needs at least one visible key")
+    zmax = np.where(vis, zz, np.iinfo(np.int64).min).max(axis=1)
+    d = np.where(vis, zmax[:, None] - zz, 0)
+    ip = d >> F.FX_FRAC_BITS
+    step = F.FX_FRAC_BITS - F.EXP2_TABLE_BITS
+    idx = ((d & ((1 << F.FX_FRAC_BITS) - 1)) + (1 << (step - 1))) >> step
+    carry = idx == (1 << F.EXP2_TABLE_BITS)
+    ip, idx = np.where(carry, ip + 1, ip), np.where(carry, 0, idx)
+    e = shift_round(_EXP2_TABLE[idx], np.minimum(ip, REQ_SHIFT_MAX))
+    return np.where(vis, e, 0).astype(np.int64)
+
+
+def pv_weights(e, v_range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The probability format P·V consumes, with each value token's scale r_j folded in:
+    w_j = e_j * r_j; pa_j = round_div(127 * w_j, max_j w) (int8 codes 0..127; 0 when max w = 0).
+    Returns (pa (Tq, Tk) int8, wmax (Tq,), esum (Tq,) = sum_j e_j)."""
+    ee = _int(e, None, "exponentials")
+    r = _int(v_range, AMAX, "value ranges")
+    if ee.ndim != 2 or r.shape != (ee.shape[1],):
+        raise FormatError(f"pv_weights: e {ee.shape}, v_range {r.shape}")
+    if ee.size and (ee.min() < 0 or ee.max() > (1 << F.EXP2_FRAC)):
+        raise FormatError("pv_weights: exponentials outside 0..2**16")
+    w = ee * r[None, :]
+    wmax = w.max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.int64)
+    pa = np.where(wmax[:, None] > 0, round_div(ACT_QMAX * w, np.maximum(wmax, 1)[:, None]), 0)
+    return pa.astype(np.int8), wmax.astype(np.int64), ee.sum(axis=1).astype(np.int64)
+
+
+def pv_output(acc, wmax, esum) -> np.ndarray:
+    """Attention output in Q15.16 from the P·V accumulators: o = acc * wmax / (127 * 15 * esum), as
+    mw, ew = mantissa16(wmax); me, ee = mantissa16(1905 * esum); rq = round_div(2**31, me)
+    o = saturate( shift_round(acc * mw * rq, 31 + ee - ew) )   (the reciprocal of the sum: one
+    16-bit division per query row)."""
+    a = _int(acc, None, "P.V accumulators")
+    mw, ew = mantissa16(wmax)
+    es = _int(esum, None, "softmax sums")
+    if a.ndim != 2 or mw.shape != (a.shape[0],) or es.shape != mw.shape:
+        raise FormatError(f"pv_output: acc {a.shape}, wmax {mw.shape}, esum {es.shape}")
+    if es.size and es.min() < 1:
+        raise FormatError("pv_output: a softmax sum is 0 (no visible key)")
+    if a.size and np.abs(a).max() >= (1 << 24):
+        raise FormatError("pv_output: |P.V accumulator| >= 2**24 (more than 8192 keys?)")
+    me, eexp = mantissa16(ACT_QMAX * KV_QMAX * es)
+    rq = round_div(1 << F.RECIP_NUM_BITS, me)
+    s = F.RECIP_NUM_BITS + eexp - ew
+    return saturate(shift_round_signed(a * (mw * rq)[:, None], s[:, None]), FX)
+
+
+def sigmoid_table() -> np.ndarray:
+    """rint(sigmoid(-16 + i / 128) * 2**16), i = 0..4096 (Q0.16)."""
+    n = 2 * F.SIGMOID_RANGE << (F.FX_FRAC_BITS - F.SIGMOID_STEP_SHIFT)
+    x = -F.SIGMOID_RANGE + np.arange(n + 1) / float(1 << (F.FX_FRAC_BITS - F.SIGMOID_STEP_SHIFT))
+    return np.rint((1 << F.SIGMOID_FRAC) / (1 + np.exp(-x))).astype(np.int64)
+
+
+_SIGMOID_TABLE = sigmoid_table()
+
+
+def sigmoid(x_fx) -> np.ndarray:
+    """sigmoid(x) in Q0.16 for Q15.16 x: table on [-16, 16) in steps of 2**-7 with linear interpolation
+    on the 9 bits below (half up); 0 below -16, 2**16 from 16 on."""
+    x = _int(x_fx, FX, "sigmoid input (Q15.16)")
+    lo, hi = -F.SIGMOID_RANGE << F.FX_FRAC_BITS, F.SIGMOID_RANGE << F.FX_FRAC_BITS
+    off = np.clip(x, lo, hi - 1) - lo
+    idx = off >> F.SIGMOID_STEP_SHIFT
+    fr = off & ((1 << F.SIGMOID_STEP_SHIFT) - 1)
+    t0, t1 = _SIGMOID_TABLE[idx], _SIGMOID_TABLE[idx + 1]
+    s = t0 + shift_round((t1 - t0) * fr, F.SIGMOID_STEP_SHIFT)
+    return np.where(x < lo, 0, np.where(x >= hi, 1 << F.SIGMOID_FRAC, s)).astype(np.int64)
+
+
+def silu_mul(gate_fx, up_fx) -> np.ndarray:
+    """SwiGLU in Q15.16: s = shift_round(g * sigmoid(g), 16); h = saturate(shift_round(s * u, 16))."""
+    g = _int(gate_fx, FX, "gate (Q15.16)")
+    u = _int(up_fx, FX, "up (Q15.16)")
+    if g.shape != u.shape:
+        raise FormatError(f"silu_mul: gate {g.shape} and up {u.shape} differ")
+    s = shift_round(g * sigmoid(g), F.SIGMOID_FRAC)
+    return saturate(shift_round(s * u, FX_FRAC_BITS), FX)
+
+
+def argmax_first(logits) -> np.ndarray:
+    """Greedy next token over integer logits (..., V): the first index of the largest value."""
+    return np.argmax(_int(logits, None, "logits"), axis=-1).astype(np.int64)

@@ -1,0 +1,409 @@
+"""The torch integer path: the whole decoder in the integers ``quant.reference`` defines, in torch.
+
+Twin of ``quant.golden`` (numpy): every function below mirrors the reference operation of the same
+name, on int64 tensors, and is tested equal to it element for element (``tests/quant/test_integer.py``);
+the decoder (``Decoder``) is tested equal to the golden model tensor for tensor, and its one-token
+step path equal to its batch forward. Products run as float matmuls only where every partial sum is
+an integer the float type holds exactly (float32 below 2**24, float64 below 2**53): that is exact
+whatever the summation order, so the result does not depend on the CPU or the thread count.
+
+The constants (row multipliers, γ, RoPE tables, the softmax constant, the embedding table) come from a
+``quant.golden.Spec``, built once from the artifact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import formats as F
+from . import golden as G
+from .formats import ACT_QMAX, FX, KV_QMAX, REQ_SHIFT_MAX
+from .reference import FormatError
+
+I64 = torch.int64
+_F32_EXACT = 1 << 24
+_F64_EXACT = 1 << 53
+
+
+def _t(a) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.int64)))
+
+
+def _sat(x: torch.Tensor, fmt=FX) -> torch.Tensor:
+    return x.clamp(fmt.min, fmt.max)
+
+
+def shift_round(x: torch.Tensor, s) -> torch.Tensor:
+    s = _t(s) if not isinstance(s, int) else torch.tensor(s, dtype=I64)
+    half = torch.where(s > 0, torch.bitwise_left_shift(torch.ones_like(s), (s - 1).clamp(min=0)), torch.zeros_like(s))
+    return torch.bitwise_right_shift(x + half, s)
+
+
+def shift_round_signed(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s >= 0, shift_round(x, s.clamp(min=0)), torch.bitwise_left_shift(x, (-s).clamp(min=0)))
+
+
+def round_div(n: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """reference.round_div in int64 (ties away from zero; d > 0): floor((2|n| + d) / (2d)) with the sign."""
+    mag = torch.div(2 * n.abs() + d, 2 * d, rounding_mode="floor")
+    return torch.where(n < 0, -mag, mag)
+
+
+def bit_length(x: torch.Tensor) -> torch.Tensor:
+    v = x.clone()
+    bits = torch.zeros_like(x)
+    for s in (32, 16, 8, 4, 2, 1):
+        big = v >= (1 << s)
+        bits += torch.where(big, s, 0)
+        v = torch.where(big, v >> s, v)
+    return torch.where(x > 0, bits + 1, 0)
+
+
+def mantissa16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    nz = x > 0
+    exp = bit_length(x) - 16
+    mult = torch.where(exp > 0, shift_round(x, exp.clamp(min=0)), torch.bitwise_left_shift(x, (-exp).clamp(min=0)))
+    carry = mult == (1 << 16)
+    mult = torch.where(carry, 1 << 15, mult)
+    exp = torch.where(carry, exp + 1, exp)
+    return torch.where(nz, mult, 0), torch.where(nz, exp, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantizers and the linear
+# ---------------------------------------------------------------------------------------------------
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_activations over the last axis: (codes, amax), int64."""
+    amax = x.abs().amax(dim=-1)
+    codes = round_div(ACT_QMAX * x, amax.clamp(min=1).unsqueeze(-1))
+    return torch.where(amax.unsqueeze(-1) == 0, 0, codes), amax
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.quantize_kv over the last axis: (codes, zero, range), int64."""
+    lo = x.amin(dim=-1).clamp(max=0)
+    hi = x.amax(dim=-1).clamp(min=0)
+    r = hi - lo
+    safe = r.clamp(min=1)
+    zero = torch.where(r == 0, 0, round_div(-KV_QMAX * lo, safe))
+    codes = (round_div(KV_QMAX * x, safe.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, KV_QMAX)
+    return torch.where(r.unsqueeze(-1) == 0, 0, codes), zero, r
+
+
+def _matmul_exact(a: torch.Tensor, b: torch.Tensor, max_term: int) -> torch.Tensor:
+    """a @ b of int64 tensors through float32/float64 where every partial sum is exact; int64 result."""
+    bound = a.shape[-1] * max_term
+    if bound < _F32_EXACT:
+        return (a.to(torch.float32) @ b.to(torch.float32)).to(I64)
+    if bound < _F64_EXACT:
+        return (a.to(torch.float64) @ b.to(torch.float64)).to(I64)
+    raise FormatError(f"integer matmul: partial sums up to {bound} are beyond float64's exact integers")
+
+
+class Linear:
+    """A golden.Linear as torch tensors: the integer weight s_hat*q + m_hat (0 where pruned)."""
+
+    def __init__(self, lin: G.Linear):
+        self.name = lin.name
+        g = lin.group_size
+        w = (np.repeat(lin.scales.astype(np.int64), g, axis=1) * lin.codes.astype(np.int64)
+             + np.repeat(lin.mins.astype(np.int64), g, axis=1))
+        if lin.mask is not None:
+            w = np.where(lin.mask, w, 0)
+        self.w_t = torch.from_numpy(w.T.copy()).to(torch.float64)  # (K, N)
+        self.max_w = int(np.abs(w).max()) if w.size else 0
+        self.row_mult, self.row_shift = _t(lin.row_mult), _t(lin.row_shift)
+        self.bias = None if lin.bias_fx is None else _t(lin.bias_fx)
+
+    def __call__(self, x: torch.Tensor, trace: dict | None = None, name: str = "") -> torch.Tensor:
+        a, amax = quantize_activations(x)
+        bound = a.shape[-1] * ACT_QMAX * max(self.max_w, 1)
+        if bound >= _F64_EXACT:
+            raise FormatError(f"{self.name}: accumulators beyond float64's exact integers")
+        acc = (a.to(torch.float64) @ self.w_t).to(I64)
+        tm, te = mantissa16(amax)
+        sh = self.row_shift[None, :] - te[:, None]
+        live = tm[:, None] != 0
+        if bool((live & ((sh < 0) | (sh > REQ_SHIFT_MAX))).any()):
+            raise FormatError(f"{self.name}: rescale shift outside 0..{REQ_SHIFT_MAX}")
+        if bool((acc.abs() >= (1 << 31)).any()):
+            raise FormatError(f"{self.name}: |accumulator| >= 2**31")
+        y = _sat(shift_round(acc * self.row_mult[None, :] * tm[:, None], sh.clamp(0, REQ_SHIFT_MAX)))
+        if self.bias is not None:
+            y = _sat(y + self.bias[None, :])
+        if trace is not None:
+            trace[f"{name}.a"], trace[f"{name}.amax"], trace[f"{name}.acc"], trace[f"{name}.y"] = a, amax, acc, y
+        return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# the special functions (twins of reference.rmsnorm, rope_*, attention_logits, softmax_exp, ...)
+# ---------------------------------------------------------------------------------------------------
+_RSQRT = torch.from_numpy(G.R.rsqrt_table())
+_EXP2 = torch.from_numpy(G.R.exp2_table())
+_SIGMOID = torch.from_numpy(G.R.sigmoid_table())
+
+
+def rsqrt(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    e = (bit_length(v) - 1) // 2
+    sh = 2 * e - F.RSQRT_MANT_FRAC
+    mq = torch.where(sh > 0, torch.bitwise_right_shift(v, sh.clamp(min=0)),
+                     torch.bitwise_left_shift(v, (-sh).clamp(min=0)))
+    y = _RSQRT[mq >> F.RSQRT_INDEX_SHIFT]
+    t = shift_round(mq * (y * y), 2 * F.RSQRT_FRAC)
+    h = (3 << F.RSQRT_MANT_FRAC) - t
+    return shift_round(y * h, F.RSQRT_MANT_FRAC + 1).clamp(max=1 << F.RSQRT_FRAC), e
+
+
+def rmsnorm(x: torch.Tensor, g: torch.Tensor, eps_term: int) -> torch.Tensor:
+    kmin = -((62 - int(G.R.bit_length(eps_term))) // 2)
+    k = (bit_length(x.abs().amax(dim=-1)) - F.RMS_PRESHIFT_BITS).clamp(min=kmin)
+    xs = shift_round_signed(x, k.unsqueeze(-1))
+    ss = (xs * xs).sum(dim=-1) + shift_round_signed(torch.full_like(k, int(eps_term)), 2 * k)
+    r, e = rsqrt(ss.clamp(min=1))
+    u = shift_round(xs * r.unsqueeze(-1), F.RSQRT_FRAC)
+    y = _sat(shift_round(u * g, e.unsqueeze(-1)))
+    return torch.where((ss > 0).unsqueeze(-1), y, 0)
+
+
+def rope_cos_sin(pos: torch.Tensor, theta: torch.Tensor, table: torch.Tensor):
+    if bool((pos < 0).any()) or bool((pos > F.ROPE_MAX_POSITION).any()):
+        raise FormatError(f"rope: position outside 0..{F.ROPE_MAX_POSITION}")
+    tb = F.ROPE_TABLE_BITS
+    ph = (pos[:, None] * theta[None, :]) & ((1 << F.ROPE_PHASE_BITS) - 1)
+    idx = ((ph + (1 << (F.ROPE_PHASE_BITS - tb - 1))) >> (F.ROPE_PHASE_BITS - tb)) & ((1 << tb) - 1)
+    return table[(idx + (1 << (tb - 2))) & ((1 << tb) - 1)], table[idx]
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return _sat(torch.cat([shift_round(x1 * cos - x2 * sin, F.ROPE_FRAC),
+                           shift_round(x2 * cos + x1 * sin, F.ROPE_FRAC)], dim=-1))
+
+
+def attention_logits(acc, q_amax, k_range, mult: int, shift: int) -> torch.Tensor:
+    """acc (..., Tq, Tk), q_amax (..., Tq), k_range (..., Tk)."""
+    mq, eq = mantissa16(q_amax)
+    mr, er = mantissa16(k_range)
+    mqc = shift_round(mq * int(mult), 16)
+    s = int(shift) - eq.unsqueeze(-1) - er.unsqueeze(-2)
+    if bool((s < -10).any()):
+        raise FormatError("attention_logits: scale exponent out of range")
+    return _sat(shift_round_signed(acc * mqc.unsqueeze(-1) * mr.unsqueeze(-2), s))
+
+
+def softmax_exp(z: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    zmax = torch.where(visible, z, torch.iinfo(I64).min).amax(dim=-1, keepdim=True)
+    d = torch.where(visible, zmax - z, 0)
+    ip = d >> F.FX_FRAC_BITS
+    step = F.FX_FRAC_BITS - F.EXP2_TABLE_BITS
+    idx = ((d & ((1 << F.FX_FRAC_BITS) - 1)) + (1 << (step - 1))) >> step
+    carry = idx == (1 << F.EXP2_TABLE_BITS)
+    ip, idx = torch.where(carry, ip + 1, ip), torch.where(carry, 0, idx)
+    return torch.where(visible, shift_round(_EXP2[idx], ip.clamp(max=REQ_SHIFT_MAX)), 0)
+
+
+def pv_weights(e: torch.Tensor, v_range: torch.Tensor):
+    """e (..., Tq, Tk), v_range (..., Tk) -> (pa, wmax, esum)."""
+    w = e * v_range.unsqueeze(-2)
+    wmax = w.amax(dim=-1)
+    pa = torch.where(wmax.unsqueeze(-1) > 0, round_div(ACT_QMAX * w, wmax.clamp(min=1).unsqueeze(-1)), 0)
+    return pa, wmax, e.sum(dim=-1)
+
+
+def pv_output(acc: torch.Tensor, wmax: torch.Tensor, esum: torch.Tensor) -> torch.Tensor:
+    mw, ew = mantissa16(wmax)
+    me, eexp = mantissa16(ACT_QMAX * KV_QMAX * esum)
+    rq = round_div(torch.full_like(me, 1 << F.RECIP_NUM_BITS), me)
+    s = F.RECIP_NUM_BITS + eexp - ew
+    return _sat(shift_round_signed(acc * (mw * rq).unsqueeze(-1), s.unsqueeze(-1)))
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = -F.SIGMOID_RANGE << F.FX_FRAC_BITS, F.SIGMOID_RANGE << F.FX_FRAC_BITS
+    off = x.clamp(lo, hi - 1) - lo
+    idx = off >> F.SIGMOID_STEP_SHIFT
+    fr = off & ((1 << F.SIGMOID_STEP_SHIFT) - 1)
+    t0, t1 = _SIGMOID[idx], _SIGMOID[idx + 1]
+    s = t0 + shift_round((t1 - t0) * fr, F.SIGMOID_STEP_SHIFT)
+    return torch.where(x < lo, 0, torch.where(x >= hi, 1 << F.SIGMOID_FRAC, s))
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    s = shift_round(g * sigmoid(g), F.SIGMOID_FRAC)
+    return _sat(shift_round(s * u, F.FX_FRAC_BITS))
+
+
+def embed_lookup(ids: torch.Tensor, codes: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    if bool((ids < 0).any()) or bool((ids >= codes.shape[0]).any()):
+        raise FormatError(f"token id outside the vocabulary 0..{codes.shape[0] - 1}")
+    return _sat(shift_round(codes[ids] * mult[ids].unsqueeze(-1), shift[ids].unsqueeze(-1)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the decoder
+# ---------------------------------------------------------------------------------------------------
+class Cache:
+    """One layer's Λ-shaped KV4 cache for one sequence (golden.Cache in torch): S + W slots, a ring
+    buffer for the window; growing (doubling) under full attention."""
+
+    def __init__(self, n_kv: int, head_dim: int, sinks: int, window: int | None):
+        self.n_kv, self.head_dim, self.sinks, self.window = n_kv, head_dim, sinks, window
+        self._alloc(sinks + window if window is not None else 16)
+
+    def _alloc(self, n: int):
+        self.k = torch.zeros(self.n_kv, n, self.head_dim, dtype=torch.uint8)
+        self.v = torch.zeros_like(self.k)
+        self.kz, self.vz = (torch.zeros(self.n_kv, n, dtype=torch.uint8) for _ in range(2))
+        self.kr, self.vr = (torch.zeros(self.n_kv, n, dtype=I64) for _ in range(2))
+        self.pos = torch.full((n,), -1, dtype=I64)
+
+    def slot(self, t: int) -> int:
+        if self.window is None:
+            while t >= self.pos.numel():
+                old = (self.k, self.v, self.kz, self.vz, self.kr, self.vr, self.pos)
+                n = self.pos.numel()
+                self._alloc(2 * n)
+                self.k[:, :n], self.v[:, :n] = old[0], old[1]
+                self.kz[:, :n], self.vz[:, :n], self.kr[:, :n], self.vr[:, :n] = old[2:6]
+                self.pos[:n] = old[6]
+            return t
+        return t if t < self.sinks else self.sinks + (t - self.sinks) % self.window
+
+    def write(self, t: int, kc, kz, kr, vc, vz, vr):
+        i = self.slot(t)
+        self.k[:, i], self.kz[:, i], self.kr[:, i] = kc.to(torch.uint8), kz.to(torch.uint8), kr
+        self.v[:, i], self.vz[:, i], self.vr[:, i] = vc.to(torch.uint8), vz.to(torch.uint8), vr
+        self.pos[i] = t
+
+    def contents(self):
+        filled = torch.nonzero(self.pos >= 0).flatten()
+        order = filled[torch.argsort(self.pos[filled], stable=True)]
+        return (self.k[:, order].to(I64), self.kz[:, order].to(I64), self.kr[:, order], self.v[:, order].to(I64),
+                self.vz[:, order].to(I64), self.vr[:, order], self.pos[order])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kz, self.vz, self.kr, self.vr, self.pos))
+
+
+def _quantize_heads(x: torch.Tensor):
+    return quantize_activations(x)  # per (head, token): the last axis is the head's channels
+
+
+class Decoder:
+    """The integer decoder over a golden.Spec (golden.forward in torch). ``forward(ids, start, caches)``
+    runs T tokens at positions start.. (a prompt, or one decode step) and returns Q15.16 logits."""
+
+    def __init__(self, spec: G.Spec):
+        self.spec = spec.check()
+        self.layers = [{"attn_norm": (_t(l.attn_norm.g), l.attn_norm.eps_term),
+                        "mlp_norm": (_t(l.mlp_norm.g), l.mlp_norm.eps_term),
+                        **{p: Linear(l.linears[p]) for p in G.ATTN_PROJ + G.MLP_PROJ}} for l in spec.layers]
+        self.final_norm = (_t(spec.final_norm.g), spec.final_norm.eps_term)
+        self.lm_head = Linear(spec.lm_head)
+        self.embed = (_t(spec.embed_codes), _t(spec.embed_mult), _t(spec.embed_shift))
+        self.rope = (_t(spec.rope_theta), _t(spec.rope_table))
+        if spec.window is not None and (spec.sinks + spec.window) * ACT_QMAX * KV_QMAX >= _F32_EXACT:
+            raise FormatError("Λ cache too large for the exact float32 P.V products")
+
+    def new_caches(self) -> list[Cache]:
+        s = self.spec
+        return [Cache(s.n_kv, s.head_dim, s.sinks, s.window) for _ in s.layers]
+
+    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: Cache, trace: dict | None):
+        s, lay = self.spec, self.layers[i]
+        p = f"layer{i}.attn"
+        d, nh, nkv = s.head_dim, s.n_heads, s.n_kv
+        rep = nh // nkv
+        t = x.shape[0]
+        q = lay["q_proj"](x, trace, f"{p}.q_proj")
+        k = lay["k_proj"](x, trace, f"{p}.k_proj")
+        v = lay["v_proj"](x, trace, f"{p}.v_proj")
+        cos, sin = rope_cos_sin(positions, *self.rope)
+        qr = rope_rotate(q.view(t, nh, d).transpose(0, 1), cos, sin)  # (heads, T, D)
+        kr = rope_rotate(k.view(t, nkv, d).transpose(0, 1), cos, sin)
+        vh = v.view(t, nkv, d).transpose(0, 1)
+        kc, kz, krng = quantize_kv(kr)
+        vc, vz, vrng = quantize_kv(vh)
+        ck, ckz, ckr, cv, cvz, cvr, cpos = cache.contents()
+        keys, kzs, krs = torch.cat([ck, kc], 1), torch.cat([ckz, kz], 1), torch.cat([ckr, krng], 1)
+        vals, vzs, vrs = torch.cat([cv, vc], 1), torch.cat([cvz, vz], 1), torch.cat([cvr, vrng], 1)
+        kpos = torch.cat([cpos, positions])
+        for j in range(t):
+            cache.write(int(positions[j]), kc[:, j], kz[:, j], krng[:, j], vc[:, j], vz[:, j], vrng[:, j])
+        n = positions[:, None]
+        jp = kpos[None, :]
+        visible = jp <= n
+        lam = s.window is not None
+        if lam:
+            visible &= (jp < s.sinks) | (jp > n - s.window)
+        qa, qamax = _quantize_heads(qr)
+        sinks_apart = lam and s.sinks > 0
+        if sinks_apart:
+            cs, ss = rope_cos_sin(positions.clamp(max=s.sinks + s.window - 1), *self.rope)
+            qsa, qsamax = _quantize_heads(rope_rotate(q.view(t, nh, d).transpose(0, 1), cs, ss))
+        # GQA: query head h reads KV head h // rep
+        idx = torch.arange(nh) // rep
+        kk = keys[idx] - kzs[idx].unsqueeze(-1)  # (heads, Tk, D)
+        acc_w = _matmul_exact(qa, kk.transpose(1, 2), ACT_QMAX * KV_QMAX)
+        z = attention_logits(acc_w, qamax, krs[idx], s.softmax_mult, s.softmax_shift)
+        if sinks_apart:
+            acc_s = _matmul_exact(qsa, kk.transpose(1, 2), ACT_QMAX * KV_QMAX)
+            z_s = attention_logits(acc_s, qsamax, krs[idx], s.softmax_mult, s.softmax_shift)
+            z = torch.where((kpos < s.sinks)[None, None, :], z_s, z)
+        vis = visible.unsqueeze(0).expand(nh, -1, -1)
+        e = softmax_exp(z, vis)
+        pa, wmax, esum = pv_weights(e, vrs[idx])
+        acc_pv = _matmul_exact(pa, vals[idx] - vzs[idx].unsqueeze(-1), ACT_QMAX * KV_QMAX)
+        out = pv_output(acc_pv, wmax, esum)  # (heads, T, D)
+        o = out.transpose(0, 1).reshape(t, nh * d)
+        if trace is not None:
+            trace.update({f"{p}.q_rot": qr, f"{p}.k_rot": kr, f"{p}.k_codes": kc, f"{p}.k_zero": kz,
+                          f"{p}.k_range": krng, f"{p}.v_codes": vc, f"{p}.v_zero": vz, f"{p}.v_range": vrng,
+                          f"{p}.q_codes": qa, f"{p}.q_amax": qamax, f"{p}.logits": torch.where(vis, z, 0),
+                          f"{p}.p_codes": pa, f"{p}.pv_out": o})
+            if sinks_apart:
+                trace[f"{p}.q_sink_codes"] = qsa
+        return lay["o_proj"](o, trace, f"{p}.o_proj")
+
+    def layer(self, i: int, x, positions, cache: Cache, trace: dict | None):
+        lay = self.layers[i]
+        p = f"layer{i}"
+        xn = rmsnorm(x, *lay["attn_norm"])
+        h = _sat(x + self.attention(i, xn, positions, cache, trace))
+        hn = rmsnorm(h, *lay["mlp_norm"])
+        gate = lay["gate_proj"](hn, trace, f"{p}.mlp.gate_proj")
+        up = lay["up_proj"](hn, trace, f"{p}.mlp.up_proj")
+        act = silu_mul(gate, up)
+        out = _sat(h + lay["down_proj"](act, trace, f"{p}.mlp.down_proj"))
+        if trace is not None:
+            trace.update({f"{p}.attn_norm": xn, f"{p}.resid_attn": h, f"{p}.mlp_norm": hn,
+                          f"{p}.mlp.silu_mul": act, f"{p}.out": out})
+        return out
+
+    @torch.no_grad()
+    def forward(self, ids, start: int, caches: list[Cache], trace: dict | None = None) -> torch.Tensor:
+        """ids (T,) at positions start..start+T-1 -> logits (T, V) int64 Q15.16."""
+        s = self.spec
+        ids = torch.as_tensor(ids, dtype=I64).reshape(-1)
+        positions = torch.arange(start, start + ids.numel(), dtype=I64)
+        if s.window is None and s.max_positions is not None and ids.numel() and int(positions[-1]) >= s.max_positions:
+            raise FormatError(f"position {int(positions[-1])} beyond the model's {s.max_positions} positions "
+                              f"without Λ-attention: use a recipe with attention_window")
+        x = embed_lookup(ids, *self.embed)
+        if trace is not None:
+            trace["embed"] = x
+        for i in range(len(self.layers)):
+            x = self.layer(i, x, positions, caches[i], trace)
+        xn = rmsnorm(x, *self.final_norm)
+        logits = self.lm_head(xn, trace, "lm_head")
+        if trace is not None:
+            trace.update({"final_norm": xn, "logits": logits, "next_token": torch.argmax(logits, dim=-1)})
+        return logits
+
+
+def to_float_logits(logits_fx: torch.Tensor) -> torch.Tensor:
+    """Q15.16 logits as float64 (for the perplexity's cross-entropy, which is measurement, not hardware)."""
+    return logits_fx.to(torch.float64) / (1 << F.FX_FRAC_BITS)
