@@ -30,12 +30,15 @@ def perplexity(model, tokenizer, text: str | Path | None, seq_len: int = 512, ma
 
 
 def _set_integer_path(model, integer_path: bool | None, where: str) -> bool:
-    can = model.quantized and model.numerics.a8
+    """The integer route (the whole decoder in integers) by default whenever the model can run it; asked
+    for explicitly on a model that cannot, a clear error says what is float."""
+    why = model.integer_unready() if hasattr(model, "integer_unready") else "not an accllm model"
+    if not model.quantized:
+        why = "this model has no quantized linear layers"
     if integer_path is None:
-        integer_path = can
-    if integer_path and not can:
-        raise QuantError(f"{where}: the integer path needs an artifact with quantized linear layers and 8-bit "
-                         f"activations; this model has none. Evaluate it without --integer-path")
+        integer_path = why is None
+    if integer_path and why:
+        raise QuantError(f"{where}: cannot evaluate on the integer path: {why}. Evaluate it with --float-path")
     model.numerics.integer_path = bool(integer_path)
     return bool(integer_path)
 

@@ -162,7 +162,7 @@ def rmsnorm(x: torch.Tensor, g: torch.Tensor, eps_term: int) -> torch.Tensor:
     xs = shift_round_signed(x, k.unsqueeze(-1))
     ss = (xs * xs).sum(dim=-1) + shift_round_signed(torch.full_like(k, int(eps_term)), 2 * k)
     r, e = rsqrt(ss.clamp(min=1))
-    u = shift_round(xs * r.unsqueeze(-1), F.RSQRT_FRAC)
+    u = shift_round_signed(x * r.unsqueeze(-1), (F.RSQRT_FRAC + k).unsqueeze(-1))
     y = _sat(shift_round(u * g, e.unsqueeze(-1)))
     return torch.where((ss > 0).unsqueeze(-1), y, 0)
 

@@ -7,30 +7,27 @@ few lines here and fragile as a patch. With every switch off the forward is the 
 forward (same RMSNorm, RoPE from ``LlamaRotaryEmbedding``, SwiGLU, GQA); a test checks the perplexity
 against ``LlamaForCausalLM``'s own loss.
 
-Numerics (``Numerics``), each as ``quant.reference`` defines it:
+Two routes, selected by ``Numerics.integer_path``:
 
-* A8: the input of every quantized linear is put into Q15.16 (``to_fx``) and quantized per token
-  (``quantize_activations``): symmetric int8, amax per token.
-* Linear, integer path: ``acc = a @ W_intᵀ`` with ``W_int = s_hat·q + m_hat`` at kept positions (0 at
-  pruned ones). This is ``reference.w2a8_linear`` regrouped (the sum is distributive over the groups);
-  it is computed in float64, which is exact because every partial sum is an integer far below 2**53
-  (|a| <= 127, |W_int| <= 255·15 + 128, K <= 2**17). Real output = acc · S_row[n] · amax_t / 127 / 2**16.
-  Without the integer path the same codes are dequantized and multiplied in float32 (fake quant).
-* KV4: keys (after RoPE, at their own position) and values are quantized per token and per KV head
-  with ``quantize_kv``; the cache stores the codes, zero-points and ranges.
-* Q·K: the query (after RoPE) is A8-quantized per token and per head; acc = q_a · (k − zero);
-  real score = acc · amax_q/127 · r_j/15 / 2**32, then × head_dim**-0.5, softmax in float32.
-* P·V (the fold): with p_j the float32 softmax probability and r_j the value token's range,
-  P̃_j = rint(p_j · r_j / 15) is the Q15.16 code of the real number p_j · r_j/15/2**16 (= to_fx of
-  it, computed in float64); P̃ is A8-quantized per query row, acc = p_a · (v − zero), and the real
-  output is acc · amax_p / 127 / 2**16. (Σ_j p_j (v_j − z_j) r_j/15/2**16 = Σ_j P̃_j/2**16 (v_j − z_j).)
+* **The integer route** (``integer_path=True``): the whole decoder in integers, ``quant.integer`` — the
+  torch twin of the numpy golden model ``quant.golden``, proven equal to it tensor for tensor. From token
+  id to next token id nothing is float: int8 embedding lookup, fixed-point RMSNorm, RoPE, softmax, SiLU,
+  the per-row × per-token rescale of every linear, the W4 lm_head (docs/numerics.md §8, §11–16). Its
+  one-token step path equals its batch forward exactly. ``LlamaLM.forward`` / ``step`` / ``new_cache``
+  dispatch to it; ``LlamaLM.integer_spec`` turns the artifact into its integers once.
+* **The float route** (``integer_path=False``): the products' quantizers as ``quant.reference`` defines
+  them — A8 (``to_fx`` then ``quantize_activations``, per token; per token and head for the query) and
+  KV4 (``quantize_kv`` per token and KV head, keys after RoPE), the P·V fold (each value token's
+  r_j/15 enters P̃ = rint(p_j·r_j/15) before A8) — with dequantized weights, float32 products and float32
+  RMSNorm, RoPE, softmax, SiLU and residuals. Calibration runs on it; its perplexity is the
+  "float special functions" row of the quality table.
+* ``Numerics.simulate``: the training variant of the float route (differentiable A8/KV4 with
+  straight-through rounding, ``fake_act`` / ``fake_kv``), for the reconstruction stage only.
 * Λ attention (``Numerics.window`` set): a query at n sees sinks 0..S-1 and keys n-W+1..n
   (``reference.lambda_mask``); scores against sink keys use the query rotated at min(n, S+W-1).
   In generation the cache is a ring of S + W slots (``reference.cache_slot``): constant memory.
-* RMSNorm, RoPE, SiLU, softmax and residuals stay in float32.
 * Static per-channel key smoothing (``QuantizeKV.k_smoothing``) lives in the weights: the quantizer
-  folds it into q_proj / k_proj (``quant.algorithms.fold_key_smoothing``), so this forward needs
-  nothing for it.
+  folds it into q_proj / k_proj (``quant.algorithms.fold_key_smoothing``), so neither route needs it.
 """
 
 from __future__ import annotations
@@ -53,11 +50,10 @@ class Numerics:
     kv4: bool = False  # 4-bit per-token KV cache
     sinks: int = 0
     window: int | None = None  # None: full causal attention; else Λ-shaped (sinks + window)
-    integer_path: bool = False  # quantized linears computed in the integer domain (exact)
+    integer_path: bool = False  # the whole decoder in integers (quant.integer, twin of quant.golden)
     # A8 and KV4 simulated in float with straight-through rounding (differentiable; for training
     # only: ``fake_act`` / ``fake_kv``, not bit-exact with the reference)
     simulate: bool = False
-    record: bool = False  # keep the last integer operands of every module (tests)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,7 +204,6 @@ class QLinear(nn.Module):
         self.register_buffer("row_scale", torch.from_numpy(np.asarray(q.row_scale, np.float64)), persistent=False)
         b = None if q.bias is None else torch.from_numpy(np.asarray(q.bias, np.float32))
         self.register_buffer("bias", b, persistent=False)
-        self.last = None
 
     @property
     def in_features(self):
@@ -219,21 +214,15 @@ class QLinear(nn.Module):
         return (self.w_int.to(F64) * self.row_scale[:, None]).to(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nm = self.numerics
+        """The float route: the dequantized weights in float32 on the input as A8 quantizes it (codes
+        dequantized) when 8-bit activations are on. The integer route (the whole decoder in integers)
+        is quant.integer, reached through LlamaLM when ``Numerics.integer_path`` is set."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if not nm.a8:
-            y = x2 @ self.weight_float().T
-        else:
+        if self.numerics.a8:
             a, amax = quantize_act(x2)
-            if nm.integer_path:
-                acc = a.to(F64) @ self.w_int.to(F64).T  # exact integers (see module docstring)
-                y = (acc * (amax.to(F64)[:, None] * self.row_scale[None, :]) / (ACT_QMAX * _FX_ONE)).to(torch.float32)
-                if nm.record:
-                    self.last = {"x": x2.detach().clone(), "a": a, "amax": amax, "acc": _i64(acc), "y": y, "a_i64": _i64(a), "amax_i64": _i64(amax)}
-            else:
-                xq = (a.to(F64) * (amax.to(F64)[:, None] / (ACT_QMAX * _FX_ONE))).to(torch.float32)
-                y = xq @ self.weight_float().T
+            x2 = (a * (amax[:, None] / (ACT_QMAX * _FX_ONE))).to(torch.float32)
+        y = x2 @ self.weight_float().T
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], y.shape[-1])
@@ -333,38 +322,22 @@ class Attention(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.scaling = self.head_dim ** -0.5
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
-        self.last = None
 
     # -- the two products, shared by the full-sequence and the cached forward ------------------------
+    # The float route: A8 and KV4 are applied as quant.reference defines them (the same codes), and the
+    # products and softmax are computed in float32 on the dequantized codes. ``simulate`` is the training
+    # variant (differentiable, straight-through). The integer route is quant.integer.
     def _scores(self, q, k, kz, kr):
-        """q (..., Tq, D) float rotated; k (..., Tk, D) float or codes -> real scores, float32."""
+        """q (..., Tq, D) float rotated; k (..., Tk, D) float or 4-bit codes -> real scores, float32."""
         nm = self.nm
         if nm.simulate:  # k is already fake_kv'd by _kv_store
             return (fake_act(q) if nm.a8 else q) @ k.transpose(-1, -2)
-        if not (nm.a8 or nm.kv4):
-            return q @ k.transpose(-1, -2)
         if nm.a8:
             qa, qamax = quantize_act(q)
-            qv, qs = qa, qamax.to(F64) / (ACT_QMAX * _FX_ONE)
-        else:
-            qv, qs = q.to(F64), torch.ones(q.shape[:-1], dtype=F64)
+            q = (qa * (qamax / (ACT_QMAX * _FX_ONE)).unsqueeze(-1)).to(torch.float32)
         if nm.kv4:
-            kv_, ks = k.to(F64) - kz.to(F64).unsqueeze(-1), kr.to(F64) / (KV_QMAX * _FX_ONE)
-        else:
-            kv_, ks = k.to(F64), torch.ones(k.shape[:-1], dtype=F64)
-        if nm.a8 and nm.kv4 and q.shape[-1] * ACT_QMAX * KV_QMAX < _F32_EXACT:
-            # the integer accumulators, exact in float32; the real scores are then formed in float32
-            # too (one rounding per factor: only the integer accumulator is part of the contract)
-            acc = qv.to(torch.float32) @ kv_.to(torch.float32).transpose(-1, -2)
-            if nm.record:
-                self._rec.setdefault("qk", []).append({"q": q.detach().clone(), "k_codes": _i64(k), "k_zero": _i64(kz),
-                                                       "k_range": _i64(kr), "acc": _i64(acc)})
-            return acc.mul_(qs.to(torch.float32).unsqueeze(-1)).mul_(ks.to(torch.float32).unsqueeze(-2))
-        acc = qv @ kv_.transpose(-1, -2)
-        if nm.record and nm.a8 and nm.kv4:
-            self._rec.setdefault("qk", []).append({"q": q.detach().clone(), "k_codes": _i64(k), "k_zero": _i64(kz),
-                                                   "k_range": _i64(kr), "acc": _i64(acc)})
-        return (acc * qs.unsqueeze(-1) * ks.unsqueeze(-2)).to(torch.float32)
+            k = ((k.to(F64) - kz.to(F64).unsqueeze(-1)) * (kr.to(F64) / (KV_QMAX * _FX_ONE)).unsqueeze(-1)).to(torch.float32)
+        return q @ k.transpose(-1, -2)
 
     def _pv(self, p, v, vz, vr):
         """p (..., Tq, Tk) float32 probabilities -> output (..., Tq, D) float32."""
@@ -377,20 +350,15 @@ class Attention(nn.Module):
             w = p * vr.squeeze(-1).unsqueeze(-2)  # p_j · r_j/15, (..., Tq, Tk)
             w = _ste(w, torch.round(w.detach() * _FX_ONE) / _FX_ONE)  # the fold's Q15.16 rounding (P̃)
             return fake_act(w) @ (v / vr)
-        if nm.kv4 and nm.a8:
+        if nm.kv4 and nm.a8:  # the fold: each value token's scale r_j/15 enters P̃ before A8
             pa, pamax = fold_quantize_pv(p, vr)
             acc = _int_matmul(pa, v.to(F64) - vz.to(F64).unsqueeze(-1), ACT_QMAX * KV_QMAX)
-            if nm.record:
-                self._rec["pv"] = {"p": p.detach().clone(), "v_codes": _i64(v), "v_zero": _i64(vz), "v_range": _i64(vr),
-                                   "acc": _i64(acc)}
-            return (acc * (pamax.to(F64) / (ACT_QMAX * _FX_ONE)).unsqueeze(-1)).to(torch.float32)
+            return (acc * (pamax / (ACT_QMAX * _FX_ONE)).unsqueeze(-1)).to(torch.float32)
         if nm.kv4:
-            vd = (v.to(F64) - vz.to(F64).unsqueeze(-1)) * (vr.to(F64) / (KV_QMAX * _FX_ONE)).unsqueeze(-1)
-            return (p.to(F64) @ vd).to(torch.float32)
-        if nm.a8:
+            v = ((v.to(F64) - vz.to(F64).unsqueeze(-1)) * (vr.to(F64) / (KV_QMAX * _FX_ONE)).unsqueeze(-1)).to(torch.float32)
+        elif nm.a8:
             pa, pamax = quantize_act(p)
-            pq = (pa.to(F64) * (pamax.to(F64) / (ACT_QMAX * _FX_ONE)).unsqueeze(-1)).to(torch.float32)
-            return pq @ v
+            p = (pa * (pamax / (ACT_QMAX * _FX_ONE)).unsqueeze(-1)).to(torch.float32)
         return p @ v
 
     def _kv_store(self, k, v):
@@ -413,15 +381,12 @@ class Attention(nn.Module):
     def forward(self, x, rope: Rope, pos: torch.Tensor):
         """Full sequence: x (B, T, H); pos (T,) int64 token positions 0..T-1."""
         nm = self.nm
-        self._rec = {}
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope(pos)
         qr, kr_ = rotate(q, cos, sin), rotate(k, cos, sin)
-        if nm.record:
-            self._rec["kv"] = {"k": kr_.detach().clone(), "v": v.detach().clone()}
         kc, kz, krng, vc, vz, vrng = (self._expand(z) for z in self._kv_store(kr_, v))
         scores = self._scores(qr, kc, kz, krng)
         lam = nm.window is not None
@@ -440,15 +405,12 @@ class Attention(nn.Module):
         scores = (scores * self.scaling).masked_fill_(~visible, float("-inf"))
         p = torch.softmax(scores, dim=-1)
         out = self._pv(p, vc, vz, vrng)
-        if nm.record:
-            self.last = self._rec
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out)
 
     def step(self, x, rope: Rope, n: int, cache: KVCache):
         """One new token at position n: x (1, 1, H) -> (1, 1, H), reading and writing ``cache``."""
         nm = self.nm
-        self._rec = {}
         q = self.q_proj(x).view(self.n_heads, self.head_dim)
         k = self.k_proj(x).view(self.n_kv, self.head_dim)
         v = self.v_proj(x).view(self.n_kv, self.head_dim)
@@ -543,6 +505,26 @@ class LlamaLM(nn.Module):
     # -- the integer route: the whole decoder in integers (quant.integer, twin of quant.golden) -----------
     embed_q = None  # (codes (V, H) int8, row_scale (V,)) when the artifact's embedding is quantized
 
+    def integer_unready(self) -> str | None:
+        """Why the integer route cannot run this model (None when it can): it runs the hardware's numerics,
+        so every product and table must be in the hardware's formats."""
+        nm = self.numerics
+        if not nm.a8 or not nm.kv4:
+            return ("the integer path runs the hardware's numerics: it needs 8-bit activations and the 4-bit KV "
+                    "cache (quantize_activations and quantize_kv in the recipe)")
+        if self.embed_q is None:
+            return ("the integer path needs the embedding table quantized (recipe modifier quantize_embedding); "
+                    "this model keeps it in float")
+        if not isinstance(self.lm_head, QLinear):
+            return ("the integer path needs a quantized lm_head (quantize_weights.overrides {lm_head: 4}); this "
+                    "model keeps it in float")
+        for i, lay in enumerate(self.layers):
+            for p in ATTN + MLP_NAMES:
+                m = getattr(lay.self_attn if p in ATTN else lay.mlp, p)
+                if not isinstance(m, QLinear):
+                    return f"the integer path needs every linear quantized; {linear_name(i, p)} is float"
+        return None
+
     def integer_spec(self):
         """The model's integers as a ``quant.golden.Spec`` (numpy): every linear and the lm_head must be
         quantized and the embedding table int8 (``embed_q``); the float constants (γ, RoPE frequencies,
@@ -552,15 +534,9 @@ class LlamaLM(nn.Module):
         from .errors import QuantError
 
         nm = self.numerics
-        if not nm.a8 or not nm.kv4:
-            raise QuantError("the integer path runs the hardware's numerics: it needs 8-bit activations and the "
-                             "4-bit KV cache (quantize_activations and quantize_kv in the recipe)")
-        if self.embed_q is None:
-            raise QuantError("the integer path needs the embedding table quantized (recipe modifier "
-                             "quantize_embedding); this artifact keeps it in float")
-        if not isinstance(self.lm_head, QLinear):
-            raise QuantError("the integer path needs a quantized lm_head (quantize_weights.overrides "
-                             "{lm_head: 4}); this artifact keeps it in float")
+        why = self.integer_unready()
+        if why:
+            raise QuantError(why)
 
         def lin(m, name):
             if not isinstance(m, QLinear):

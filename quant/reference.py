@@ -647,7 +647,7 @@ def rmsnorm(x_fx, g, eps_term: int) -> np.ndarray:
         x' = x * 2**-k  (shift_round for k > 0, exact left shift for k < 0)     (|x'| < 2**23)
         ss = sum_i x'_i**2 + eps_term * 2**-2k                                   (< 2**63 for H <= 2**16)
         r, e = rsqrt(ss)                                                         (1/sqrt(ss) ~= r * 2**-(15+e))
-        y_i = saturate( shift_round( shift_round(x'_i * r, 15) * g_i, e ) )
+        y_i = saturate( shift_round( (x_i * r) * 2**-(15+k) * g_i, e ) )   (|x_i * r| < 2**46)
 
     (g carries sqrt(H) and 2**16: y = x * gamma * sqrt(H * 2**(32-2k) / ss) * 2**-16 ... see
     docs/numerics.md.) Normalising every row to about 23 significant bits keeps the relative error near
@@ -667,7 +667,7 @@ def rmsnorm(x_fx, g, eps_term: int) -> np.ndarray:
     xs = shift_round_signed(x, k[:, None])
     ss = (xs * xs).sum(axis=1) + shift_round_signed(eps_term, 2 * k)
     r, e = rsqrt(np.maximum(ss, 1))
-    u = shift_round(xs * r[:, None], F.RSQRT_FRAC)
+    u = shift_round_signed(x * r[:, None], (F.RSQRT_FRAC + k)[:, None])  # the unshifted x: no bits lost
     y = saturate(shift_round(u * gg[None, :], e[:, None]), FX)
     return np.where((ss > 0)[:, None], y, 0)
 
