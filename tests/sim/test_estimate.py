@@ -229,8 +229,13 @@ def test_report_renders_in_headless_chromium(tmp_path, capsys):
                    check=True, capture_output=True, timeout=120)
     from PIL import Image
 
-    img = np.asarray(Image.open(shot).convert("L"))
-    assert img.shape == (4200, 1100)
-    # the figures drew: dark pixels well down the page, not a blank or an error page
-    rows_with_ink = np.flatnonzero((img < 100).sum(axis=1) > 20)
+    rgb = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert rgb.shape == (4200, 1100, 3)
+    # text drew: dark pixels well down the page, not a blank or an error page
+    rows_with_ink = np.flatnonzero((rgb.mean(axis=2) < 100).sum(axis=1) > 20)
     assert rows_with_ink.size > 500 and rows_with_ink.max() > 2500
+    # the figures drew: only the plots have saturated colour (matplotlib's blue and orange bars and lines);
+    # a PNG that does not decode leaves a small grey placeholder
+    colour = (rgb.max(axis=2) - rgb.min(axis=2)) > 80
+    assert colour.sum() > 20000, colour.sum()
+    assert np.flatnonzero(colour.any(axis=1)).max() > 2500  # down to the last figures
