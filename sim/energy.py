@@ -30,14 +30,11 @@ COEFFICIENTS: dict[str, Coefficient] = {
         3.97, "pJ/bit", "O'Connor et al., 'Fine-Grained DRAM: Energy-Efficient DRAM for Extreme Bandwidth "
         "Systems', MICRO 2017: HBM2 access energy (activation + on-die movement + I/O), the baseline FGDRAM "
         "halves", "cited"),
-    "toggle_rate": Coefficient(
-        0.125, "fraction", "AMD UG440 (Xilinx Power Estimator), Logic sheet: default toggle rate 12.5 %, "
-        "'an average extracted from a suite of customer designs'", "cited"),
     "lut_uw_per_mhz": Coefficient(
-        0.07, "uW/MHz per LUT at the reference toggle rate (logic + its routing)",
+        0.07, "uW/MHz per LUT at XPE's default 12.5 % toggle rate (AMD UG440, Logic sheet), logic + routing",
         "order of magnitude of XPE for UltraScale+ at 0.85 V; not read from XPE here", "unverified"),
     "ff_uw_per_mhz": Coefficient(
-        0.01, "uW/MHz per flip-flop at the reference toggle rate",
+        0.01, "uW/MHz per flip-flop at the 12.5 % toggle rate",
         "order of magnitude of XPE for UltraScale+; not read from XPE here", "unverified"),
     "dsp_uw_per_mhz": Coefficient(
         3.0, "uW/MHz per DSP48E2 at full activity",
