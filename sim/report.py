@@ -197,7 +197,21 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
     peers = ("<table><tr><th>design</th><th>model</th><th>MHz</th><th>decode token/s</th><th>W</th>"
              f"<th>token/J</th></tr>{peer_rows}</table>")
 
+    lay = main["decode"]["layer"]
+    tot = sum(d["cycles"] for d in lay["ops"].values())
+    op_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{d['mode']}</td><td>{d['commands']}</td><td>{d['cycles']}</td>"
+                      f"<td>{d['cycles'] / tot:.1%}</td></tr>" for k, d in lay["ops"].items())
+    ops_table = ("<table><tr><th>operation</th><th>mode</th><th>commands</th><th>engine cycles</th><th>share</th></tr>"
+                 f"{op_rows}</table><p>One decoder layer of one decode step: {lay['cycles']} cycles = "
+                 f"{lay['compute_us']:.1f} µs of engine time against {lay['hbm_us']:.1f} µs of HBM streaming; "
+                 f"lm_head {main['decode']['lm_head']['cycles']} cycles. From the cycle model "
+                 f"(<code>sim.estimate.op_cycles</code>), which equals the RTL's counts in Icarus "
+                 f"(tests/sim/test_estimate.py).</p>")
     pw = main["power"]
+    basis = {"fpga_static_w": "unverified", "fabric_dynamic_w": "unverified coefficients x Yosys counts",
+             "hbm_w": "cited pJ/bit x modelled traffic", "board_overhead_w": "unverified"}
+    power_rows = "".join(f"<tr><td>{k[:-2]}</td><td>{pw[k]:.1f}</td><td>{basis[k]}</td></tr>" for k in basis)
+    power_table = f"<table><tr><th>component</th><th>W</th><th>basis</th></tr>{power_rows}</table>"
     binds = (f"Decode is bound by <b>{main['bound_by']}</b>: every decoder layer's weight and KV stream "
              f"takes {main['decode']['layer']['hbm_us']:.1f} µs at {main['hbm']['effective_gbps']:.0f} GB/s against "
              f"{main['decode']['layer']['compute_us']:.1f} µs of engine cycles, so the estimate is "
@@ -225,6 +239,8 @@ the tokens/J figure is therefore not a cited result yet (docs/estimate.md).</p>
 <p>Peer figures from ../shared/ANCHORS.md: AccLLM's are simulated, FlightLLM's measured on a U280 board.</p>
 {sections}
 <h2>Dense against 2:4: figures and perplexity</h2>{dense_sparse}
+<h2>Engine cycles by operation (decode, one layer)</h2>{ops_table}
+<h2>Power by component</h2>{power_table}<p>Coefficients and their sources: docs/estimate.md, "Energy model".</p>
 </body></html>
 """
     return doc, main

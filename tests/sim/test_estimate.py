@@ -203,6 +203,11 @@ def test_model_from_a_config_path(tmp_path, capsys):
     rc, out, _ = _cli(capsys, "estimate", "--hw", "u280", "--model", str(tmp_path / "config.json"),
                       "--recipe", "w2a8kv4", "--context", "1024", "--json")
     assert rc == 0 and json.loads(out)["model_shape"]["hidden"] == 576
+    odd = dict(cfg, hidden_size=600, num_attention_heads=10, num_key_value_heads=5)  # 600 = 18.75 x 32 lanes
+    (tmp_path / "odd.json").write_text(json.dumps(odd))
+    rc, out, err = _cli(capsys, "estimate", "--hw", "u280", "--model", str(tmp_path / "odd.json"),
+                        "--recipe", "w2a8kv4", "--context", "1024")
+    assert rc == 2 and out == "" and "does not split into groups of 64" in err
     (tmp_path / "bad.json").write_text("{}")
     rc, _, err = _cli(capsys, "estimate", "--model", str(tmp_path / "bad.json"))
     assert rc == 2 and "lacks hidden_size" in err
