@@ -129,6 +129,18 @@ def test_weight_bytes_equal_a_real_artifact(recipe, tmp_path):
     assert rep["quantized_linears"] == 7 * m.layers + 1
 
 
+def test_bits_per_weight_equal_the_real_smollm2_artifacts():
+    """benchmarks/results/quality.json records bits_per_weight (8 x quantized bytes / weights, lm_head in float)
+    of the SmolLM2-135M artifacts quantized for the quality table: the shape-only count gives the same."""
+    rows = {r["row"]: r for r in json.loads((REPO / "benchmarks/results/quality.json").read_text())["rows"]}
+    m = E.load_model("smollm2-135m")
+    weights = m.layers * sum(n * k for n, k in m.linears().values())
+    for row, recipe in (("gptq", "w2a8kv4"), ("sparse", "w2a8kv4-sparse24")):
+        assert rows[row]["recipe"] == recipe
+        fmt = E.ArtifactFormat.from_recipe(load_recipe(recipe))
+        assert 8 * E.artifact_weight_bytes(m, fmt, with_lm_head=False) / weights == rows[row]["bits_per_weight"]
+
+
 def test_estimate_fields_and_what_binds():
     cfg = load_hw("u280")
     m = E.load_model("llama2-7b")
