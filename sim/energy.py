@@ -46,7 +46,9 @@ COEFFICIENTS: dict[str, Coefficient] = {
         6.0, "W", "XCU280 device static at a warm junction; not read from XPE here", "unverified"),
     "board_overhead_w": Coefficient(
         15.0, "W", "U280 board: regulators, PCIe, DDR4 and HBM idle, shell; no idle-board reading found "
-        "(board readings of 39-58 W under unknown load: Paderborn PC2 wiki, 'Power Measurements')", "unverified"),
+        "for a U280 (U280 readings of 39-58 W under unknown load: Paderborn PC2 wiki, 'Power Measurements'; "
+        "a U50, the smaller HBM card, with only its shell loaded: 12.213 V x 1.363 A + 3.300 V x 0.223 A = "
+        "17.4 W, its FPGA core 0.849 V x 4.100 A = 3.5 W: Xilinx/XRT pull request 5184)", "unverified"),
 }
 
 
