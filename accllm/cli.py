@@ -190,10 +190,13 @@ def cmd_report(args) -> int:
     from sim.hbm import HBMError
     from sim.report import write_report
 
+    from .config import load_recipe
+
     cfg, fmt, m, hw_name = _estimate_inputs(args)
     try:
         path = write_report(args.out, cfg.engine, cfg.target, m, args.recipe, args.context, args.batch,
-                            hw_name=hw_name, hw_arg=args.hw, model_arg=args.model, json_out=args.json_out)
+                            hw_name=hw_name, hw_arg=args.hw, model_arg=args.model, json_out=args.json_out,
+                            load_recipe=load_recipe)
     except (EstimateError, HBMError, EnergyError) as e:
         raise UserError(str(e)) from None
     print(f"wrote {path}")

@@ -38,7 +38,8 @@ def _png(fig) -> str:
 
 
 def _recipe(name_or_yaml: str):
-    # sim must not import accllm: read the recipe YAML with quant's own loader path
+    """A recipe by name or YAML path, for callers without accllm.config (sim must not import accllm): the CLI
+    passes ``accllm.config.load_recipe`` instead, which validates every field."""
     import yaml
 
     from quant.recipe import MODIFIERS, Recipe
@@ -84,14 +85,14 @@ def sweep(p, target, m, fmt, contexts, batch, hw_name) -> list[dict]:
 
 
 def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str, hw_arg: str,
-          model_arg: str) -> tuple[str, dict]:
+          model_arg: str, load_recipe=None) -> tuple[str, dict]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recipe = _recipe(recipe_arg)
-    fmt = ArtifactFormat.from_recipe(recipe)
+    load_recipe = load_recipe or _recipe
+    fmt = ArtifactFormat.from_recipe(load_recipe(recipe_arg))
     main = estimate(p, target, m, fmt, context, batch, hw_name=hw_name)
     cmd = (f"accllm report --hw {hw_arg} --model {model_arg} --recipe {recipe_arg} --context {context}"
            + (f" --batch {batch}" if batch != 1 else ""))
@@ -112,7 +113,7 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
     pts = {}
     for name, rec in (("dense", "w2a8kv4"), ("2:4", "w2a8kv4-sparse24")):
         try:
-            fr = ArtifactFormat.from_recipe(_recipe(rec))
+            fr = ArtifactFormat.from_recipe(load_recipe(rec))
             r = estimate(p, target, m, fr, context, batch, hw_name=hw_name)
         except EstimateError:
             continue
@@ -247,8 +248,8 @@ the tokens/J figure is therefore not a cited result yet (docs/estimate.md).</p>
 
 
 def write_report(out, p, target, m, recipe_arg, context, batch, *, hw_name, hw_arg, model_arg,
-                 json_out=None) -> Path:
-    doc, main = build(p, target, m, recipe_arg, context, batch, hw_name, hw_arg, model_arg)
+                 json_out=None, load_recipe=None) -> Path:
+    doc, main = build(p, target, m, recipe_arg, context, batch, hw_name, hw_arg, model_arg, load_recipe)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
