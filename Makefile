@@ -17,6 +17,9 @@ setup: $(STAMP)
 	@command -v iverilog >/dev/null || { echo "installing iverilog (apt)"; \
 	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
 	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq --no-install-recommends iverilog; }
+	@command -v chromium >/dev/null || { echo "installing chromium (apt; headless rendering check of accllm report)"; \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq --no-install-recommends chromium || \
+	  echo "chromium not installed: tests/sim/test_estimate.py skips its rendering check"; }
 
 $(STAMP): requirements/pinned.txt requirements/nodeps.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found: install Python 3.11 (or make PYTHON=python3)"; exit 1; }

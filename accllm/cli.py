@@ -141,6 +141,93 @@ def cmd_simulate(args) -> int:
     return 0 if res["bit_exact"] else 1
 
 
+# --- estimate / report (sim/estimate.py, sim/report.py; docs/estimate.md) ---------------------------
+def _estimate_inputs(args):
+    from sim.energy import EnergyError
+    from sim.estimate import ArtifactFormat, EstimateError, load_model
+    from sim.hbm import HBMError
+
+    from .config import load_hw, load_recipe, resolve_named
+
+    try:
+        hw_path = resolve_named("hw", args.hw)
+        cfg = load_hw(args.hw)
+        fmt = ArtifactFormat.from_recipe(load_recipe(args.recipe))
+        m = load_model(args.model)
+    except (EstimateError, HBMError, EnergyError) as e:
+        raise UserError(str(e)) from None
+    return cfg, fmt, m, hw_path.stem
+
+
+def cmd_estimate(args) -> int:
+    from sim.energy import EnergyError
+    from sim.estimate import EstimateError, estimate
+    from sim.hbm import HBMError
+
+    cfg, fmt, m, hw_name = _estimate_inputs(args)
+    try:
+        res = estimate(cfg.engine, cfg.target, m, fmt, args.context, args.batch, hw_name=hw_name)
+    except (EstimateError, HBMError, EnergyError) as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(f"{m.name} / {fmt.recipe} on {hw_name} at {res['clock_mhz']:.0f} MHz, context {args.context}, "
+              f"batch {args.batch} ({res['scope']}):\n"
+              f"  decode  {res['decode_tokens_per_s']:8.1f} token/s   bound by {res['bound_by']} "
+              f"({res['of_roofline']:.1%} of the 460 GB/s roofline {res['hbm_roofline_tokens_per_s']:.1f})\n"
+              f"  prefill {res['prefill_tokens_per_s']:8.1f} token/s   bound by {res['prefill']['bound_by']}\n"
+              f"  HBM     {res['hbm_bytes_per_token'] / 1e9:8.3f} GB/token\n"
+              f"  power   {res['power_w']:8.1f} W  -> {res['tokens_per_j']:.2f} token/J "
+              f"({res['power']['unverified_share']:.0%} of the watts from unverified coefficients: "
+              f"docs/estimate.md)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from sim.energy import EnergyError
+    from sim.estimate import EstimateError
+    from sim.hbm import HBMError
+    from sim.report import write_report
+
+    from .config import load_recipe
+
+    cfg, fmt, m, hw_name = _estimate_inputs(args)
+    try:
+        path = write_report(args.out, cfg.engine, cfg.target, m, args.recipe, args.context, args.batch,
+                            hw_name=hw_name, hw_arg=args.hw, model_arg=args.model, json_out=args.json_out,
+                            load_recipe=load_recipe)
+    except (EstimateError, HBMError, EnergyError) as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {path}")
+    return 0
+
+
+def add_estimate_parsers(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--hw", default="u280", help="engine config: ci-small, u280 or a YAML path")
+    common.add_argument("--model", default="llama2-7b",
+                        help="built-in shape (llama2-7b, llama3-8b, smollm2-135m) or a config.json path")
+    common.add_argument("--recipe", default="w2a8kv4-sparse24", help="built-in recipe name or a YAML path")
+    common.add_argument("--context", type=int, default=2048, metavar="N", help="tokens in the context")
+    common.add_argument("--batch", type=int, default=1, metavar="B", help="sequences decoded together")
+    est = sub.add_parser("estimate", parents=[common], help="decode/prefill tokens/s, power, tokens/J, roofline",
+                         description="Throughput and energy of a model shape on an engine config, from the "
+                                     "engine's cycle model (checked against its RTL), the HBM model and the "
+                                     "energy model (docs/estimate.md). Engine products only: special "
+                                     "functions and the controller are pending.")
+    est.add_argument("--json", action="store_true", help="print every figure as JSON")
+    est.set_defaults(func=cmd_estimate)
+    rep = sub.add_parser("report", parents=[common], help="self-contained HTML report with figures",
+                         description="Writes one HTML file (figures embedded as PNG): roofline, tokens/s and "
+                                     "tokens/J against context with and without Λ, bytes per token, dense vs "
+                                     "2:4, the table against AccLLM and FlightLLM.")
+    rep.add_argument("--out", default="build/report/estimate.html", metavar="FILE")
+    rep.add_argument("--json-out", default=None, metavar="FILE", help="also write the estimate JSON here")
+    rep.set_defaults(func=cmd_report)
+# --- end estimate / report ------------------------------------------------------------------------
+
+
 # ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="accllm", description="Algorithm-hardware co-design toolflow for "
@@ -238,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--build-dir", default="build/sim")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_simulate)
+
+    add_estimate_parsers(sub)
     return p
 
 
