@@ -105,14 +105,11 @@ class Spec:
     def check(self) -> "Spec":
         """Shapes and bounds that every later operation relies on, named."""
         d = self.head_dim
-        if self.n_heads % self.n_kv:
-            raise FormatError(f"n_heads {self.n_heads} is not a multiple of n_kv {self.n_kv}")
-        if d % 2 or self.rope_theta.shape != (d // 2,):
-            raise FormatError(f"head_dim {d}: RoPE needs an even head_dim and D/2 frequencies")
-        if d > 128:
-            raise FormatError(f"head_dim {d} beyond 128: the Q.K accumulator bound of attention_logits")
-        if self.window is not None and self.sinks + self.window > 8192:
-            raise FormatError(f"Λ cache of {self.sinks + self.window} slots beyond 8192 (the P.V bound)")
+        probs = shape_problems(self.hidden, self.n_heads, self.n_kv, d, sinks=self.sinks, window=self.window)
+        if probs:
+            raise FormatError("; ".join(f"{k}: {m}" for k, m in probs))
+        if self.rope_theta.shape != (d // 2,):
+            raise FormatError(f"head_dim {d}: RoPE needs D/2 = {d // 2} frequencies, got {self.rope_theta.shape}")
         want = {"q_proj": (self.n_heads * d, self.hidden), "k_proj": (self.n_kv * d, self.hidden),
                 "v_proj": (self.n_kv * d, self.hidden), "o_proj": (self.hidden, self.n_heads * d)}
         for i, lay in enumerate(self.layers):
@@ -122,6 +119,29 @@ class Spec:
         if self.lm_head.shape != (self.vocab, self.hidden):
             raise FormatError(f"lm_head {self.lm_head.shape} does not match the embedding {self.embed_codes.shape}")
         return self
+
+
+def shape_problems(hidden: int, n_heads: int, n_kv: int, head_dim: int, *, sinks: int = 0,
+                   window: int | None = None, max_positions: int | None = None) -> list[tuple[str, str]]:
+    """(parameter, problem) for every model shape the integer formats cannot run, so the quantizer can
+    refuse it by name before any work is done (docs/numerics.md, sections 11-17)."""
+    from . import formats as F
+
+    out = []
+    if hidden > F.RMS_MAX_HIDDEN:
+        out.append(("hidden_size", f"{hidden} > {F.RMS_MAX_HIDDEN}: RMSNorm's int64 sum of squares would overflow"))
+    if head_dim % 2:
+        out.append(("head_dim", f"{head_dim} is odd: RoPE rotates channel pairs"))
+    if head_dim > 128:
+        out.append(("head_dim", f"{head_dim} > 128: beyond the Q.K accumulator bound of the softmax's logits"))
+    if n_kv < 1 or n_heads % n_kv:
+        out.append(("num_key_value_heads", f"{n_kv} does not divide num_attention_heads {n_heads}"))
+    if window is not None and sinks + window > 8192:
+        out.append(("attention_window", f"sinks + window = {sinks + window} > 8192: the P.V accumulator bound"))
+    if window is None and max_positions is not None and max_positions - 1 > F.ROPE_MAX_POSITION:
+        out.append(("max_position_embeddings", f"{max_positions} beyond the RoPE phase's {F.ROPE_MAX_POSITION} "
+                                               f"positions without Λ-attention"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -309,3 +309,10 @@ def test_golden_tokens_equal_torch_integer_tokens_on_smollm2(tmp_path):
     dec.forward(torch.tensor(prompt), 0, dec.new_caches(), tt)
     assert G.first_mismatch(gt, {k: v.numpy() for k, v in tt.items()}) is None
     assert generate_ids(model, prompt, 4) == G.generate(spec, prompt, 4)
+
+
+def test_shapes_the_formats_cannot_run_are_named():
+    assert G.shape_problems(576, 9, 3, 64, sinks=4, window=508) == []
+    probs = dict(G.shape_problems(1 << 17, 9, 4, 130, sinks=4, window=9000))
+    assert set(probs) == {"hidden_size", "head_dim", "num_key_value_heads", "attention_window"}
+    assert "odd" in dict(G.shape_problems(576, 9, 3, 63))["head_dim"]
