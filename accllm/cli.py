@@ -118,7 +118,24 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from quant.evaluate import generate
 
-    print(generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device))
+    if not args.golden:
+        print(generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device))
+        return 0
+    from quant.errors import QuantError
+    from quant.integer import generate_against_golden
+    from quant.loading import load_model
+
+    model, tok = load_model(args.model, args.device)
+    ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise QuantError("--prompt is empty after tokenization; give some text")
+    res = generate_against_golden(model, ids, args.max_new_tokens)
+    res["text"] = tok.decode(res["tokens_torch_integer"], skip_special_tokens=True)
+    print(json.dumps(res))
+    if not res["equal"]:
+        print(f"error: the torch integer path and the golden model differ from generated token "
+              f"{res['first_difference']} on", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -308,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
     gen.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    gen.add_argument("--golden", action="store_true",
+                     help="generate on the integer path and with the numpy golden model (quant.golden) and "
+                          'print {"tokens_torch_integer", "tokens_golden", "equal", ...}; exit 1 if they differ')
     gen.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("simulate", help="simulate hardware against the integer reference")

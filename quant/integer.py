@@ -407,3 +407,19 @@ class Decoder:
 def to_float_logits(logits_fx: torch.Tensor) -> torch.Tensor:
     """Q15.16 logits as float64 (for the perplexity's cross-entropy, which is measurement, not hardware)."""
     return logits_fx.to(torch.float64) / (1 << F.FX_FRAC_BITS)
+
+
+def generate_against_golden(model, prompt_ids: list[int], max_new_tokens: int) -> dict:
+    """Greedy tokens from the torch integer path (through the model's cache, one step per token) and from
+    the numpy golden model (prompt as a batch, then decode steps), for the same prompt:
+    {"tokens_torch_integer", "tokens_golden", "equal", "first_difference"}."""
+    from .evaluate import generate_ids
+
+    why = model.integer_unready()
+    if why:
+        raise FormatError(f"cannot run the integer path: {why}")
+    model.numerics.integer_path = True
+    ours = generate_ids(model, list(prompt_ids), max_new_tokens)
+    ref = G.generate(model.integer_spec(), list(prompt_ids), max_new_tokens)[: len(ours)]
+    diff = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    return {"tokens_torch_integer": ours, "tokens_golden": ref, "equal": ours == ref, "first_difference": diff}
