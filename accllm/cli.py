@@ -196,7 +196,7 @@ def cmd_estimate(args) -> int:
               f"  prefill {res['prefill_tokens_per_s']:8.1f} token/s   bound by {res['prefill']['bound_by']}\n"
               f"  HBM     {res['hbm_bytes_per_token'] / 1e9:8.3f} GB/token\n"
               f"  power   {res['power_w']:8.1f} W  -> {res['tokens_per_j']:.2f} token/J "
-              f"({res['power']['unverified_share']:.0%} of the watts from unverified coefficients: "
+              f"({res['power']['unverified_share']:.1%} of the watts from unverified coefficients: "
               f"docs/estimate.md)")
     return 0
 

@@ -1,10 +1,15 @@
-"""Power of the engine on the U280 board: static + fabric dynamic (from the Yosys resource counts and the
-engine's activity) + HBM energy per bit + board overhead.
+"""Power of the engine on the U280 board: FPGA core-rail static + fabric dynamic (from the Yosys resource
+counts and the engine's activity) + HBM energy per bit + everything else on the board.
 
-Every coefficient is a ``Coefficient`` with its source and a status: ``cited`` (a published figure, named)
-or ``unverified`` (no measured source was reachable from this machine; a placeholder of the right order
-that the estimate flags in its JSON and report until someone replaces it with an XPE run or a board
-reading). docs/estimate.md, "Energy model", lists them.
+Every coefficient is a ``Coefficient`` with its source, the figure quoted from it, how that figure was mapped
+onto this model (``mapping``) and a status: ``cited`` (the number was read in the source text, named in
+``source``) or ``unverified`` (no readable source gave it: a placeholder the estimate flags in its JSON and
+report). docs/estimate.md, "Energy model", lists them.
+
+The split is by supply rail so that no watt is counted twice: ``fpga_static_w`` and the fabric terms are
+VCCINT (0.85 V core) power; ``board_overhead_w`` is everything a loaded, idle U280 draws from its 12 V inputs
+that is *not* VCCINT (HBM and DDR4 at rest, the FPGA's auxiliary, HBM-I/O and transceiver rails, the
+regulators' losses, the satellite controller); ``hbm_w`` adds the DRAM access energy of the traffic.
 """
 
 from __future__ import annotations
@@ -23,32 +28,74 @@ class Coefficient:
     unit: str
     source: str
     status: str  # "cited" | "unverified"
+    mapping: str = ""
 
+
+# The three sources read for this table (docs/estimate.md, "Energy model", quotes each):
+FGDRAM = ("M. O'Connor, N. Chatterjee, D. Lee, J. Wilson, A. Agrawal, S. W. Keckler, W. J. Dally, 'Fine-Grained "
+          "DRAM: Energy-Efficient DRAM for Extreme Bandwidth Systems', MICRO-50, 2017 (doi 10.1145/3123939.3124545); "
+          "read in the paper's text as archived in github 899ms/ai-infra-book, references/text/fgdram-micro17.txt "
+          "(commit 023cf31)")
+FSA_U280 = ("Vivado 2020.2 report_power of a routed xcu280-fsvh2892-2L-e build (a 16x16 FSA systolic array with an "
+            "HBM port, 70 MHz core clock), summarised in the public note 'U280 Pre-Optimization Baseline (FSA 16x16, "
+            "HBM)', 'Power Baseline' section (code-search index document 70766704971; the index does not name the "
+            "repository)")
+FLEXLLM_LOG = ("xbutil 'examine --report electrical' log of an Alveo U280 running FlexLLM (Llama-3.2-1B), github "
+               "Crazy-James26/FlexLLM, SpinQuant_Llama_32_1B/run/u280_power_log.csv (commit c740cda), written by "
+               "u280_power_logger.py beside it")
 
 COEFFICIENTS: dict[str, Coefficient] = {
     "hbm_pj_per_bit": Coefficient(
-        3.97, "pJ/bit", "O'Connor et al., 'Fine-Grained DRAM: Energy-Efficient DRAM for Extreme Bandwidth "
-        "Systems', MICRO 2017: HBM2 access energy (activation + on-die movement + I/O), the baseline FGDRAM "
-        "halves", "cited"),
+        3.97, "pJ/bit read or written, DRAM side (activation + on-die data movement + interposer I/O)",
+        f"{FGDRAM}, section 1: 'The energy to access a bit in HBM2 is approximately 3.97 pJ/bit'; section 2.1: "
+        "2.24 pJ/bit data movement + 0.3 pJ/bit interposer I/O + 1.21 pJ/bit average activation = 3.92 pJ/bit "
+        "including ECC", "cited",
+        "the paper models a GPU's HBM2 (64-bit pseudo-channels at 1 GHz DDR, 16 GB/s each); the U280's are "
+        "14.375 GB/s, taken as the same per-bit energy. DRAM side only: the FPGA's HBM controller and PHY are "
+        "not in it (their rest power is inside board_overhead_w, their activity-dependent part is not modelled)"),
     "lut_uw_per_mhz": Coefficient(
-        0.07, "uW/MHz per LUT at XPE's default 12.5 % toggle rate (AMD UG440, Logic sheet), logic + routing",
-        "order of magnitude of XPE for UltraScale+ at 0.85 V; not read from XPE here", "unverified"),
+        1e6 * (3.686 - 0.061 - 0.407 * 8 / 81.5) / 347_543 / 70, "uW/MHz per LUT at full engine activity: CLB logic "
+        "+ signals (routing) + clocks of the hierarchy, its flip-flops included",
+        f"{FSA_U280}: the FSA core 'dutDomain/fsa/fsa' draws 3.686 W with 347,543 LUT, 32,002 FF, 320 DSP and 8 "
+        "BRAM at 70 MHz; the whole chip's 320 DSPs draw 0.061 W and its 81.5 BRAM36 0.407 W", "cited",
+        "(3.686 W - 0.061 W of DSPs - 8/81.5 x 0.407 W of BRAM) / 347,543 LUT / 70 MHz = 0.147 uW/MHz; the "
+        "source's activity is Vivado's vectorless default (no simulation activity named, confidence 'Medium'), "
+        "taken as the engine's while it computes; its FF/LUT ratio is 0.09 against the engine's 0.22"),
     "ff_uw_per_mhz": Coefficient(
-        0.01, "uW/MHz per flip-flop at the 12.5 % toggle rate",
-        "order of magnitude of XPE for UltraScale+; not read from XPE here", "unverified"),
+        0.01, "uW/MHz per flip-flop beyond those the LUT figure includes",
+        "no figure for flip-flops alone found: the Vivado summary above gives CLB logic as one number; "
+        "searched the code/issue/page corpora for UltraScale+ report_power tables with a Register row "
+        "(found only 7-series ones)", "unverified",
+        "kept as a placeholder; it is 0.4 W at full activity on the u280 engine"),
     "dsp_uw_per_mhz": Coefficient(
-        3.0, "uW/MHz per DSP48E2 at full activity",
-        "order of magnitude of XPE for UltraScale+; not read from XPE here", "unverified"),
+        1e6 * 0.061 / 320 / 70, "uW/MHz per DSP48E2 at full engine activity",
+        f"{FSA_U280}: 'DSPs 0.061 W', 320 DSP48E2, all in the 70 MHz core", "cited",
+        "0.061 W / 320 / 70 MHz = 2.72 uW/MHz; the source's DSPs are fp16 FMAs with no A/B/M/P pipeline "
+        "registers at the vectorless default activity, the engine's are pipelined integer products "
+        "(UG440: MREG lowers DSP power), so this likely over-states the engine's DSPs"),
     "bram_uw_per_mhz": Coefficient(
-        10.0, "uW/MHz per RAMB36E2 at 50 % enable",
-        "order of magnitude of XPE for UltraScale+; not read from XPE here", "unverified"),
+        1e6 * 0.407 / 81.5 / 250, "uW/MHz per RAMB36E2",
+        f"{FSA_U280}: 'BRAM 0.407 W' for 81.5 BRAM36 (73.5 of them in SLR0 with the PCIe/XDMA and HBM logic)",
+        "unverified",
+        "the source does not say which clock those BRAMs run at: divided by an assumed 250 MHz (the design's "
+        "XDMA AXI clock) = 20.0 uW/MHz; at 70 MHz it would be 71 uW/MHz. 0.07 W on the u280 engine either way "
+        "within 0.2 W"),
     "fpga_static_w": Coefficient(
-        6.0, "W", "XCU280 device static at a warm junction; not read from XPE here", "unverified"),
+        0.850 * 1.679, "W, VCCINT (0.85 V core rail) static",
+        f"{FSA_U280}: 'Vccint 0.850V: 8.591 A total (6.912 A dynamic + 1.679 A static)'; 'Device Static "
+        "3.575 W' at a 33.8 C junction", "cited",
+        "0.850 V x 1.679 A = 1.43 W; the other 2.15 W of the device static sit on the non-VCCINT rails, which "
+        "board_overhead_w measures. Static power grows with junction temperature: a busier, hotter engine "
+        "leaks more than at 33.8 C"),
     "board_overhead_w": Coefficient(
-        15.0, "W", "U280 board: regulators, PCIe, DDR4 and HBM idle, shell; no idle-board reading found "
-        "for a U280 (U280 readings of 39-58 W under unknown load: Paderborn PC2 wiki, 'Power Measurements'; "
-        "a U50, the smaller HBM card, with only its shell loaded: 12.213 V x 1.363 A + 3.300 V x 0.223 A = "
-        "17.4 W, its FPGA core 0.849 V x 4.100 A = 3.5 W: Xilinx/XRT pull request 5184)", "unverified"),
+        37.342674 - 0.851 * 17.160, "W, all 12 V input power of a loaded, idle-between-requests U280 except "
+        "its VCCINT output",
+        f"{FLEXLLM_LOG}: the lowest reading, 2025-10-15 22:56:26: 'power_W' 37.342674 W (= 12 V PCIe "
+        "12.169 V x 1.440 A + 12 V auxiliary 12.189 V x 1.626 A) with 'Internal FPGA Vcc' 0.851 V x 17.160 A",
+        "cited",
+        "37.343 W - 0.851 V x 17.160 A = 22.74 W (the five lowest readings of the log give 22.74-23.08 W; its "
+        "readings span 37.3-59.8 W). A different design's idle, with its clocks running; it includes the VCCINT "
+        "regulator's loss at that load, and the log records no 3.3 V current (xbutil's total leaves it out)"),
 }
 
 
@@ -80,23 +127,40 @@ def engine_resources(p, hw_name: str = "", path: Path = RESOURCES_JSON) -> dict:
                       f"benchmarks/resources.py for this configuration")
 
 
+FABRIC_TERMS = (("lut", "lut_uw_per_mhz"), ("ff", "ff_uw_per_mhz"), ("dsp", "dsp_uw_per_mhz"),
+                ("bram36", "bram_uw_per_mhz"))
+# which coefficient each component of the total rests on (the fabric rests on all four of FABRIC_TERMS)
+PART_COEFFICIENT = {"fpga_static_w": "fpga_static_w", "hbm_w": "hbm_pj_per_bit",
+                    "board_overhead_w": "board_overhead_w"}
+
+
 def power(p, target, *, hw_name: str = "", resources: dict | None = None, hbm_bytes_per_s: float,
-          engine_busy: float) -> dict:
+          engine_busy: float, coefficients: dict[str, Coefficient] | None = None) -> dict:
     """Watts by component. ``engine_busy``: fraction of the time the engine computes (the rest it waits
-    on HBM); fabric dynamic power scales with it."""
-    c = {k: v.value for k, v in COEFFICIENTS.items()}
+    on HBM); fabric dynamic power scales with it. ``coefficients`` replaces the table (tests)."""
+    table = COEFFICIENTS if coefficients is None else coefficients
+    c = {k: v.value for k, v in table.items()}
     res = resources if resources is not None else engine_resources(p, hw_name)
     f = target.clock_mhz
     act = max(0.0, min(1.0, engine_busy))
-    fabric = 1e-6 * f * act * (res["lut"] * c["lut_uw_per_mhz"] + res["ff"] * c["ff_uw_per_mhz"]
-                               + res["dsp"] * c["dsp_uw_per_mhz"] + res["bram36"] * c["bram_uw_per_mhz"])
+    by_res = {r: 1e-6 * f * act * res[r] * c[k] for r, k in FABRIC_TERMS}
+    fabric = sum(by_res.values())
     hbm = hbm_bytes_per_s * 8 * c["hbm_pj_per_bit"] * 1e-12
     parts = {"fpga_static_w": c["fpga_static_w"], "fabric_dynamic_w": fabric, "hbm_w": hbm,
              "board_overhead_w": c["board_overhead_w"]}
-    unverified = sorted(k for k, v in COEFFICIENTS.items() if v.status != "cited")
-    unverified_w = (c["fpga_static_w"] + c["board_overhead_w"] + fabric)
-    return {**parts, "total_w": sum(parts.values()), "engine_busy": act,
+    total = sum(parts.values())
+    unverified = sorted(k for k, v in table.items() if v.status != "cited")
+    unverified_w = (sum(parts[part] for part, k in PART_COEFFICIENT.items() if k in unverified)
+                    + sum(by_res[r] for r, k in FABRIC_TERMS if k in unverified))
+    basis = {part: f"{table[k].status}: {k} = {table[k].value:.4g} {table[k].unit.split(',')[0]}"
+             for part, k in PART_COEFFICIENT.items()}
+    basis["fabric_dynamic_w"] = "Yosys counts x " + ", ".join(
+        f"{k} ({table[k].status}: {by_res[r]:.2f} W)" for r, k in FABRIC_TERMS)
+    return {**parts, "total_w": total, "engine_busy": act,
+            "fabric_by_resource_w": by_res,
             "resources": {k: v for k, v in res.items()},
             "unverified_coefficients": unverified,
-            "unverified_share": unverified_w / sum(parts.values()),
-            "coefficients": {k: asdict(v) for k, v in COEFFICIENTS.items()}}
+            "unverified_w": unverified_w,
+            "unverified_share": unverified_w / total,
+            "basis": basis,
+            "coefficients": {k: asdict(v) for k, v in table.items()}}

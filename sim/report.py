@@ -209,9 +209,10 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
                  f"(<code>sim.estimate.op_cycles</code>), which equals the RTL's counts in Icarus "
                  f"(tests/sim/test_estimate.py).</p>")
     pw = main["power"]
-    basis = {"fpga_static_w": "unverified", "fabric_dynamic_w": "unverified coefficients x Yosys counts",
-             "hbm_w": "cited pJ/bit x modelled traffic", "board_overhead_w": "unverified"}
-    power_rows = "".join(f"<tr><td>{k[:-2]}</td><td>{pw[k]:.1f}</td><td>{basis[k]}</td></tr>" for k in basis)
+    basis = pw["basis"]  # each component's coefficient(s) and their status, from sim.energy
+    power_rows = "".join(f"<tr><td>{k[:-2]}</td><td>{pw[k]:.1f}</td><td style='text-align:left'>"
+                         f"{html.escape(basis[k])}</td></tr>"
+                         for k in ("fpga_static_w", "fabric_dynamic_w", "hbm_w", "board_overhead_w"))
     power_table = f"<table><tr><th>component</th><th>W</th><th>basis</th></tr>{power_rows}</table>"
     binds = (f"Decode is bound by <b>{main['bound_by']}</b>: every decoder layer's weight and KV stream "
              f"takes {main['decode']['layer']['hbm_us']:.1f} µs at {main['hbm']['effective_gbps']:.0f} GB/s against "
@@ -230,9 +231,10 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
 td,th{{border:1px solid #999;padding:4px 8px;text-align:right}}th{{background:#eee}}pre{{background:#f4f4f4;padding:6px}}
 img{{max-width:100%}} .warn{{background:#fff3cd;padding:8px;border:1px solid #e0c060}}</style></head><body>
 <h1>{html.escape(m.name)} / {html.escape(fmt.recipe)} on {html.escape(hw_name)} at {target.clock_mhz:.0f} MHz</h1>
-<p class="warn">Scope: <b>{html.escape(SCOPE)}</b>. Power: {pw['unverified_share']:.0%} of the {pw['total_w']:.1f} W come
-from coefficients marked <i>unverified</i> in <code>sim/energy.py</code> ({html.escape(', '.join(pw['unverified_coefficients']))});
-the tokens/J figure is therefore not a cited result yet (docs/estimate.md).</p>
+<p class="warn">Scope: <b>{html.escape(SCOPE)}</b>. Power: {pw['unverified_share']:.1%} of the {pw['total_w']:.1f} W come
+from coefficients marked <i>unverified</i> in <code>sim/energy.py</code> ({html.escape(', '.join(pw['unverified_coefficients']) or 'none')});
+the cited ones are read from a Vivado power report of another xcu280 design, an xbutil log of another U280 design
+and an HBM2 energy model, so tokens/J is a model of this engine on the board, not a measurement (docs/estimate.md, "Energy model").</p>
 <pre>{html.escape(json.dumps(summary, indent=1))}</pre>
 <pre>$ {html.escape(est_cmd)}</pre>
 <h2>What binds</h2><p>{binds}</p>

@@ -177,6 +177,45 @@ def test_hbm_model_cites_its_measurements():
 def test_energy_coefficients_are_sourced():
     for k, c in COEFFICIENTS.items():
         assert c.source and c.status in ("cited", "unverified"), k
+        assert c.mapping, f"{k}: say how the source's figure was mapped onto the model"
+        if c.status == "cited":
+            assert "'" in c.source, f"{k}: a cited coefficient quotes the figure it was read from"
+
+
+def test_energy_model_reproduces_its_sources():
+    """Each cited coefficient, put back into the model, gives the figure it was read from (so a unit slip,
+    e.g. mW/MHz for uW/MHz, or pJ for fJ, cannot pass), and the target point stays inside the board's
+    measured range."""
+    from types import SimpleNamespace
+
+    from sim import energy as EN
+    # the xcu280 Vivado report: the FSA core (347,543 LUT, 320 DSP, 8 BRAM36 at 70 MHz) draws 3.686 W;
+    # its flip-flops are inside the LUT figure, so none are counted again
+    fsa = EN.power(None, SimpleNamespace(clock_mhz=70.0), hbm_bytes_per_s=0.0, engine_busy=1.0,
+                   resources={"lut": 347_543, "ff": 0, "dsp": 320, "bram36": 8})
+    assert fsa["fabric_dynamic_w"] == pytest.approx(3.686, rel=0.02)
+    assert fsa["fabric_by_resource_w"]["dsp"] == pytest.approx(0.061, rel=1e-6)
+    # FGDRAM (MICRO 2017): 4 TB/s of HBM2 'would dissipate upwards of 120 W'
+    gpu = EN.power(None, SimpleNamespace(clock_mhz=225.0), hbm_bytes_per_s=4e12, engine_busy=0.0,
+                   resources={"lut": 0, "ff": 0, "dsp": 0, "bram36": 0})
+    assert 120 <= gpu["hbm_w"] <= 130
+    # the FlexLLM xbutil log's lowest reading: the board figure + that design's VCCINT (0.851 V x 17.160 A)
+    # is the 12 V input power it logged
+    c = {k: v.value for k, v in COEFFICIENTS.items()}
+    assert c["board_overhead_w"] + 0.851 * 17.160 == pytest.approx(37.342674, abs=1e-3)
+    # the Vivado report's VCCINT static (0.85 V x 1.679 A) is part of its 3.575 W device static
+    assert 1.0 < c["fpga_static_w"] < 3.575
+    # the Llama-2-7B target point: above what the board draws with the engine idle, below the 225 W the
+    # board's controller reports as its maximum (same log, 'max_power_W'); unverified share as recomputed
+    cfg = load_hw("u280")
+    r = E.estimate(cfg.engine, cfg.target, E.load_model("llama2-7b"),
+                   E.ArtifactFormat.from_recipe(load_recipe("w2a8kv4-sparse24")), 2048, hw_name="u280")
+    pw = r["power"]
+    assert c["board_overhead_w"] + c["fpga_static_w"] < pw["total_w"] < 225.0
+    assert pw["total_w"] == pytest.approx(sum(pw[k] for k in ("fpga_static_w", "fabric_dynamic_w", "hbm_w",
+                                                               "board_overhead_w")))
+    unv = sum(pw["fabric_by_resource_w"][r_] for r_, k in EN.FABRIC_TERMS if COEFFICIENTS[k].status != "cited")
+    assert pw["unverified_share"] == pytest.approx(unv / pw["total_w"])
 
 
 # ---------------------------------------------------------------------------------------------------
