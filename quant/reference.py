@@ -502,6 +502,20 @@ def quantize_embedding(w) -> tuple[np.ndarray, np.ndarray]:
     return codes, s
 
 
+def dequantize_embedding(codes, row_scale) -> np.ndarray:
+    """The float table (V, H) float64 the int8 table stands for: code * S_row (what the float route
+    looks up). ``embed_lookup`` gives code * S_row * 2**16 rounded half up to Q15.16 (its multiplier
+    is exact: a float16 mantissa has 11 bits, the multiplier 16)."""
+    c = _int(codes, EMBED_CODE, "embedding codes")
+    s = np.asarray(row_scale, np.float64)
+    if c.ndim != 2 or s.shape != (c.shape[0],):
+        raise FormatError(f"embedding codes {c.shape} and row scales {s.shape} must be (V, H) and (V,)")
+    if s.size and not (np.all(np.isfinite(s)) and s.min() > 0):
+        bad = int(np.argmax(~np.isfinite(s) | (s <= 0)))
+        raise FormatError(f"embedding row scale {s[bad]!r} at row {bad} is not finite and > 0")
+    return c * s[:, None]
+
+
 def embedding_multipliers(row_scale) -> tuple[np.ndarray, np.ndarray]:
     """(mult, shift) per embedding row for the real factor S_row * 2**16 (codes -> Q15.16)."""
     rs = np.asarray(row_scale, np.float64)
