@@ -120,7 +120,7 @@ def pack_linear(name: str, q) -> tuple[dict[str, np.ndarray], dict]:
     t: dict[str, np.ndarray] = {}
     sparse = q.mask is not None
     if sparse:
-        kept, meta = reference.compress_24(codes, q.mask)
+        kept, meta = reference.compress_24(codes, q.mask, q.bits)
         t[f"{name}.qweight"] = packing.pack_bits(kept, q.bits)
         t[f"{name}.meta"] = packing.pack_sparse_meta(meta)
     else:
@@ -146,7 +146,7 @@ def unpack_linear(name: str, t: dict[str, np.ndarray], meta: dict):
         if meta["sparse"]:
             kept = packing.unpack_bits(t[f"{name}.qweight"], bits, k // SPARSE_M * SPARSE_N)
             md = packing.unpack_sparse_meta(t[f"{name}.meta"], k // SPARSE_M)
-            codes, mask = reference.expand_24(kept, md)
+            codes, mask = reference.expand_24(kept, md, bits)
         else:
             codes, mask = packing.unpack_bits(t[f"{name}.qweight"], bits, k), None
         bias = t.get(f"{name}.bias")
@@ -174,7 +174,7 @@ def pack_embedding(codes, row_scale) -> tuple[dict[str, np.ndarray], dict]:
         raise reference.FormatError(f"embedding codes {c.shape} and row scales {rs.shape}: need (V, H), (V,)")
     if not np.array_equal(rs.astype(np.float16).astype(np.float64), rs):
         bad = int(np.argmax(rs.astype(np.float16).astype(np.float64) != rs))
-        raise reference.FormatError(f"embedding row scale {rs[bad]!r} at row {bad} is not a float16 value")
+        raise reference.FormatError(f"embedding row scale {float(rs[bad])} at row {bad} is not a float16 value")
     t = {f"{EMBED}.qweight": c.astype(np.int8), f"{EMBED}.row_scale": rs.astype(np.float16)}
     return t, {"vocab": int(c.shape[0]), "hidden": int(c.shape[1]), "bits": EMBED_CODE.bits}
 
