@@ -26,6 +26,12 @@ calibration tokens: 0.81 GB + 1.37 GB + 1.07 GB + 0.52 GB + 1.9 GB + 0.6 GB ≈ 
 24 GB (the float checkpoint is memory-mapped and read tensor by tensor, never loaded whole).
 Measured on SmolLM2-135M (GGUF, whose dequantized float32 tensors, 0.54 GB, are held whole), 8 × 256
 calibration tokens: peak RSS 1.69 GB. ``report.json`` records ``peak_rss_bytes`` of every run.
+The quantized lm_head is the largest single linear (V·H weights, GPTQ with the clipping search on all
+rows at once): on SmolLM2-135M (49152 × 576) the run's peak rose from 1.55 GB through the layers to
+2.80 GB at the lm_head (``accllm quantize smollm2-135m --recipe w2a8kv4 --calib-samples 8``, 1 thread);
+for Llama-2-7B's 131 M-weight head that term grows about 4.6× (not measured). Rows are independent
+given the Hessian, so quantizing the head in row blocks would bound it; not done yet.
+The embedding is quantized first (``quantize_embedding``): V·H·8 bytes transiently.
 """
 
 from __future__ import annotations
