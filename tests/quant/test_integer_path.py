@@ -118,7 +118,7 @@ def test_integer_path_equals_reference_on_smollm2(tmp_path):
     model.layers = model.layers[:3]  # three real layers (the rest adds time, not coverage)
     wins, _ = eval_windows(tok, None, 48, 48)
     n = check_model_against_reference(model, wins[0][None])
-    assert n == 3 * 7 + 3 * 9 * 2
+    assert n == 3 * 7 + 1 + 3 * 9 * 2  # + the W4 lm_head
 
 
 def test_fused_pv_fold_equals_fold_then_quantize():
