@@ -8,13 +8,19 @@ A folder::
                           {name}.meta       2:4 pattern index per four inputs, 3 bits (N, ceil(K/4·3/8))
                           {name}.scales     s_hat uint8 (N, K/G);  {name}.mins  m_hat int8 (N, K/G)
                           {name}.row_scale  S_row float16 (N,)
-                        and the tensors left in float under their Hugging Face names (embeddings,
-                        norms, an unquantized lm_head or projection). The header metadata
-                        ``accllm.linears`` (JSON) gives each quantized linear's in/out/bits/group/sparse.
+                        a quantized embedding table (recipe ``quantize_embedding``), no float copy:
+                          model.embed_tokens.qweight    codes int8 (V, H)
+                          model.embed_tokens.row_scale  S_row float16 (V,)
+                        and the tensors left in float under their Hugging Face names (a float
+                        embedding, norms, an unquantized lm_head or projection). The header metadata
+                        ``accllm.linears`` (JSON) gives each quantized linear's in/out/bits/group/sparse,
+                        ``accllm.embedding`` (JSON) the quantized embedding's vocab/hidden/bits (absent:
+                        the embedding is float).
     config.json         the model's transformers config;  tokenizer files
     recipe.yaml         the resolved recipe (every modifier with every field)
     manifest.json       source, its sha256, tool versions, seconds per step, runtime numerics
-    report.json         bits_per_weight, size_bytes, seconds, peak_rss_bytes, ...
+    report.json         bits_per_weight, bits_per_parameter, bytes_per_token_decode,
+                        kv_bytes_per_token_per_layer, size_bytes, seconds, peak_rss_bytes, ...
 
 Writing goes to a hidden temporary folder beside the destination, moved into place at the end
 (``atomic_dir``): a failure leaves nothing at ``out_dir``.
@@ -34,7 +40,8 @@ import torch
 
 from . import packing, reference
 from .errors import QuantError
-from .formats import SPARSE_M, SPARSE_N
+from .formats import (EMBED_BITS_SUPPORTED, EMBED_CODE, EMBED_ROW_SCALE_BITS, KV_CODE, KV_RANGE, KV_ZERO,
+                      SPARSE_M, SPARSE_N)
 from .model import ATTN, MLP_NAMES, FloatLinear, LlamaLM, Numerics, QLinear, DecoderLayer, linear_name
 
 FORMAT = "accllm-artifact"
@@ -113,7 +120,7 @@ def pack_linear(name: str, q) -> tuple[dict[str, np.ndarray], dict]:
     t: dict[str, np.ndarray] = {}
     sparse = q.mask is not None
     if sparse:
-        kept, meta = reference.compress_24(codes, q.mask)
+        kept, meta = reference.compress_24(codes, q.mask, q.bits)
         t[f"{name}.qweight"] = packing.pack_bits(kept, q.bits)
         t[f"{name}.meta"] = packing.pack_sparse_meta(meta)
     else:
@@ -139,7 +146,7 @@ def unpack_linear(name: str, t: dict[str, np.ndarray], meta: dict):
         if meta["sparse"]:
             kept = packing.unpack_bits(t[f"{name}.qweight"], bits, k // SPARSE_M * SPARSE_N)
             md = packing.unpack_sparse_meta(t[f"{name}.meta"], k // SPARSE_M)
-            codes, mask = reference.expand_24(kept, md)
+            codes, mask = reference.expand_24(kept, md, bits)
         else:
             codes, mask = packing.unpack_bits(t[f"{name}.qweight"], bits, k), None
         bias = t.get(f"{name}.bias")
@@ -150,6 +157,100 @@ def unpack_linear(name: str, t: dict[str, np.ndarray], meta: dict):
         raise QuantError(f"artifact: tensor {e.args[0]} missing for {name}; the artifact is corrupt") from e
     except (reference.FormatError, ValueError) as e:
         raise QuantError(f"artifact: {name} cannot be unpacked ({e}); the artifact is corrupt") from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# the quantized embedding table
+# ---------------------------------------------------------------------------------------------------
+EMBED = "model.embed_tokens"
+
+
+def pack_embedding(codes, row_scale) -> tuple[dict[str, np.ndarray], dict]:
+    """(codes (V, H) int8, row scales (V,)) -> (tensors, metadata): codes as int8, one byte each (the
+    lookup reads a whole row), row scales as float16. ``unpack_embedding`` inverts it exactly."""
+    c = reference._int(codes, EMBED_CODE, "embedding codes")
+    rs = np.asarray(row_scale, np.float64)
+    if c.ndim != 2 or rs.shape != (c.shape[0],):
+        raise reference.FormatError(f"embedding codes {c.shape} and row scales {rs.shape}: need (V, H), (V,)")
+    if not np.array_equal(rs.astype(np.float16).astype(np.float64), rs):
+        bad = int(np.argmax(rs.astype(np.float16).astype(np.float64) != rs))
+        raise reference.FormatError(f"embedding row scale {float(rs[bad])} at row {bad} is not a float16 value")
+    t = {f"{EMBED}.qweight": c.astype(np.int8), f"{EMBED}.row_scale": rs.astype(np.float16)}
+    return t, {"vocab": int(c.shape[0]), "hidden": int(c.shape[1]), "bits": EMBED_CODE.bits}
+
+
+def unpack_embedding(t: dict[str, np.ndarray], meta: dict, where: str = "artifact") -> tuple[np.ndarray, np.ndarray]:
+    """-> (codes (V, H) int8, row_scale (V,) float64), checked against ``meta``."""
+    try:
+        codes, rs = t[f"{EMBED}.qweight"], t[f"{EMBED}.row_scale"]
+        v, h, bits = int(meta["vocab"]), int(meta["hidden"]), int(meta["bits"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise QuantError(f"{where}: quantized embedding incomplete ({e!r} missing or malformed); the artifact "
+                         f"is corrupt") from e
+    if bits not in EMBED_BITS_SUPPORTED:
+        raise QuantError(f"{where}: embedding stored at {bits} bits; this accllm reads {list(EMBED_BITS_SUPPORTED)}")
+    if codes.dtype != np.int8 or codes.shape != (v, h) or rs.dtype != np.float16 or rs.shape != (v,):
+        raise QuantError(f"{where}: embedding tensors {codes.dtype}{tuple(codes.shape)} / {rs.dtype}{tuple(rs.shape)}"
+                         f" do not match the header (int8 ({v}, {h}) / float16 ({v},)); the artifact is corrupt")
+    rs64 = rs.astype(np.float64)
+    try:
+        reference.dequantize_embedding(codes, rs64)  # ranges and row scales (finite, > 0)
+    except reference.FormatError as e:
+        raise QuantError(f"{where}: embedding cannot be read ({e}); the artifact is corrupt") from e
+    return codes, rs64
+
+
+# ---------------------------------------------------------------------------------------------------
+# size accounting (report.json)
+# ---------------------------------------------------------------------------------------------------
+def tensor_bytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return int(np.asarray(x).nbytes)
+
+
+def float_parameter_count(cfg) -> int:
+    """Parameters of the float Llama: embedding, per layer the seven projections and two norms, the
+    final norm, and the lm_head unless it is tied to the embedding (no biases: check_architecture)."""
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or h // heads
+    layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * i + 2 * h
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    return v * h * (1 if tied else 2) + cfg.num_hidden_layers * layer + h
+
+
+def kv_bytes_per_token_per_layer(cfg, kv4: bool) -> float:
+    """Bytes one token adds to one layer's KV cache: keys and values of every KV head. KV4: D 4-bit codes
+    plus the 4-bit zero-point and the 32-bit range per head (formats.KV_*); otherwise float16."""
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    bits = hd * KV_CODE.bits + KV_ZERO.bits + KV_RANGE.bits if kv4 else hd * 16
+    return 2 * kv * bits / 8
+
+
+def decode_bytes_per_token(tensors: dict, linears: dict, cfg, embedding: dict | None) -> int:
+    """Bytes read from memory to decode one token, the KV cache excluded: every linear of every layer and
+    the lm_head as stored (packed, or float), one embedding row, and every norm vector. A tied float
+    lm_head reads the whole embedding table as stored."""
+    total = 0
+    names = [linear_name(i, p) for i in range(cfg.num_hidden_layers) for p in ATTN + MLP_NAMES]
+    for name in names + ["lm_head"]:
+        if name in linears:
+            total += packed_weight_bytes(tensors, name)
+        elif name + ".weight" in tensors:
+            total += tensor_bytes(tensors[name + ".weight"])
+        elif name == "lm_head":  # tied
+            total += (tensor_bytes(tensors[f"{EMBED}.qweight"]) + tensor_bytes(tensors[f"{EMBED}.row_scale"])
+                      if embedding else tensor_bytes(tensors[f"{EMBED}.weight"]))
+    if embedding:
+        total += embedding["hidden"] * EMBED_CODE.bits // 8 + EMBED_ROW_SCALE_BITS // 8
+    else:
+        e = tensors[f"{EMBED}.weight"]
+        total += tensor_bytes(e) // e.shape[0]
+    total += sum(tensor_bytes(v) for k, v in tensors.items() if k.endswith("norm.weight"))
+    return int(total)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,20 +291,27 @@ def tool_versions() -> dict:
     return out
 
 
-def write_model(folder: Path, tensors: dict[str, np.ndarray | torch.Tensor], linears: dict[str, dict]):
+def write_model(folder: Path, tensors: dict[str, np.ndarray | torch.Tensor], linears: dict[str, dict],
+                embedding: dict | None = None):
     from safetensors.torch import save_file
 
     pt = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.contiguous())
           for k, v in tensors.items()}
-    save_file(pt, str(folder / "model.safetensors"),
-              metadata={"format": FORMAT, "accllm.linears": json.dumps(linears, sort_keys=True)})
+    md = {"format": FORMAT, "accllm.linears": json.dumps(linears, sort_keys=True)}
+    if embedding is not None:
+        md["accllm.embedding"] = json.dumps(embedding, sort_keys=True)
+    save_file(pt, str(folder / "model.safetensors"), metadata=md)
 
 
 # ---------------------------------------------------------------------------------------------------
 # reading back
 # ---------------------------------------------------------------------------------------------------
 def load_artifact(path: str | Path, device: str = "cpu", numerics: Numerics | None = None):
-    """-> (LlamaLM with QLinear modules, tokenizer)."""
+    """-> (LlamaLM with QLinear modules, tokenizer).
+
+    A quantized embedding becomes the model's float table ``code * S_row`` (so the float route looks up
+    what is stored) and, for the integer route, ``model.embed_q = (codes int8 (V, H), row_scale float64
+    (V,))``; ``model.embed_q`` is None when the artifact keeps the embedding in float."""
     from safetensors import safe_open
     from .loading import check_architecture, load_tokenizer
 
@@ -249,11 +357,29 @@ def load_artifact(path: str | Path, device: str = "cpu", numerics: Numerics | No
             raise QuantError(f"artifact {f}: tensor {name} missing; the artifact is corrupt")
         return t[name]
 
+    if "accllm.embedding" in md or f"{EMBED}.qweight" in t:
+        try:
+            emeta = json.loads(md.get("accllm.embedding", "null"))
+        except json.JSONDecodeError as e:
+            raise QuantError(f"artifact {f}: header accllm.embedding unreadable ({e}); the artifact is corrupt") from e
+        if not isinstance(emeta, dict):
+            raise QuantError(f"artifact {f}: {EMBED}.qweight present but the header lists no accllm.embedding; "
+                             f"the artifact is corrupt")
+        if (emeta.get("vocab"), emeta.get("hidden")) != (cfg.vocab_size, cfg.hidden_size):
+            raise QuantError(f"artifact {f}: embedding header {emeta} does not match config.json (vocab "
+                             f"{cfg.vocab_size}, hidden {cfg.hidden_size}); the artifact is corrupt")
+        codes, rs = unpack_embedding({k: t[k].numpy() for k in (f"{EMBED}.qweight", f"{EMBED}.row_scale") if k in t},
+                                     emeta, f"artifact {f}")
+        embed_q = (codes, rs)
+        embed = torch.from_numpy(reference.dequantize_embedding(codes, rs)).to(torch.float32)
+    else:
+        embed_q, embed = None, get(f"{EMBED}.weight")
     layers = []
     for i in range(cfg.num_hidden_layers):
         lins = {p: lin(linear_name(i, p)) for p in ATTN + MLP_NAMES}
         norms = {n: get(f"model.layers.{i}.{n}.weight") for n in ("input_layernorm", "post_attention_layernorm")}
         layers.append(DecoderLayer(cfg, nm, lins, norms))
     head = lin("lm_head") if ("lm_head" in linears or "lm_head.weight" in t) else None
-    model = LlamaLM(cfg, get("model.embed_tokens.weight"), layers, get("model.norm.weight"), head, nm)
+    model = LlamaLM(cfg, embed, layers, get("model.norm.weight"), head, nm)
+    model.embed_q = embed_q
     return model.to(device).eval(), load_tokenizer(path)

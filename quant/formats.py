@@ -48,12 +48,15 @@ AMAX = IntFormat("activation amax", 32, signed=False)
 
 # --- embedding table: symmetric int8 per row (token id), float16 row scale ---------------------------
 EMBED_CODE = IntFormat("embedding code", 8, signed=True)  # -127..127 produced
-EMBED_BITS_SUPPORTED = (8,)
+EMBED_BITS_SUPPORTED = (8,)  # the lookup's one format (``reference.embed_lookup``)
+EMBED_ROW_SCALE_BITS = 16  # float16, one per token row
 
 # --- KV cache: asymmetric per-token (per head) uint4 with an integer zero-point -------------------
 KV_CODE = IntFormat("kv code", 4, signed=False)  # 0..15
 KV_ZERO = IntFormat("kv zero-point", 4, signed=False)  # 0..15
 KV_QMAX = 15
+#: a token's range r = hi - lo with lo <= 0 <= hi, both Q15.16: reaches 2**31 - 1 + 2**31 = 2**32 - 1
+KV_RANGE = IntFormat("kv range r", 32, signed=False)
 
 # --- fixed point at the boundary to the special-function domain -----------------------------------
 FX_FRAC_BITS = 16  # Q15.16 in an int32

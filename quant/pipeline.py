@@ -9,7 +9,10 @@ Per layer i (GPTQ-style sequential over layers):
   3. per linear named by the recipe: ``quant.algorithms.quantize_linear`` (GPTQ / RTN, SparseGPT /
      Wanda 2:4, bits from ``QuantizeWeights.overrides``), packed immediately;
   4. run X through the quantized layer (A8 linears too): its output is layer i+1's input.
-The final norm's output calibrates an ``lm_head`` named in the overrides (e.g. ``{lm_head: 4}``).
+The final norm's output calibrates an ``lm_head`` named in the overrides (e.g. ``{lm_head: 4}``; a tied
+model's lm_head is quantized from the float embedding matrix). ``quantize_embedding`` turns the embedding
+table into int8 codes per row with a float16 row scale (``reference.quantize_embedding``) before any
+layer is touched; calibration then starts from the quantized table, as deployment does.
 
 Peak memory beyond the packed result is one float decoder layer, its Hessians, and the
 calibration activations twice (input and output of the layer):
@@ -23,6 +26,12 @@ calibration tokens: 0.81 GB + 1.37 GB + 1.07 GB + 0.52 GB + 1.9 GB + 0.6 GB ≈ 
 24 GB (the float checkpoint is memory-mapped and read tensor by tensor, never loaded whole).
 Measured on SmolLM2-135M (GGUF, whose dequantized float32 tensors, 0.54 GB, are held whole), 8 × 256
 calibration tokens: peak RSS 1.69 GB. ``report.json`` records ``peak_rss_bytes`` of every run.
+The quantized lm_head is the largest single linear (V·H weights, GPTQ with the clipping search on all
+rows at once): on SmolLM2-135M (49152 × 576) the run's peak rose from 1.55 GB through the layers to
+2.80 GB at the lm_head (``accllm quantize smollm2-135m --recipe w2a8kv4 --calib-samples 8``, 1 thread);
+for Llama-2-7B's 131 M-weight head that term grows about 4.6× (not measured). Rows are independent
+given the Hessian, so quantizing the head in row blocks would bound it; not done yet.
+The embedding is quantized first (``quantize_embedding``): V·H·8 bytes transiently.
 """
 
 from __future__ import annotations
@@ -36,15 +45,16 @@ from pathlib import Path
 
 import torch
 
-from .artifact import (FORMAT, FORMAT_VERSION, atomic_dir, pack_linear, packed_weight_bytes,
-                       recipe_yaml, runtime_numerics, tool_versions, write_model)
+from .artifact import (EMBED, FORMAT, FORMAT_VERSION, atomic_dir, decode_bytes_per_token, float_parameter_count,
+                       kv_bytes_per_token_per_layer, pack_embedding, pack_linear, packed_weight_bytes,
+                       recipe_yaml, runtime_numerics, tensor_bytes, tool_versions, write_model)
 from .data import calibration_windows
 from .errors import QuantError
 from .loading import WeightStore, is_artifact, load_config, load_tokenizer, resolve_source
-from . import algorithms
+from . import algorithms, reference
 from .model import ATTN, MLP_NAMES, FloatLinear, Numerics, QLinear, float_layer, linear_name, rms_norm
 from .reconstruct import reconstruct_layer
-from .recipe import AttentionWindow, Prune, QuantizeKV, QuantizeWeights, Reconstruct, Recipe
+from .recipe import AttentionWindow, Prune, QuantizeEmbedding, QuantizeKV, QuantizeWeights, Reconstruct, Recipe
 
 CHUNK = 4  # calibration sequences per forward
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
@@ -194,14 +204,28 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
         tok = load_tokenizer(path)
         secs["load"] = time.time() - t
         t = time.time()
+        embed_f = store.get(f"{EMBED}.weight").to(torch.float32)
+        emb_tensors, emb_meta = {}, None
+        if recipe.get(QuantizeEmbedding) is not None:  # cheap, and it can refuse the table: do it first
+            try:
+                codes, rs = reference.quantize_embedding(embed_f.numpy())
+                emb_tensors, emb_meta = pack_embedding(codes, rs)
+            except reference.FormatError as e:
+                raise QuantError(f"recipe {recipe.name!r}: quantize_embedding cannot represent the embedding "
+                                 f"of {path}: {e}; remove quantize_embedding from the recipe") from e
+            embed_in = torch.from_numpy(reference.dequantize_embedding(codes, rs)).to(torch.float32)
+        else:
+            embed_in = embed_f
+        secs["embedding"] = time.time() - t
+        t = time.time()
         # plain RTN (no clipping search, no pruning, no reconstruction) reads no activations
         needs_calib = (prune is not None or recon is not None or smooth
                        or (qw is not None and (qw.method != "rtn" or qw.clip_search)))
         calib_info = None
         if needs_calib:
             ids, calib_info = calibration_windows(tok, calib_text, calib_samples, seq_len, seed)
-            embed = store.get("model.embed_tokens.weight").to(torch.float32)
-            x = embed[ids]  # (N, L, H)
+            x = embed_in[ids]  # (N, L, H): the embedding the artifact stores
+
             y = torch.empty_like(x)
             if recon is not None:  # the float model's own activations, the reconstruction's targets
                 xf, yf = x.clone(), torch.empty_like(x)
@@ -287,13 +311,16 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
             secs["reconstruct"] = sum(r["seconds"] for r in recon_log)
 
         t = time.time()
-        tensors["model.embed_tokens.weight"] = store.get("model.embed_tokens.weight")
+        if emb_meta is not None:
+            tensors.update(emb_tensors)
+        else:
+            tensors[f"{EMBED}.weight"] = store.get(f"{EMBED}.weight")
         tensors["model.norm.weight"] = store.get("model.norm.weight")
         head_w = store.lm_head()
         tied = head_w is None
         hb = bits_for(qw, "lm_head") if qw is not None else None
         if hb is not None:
-            w = (store.get("model.embed_tokens.weight") if tied else head_w).to(torch.float32)
+            w = (embed_f if tied else head_w).to(torch.float32)  # tied: from the float table, not its int8 codes
             st = _Stats(w.shape[1])
             if needs_calib:
                 h = rms_norm(x, store.get("model.norm.weight").to(torch.float32), cfg.rms_norm_eps)
@@ -309,7 +336,7 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
         secs["lm_head"] = time.time() - t
 
         t = time.time()
-        write_model(tmp, tensors, linears)
+        write_model(tmp, tensors, linears, emb_meta)
         cfg.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
@@ -332,6 +359,15 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
             "recipe": recipe.name,
             "source": str(source),
             "bits_per_weight": (8 * qbytes / qweights) if qweights else None,
+            # the whole model as stored (every tensor) over the float model's parameters
+            "bits_per_parameter": 8 * sum(tensor_bytes(v) for v in tensors.values()) / float_parameter_count(cfg),
+            "float_parameters": float_parameter_count(cfg),
+            "stored_tensor_bytes": sum(tensor_bytes(v) for v in tensors.values()),
+            # read per decoded token: all linears incl. lm_head as stored, one embedding row, the norms
+            "bytes_per_token_decode": decode_bytes_per_token(tensors, linears, cfg, emb_meta),
+            "kv_bytes_per_token_per_layer": kv_bytes_per_token_per_layer(cfg, rt["kv4"]),
+            "embedding_bits": emb_meta["bits"] if emb_meta else None,
+            "lm_head_bits": linears["lm_head"]["bits"] if "lm_head" in linears else None,
             "quantized_linears": len(linears),
             "quantized_weights": qweights,
             "quantized_weight_bytes": qbytes,

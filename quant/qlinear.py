@@ -116,7 +116,7 @@ class QuantizedLinear:
         """(kept codes (N, K/2), metadata (N, K/4)) for a 2:4 layer (``reference.compress_24``)."""
         if self.mask is None:
             raise FormatError("compressed_24: this layer is dense (mask is None)")
-        return reference.compress_24(self.codes, self.mask)
+        return reference.compress_24(self.codes, self.mask, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float simulation y = x Ŵᵀ + b with the dequantized weights (weights-only fake quant)."""

@@ -5,7 +5,8 @@ YAML form, in the spirit of llm-compressor's recipes::
     recipe:
       name: w2a8kv4
       modifiers:
-        - quantize_weights: {bits: 2, group_size: 64, method: gptq}
+        - quantize_weights: {bits: 2, group_size: 64, method: gptq, overrides: {lm_head: 4}}
+        - quantize_embedding: {bits: 8}
         - quantize_activations: {bits: 8}
         - quantize_kv: {bits: 4}
         - attention_window: {sinks: 4, window: 508}
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .formats import ACT, KV_CODE, WEIGHT_BITS_SUPPORTED
+from .formats import ACT, EMBED_BITS_SUPPORTED, KV_CODE, WEIGHT_BITS_SUPPORTED
 from .schema import param
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -69,9 +70,28 @@ class QuantizeWeights:
             out.append(("group_size", f"{self.group_size} is not a multiple of 4 (2:4 groups)"))
         out += [("targets", f"unknown projection {t!r}; known: {', '.join(LINEAR_TARGETS)}")
                 for t in self.targets if t not in LINEAR_TARGETS]
-        out += [(f"overrides.{k}", f"{v} bits: the engine runs {list(WEIGHT_BITS_SUPPORTED)}")
+        if self.bits not in WEIGHT_BITS_SUPPORTED:
+            out.append(("bits", f"{self.bits} bits: the engine's weight code lanes run "
+                                f"{list(WEIGHT_BITS_SUPPORTED)}; choose one of them"))
+        out += [(f"overrides.{k}", f"{v} bits: the engine's weight code lanes run {list(WEIGHT_BITS_SUPPORTED)} "
+                                   f"(e.g. {{lm_head: 4}}); choose one of them")
                 for k, v in self.overrides.items() if v not in WEIGHT_BITS_SUPPORTED]
         return out
+
+
+@dataclass
+class QuantizeEmbedding:
+    """The token embedding table as symmetric int8 codes per row (token id) with a float16 row scale
+    (``quant.reference.quantize_embedding``); the artifact keeps no float copy. The lm_head, tied or
+    not, is quantized through ``quantize_weights.overrides`` ({lm_head: 4})."""
+    bits: int = param(8, "bits per embedding code (symmetric, one float16 scale per token row)",
+                      choices=list(EMBED_BITS_SUPPORTED))
+
+    def problems(self):
+        if self.bits not in EMBED_BITS_SUPPORTED:
+            return [("bits", f"{self.bits} bits: the embedding lookup runs {list(EMBED_BITS_SUPPORTED)}-bit "
+                             f"codes; choose one of them")]
+        return []
 
 
 @dataclass
@@ -119,12 +139,14 @@ class Reconstruct:
 MODIFIERS = {
     "prune": Prune,
     "quantize_weights": QuantizeWeights,
+    "quantize_embedding": QuantizeEmbedding,
     "quantize_activations": QuantizeActivations,
     "quantize_kv": QuantizeKV,
     "attention_window": AttentionWindow,
     "reconstruct": Reconstruct,
 }
-Modifier = Prune | QuantizeWeights | QuantizeActivations | QuantizeKV | AttentionWindow | Reconstruct
+Modifier = (Prune | QuantizeWeights | QuantizeEmbedding | QuantizeActivations | QuantizeKV | AttentionWindow
+            | Reconstruct)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from .formats import (
     FX_FRAC_BITS,
     KV_CODE,
     KV_QMAX,
+    KV_RANGE,
     KV_ZERO,
     REQ_MULT,
     REQ_SHIFT_MAX,
@@ -39,6 +40,7 @@ from .formats import (
     W_CODE,
     W_MIN,
     W_SCALE,
+    WEIGHT_BITS_SUPPORTED,
     IntFormat,
 )
 
@@ -48,9 +50,15 @@ class FormatError(ValueError):
 
 
 def _int(x, fmt: IntFormat | None = None, name: str = "operand") -> np.ndarray:
+    """An integer operand as int64, range-checked against ``fmt``. Values an int64 cannot hold (uint64
+    at or above 2**63) are refused before the cast, which would wrap them to negatives."""
     a = np.asarray(x)
     if a.dtype.kind not in "iu":
         raise FormatError(f"{name}: expected an integer array, got dtype {a.dtype}")
+    if a.dtype.kind == "u" and a.dtype.itemsize == 8 and a.size and a.max() > np.iinfo(np.int64).max:
+        bad = np.argwhere(a > np.iinfo(np.int64).max)[0]
+        raise FormatError(f"{name}: value {int(a[tuple(bad)])} at index {tuple(int(i) for i in bad)} does not fit "
+                          f"int64 (>= 2**63); the reference's integers are at most 63 bits")
     a = a.astype(np.int64)
     if fmt is not None and a.size and (a.min() < fmt.min or a.max() > fmt.max):
         bad = np.argwhere((a < fmt.min) | (a > fmt.max))[0]
@@ -92,8 +100,15 @@ def saturate(x, fmt: IntFormat) -> np.ndarray:
 # Fixed point (the boundary to the float / special-function domain)
 # ---------------------------------------------------------------------------------------------------
 def to_fx(x) -> np.ndarray:
-    """Float to Q15.16: x * 2**16 rounded half to even (exact for float32/64), saturated to int32."""
-    scaled = np.rint(np.asarray(x, dtype=np.float64) * (1 << FX_FRAC_BITS))
+    """Float to Q15.16: x * 2**16 rounded half to even (exact for float32/64), saturated to int32
+    (so +-inf saturate to the int32 limits, a documented saturation). NaN has no fixed-point value
+    and is refused: it would otherwise cast to -2**63."""
+    f = np.asarray(x, dtype=np.float64)
+    if np.isnan(f).any():
+        bad = np.argwhere(np.isnan(f))[0] if f.ndim else ()
+        raise FormatError(f"to_fx: NaN at index {tuple(int(i) for i in bad)}; a NaN reached the fixed-point "
+                          f"boundary (the float computation before it diverged)")
+    scaled = np.rint(f * (1 << FX_FRAC_BITS))
     return np.clip(scaled, FX.min, FX.max).astype(np.int64)
 
 
@@ -153,6 +168,7 @@ def quantize_kv(x_fx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def dequantize_kv(codes, zero, rng) -> np.ndarray:
     c = _int(codes, KV_CODE, "kv codes")
     z = _int(zero, KV_ZERO, "kv zero-points")
+    rng = _int(rng, KV_RANGE, "kv ranges")
     return (c - z[:, None]) * (np.asarray(rng, np.float64)[:, None] / KV_QMAX) / (1 << FX_FRAC_BITS)
 
 
@@ -160,8 +176,7 @@ def dequantize_kv(codes, zero, rng) -> np.ndarray:
 # Weight format: w = S_row * (s_hat * q + m_hat), per group of G inputs
 # ---------------------------------------------------------------------------------------------------
 def _check_weights(codes, scales, mins, group_size: int, code_bits: int = 2):
-    cfmt = W_CODE if code_bits == 2 else IntFormat(f"{code_bits}-bit weight code", code_bits, False)
-    q = _int(codes, cfmt, "weight codes")
+    q = _int(codes, _code_format(code_bits), "weight codes")
     s = _int(scales, W_SCALE, "group scales")
     m = _int(mins, W_MIN, "group mins")
     if q.ndim != 2:
@@ -191,17 +206,33 @@ def fit_weight_grid(lo, hi, code_bits: int = 2) -> tuple[np.ndarray, np.ndarray,
     """Choose the two-level grid for ranges [lo, hi] of each group (arrays (N, G_count), float).
 
     Per group the ideal grid is lo + step * q, step = (hi - lo) / qmax. The row scale S is the
-    smallest value such that every step fits 255 S and every lo fits [-128 S, 127 S]; then
-    s_hat = round(step / S), m_hat = round(lo / S). Returns (row_scale (N,), s_hat, m_hat).
+    smallest float16 such that every step fits 255 S and every lo fits [-128 S, 127 S]; then
+    s_hat = round(step / S), m_hat = round(lo / S). An all-zero row gets S = 1 (and s_hat = m_hat = 0).
+    Returns (row_scale (N,), s_hat, m_hat). Refused: non-finite bounds, and ranges that need a row
+    scale above float16's largest value 65504 (steps beyond 255 * 65504, |lo| beyond 128 * 65504).
     """
     lo = np.asarray(lo, np.float64)
     hi = np.asarray(hi, np.float64)
+    if lo.shape != hi.shape or lo.ndim != 2:
+        raise FormatError(f"fit_weight_grid: lo {lo.shape} and hi {hi.shape} must both be (rows, groups)")
+    for nm_, v in (("lo", lo), ("hi", hi)):
+        if not np.all(np.isfinite(v)):
+            bad = np.argwhere(~np.isfinite(v))[0]
+            raise FormatError(f"fit_weight_grid: {nm_} = {v[tuple(bad)]} at (row, group) "
+                              f"{tuple(int(i) for i in bad)} is not finite; the weights hold inf or NaN")
     qmax = (1 << code_bits) - 1
     step = np.maximum(hi - lo, 0.0) / qmax
     need = np.maximum(step / W_SCALE.max, np.maximum(-lo / -W_MIN.min, lo / W_MIN.max))
     row_scale = need.max(axis=1)
+    f16_max = float(np.finfo(np.float16).max)
+    if row_scale.size and row_scale.max() > f16_max:
+        r = int(np.argmax(row_scale))
+        raise FormatError(f"fit_weight_grid: row {r} needs a row scale of {row_scale[r]:.6g}, above float16's "
+                          f"largest {f16_max:.0f} (its weights reach {max(abs(lo[r]).max(), abs(hi[r]).max()):.6g}); "
+                          f"the weight format cannot hold them")
     row_scale = np.where(row_scale > 0, row_scale, 1.0).astype(np.float16).astype(np.float64)
-    # float16 rounding may have shrunk S below what is needed: grow it by one ulp until it fits.
+    # float16 rounding may have shrunk S below what is needed: grow it by one ulp until it fits
+    # (never past 65504: a need <= 65504 rounds to at most 65504, and its next float16 up is finite).
     while True:
         short = row_scale < need.max(axis=1)
         if not short.any():
@@ -287,10 +318,21 @@ def check_24_mask(mask) -> np.ndarray:
     return mk
 
 
-def compress_24(codes, mask) -> tuple[np.ndarray, np.ndarray]:
-    """Dense codes + 2:4 mask -> (kept codes (N, K/2) uint8, metadata (N, K/4) uint8 pattern index)."""
+def _code_format(code_bits: int | None) -> IntFormat:
+    """The range of ``code_bits``-bit weight codes; None: the widest code the engine runs."""
+    if code_bits is None:
+        code_bits = max(WEIGHT_BITS_SUPPORTED)
+    return W_CODE if code_bits == W_CODE.bits else IntFormat(f"{code_bits}-bit weight code", code_bits, False)
+
+
+def compress_24(codes, mask, code_bits: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Dense codes + 2:4 mask -> (kept codes (N, K/2) uint8, metadata (N, K/4) uint8 pattern index).
+    Codes must be ``code_bits``-bit weight codes (0..2**bits-1; None: up to the widest code width the
+    engine runs, 4 bits) and match the mask's shape: nothing wraps through uint8."""
     mk = check_24_mask(mask)
-    q = _int(codes, None, "codes")
+    q = _int(codes, _code_format(code_bits), "codes")
+    if q.shape != mk.shape:
+        raise FormatError(f"compress_24: codes {q.shape} and mask {mk.shape} must have the same shape")
     n, k = q.shape
     groups = mk.reshape(n, k // SPARSE_M, SPARSE_M)
     meta = np.zeros((n, k // SPARSE_M), np.uint8)
@@ -302,10 +344,13 @@ def compress_24(codes, mask) -> tuple[np.ndarray, np.ndarray]:
     return kept.astype(np.uint8), meta
 
 
-def expand_24(kept, meta) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of compress_24: -> (dense codes (N, K) uint8 with 0 at pruned places, mask (N, K) bool)."""
-    kq = _int(kept, None, "kept codes")
+def expand_24(kept, meta, code_bits: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of compress_24: -> (dense codes (N, K) uint8 with 0 at pruned places, mask (N, K) bool).
+    Kept codes must be ``code_bits``-bit weight codes (None: up to 4 bits, as in compress_24)."""
+    kq = _int(kept, _code_format(code_bits), "kept codes")
     md = _int(meta, None, "2:4 metadata")
+    if md.ndim != 2:
+        raise FormatError(f"2:4 metadata must be 2-D (out, in/4), got shape {md.shape}")
     if md.size and (md.min() < 0 or md.max() >= len(SPARSE_PATTERNS)):
         bad = np.argwhere((md < 0) | (md >= len(SPARSE_PATTERNS)))[0]
         raise FormatError(f"2:4 metadata code {md[tuple(bad)]} at {tuple(bad)} is not one of 0..5")
@@ -499,11 +544,14 @@ def multiplier_for(real: float) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------
 # Embedding table: int8 per row with a float16 row scale; lookup straight into Q15.16
 # ---------------------------------------------------------------------------------------------------
+EMBED_ZERO_ROW_SCALE = 2.0 ** -16  # the row scale of an all-zero row (float16-exact; multiplier 2**15 >> 15)
+
 def quantize_embedding(w) -> tuple[np.ndarray, np.ndarray]:
     """Float table (V, H) -> (codes (V, H) int8 in -127..127, row_scale (V,) float16-representable
     float64). Per row: S = amax / 127 rounded up to float16 (so |w| / S <= 127), codes = rint(w / S);
-    an all-zero row gets S = 2**-14 (the smallest normal float16) and codes 0. S must stay below 1 (|w| < 127) so that the lookup's
-    multiplier S * 2**16 fits 16 bits."""
+    an all-zero row (padding or unused tokens) gets S = 2**-16, one Q15.16 unit per code, and codes 0
+    (any S below 1 would do: it only has to give the lookup a valid multiplier). S must stay below 1
+    (|w| < 127) so that the lookup's multiplier S * 2**16 fits 16 bits."""
     w = np.asarray(w, np.float64)
     if w.ndim != 2:
         raise FormatError(f"embedding table must be 2-D (vocab, hidden), got shape {w.shape}")
@@ -514,13 +562,27 @@ def quantize_embedding(w) -> tuple[np.ndarray, np.ndarray]:
     s = (amax / ACT_QMAX).astype(np.float16).astype(np.float64)
     short = s * ACT_QMAX < amax
     s = np.where(short, np.nextafter(s.astype(np.float16), np.float16(np.inf)).astype(np.float64), s)
-    s = np.where(amax > 0, s, 2.0 ** -14)
-    if np.any(s >= 1.0):
+    s = np.where(amax > 0, s, EMBED_ZERO_ROW_SCALE)
+    if np.any(s >= 1.0) and np.any(amax[s >= 1.0] > 0):
         r = int(np.argmax((s >= 1.0) & (amax > 0)))
         raise FormatError(f"embedding row {r}: |w| up to {amax[r]:.4g} needs a row scale >= 1, outside the "
                           f"lookup's 16-bit multiplier (rows must stay below 127 in magnitude)")
     codes = np.clip(np.rint(w / s[:, None]), -ACT_QMAX, ACT_QMAX).astype(np.int8)
     return codes, s
+
+
+def dequantize_embedding(codes, row_scale) -> np.ndarray:
+    """The float table (V, H) float64 the int8 table stands for: code * S_row (what the float route
+    looks up). ``embed_lookup`` gives code * S_row * 2**16 rounded half up to Q15.16 (its multiplier
+    is exact: a float16 mantissa has 11 bits, the multiplier 16)."""
+    c = _int(codes, EMBED_CODE, "embedding codes")
+    s = np.asarray(row_scale, np.float64)
+    if c.ndim != 2 or s.shape != (c.shape[0],):
+        raise FormatError(f"embedding codes {c.shape} and row scales {s.shape} must be (V, H) and (V,)")
+    if s.size and not (np.all(np.isfinite(s)) and s.min() > 0):
+        bad = int(np.argmax(~np.isfinite(s) | (s <= 0)))
+        raise FormatError(f"embedding row scale {float(s[bad])} at row {bad} is not finite and > 0")
+    return c * s[:, None]
 
 
 def embedding_multipliers(row_scale) -> tuple[np.ndarray, np.ndarray]:

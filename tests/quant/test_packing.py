@@ -47,3 +47,35 @@ def test_bad_input():
         P.unpack_bits(np.zeros((1, 3), np.uint8), 2, 4)
     with pytest.raises(FormatError, match="integers"):
         P.pack_bits(np.ones(3), 2)
+
+
+def test_embedding_table_layout_and_round_trip():
+    """The int8 embedding table: one signed byte per code, row-major (token row v at bytes v*H ..
+    v*H+H-1), and one float16 row scale per token; unpacking gives back exactly what was packed."""
+    from quant.artifact import EMBED, pack_embedding, unpack_embedding
+
+    rng = np.random.default_rng(0)
+    v, h = 7, 24
+    codes = rng.integers(-128, 128, (v, h))
+    codes[0, :3] = [-128, 127, -1]
+    rs = (rng.random(v) + 2.0**-8).astype(np.float16).astype(np.float64)
+    t, meta = pack_embedding(codes, rs)
+    q, s = t[f"{EMBED}.qweight"], t[f"{EMBED}.row_scale"]
+    assert q.dtype == np.int8 and q.shape == (v, h) and q.nbytes == v * h
+    assert s.dtype == np.float16 and s.shape == (v,)
+    assert q.tobytes()[:3] == bytes([0x80, 0x7F, 0xFF])  # two's complement, one byte per code
+    assert q.tobytes()[3 * h: 4 * h] == codes[3].astype(np.int8).tobytes()
+    assert meta == {"vocab": v, "hidden": h, "bits": 8}
+    c2, s2 = unpack_embedding(t, meta)
+    assert np.array_equal(c2, codes) and np.array_equal(s2, rs) and s2.dtype == np.float64
+
+
+def test_embedding_table_bad_input():
+    from quant.artifact import pack_embedding
+
+    with pytest.raises(FormatError, match=r"embedding codes: value 128 at index \(1, 0\) is outside"):
+        pack_embedding(np.array([[0], [128]], np.int16), np.ones(2) / 4)
+    with pytest.raises(FormatError, match="row scale 0.1 at row 0 is not a float16 value"):
+        pack_embedding(np.zeros((1, 2), np.int8), np.array([0.1]))
+    with pytest.raises(FormatError, match="need"):
+        pack_embedding(np.zeros((2, 2), np.int8), np.ones(3) / 4)

@@ -86,12 +86,14 @@ def test_artifact_contents_and_report(rtn_artifact):
     assert len(man["source_sha256"]) == 64 and man["tools"]["torch"] and man["seconds"]["layers"] >= 0
     assert json.loads((out / "report.json").read_text()) == rep
     assert rep["size_bytes"] == (out / "model.safetensors").stat().st_size and rep["peak_rss_bytes"] > 0
-    # bits/weight over the 7 projections of 2 layers: 2-bit codes, 16 bits of scale+min per 64, 16-bit row scale
-    h, i = 64, 128
-    shapes = [(h, h), (h // 2, h), (h // 2, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in); k, v: 2 of 4 heads
+    # bits/weight over the 7 projections of 2 layers: 2-bit codes, 16 bits of scale+min per 64, 16-bit row
+    # scale; and the lm_head (vocab 320) at 4 bits, as the built-in recipes quantize it
+    h, i, v = 64, 128, 320
+    shapes = 2 * [(h, h), (h // 2, h), (h // 2, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in); k, v: 2 of 4 heads
     bits = sum(n * k * formats.weight_bits_per_weight(64, sparse=False) + n * 16 for n, k in shapes)
-    assert rep["bits_per_weight"] == pytest.approx(bits / sum(n * k for n, k in shapes))
-    assert rep["quantized_linears"] == 14
+    bits += v * h * formats.weight_bits_per_weight(64, sparse=False, code_bits=4) + v * 16
+    assert rep["bits_per_weight"] == pytest.approx(bits / (sum(n * k for n, k in shapes) + v * h))
+    assert rep["quantized_linears"] == 15
     assert rep["calibration_tokens"] == 0  # plain RTN reads no activations
     y = (out / "recipe.yaml").read_text()
     assert "rtn-w2a8kv4" in y and "group_size: 64" in y

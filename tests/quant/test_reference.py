@@ -323,3 +323,95 @@ def test_random_24_mask_is_valid_and_uses_every_pattern():
     assert set(np.unique(meta)) == set(range(len(F.SPARSE_PATTERNS)))
     with pytest.raises(R.FormatError):
         R.random_24_mask(np.random.default_rng(1), 2, 6)
+
+
+# --- bad input: each a clear error or a documented saturation (issue 9, item 5) -----------------------
+def test_to_fx_refuses_nan_and_saturates_inf():
+    with pytest.raises(R.FormatError, match=r"NaN at index \(1, 0\)"):
+        R.to_fx(np.array([[1.0], [np.nan]]))
+    with pytest.raises(R.FormatError, match="NaN"):
+        R.to_fx(float("nan"))
+    assert R.to_fx([np.inf, -np.inf]).tolist() == [F.FX.max, F.FX.min]  # saturation, as documented
+
+
+def test_fit_weight_grid_refuses_what_float16_cannot_hold():
+    f16 = float(np.finfo(np.float16).max)  # 65504
+    # the largest row scale float16 holds: a step of 255 * 65504 fits exactly, and stays finite
+    S, s, m = R.fit_weight_grid(np.array([[0.0]]), np.array([[3 * 255 * f16]]))
+    assert S.tolist() == [f16] and s.tolist() == [[255]]
+    assert np.all(np.isfinite(R.dequantize_weights(np.full((1, 4), 3), s, m, S, 4)))
+    with pytest.raises(R.FormatError, match=r"row 1 needs a row scale of .* above float16's largest 65504"):
+        R.fit_weight_grid(np.array([[0.0], [0.0]]), np.array([[1.0], [3 * 255 * f16 * 1.01]]))
+    with pytest.raises(R.FormatError, match="above float16's largest"):
+        R.fit_weight_grid(np.array([[-128 * f16 * 1.01]]), np.array([[0.0]]))
+    with pytest.raises(R.FormatError, match=r"lo = nan at \(row, group\) \(0, 1\) is not finite"):
+        R.fit_weight_grid(np.array([[0.0, np.nan]]), np.array([[1.0, 1.0]]))
+    with pytest.raises(R.FormatError, match="hi = inf"):
+        R.fit_weight_grid(np.array([[0.0]]), np.array([[np.inf]]))
+    # an all-zero row: row scale 1.0 (docs/numerics.md), zero scale and min
+    S, s, m = R.fit_weight_grid(np.zeros((1, 2)), np.zeros((1, 2)))
+    assert S.tolist() == [1.0] and s.tolist() == [[0, 0]] and m.tolist() == [[0, 0]]
+
+
+def test_compress_expand_24_refuse_codes_out_of_range():
+    mask = np.array([[1, 1, 0, 0, 0, 0, 1, 1]], bool)
+    for bad in (300, -1, 16):
+        codes = np.array([[bad, 0, 0, 0, 0, 0, 0, 1]])
+        with pytest.raises(R.FormatError, match=f"value {bad} at index \\(0, 0\\) is outside"):
+            R.compress_24(codes, mask)
+        with pytest.raises(R.FormatError, match=f"kept codes: value {bad}"):
+            R.expand_24(np.array([[bad, 0, 0, 1]]), np.array([[0, 5]]))
+    # with the layer's width given, a 2-bit layer's 4 is refused too; 15 is a valid 4-bit code
+    with pytest.raises(R.FormatError, match="outside weight code"):
+        R.compress_24(np.array([[4, 0, 0, 0, 0, 0, 0, 1]]), mask, 2)
+    kept, meta = R.compress_24(np.array([[15, 7, 0, 0, 0, 0, 3, 1]]), mask, 4)
+    assert kept.tolist() == [[15, 7, 3, 1]]
+    codes, mk = R.expand_24(kept, meta, 4)
+    assert codes.tolist() == [[15, 7, 0, 0, 0, 0, 3, 1]] and np.array_equal(mk, mask)
+    with pytest.raises(R.FormatError, match="same shape"):
+        R.compress_24(np.zeros((1, 4), int), mask)
+
+
+def test_int_refuses_uint64_beyond_int64():
+    big = np.array([1, 1 << 63], np.uint64)
+    with pytest.raises(R.FormatError, match=r"accumulator: value 9223372036854775808 at index \(1,\) does not fit int64"):
+        R.requantize(big, 1, 0, F.FX)
+    with pytest.raises(R.FormatError, match="does not fit int64"):
+        R.token_multiplier(np.array([np.iinfo(np.uint64).max], np.uint64))
+    ok = np.array([(1 << 63) - 1], np.uint64)  # the largest int64 passes the check unchanged
+    assert R._int(ok).tolist() == [(1 << 63) - 1]
+
+
+def test_requantize_refuses_a_zero_multiplier():
+    with pytest.raises(R.FormatError, match="multiplier 0 would zero every output"):
+        R.requantize(np.array([[5, 6]]), np.array([1, 0]), np.array([0, 0]), F.FX)
+
+
+def test_kv_range_reaches_2_to_32_minus_1_and_no_further():
+    c, z, r = R.quantize_kv(np.array([[F.FX.min, F.FX.max]]))
+    assert r.tolist() == [(1 << 32) - 1] and F.KV_RANGE.contains(r)
+    assert np.isfinite(R.dequantize_kv(c, z, r)).all()
+    with pytest.raises(R.FormatError, match="kv ranges: value 4294967296"):
+        R.dequantize_kv(c, z, np.array([1 << 32]))
+
+
+def test_activation_amax_reaches_2_to_31():
+    a, amax = R.quantize_activations(np.array([[F.FX.min, 0]]))
+    assert amax.tolist() == [1 << 31] and F.AMAX.contains(amax) and a.tolist() == [[-127, 0]]
+
+
+def test_embedding_dequantize_and_lookup_agree():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(40, 24)) * rng.uniform(1e-3, 3.0, size=(40, 1))
+    w[5] = 0.0
+    codes, S = R.quantize_embedding(w)
+    deq = R.dequantize_embedding(codes, S)
+    assert np.all(np.abs(deq - w) <= S[:, None] / 2 + 1e-15)  # half a step per row
+    assert S[5] == R.EMBED_ZERO_ROW_SCALE == 2.0**-16 and not codes[5].any()  # an all-zero row
+    ids = np.arange(40)
+    fx = R.embed_lookup(ids, codes, *R.embedding_multipliers(S))
+    assert np.all(np.abs(fx - deq * (1 << F.FX_FRAC_BITS)) <= 0.5)  # the same table, rounded to Q15.16
+    with pytest.raises(R.FormatError, match="row scale 0.0 at row 1"):
+        R.dequantize_embedding(codes[:2], np.array([0.5, 0.0]))
+    with pytest.raises(R.FormatError, match="must be"):
+        R.dequantize_embedding(codes, S[:3])
