@@ -91,25 +91,31 @@ class PackedSlice(Elaboratable):
 
 
 class TwoTokenSlice(Elaboratable):
-    """``lanes`` W2x2x2 cells: 2 rows x 2 tokens x ``lanes`` lanes = 4 * lanes products."""
+    """``pairs`` row pairs x ``lanes`` lanes of W2x2x2 cells: 2 tokens per lane shared down the
+    column (Yosys merges the cells' identical B = a0 + a1 * 2**10 adders of one lane), 4 products
+    per cell."""
 
-    def __init__(self, lanes: int):
-        self.lanes = lanes
+    def __init__(self, lanes: int, pairs: int = 1):
+        self.lanes, self.pairs = lanes, pairs
         self.act = [[Signal(signed(8), name=f"a{t}_{j}") for j in range(lanes)] for t in range(2)]
-        self.codes = [[Signal(2, name=f"c{r}_{j}") for j in range(lanes)] for r in range(2)]
+        self.codes = [[[Signal(2, name=f"c{q}_{r}_{j}") for j in range(lanes)] for r in range(2)]
+                      for q in range(pairs)]
         self.en = Signal()
-        self.out = [[Signal(signed(10), name=f"p{f}_{j}") for j in range(lanes)] for f in range(4)]
-        self.refused = [Signal(name=f"ref{j}") for j in range(lanes)]
-        self.ports = ([s for t in self.act for s in t] + [s for r in self.codes for s in r] + [self.en]
-                      + [s for f in self.out for s in f] + self.refused)
+        self.out = [[[Signal(signed(10), name=f"p{q}_{f}_{j}") for j in range(lanes)] for f in range(4)]
+                    for q in range(pairs)]
+        self.refused = [Signal(name=f"ref{q}_{j}") for q in range(pairs) for j in range(lanes)]
+        self.ports = ([s for t in self.act for s in t] + [s for q in self.codes for r in q for s in r]
+                      + [self.en] + [s for q in self.out for f in q for s in f] + self.refused)
 
     def elaborate(self, platform):
         m = Module()
-        for j in range(self.lanes):
-            c = m.submodules[f"d{j}"] = D.W2x2x2()
-            m.d.comb += [c.act[0].eq(self.act[0][j]), c.act[1].eq(self.act[1][j]), c.codes[0].eq(self.codes[0][j]),
-                         c.codes[1].eq(self.codes[1][j]), c.en.eq(self.en), self.refused[j].eq(c.refused)]
-            m.d.comb += [self.out[f][j].eq(c.products[f]) for f in range(4)]
+        for q in range(self.pairs):
+            for j in range(self.lanes):
+                c = m.submodules[f"d{q}_{j}"] = D.W2x2x2()
+                m.d.comb += [c.act[0].eq(self.act[0][j]), c.act[1].eq(self.act[1][j]),
+                             c.codes[0].eq(self.codes[q][0][j]), c.codes[1].eq(self.codes[q][1][j]),
+                             c.en.eq(self.en), self.refused[q * self.lanes + j].eq(c.refused)]
+                m.d.comb += [self.out[q][f][j].eq(c.products[f]) for f in range(4)]
         return m
 
 
@@ -125,8 +131,10 @@ def designs(rows: int):
                         f"{rows // 3} x {LANES} hw.dsp.W2x3 cells ({rows} rows x {LANES} lanes)"),
         "sparse24_w2x3": (PackedSlice(rows, LANES, sparse=True), rows * LANES,
                           f"{rows} x {LANES // 4} hw.dsp.Expand24 + {rows // 3} x {LANES} hw.dsp.W2x3"),
-        "packed_w2x2x2": (TwoTokenSlice(LANES), 4 * LANES,
+        "packed_w2x2x2": (TwoTokenSlice(LANES, 1), 4 * LANES,
                           f"{LANES} hw.dsp.W2x2x2 cells (2 rows x 2 tokens x {LANES} lanes)"),
+        "packed_w2x2x2_4rows": (TwoTokenSlice(LANES, 2), 8 * LANES,
+                                f"{2 * LANES} hw.dsp.W2x2x2 cells (4 rows x 2 tokens x {LANES} lanes)"),
     }
 
 
@@ -150,6 +158,17 @@ def project(meas: dict, rows: int) -> dict:
         out["sparse24_w2x3"] = {k: round(out["packed_w2x3"][k] + expand[k] * ROWS * LANES // 4) for k in KEYS} | {
             "how": f"packed_w2x3 projection + (sparse24 - packed slice) per group x {ROWS * LANES // 4} groups",
             "per_group": {k: round(v, 3) for k, v in expand.items()}}
+    if "packed_w2x2x2" in meas and "packed_w2x2x2_4rows" in meas:
+        one, two = meas["packed_w2x2x2"], meas["packed_w2x2x2_4rows"]
+        per_cell = {k: (two[k] - one[k]) / LANES for k in KEYS}       # a second row pair's cells
+        per_lane = {k: (one[k] - per_cell[k] * LANES) / LANES for k in KEYS}  # shared per lane
+        cells = ROWS // 2 * LANES
+        out["packed_w2x2x2"] = {k: round(per_cell[k] * cells + per_lane[k] * LANES) for k in KEYS} | {
+            "how": (f"(4-row slice - 2-row slice) / {LANES} per cell x {cells} cells + the rest of the "
+                    f"2-row slice per lane x {LANES} lanes (the shared B adder)"),
+            "per_cell": {k: round(v, 3) for k, v in per_cell.items()},
+            "per_lane": {k: round(v, 3) for k, v in per_lane.items()},
+            "products_per_cycle": 4 * cells}
     for v in out.values():
         v["u280_fraction"] = {k: round(v[k] / U280[k], 4) for k in ("lut", "ff", "dsp")}
     return out
