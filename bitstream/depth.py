@@ -60,11 +60,11 @@ class Budget:
     Figures (UltraScale+, -2 speed grade). These are the planning numbers of the issue (#10) and
     the common rule for this family, not a timing model:
 
-    * ``lut_net_ns`` 0.45: one LUT plus the net to the next one. Xilinx DS923 (Virtex UltraScale+
-      DC and AC Switching Characteristics) lists LUT propagation of the order of 0.1 ns at -2; on
-      UltraScale+ the route to the next LUT is typically 0.3-0.4 ns after placement, hence the
-      usual "LUT + net ≈ 0.4-0.5 ns" figure. Not read from DS923 here (no copy of the data sheet
-      on this machine): treat it as the rule of thumb it is.
+    * ``lut_net_ns`` 0.45: one LUT plus the net to the next one: the "LUT + net ≈ 0.4-0.5 ns at -2"
+      planning figure of issue #10, the common rule for UltraScale+. Xilinx DS923 (Virtex
+      UltraScale+ DC and AC Switching Characteristics) has the LUT and carry delays; routing after
+      placement is the larger part. DS923 was not available on this machine to quote: treat the
+      figure as the rule of thumb it is.
     * ``carry_ns`` 0.1: one more CARRY4 (4 bits) along a chain; the first carry cell's entry is
       charged as a level (its S inputs come from a LUT).
     * ``overhead_ns`` 0.8: flip-flop clock-to-out, setup and clock uncertainty/skew together.
@@ -72,6 +72,10 @@ class Budget:
       several levels' worth; any such path is flagged anyway.
     * ``bram_co_ns`` 1.2: extra clock-to-out of a block RAM read without its output register
       (DOA_REG = 0) over a flip-flop's.
+
+    The carry, overhead, DSP and BRAM figures are this module's own planning assumptions, not
+    data-sheet values (no DS923 here): they rank paths and size ``estimate_ns``; the level count and
+    the list of unregistered DSPs/memories are the measured part of the budget.
 
     At 225 MHz (4.44 ns): (4.44 - 0.8) / 0.45 = 8.1, hence ``max_levels`` = 8 — the "about 8 levels
     at this clock" rule quoted in the issue."""

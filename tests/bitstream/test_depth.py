@@ -170,3 +170,26 @@ def test_budget_flags_the_deep_path(netlist):
     assert not check_budget(ok)
     problems = check_budget(deep)
     assert problems and "12 LUT levels" in problems[0] and "budget 8" in problems[0], problems
+
+
+def test_cli_walks_a_netlist_and_refuses_bad_input(tmp_path, capsys):
+    import json
+    from bitstream.depth import main
+    good = tmp_path / "n.json"
+    good.write_text(json.dumps(_net({**_ff("r0", 5, 10), **_lut("l0", [10], 11), **_ff("r1", 11, 12)})))
+    assert main([str(good)]) == 0
+    assert json.loads(capsys.readouterr().out)["max_levels"] == 1
+    assert main([str(tmp_path / "missing.json")]) == 2
+    assert "no netlist at" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    assert main([str(bad)]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+    deep = tmp_path / "deep.json"
+    chain = {**_ff("r0", 5, 100)}
+    for i in range(10):
+        chain.update(_lut(f"l{i}", [100 + i], 101 + i))
+    chain.update(_ff("r1", 110, 200))
+    deep.write_text(json.dumps(_net(chain)))
+    assert main([str(deep)]) == 1
+    assert "over budget: 10 LUT levels" in capsys.readouterr().err
