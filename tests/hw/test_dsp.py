@@ -37,7 +37,8 @@ def test_group_correction_gives_the_reference_dot_product():
     codes = rng.integers(0, 4, (n, k))
     a = rng.integers(-128, 128, k)
     a[:3] = -128
-    offset = ((a + D.OFFSET)[None, :] * codes).reshape(n, k // g, g).sum(-1)
+    # what the W2x3 fields hold: (a + 128) * c (the cell inverts the top bit: a literal 128 here)
+    offset = ((a + 128)[None, :] * codes).reshape(n, k // g, g).sum(-1)
     exact = (a[None, :] * codes).reshape(n, k // g, g).sum(-1)
     assert np.array_equal(offset - D.group_correction(codes, g), exact)
     # and through the reference linear (all-ones scale, zero min: the plain code dot product)
