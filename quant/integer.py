@@ -35,8 +35,10 @@ def _sat(x: torch.Tensor, fmt=FX) -> torch.Tensor:
 
 
 def shift_round(x: torch.Tensor, s) -> torch.Tensor:
-    s = _t(s) if not isinstance(s, int) else torch.tensor(s, dtype=I64)
-    half = torch.where(s > 0, torch.bitwise_left_shift(torch.ones_like(s), (s - 1).clamp(min=0)), torch.zeros_like(s))
+    if isinstance(s, int):  # one shift for the whole tensor: no per-element half
+        return (x + (1 << (s - 1))) >> s if s > 0 else x
+    s = _t(s)
+    half = torch.bitwise_left_shift(torch.ones((), dtype=I64), (s - 1).clamp(min=0)) * (s > 0)
     return torch.bitwise_right_shift(x + half, s)
 
 
