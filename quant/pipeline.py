@@ -104,6 +104,18 @@ def check_recipe(cfg, recipe: Recipe, where: str):
     win = recipe.get(AttentionWindow)
     if win is not None and win.sinks + win.window < 2:
         raise QuantError(f"recipe {recipe.name!r}: attention_window keeps fewer than 2 tokens")
+    rt = runtime_numerics(recipe)
+    if rt["a8"] and rt["kv4"]:  # the hardware's numerics: the integer decoder must be able to run the shapes
+        from .golden import shape_problems
+
+        heads = cfg.num_attention_heads
+        probs = shape_problems(cfg.hidden_size, heads, getattr(cfg, "num_key_value_heads", None) or heads,
+                               getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+                               sinks=win.sinks if win else 0, window=win.window if win else None,
+                               max_positions=getattr(cfg, "max_position_embeddings", None))
+        if probs:
+            raise QuantError(f"{where}: the integer formats (docs/numerics.md, sections 11-17) cannot run this "
+                             f"model: " + "; ".join(f"{k}: {m}" for k, m in probs))
 
 
 def _smooth_keys(att, pmax: dict, alpha: float, i: int) -> dict:

@@ -321,3 +321,23 @@ def test_shapes_the_formats_cannot_run_are_named():
     probs = dict(G.shape_problems(1 << 17, 9, 4, 130, sinks=4, window=9000))
     assert set(probs) == {"hidden_size", "head_dim", "num_key_value_heads", "attention_window"}
     assert "odd" in dict(G.shape_problems(576, 9, 3, 63))["head_dim"]
+
+
+def test_cli_generate_golden_agrees(dense_art):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "accllm.cli", "generate", str(dense_art), "--prompt", "It is a truth",
+                        "--max-new-tokens", "5", "--golden"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["equal"] and out["tokens_torch_integer"] == out["tokens_golden"] and len(out["tokens_golden"]) == 5
+
+
+def test_quantize_refuses_a_shape_the_integer_formats_cannot_run(tmp_path):
+    make_tiny_llama(tmp_path / "m", hidden=256, heads=1, n_kv=1, intermediate=256)  # head_dim 256 > 128
+    with pytest.raises(QuantError, match="head_dim: 256 > 128"):
+        quantize_model(str(tmp_path / "m"), load_recipe("rtn-w2a8kv4"), tmp_path / "a", calib_samples=2,
+                       seq_len=32, progress=False)
+    assert not (tmp_path / "a").exists()
