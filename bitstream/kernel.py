@@ -39,10 +39,13 @@ def stream_widths(p: EngineParams) -> dict[str, int]:
 
 class AccelKernel(Elaboratable):
     """See the module docstring. ``engine``: an already built ``Engine`` (default: one from
-    ``params``)."""
+    ``params``). ``own_domain``: the kernel makes its ``sync`` domain from ``ap_clk``/``ap_rst_n``
+    (the Vitis kernel); False: it runs in the parent's ``sync`` domain and those two ports are unused
+    (the Vivado top, which builds the clock itself)."""
 
     def __init__(self, params: EngineParams, data_width: int = 256, addr_width: int = 64,
-                 engine: Engine | None = None):
+                 engine: Engine | None = None, own_domain: bool = True):
+        self.own_domain = own_domain
         self.p = params
         self.dw, self.aw = data_width, addr_width
         self.engine = engine if engine is not None else Engine(params)
@@ -68,9 +71,10 @@ class AccelKernel(Elaboratable):
 
     def elaborate(self, platform):
         m = Module()
-        cd = ClockDomain("sync", local=True)
-        m.domains.sync = cd
-        m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(~self.ap_rst_n)]
+        if self.own_domain:
+            cd = ClockDomain("sync", local=True)
+            m.domains.sync = cd
+            m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(~self.ap_rst_n)]
         m.submodules.control = ctl = self.control
         m.submodules.engine = eng = self.engine
         m.d.comb += self.interrupt.eq(ctl.interrupt)
