@@ -97,12 +97,15 @@ def simulate_kernel(p: EngineParams, cases, run_dir: Path, seed: int = 0, stall_
             os.environ.pop("MAKEFLAGS", None)
         else:
             os.environ["MAKEFLAGS"] = saved
+    # the test module is imported as bitstream.cocotb_kernel, with the repository root on the path (never
+    # bitstream/ itself: bitstream/platform.py would shadow the standard library's platform module)
+    root = str(here.parent)
     env = {"KERNEL_JOB": str(run_dir / "job.json"), "KERNEL_RESULT": str(result_file),
-           "PYTHONPATH": str(here) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if str(here) not in sys.path:
-        sys.path.insert(0, str(here))  # cocotb's runner hands sys.path to the simulator's Python
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if root not in sys.path:
+        sys.path.insert(0, root)  # cocotb's runner hands sys.path to the simulator's Python
     t0 = time.perf_counter()
-    runner.test(test_module="cocotb_kernel", hdl_toplevel=KERNEL_TOP, build_dir=run_dir / "build",
+    runner.test(test_module="bitstream.cocotb_kernel", hdl_toplevel=KERNEL_TOP, build_dir=run_dir / "build",
                 test_dir=run_dir, extra_env=env, results_xml=str(run_dir / "results.xml"),
                 log_file=run_dir / "sim.log")
     sim_s = time.perf_counter() - t0
