@@ -24,10 +24,15 @@ def verilator():
     return shutil.which("verilator")
 
 
-def test_kernel_bit_exact_through_axi(tmp_path, verilator):
+# 64-bit buses: the weight beat (208 bits) takes 4 words and the output beat (128 bits) 2, so the
+# gearboxes' multi-word paths and bursts cut at 16 beats are exercised; 256 bits is what the targets use
+# (every payload of ci-small then fits one word).
+@pytest.mark.parametrize("data_width", [64, pytest.param(256, marks=pytest.mark.slow)])
+def test_kernel_bit_exact_through_axi(tmp_path, verilator, data_width):
     from sim.engine_check import MODES, make_cases
     cases = make_cases(CI_SMALL, 2 * len(MODES), seed=3)  # every mode twice, edge values included
-    res = KS.simulate_kernel(CI_SMALL, cases, tmp_path / "run", seed=3, stall_probability=0.3)
+    res = KS.simulate_kernel(CI_SMALL, cases, tmp_path / "run", seed=3, stall_probability=0.3,
+                             data_width=data_width)
     assert res["done"], res
     assert res["bit_exact"] and res["mismatches"] == 0, res["first"]
     assert set(res["modes"]) == set(MODES)
