@@ -41,7 +41,7 @@ def lint(verilog_file: Path, top: str = KERNEL_TOP, warnings: bool = False) -> s
     """``verilator --lint-only`` on a Verilog file: errors always fail; ``warnings`` makes every
     warning (Amaranth's output has width warnings, ../shared/TOOLCHAIN.md) fatal too."""
     env = _verilator_env()
-    cmd = ["verilator", "--lint-only", f"--top-module", top, str(verilog_file)]
+    cmd = ["verilator", "--lint-only", "--top-module", top, str(verilog_file)]
     if not warnings:
         cmd.insert(2, "-Wno-fatal")
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

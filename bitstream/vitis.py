@@ -32,8 +32,8 @@ VENDOR, LIBRARY, VERSION = "accllm", "kernel", "1.0"
 
 
 def kernel_xml(k: AccelKernel) -> str:
-    ports = [f'      <port name="s_axi_control" mode="slave" range="0x1000" dataWidth="32" '
-             f'portType="addressable" base="0x0"/>']
+    ports = ['      <port name="s_axi_control" mode="slave" range="0x1000" dataWidth="32" '
+             'portType="addressable" base="0x0"/>']
     for s in STREAMS:
         ports.append(f'      <port name="m_axi_{s}" mode="master" range="0xFFFFFFFFFFFFFFFF" '
                      f'dataWidth="{k.dw}" portType="addressable" base="0x0"/>')

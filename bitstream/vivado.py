@@ -220,7 +220,7 @@ def plan(params: EngineParams, target: TargetParams | None = None):
     top = U280Top(params, target)
     platform = U280Platform()
     p = platform.build(top, name=TOP_NAME, do_build=False,
-                       script_after_read=f"source {{ip.tcl}}",
+                       script_after_read="source {ip.tcl}",
                        add_constraints=extra_xdc())
     p.add_file("ip.tcl", ip_tcl(target))
     return p, top
