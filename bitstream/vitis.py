@@ -96,9 +96,9 @@ ipx::associate_bus_interfaces -busif s_axi_control -clock ap_clk $core
 {assoc}
 ipx::associate_bus_interfaces -clock ap_clk -reset ap_rst_n $core
 # the control register map (the same offsets as kernel.xml and bitstream.kernel.OFFSETS)
-set mm [ipx::add_memory_map s_axi_control $core]
+set mm [ipx::add_memory_map -quiet s_axi_control $core]
 set_property slave_memory_map_ref s_axi_control [ipx::get_bus_interfaces s_axi_control -of_objects $core]
-set block [ipx::add_address_block reg0 $mm]
+set block [ipx::add_address_block -quiet reg0 $mm]
 set_property range 0x1000 $block
 {regs_tcl}
 ipx::create_xgui_files $core
