@@ -125,10 +125,9 @@ def simulate_kernel(p: EngineParams, cases, run_dir: Path, seed: int = 0, stall_
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual run: python -m bitstream.kernel_sim [cases] [dir]
-    from accllm.config import load_hw  # noqa: F401  (only for the manual run)
     from sim.engine_check import make_cases
 
-    params = load_hw("ci-small").engine
+    params = EngineParams()  # the defaults are the ci-small engine
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 6
     out = simulate_kernel(params, make_cases(params, n, 0), Path(sys.argv[2] if len(sys.argv) > 2
                                                                        else "build/kernel_sim"))
