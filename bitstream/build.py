@@ -282,8 +282,7 @@ def build(params: EngineParams, target_params: TargetParams | None = None, out: 
         util = utilization(est, pre, params, target)
         util["tools"] = {**util["tools"], **tools}
         _write_atomic(out / "utilization.json", json.dumps(util, indent=1) + "\n")
-        summary["utilization"] = {k: util[k] for k in ("lut", "ff", "dsp", "bram36", "uram", "fits_u280",
-                                                         "percent", "within_budget")}
+        summary["utilization"] = util  # --json prints what utilization.json holds
         if not util["fits_u280"]:
             worst = max(KEYS, key=lambda k: util["percent"][k])
             raise BuildError(f"the design does not fit the U280: {worst} {util[worst]:,} = "
