@@ -38,6 +38,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errs.append(SimulatorMissing)
     except ImportError:
         pass
+    try:
+        from bitstream.build import BuildError
+
+        errs.append(BuildError)
+    except ImportError:
+        pass
     return tuple(errs)
 
 
@@ -246,6 +252,48 @@ def add_estimate_parsers(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# `accllm build` (bitstream/build.py) -- begin
+def cmd_build(args) -> int:
+    from bitstream.build import build
+
+    from .config import load_hw
+
+    cfg = load_hw(args.hw)
+    summary = build(cfg.engine, cfg.target, out=args.out, target=args.target, run=args.run,
+                    estimate=not args.no_estimate, flat_check=args.flat_check,
+                    log=(lambda *_: None) if args.json else print)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        u = summary.get("utilization")
+        if u:
+            print("estimate: " + ", ".join(f"{k} {u[k]:,} ({u['percent'][k]:.2f} %)"
+                                           for k in ("lut", "ff", "dsp", "bram36", "uram"))
+                  + f"; fits the U280: {'yes' if u['fits_u280'] else 'NO'}")
+    return 0
+
+
+def add_build_parser(sub) -> None:
+    b = sub.add_parser("build", help="write a U280 build plan (Vivado project or Vitis kernel) and a "
+                                     "Yosys resource estimate",
+                       description="Writes OUT/<target>/ (the generated Tcl, XDC/XML, Verilog and scripts, "
+                                   "with manifest.json) and OUT/utilization.json (Yosys synth_xilinx "
+                                   "-family xcup, each distinct component once, summed by instance "
+                                   "count). An unchanged design is not rewritten; --run executes Vivado "
+                                   "or v++ when found on PATH. README, 'bitstream/'.")
+    b.add_argument("--hw", default="ci-small", help="engine config: ci-small, u280 or a YAML path")
+    b.add_argument("--out", required=True, metavar="DIR")
+    b.add_argument("--target", default="vivado", choices=["vivado", "vitis"])
+    b.add_argument("--run", action="store_true", help="run Vivado (vivado) or package_xo + v++ (vitis)")
+    b.add_argument("--no-estimate", action="store_true", help="only write the plan, no Yosys run")
+    b.add_argument("--flat-check", action="store_true",
+                   help="also synthesize the whole kernel flat and record how close the per-component sum is")
+    b.add_argument("--json", action="store_true", help="print the summary as JSON")
+    b.set_defaults(func=cmd_build)
+# `accllm build` -- end
+
+
+# ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="accllm", description="Algorithm-hardware co-design toolflow for "
                                 "long-context LLM inference on FPGAs (W2A8KV4, 2:4, Λ-attention, U280).",
@@ -347,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=cmd_simulate)
 
     add_estimate_parsers(sub)
+    add_build_parser(sub)
     return p
 
 

@@ -35,7 +35,7 @@ from bitstream.yosys import YosysError, estimate, yosys_version  # noqa: E402
 from hw.mult import Array, Column, dsps_for  # noqa: E402
 
 # Alveo U280 (xcu280): device totals used for the fractions below.
-U280 = {"lut": 1_303_680, "ff": 2_607_360, "dsp": 9_024, "bram36": 2_016, "uram": 960}
+from bitstream.platform import U280_RESOURCES as U280  # noqa: E402  (one source of truth)
 KEYS = ("lut", "ff", "dsp", "bram36", "uram", "carry")
 SWEEP_STYLES = ("lut", "dsp", "mul", "mul-nodsp", "offset")
 
