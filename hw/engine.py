@@ -35,7 +35,7 @@ from quant.formats import ACT, KV_CODE, KV_QMAX, SPARSE_PATTERNS, W_MIN, W_SCALE
 from .mult import lut_multiples, select_multiples, split_product
 from .params import EngineParams
 
-__all__ = ["Mode", "Engine", "EngineConfigError", "check_params", "layouts", "CODE_BITS"]
+__all__ = ["Mode", "Engine", "Requantizer", "EngineConfigError", "check_params", "layouts", "CODE_BITS"]
 
 #: Bits of a code lane: the array is built for the widest code it multiplies (the 4-bit KV cache).
 CODE_BITS = KV_CODE.bits
@@ -191,6 +191,35 @@ class ArraySlice(Elaboratable):
 assert SPARSE_PATTERNS == ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # the selects below
 
 
+class Requantizer(Elaboratable):
+    """One output's requantizer, combinational: ``out = saturate(shift_round(acc * mult, shift))`` to
+    int8 (sign-extended to acc_bits) when ``requant`` is set, else ``acc`` unchanged
+    (``quant.reference.requantize``; proved exact for every input in ``tests/hw/test_formal.py``)."""
+
+    def __init__(self, acc_bits: int):
+        self.acc_bits = acc_bits
+        self.acc = Signal(signed(acc_bits))
+        self.mult = Signal(MULT_BITS)
+        self.shift = Signal(SHIFT_BITS)
+        self.requant = Signal()
+        self.out = Signal(signed(acc_bits))
+
+    def elaborate(self, platform):
+        m = Module()
+        ACC = self.acc_bits
+        half = Signal(64)
+        m.d.comb += half.eq(Mux(self.shift == 0, 0, (Const(1, 1) << self.shift) >> 1))
+        # |acc * mult| < 2**(ACC+16) and half <= 2**62: the sum fits max(ACC + 18, 64) bits (64 for
+        # acc_bits <= 46, a machine word in Verilator).
+        sum_bits = max(ACC + MULT_BITS + 2, 64)
+        summed = Signal(signed(sum_bits))
+        scaled = Signal(signed(sum_bits))
+        m.d.comb += [summed.eq(self.acc * self.mult + half), scaled.eq(summed >> self.shift)]
+        sat = Mux(scaled > ACT.max, ACT.max, Mux(scaled < ACT.min, ACT.min, scaled))
+        m.d.comb += self.out.eq(Mux(self.requant, sat, self.acc))
+        return m
+
+
 class Engine(wiring.Component):
     """The compute engine. Streams: ``cmd``, ``act``, ``weight``, ``scale`` in; ``out`` out."""
 
@@ -206,6 +235,9 @@ class Engine(wiring.Component):
             "out": Out(stream.Signature(self.layouts["out"])),
             "busy": Out(1),
         })
+        #: the pipeline's global stall (the output bank cannot take a finished tile): not a port, an
+        #: observation point for testbenches that measure how often their stalls reach it
+        self.stall = Signal()
 
     def elaborate(self, platform):
         p = self.p
@@ -232,7 +264,7 @@ class Engine(wiring.Component):
 
         # ---------------- pipeline registers ----------------
         s1_valid, s2_valid, s3_valid = Signal(), Signal(), Signal()
-        stall = Signal()
+        stall = self.stall
         pipe_empty = ~(s1_valid | s2_valid | s3_valid)
 
         # ---------------- IDLE / LOAD ----------------
@@ -402,19 +434,12 @@ class Engine(wiring.Component):
         ob_mult = Signal(MULT_BITS)
         # ---------------- output: one beat of pe_rows values per token ----------------
         m.d.comb += self.out.valid.eq(ob_busy)
-        half = Signal(64)
-        m.d.comb += half.eq(Mux(ob_shift == 0, 0, (Const(1, 1) << ob_shift) >> 1))
-        # |acc * mult| < 2**(ACC+16) and half <= 2**61: the sum fits max(ACC + 18, 64) bits (64 for
-        # acc_bits <= 46, a machine word in Verilator).
-        sum_bits = max(ACC + MULT_BITS + 2, 64)
         for r in range(R):
-            v = Signal(signed(ACC), name=f"ob_sel{r}")
-            m.d.comb += v.eq(ob[r][ob_e])
-            summed = Signal(signed(sum_bits), name=f"rq_sum{r}")
-            scaled = Signal(signed(sum_bits), name=f"rq_scaled{r}")
-            m.d.comb += [summed.eq(v * ob_mult + half), scaled.eq(summed >> ob_shift)]
-            sat = Mux(scaled > ACT.max, ACT.max, Mux(scaled < ACT.min, ACT.min, scaled))
-            m.d.comb += self.out.payload.as_value()[ACC * r:ACC * (r + 1)].eq(Mux(ob_rq, sat, v))
+            rq = Requantizer(ACC)
+            m.submodules[f"rq{r}"] = rq
+            m.d.comb += [rq.acc.eq(ob[r][ob_e]), rq.mult.eq(ob_mult), rq.shift.eq(ob_shift),
+                         rq.requant.eq(ob_rq),
+                         self.out.payload.as_value()[ACC * r:ACC * (r + 1)].eq(rq.out)]
         with m.If(self.out.valid & self.out.ready):
             m.d.sync += ob_e.eq(ob_e + 1)
             with m.If(ob_e == ob_tokens - 1):
@@ -441,18 +466,4 @@ class Engine(wiring.Component):
                 m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(cmd.tokens), ob_rq.eq(cmd.requant),
                              ob_shift.eq(cmd.shift), ob_mult.eq(cmd.mult)]
 
-        return m
-
-
-class CycleCounter(Elaboratable):
-    """Wraps an engine for simulation: a free-running cycle counter next to it."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.cycles = Signal(48)
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.engine = self.engine
-        m.d.sync += self.cycles.eq(self.cycles + 1)
         return m
