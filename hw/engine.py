@@ -238,6 +238,9 @@ class Engine(wiring.Component):
         #: the pipeline's global stall (the output bank cannot take a finished tile): not a port, an
         #: observation point for testbenches that measure how often their stalls reach it
         self.stall = Signal()
+        #: the output's requantizers, one per row (combinational; their inputs are registers of the
+        #: output bank, so the formal output-stream check can assert on them: sim/formal.py)
+        self.requantizers = [Requantizer(params.acc_bits) for _ in range(params.pe_rows)]
 
     def elaborate(self, platform):
         p = self.p
@@ -435,7 +438,7 @@ class Engine(wiring.Component):
         # ---------------- output: one beat of pe_rows values per token ----------------
         m.d.comb += self.out.valid.eq(ob_busy)
         for r in range(R):
-            rq = Requantizer(ACC)
+            rq = self.requantizers[r]
             m.submodules[f"rq{r}"] = rq
             m.d.comb += [rq.acc.eq(ob[r][ob_e]), rq.mult.eq(ob_mult), rq.shift.eq(ob_shift),
                          rq.requant.eq(ob_rq),
