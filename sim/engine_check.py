@@ -28,7 +28,8 @@ from hw.params import EngineParams
 from quant import reference as ref
 from quant.formats import ACT, SPARSE_PATTERNS
 
-from .stalls import PROFILE_NAMES, profile, threshold
+from .params import SimParams
+from .stalls import profile, threshold
 
 MODES = ("dense_mv", "dense_mm", "sparse_mv", "sparse_mm", "qk", "pv")
 SIMULATORS = ("amaranth", "verilator", "icarus")
@@ -42,7 +43,7 @@ ALL_STREAMS = STREAMS + ("out",)
 #: cycles without a beat on any stream after which a simulation counts as hung (the longest legal
 #: pause is a few pipeline cycles plus the stalls, and a run of 2000 stalled cycles has probability
 #: below 0.95**2000 ~ 1e-45 in every profile of sim.stalls)
-WATCHDOG_CYCLES = 2000
+WATCHDOG_CYCLES = SimParams().watchdog_cycles
 
 
 #: cycle count at each output beat of the last run (for per-case timing in benchmarks/engine.py)
