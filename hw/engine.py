@@ -17,7 +17,9 @@ Modes (``Mode``), each run as a sequence of row tiles of ``pe_rows`` outputs:
   v[key, channel] and the beat carries each lane's key zero-point. An extra row of ``pe_lanes``
   multipliers forms sum p*zero, which is subtracted (s = 1, m = -1 internally, no scale beats).
 
-Every accumulator is optionally requantized on output: saturate(shift_round(acc * mult, shift)) to int8.
+Every accumulator is optionally requantized on output: saturate(shift_round(acc * mult, shift)) to int8,
+with one (mult, shift) per output row: a requantizing command is followed by one ``rq`` beat per row
+tile, taken when the tile enters the output bank (per-operation scalars: the same value in every row).
 """
 
 from __future__ import annotations
@@ -89,15 +91,17 @@ def layouts(p: EngineParams) -> dict[str, data.StructLayout | data.ArrayLayout]:
             "k_beats": range(kb + 1),      # weight beats per row tile (per token)
             "group_beats": range(kb + 1),  # weight beats per scale group
             "tiles": TILE_BITS,            # row tiles of pe_rows outputs
-            "requant": 1,
-            "shift": SHIFT_BITS,
-            "mult": MULT_BITS,
+            "requant": 1,                  # requantize: one ``rq`` beat per row tile follows
         }),
         "act": data.ArrayLayout(signed(ACT.bits), p.pe_lanes),
         "weight": data.StructLayout({
             "codes": data.ArrayLayout(unsigned(CODE_BITS), p.pe_rows * p.pe_lanes),  # [row*lanes+lane]
             "meta": data.ArrayLayout(unsigned(META_BITS), p.pe_rows * p.pe_lanes // 2),
             "zero": data.ArrayLayout(unsigned(CODE_BITS), p.pe_lanes),
+        }),
+        "rq": data.StructLayout({          # per-row requantization of one row tile
+            "mult": data.ArrayLayout(unsigned(MULT_BITS), p.pe_rows),
+            "shift": data.ArrayLayout(unsigned(SHIFT_BITS), p.pe_rows),
         }),
         "scale": data.StructLayout({
             "s": data.ArrayLayout(unsigned(W_SCALE.bits), p.pe_rows),
@@ -232,6 +236,7 @@ class Engine(wiring.Component):
             "act": In(stream.Signature(self.layouts["act"])),
             "weight": In(stream.Signature(self.layouts["weight"])),
             "scale": In(stream.Signature(self.layouts["scale"])),
+            "rq": In(stream.Signature(self.layouts["rq"])),
             "out": Out(stream.Signature(self.layouts["out"])),
             "busy": Out(1),
         })
@@ -433,14 +438,14 @@ class Engine(wiring.Component):
         ob_e = Signal(range(TT + 1))
         ob_tokens = Signal(range(TT + 1))
         ob_rq = Signal()
-        ob_shift = Signal(SHIFT_BITS)
-        ob_mult = Signal(MULT_BITS)
+        ob_shift = [Signal(SHIFT_BITS, name=f"ob_shift{r}") for r in range(R)]
+        ob_mult = [Signal(MULT_BITS, name=f"ob_mult{r}") for r in range(R)]
         # ---------------- output: one beat of pe_rows values per token ----------------
         m.d.comb += self.out.valid.eq(ob_busy)
         for r in range(R):
             rq = self.requantizers[r]
             m.submodules[f"rq{r}"] = rq
-            m.d.comb += [rq.acc.eq(ob[r][ob_e]), rq.mult.eq(ob_mult), rq.shift.eq(ob_shift),
+            m.d.comb += [rq.acc.eq(ob[r][ob_e]), rq.mult.eq(ob_mult[r]), rq.shift.eq(ob_shift[r]),
                          rq.requant.eq(ob_rq),
                          self.out.payload.as_value()[ACC * r:ACC * (r + 1)].eq(rq.out)]
         with m.If(self.out.valid & self.out.ready):
@@ -457,7 +462,10 @@ class Engine(wiring.Component):
                      fire_last.eq(out_fire & (ob_e == ob_tokens - 1))]
         may_write = ~ob_busy | (t3 >= ob_tokens) | (t3 < ob_e) | ((t3 == ob_e) & out_fire)
         may_final = ~ob_busy | fire_last
-        m.d.comb += stall.eq(s3_valid & s3["last_beat"] & Mux(s3["last_tok"], ~may_final, ~may_write))
+        # A requantized tile takes its per-row mult/shift beat (``rq``) when it enters the output bank.
+        rq_wait = cmd.requant & ~self.rq.valid
+        m.d.comb += stall.eq(s3_valid & s3["last_beat"] & Mux(s3["last_tok"], ~may_final | rq_wait, ~may_write))
+        m.d.comb += self.rq.ready.eq(s3_valid & s3["last_beat"] & s3["last_tok"] & cmd.requant & may_final)
         with m.If(s3_valid & ~stall):
             for r in range(R):
                 new = Signal(signed(ACC), name=f"newacc{r}")
@@ -466,7 +474,13 @@ class Engine(wiring.Component):
                 with m.If(s3["last_beat"]):
                     m.d.sync += ob[r][s3["t"]].eq(new)
             with m.If(s3["last_beat"] & s3["last_tok"]):
-                m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(cmd.tokens), ob_rq.eq(cmd.requant),
-                             ob_shift.eq(cmd.shift), ob_mult.eq(cmd.mult)]
+                m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(cmd.tokens), ob_rq.eq(cmd.requant)]
+                rq_bits = self.rq.payload.as_value()
+                rl = self.layouts["rq"]
+                for r in range(R):
+                    m.d.sync += [
+                        ob_mult[r].eq(rq_bits[rl["mult"].offset + MULT_BITS * r:][:MULT_BITS]),
+                        ob_shift[r].eq(rq_bits[rl["shift"].offset + SHIFT_BITS * r:][:SHIFT_BITS]),
+                    ]
 
         return m

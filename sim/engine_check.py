@@ -38,7 +38,7 @@ INSTALL_HINTS = {
     "icarus": "apt-get install iverilog",
 }
 BINARIES = {"verilator": "verilator", "icarus": "iverilog"}
-STREAMS = ("cmd", "act", "weight", "scale")
+STREAMS = ("cmd", "act", "weight", "scale", "rq")
 ALL_STREAMS = STREAMS + ("out",)
 #: cycles without a beat on any stream after which a simulation counts as hung (the longest legal
 #: pause is a few pipeline cycles plus the stalls, and a run of 2000 stalled cycles has probability
@@ -128,8 +128,10 @@ def _vals(rng, lo, hi, shape, edge: str | None):
 def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str | None = None,
               k_beats: int | None = None, n: int | None = None, tokens: int | None = None,
               group_beats: int | None = None, requant: bool | None = None, max_k_beats: int = 6,
-              max_tiles: int = 3) -> Case:
-    """One random case of ``mode``. Shapes are random unless given (k_beats: weight beats per tile)."""
+              max_tiles: int = 3, per_row: bool | None = None) -> Case:
+    """One random case of ``mode``. Shapes are random unless given (k_beats: weight beats per tile).
+    A requantized case has one multiplier and shift per operation (sent to every row) or, with
+    ``per_row`` (random if None), one per output row; either way one ``rq`` beat per row tile."""
     R, L = p.pe_rows, p.pe_lanes
     if mode.endswith("_mm") and p.mm_tokens < 2:
         raise ValueError(f"{mode} needs engine.mm_tokens >= 2")
@@ -218,14 +220,22 @@ def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str
         macs = T * n * K
     else:
         raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    if requant and per_row is None:
+        per_row = bool(rng.random() < 0.5)
+    if requant and per_row:  # one multiplier and shift per output row (quant.reference.requantize)
+        mult = _vals(rng, 1, 65535, (n,), "extreme" if edge else None)
+        shift = np.where(rng.random(n) < 0.7, rng.integers(4, 24, n), _vals(rng, 0, 62, (n,), None))
     expected = ref.requantize(acc, mult, shift, ACT) if requant else acc
     inputs.update(requant=requant, mult=mult, shift=shift)
+    rq_mult = np.ones((Np,), np.int64)  # pad rows: any legal value, their outputs are dropped
+    rq_shift = np.zeros((Np,), np.int64)
+    rq_mult[:n], rq_shift[:n] = np.broadcast_to(mult, (n,)), np.broadcast_to(shift, (n,))
 
     # ---- stream beats ----
     mode_code = {"dense": Mode.DENSE, "sparse": Mode.SPARSE, "qk": Mode.QK, "pv": Mode.PV}[
         mode.split("_")[0]]
     cmd = dict(mode=[[int(mode_code)]], tokens=[[T]], k_beats=[[kb]], group_beats=[[group_beats]],
-               tiles=[[tiles]], requant=[[int(requant)]], shift=[[shift]], mult=[[mult]])
+               tiles=[[tiles]], requant=[[int(requant)]])
     words = a.reshape(T * K // L, L)  # token-major, pe_lanes inputs per word
     nb = tiles * kb
     w_codes = np.zeros((nb, R * L), np.int64)
@@ -244,6 +254,8 @@ def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str
         "act": {"": words},
         "weight": {"codes": w_codes, "meta": w_meta, "zero": w_zero},
     }
+    beats["rq"] = ({"mult": rq_mult.reshape(tiles, R), "shift": rq_shift.reshape(tiles, R)} if requant else
+                   {"mult": np.zeros((0, R), np.int64), "shift": np.zeros((0, R), np.int64)})
     if mode != "pv":
         ng = kb // group_beats
         beats["scale"] = {"s": s.reshape(tiles, R, ng).transpose(0, 2, 1).reshape(tiles * ng, R),
@@ -548,6 +560,20 @@ def full_size_check(p: EngineParams, engine_factory=Engine,
     """``full_size_cases`` on Amaranth with 10 % stalls: (mismatching cases, first mismatch)."""
     cases = full_size_cases(p, 0, modes=modes)
     actual, _ = run_amaranth(p, cases, seed=0, stall_probability=0.1, engine_factory=engine_factory)
+    return check(cases, actual)
+
+
+def per_row_requant_check(params: EngineParams, engine_factory=Engine, stall_profile: str = "asymmetric"
+                          ) -> tuple[int, dict | None]:
+    """Every mode requantized with a different (mult, shift) per output row, and with one per
+    operation (broadcast), over several row tiles: (mismatching cases, first mismatch)."""
+    rng = np.random.default_rng(17)
+    cases = [make_case(params, mode, rng, requant=True, per_row=per_row, n=2 * params.pe_rows + 1)
+             for per_row in (True, False) for mode in MODES]
+    assert all(np.ndim(c.inputs["mult"]) == 1 for c in cases[:len(MODES)])
+    assert all(len(set(c.inputs["shift"].tolist())) > 1 for c in cases[:len(MODES)])
+    actual, _ = run_amaranth(params, cases, seed=4, stall_probability=0.0, stall_profile=stall_profile,
+                             engine_factory=engine_factory)
     return check(cases, actual)
 
 

@@ -194,7 +194,7 @@ class OutStreamSpec(Elaboratable):
     def ports(self) -> list:
         e = self.engine
         out = [e.out.ready, e.out.valid, e.out.payload.as_value(), e.busy]
-        for st in ("cmd", "act", "weight", "scale"):
+        for st in ("cmd", "act", "weight", "scale", "rq"):
             port = getattr(e, st)
             out += [port.valid, port.ready, port.payload.as_value()]
         return out

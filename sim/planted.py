@@ -44,6 +44,11 @@ BUGS = {
         "m.d.sync += [ob_busy.eq(0), ob_e.eq(0)]",
         "m.d.sync += [ob_e.eq(0)]",
     ),
+    "rq_row0": (
+        "not from the audit, for the per-row requantization: every row requantized with row 0's mult",
+        "rq.mult.eq(ob_mult[r])",
+        "rq.mult.eq(ob_mult[0])",
+    ),
     "acc_24_bits": (
         "the row accumulators are 24 bits instead of acc_bits",
         'acc = [Array(Signal(signed(ACC), name=f"acc_t{tk}_r{r}")',

@@ -1,4 +1,4 @@
-"""Stall profiles of the engine testbenches: how each stream endpoint of the testbench (the four input
+"""Stall profiles of the engine testbenches: how each stream endpoint of the testbench (the input
 sources and the output sink) holds back, selectable by name (``SimParams.stall_profile``,
 ``accllm simulate engine --stall-profile``).
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STREAMS = ("cmd", "act", "weight", "scale", "out")
+STREAMS = ("cmd", "act", "weight", "scale", "rq", "out")
+INPUTS = STREAMS[:-1]
 
 
 @dataclass(frozen=True)
@@ -44,19 +45,19 @@ PROFILES = {
     "uniform": ("every stream stalls with probability stall_probability per cycle",
                 lambda p: {s: _b(p) for s in STREAMS}),
     "none": ("no stream ever stalls", lambda p: {s: NEVER for s in STREAMS}),
-    "input-only": ("the four input streams stall with stall_probability; the output never",
-                   lambda p: {**{s: _b(p) for s in STREAMS[:4]}, "out": NEVER}),
+    "input-only": ("the input streams stall with stall_probability; the output never",
+                   lambda p: {**{s: _b(p) for s in INPUTS}, "out": NEVER}),
     "output-only": ("the output stalls with stall_probability; the inputs never",
-                    lambda p: {**{s: NEVER for s in STREAMS[:4]}, "out": _b(p)}),
+                    lambda p: {**{s: NEVER for s in INPUTS}, "out": _b(p)}),
     "hazard": ("directed: output ready on 20 % of cycles, inputs never stalled (stall_probability unused)",
-               lambda p: {**{s: NEVER for s in STREAMS[:4]}, "out": _b(0.8)}),
+               lambda p: {**{s: NEVER for s in INPUTS}, "out": _b(0.8)}),
     "asymmetric": ("a different memoryless stall per stream: cmd 0.5, act 0.1, weight 0.05, scale 0.6, "
-                   "out 0.7 (stall_probability unused)",
+                   "rq 0.4, out 0.7 (stall_probability unused)",
                    lambda p: {"cmd": _b(0.5), "act": _b(0.1), "weight": _b(0.05), "scale": _b(0.6),
-                              "out": _b(0.7)}),
+                              "rq": _b(0.4), "out": _b(0.7)}),
     "bursty": ("bursts: inputs stall in runs of mean 8 cycles (about 30 % of cycles), the output in runs "
                "of mean 20 (about 70 %) (stall_probability unused)",
-               lambda p: {**{s: Chain(0.054, 0.875) for s in STREAMS[:4]}, "out": Chain(0.117, 0.95)}),
+               lambda p: {**{s: Chain(0.054, 0.875) for s in INPUTS}, "out": Chain(0.117, 0.95)}),
 }
 PROFILE_NAMES = tuple(PROFILES)
 

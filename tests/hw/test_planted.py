@@ -8,7 +8,7 @@ import pytest
 
 from accllm.config import load_hw
 from sim import planted
-from sim.engine_check import EngineHang, full_size_check, hazard_check
+from sim.engine_check import EngineHang, full_size_check, hazard_check, per_row_requant_check
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +35,8 @@ def test_hazard_watchdog_catches_registers_not_held(params):
 def test_full_size_catches_24_bit_accumulators(params):
     bad, first = full_size_check(params, planted.load("acc_24_bits").Engine, modes=("dense_mv",))
     assert bad == 1 and first["expected"] > 1 << 23, first
+
+
+def test_per_row_requant_check_catches_row0_multiplier(params):
+    bad, first = per_row_requant_check(params, planted.load("rq_row0").Engine)
+    assert bad > 0

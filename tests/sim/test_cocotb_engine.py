@@ -46,7 +46,7 @@ def test_cocotb_watchdog_names_the_hang(tmp_path):
         run_cocotb(p, cases, "icarus", 0, 0.0, False, tmp_path, stall_profile="hazard", watchdog_cycles=500,
                    engine_factory=planted.load("no_hold_on_stall").Engine)
     h = e.value
-    assert h.simulator == "icarus" and h.stopped == ["out"] and h.limit == 500
+    assert h.simulator == "icarus" and "out" in h.stopped and h.limit == 500
     assert h.state["out"]["taken"] < h.state["out"]["total"] and 500 < h.cycle < 5000
     assert f"watchdog at cycle {h.cycle}" in str(h)
 
