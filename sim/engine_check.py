@@ -2,9 +2,13 @@
 
 * random cases across all modes (dense_mv, dense_mm, sparse_mv, sparse_mm, qk, pv) with random shapes
   and edge values, turned into the engine's stream beats (``Case``);
-* a driver / monitor for Amaranth's simulator (Python testbenches with random valid/ready stalls);
+* a driver / monitor for Amaranth's simulator (Python testbenches stalled by a named stall profile,
+  ``sim.stalls``), inside ``SimTop`` (cycle and beat counters, the internal-stall count, a watchdog);
+* directed cases: ``hazard_cases`` (tile hand-overs every cycle or two, for the ``hazard`` profile),
+  ``full_size_cases`` (K up to the config's limits), per-row requantization;
 * a generated Verilog harness for Verilator and Icarus that holds every stream in an HDL-side memory
-  loaded once with ``$readmemh``, drives it with LFSR stalls and captures the output stream, run
+  loaded once with ``$readmemh``, drives it with the same stall chains on xorshift generators, stops
+  with a status file when its watchdog fires, and captures the output stream, run
   through cocotb's Python runner (``sim/cocotb_engine.py``), each run in its own build folder;
 * ``simulate_engine`` (what ``accllm simulate engine`` calls).
 """
