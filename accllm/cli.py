@@ -33,9 +33,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
-        from sim.engine_check import SimulatorMissing
+        from sim.engine_check import EngineHang, SimulatorMissing
 
-        errs.append(SimulatorMissing)
+        errs += [SimulatorMissing, EngineHang]
     except ImportError:
         pass
     try:
@@ -154,7 +154,8 @@ def cmd_simulate(args) -> int:
     waves = args.waves or os.environ.get("WAVES", "") not in ("", "0")
     res = simulate_engine(cfg.engine, args.sim, args.cases, args.seed,
                           stall_probability=args.stall_probability, waves=waves,
-                          build_dir=args.build_dir)
+                          build_dir=args.build_dir, stall_profile=args.stall_profile,
+                          watchdog_cycles=args.watchdog_cycles)
     if args.json:
         print(json.dumps(res))
     else:
@@ -388,7 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--sim", default="amaranth", choices=["amaranth", "verilator", "icarus"])
     se.add_argument("--cases", type=int, default=50, metavar="N")
     se.add_argument("--seed", type=int, default=0, metavar="S")
-    se.add_argument("--stall-probability", type=float, default=0.25)
+    se.add_argument("--stall-probability", type=float, default=0.25,
+                    help="per-cycle stall chance of the streams the profile stalls at that rate")
+    from sim.params import SimParams
+    from sim.stalls import PROFILES
+
+    se.add_argument("--stall-profile", default="uniform", choices=list(PROFILES),
+                    help="how each stream stalls (sim/stalls.py): " +
+                         "; ".join(f"{k}: {v[0]}" for k, v in PROFILES.items()))
+    se.add_argument("--watchdog-cycles", type=int, default=SimParams().watchdog_cycles, metavar="N",
+                    help="fail (exit 1, cycle and stopped stream named) after N cycles with no beat on any stream")
     se.add_argument("--waves", action="store_true", help="write a waveform (or WAVES=1)")
     se.add_argument("--build-dir", default="build/sim")
     se.add_argument("--json", action="store_true")

@@ -112,7 +112,8 @@ def _step_simulate(cfg: Config, out: Path, done: dict) -> dict:
 
     s = cfg.simulation
     res = simulate_engine(cfg.engine, s.simulator, s.cases, s.seed, stall_probability=s.stall_probability,
-                          waves=s.waves, build_dir=out / "runs")
+                          waves=s.waves, build_dir=out / "runs", stall_profile=s.stall_profile,
+                          watchdog_cycles=s.watchdog_cycles)
     res["ok"] = bool(res["bit_exact"])
     # the step folder is a temporary name until the step completes: record paths relative to it
     base = out.resolve()

@@ -17,7 +17,9 @@ Modes (``Mode``), each run as a sequence of row tiles of ``pe_rows`` outputs:
   v[key, channel] and the beat carries each lane's key zero-point. An extra row of ``pe_lanes``
   multipliers forms sum p*zero, which is subtracted (s = 1, m = -1 internally, no scale beats).
 
-Every accumulator is optionally requantized on output: saturate(shift_round(acc * mult, shift)) to int8.
+Every accumulator is optionally requantized on output: saturate(shift_round(acc * mult, shift)) to int8,
+with one (mult, shift) per output row: a requantizing command is followed by one ``rq`` beat per row
+tile, taken when the tile enters the output bank (per-operation scalars: the same value in every row).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from quant.formats import ACT, KV_CODE, KV_QMAX, SPARSE_PATTERNS, W_MIN, W_SCALE
 from .mult import lut_multiples, select_multiples, split_product
 from .params import EngineParams
 
-__all__ = ["Mode", "Engine", "EngineConfigError", "check_params", "layouts", "CODE_BITS"]
+__all__ = ["Mode", "Engine", "Requantizer", "EngineConfigError", "check_params", "layouts", "CODE_BITS"]
 
 #: Bits of a code lane: the array is built for the widest code it multiplies (the 4-bit KV cache).
 CODE_BITS = KV_CODE.bits
@@ -89,15 +91,17 @@ def layouts(p: EngineParams) -> dict[str, data.StructLayout | data.ArrayLayout]:
             "k_beats": range(kb + 1),      # weight beats per row tile (per token)
             "group_beats": range(kb + 1),  # weight beats per scale group
             "tiles": TILE_BITS,            # row tiles of pe_rows outputs
-            "requant": 1,
-            "shift": SHIFT_BITS,
-            "mult": MULT_BITS,
+            "requant": 1,                  # requantize: one ``rq`` beat per row tile follows
         }),
         "act": data.ArrayLayout(signed(ACT.bits), p.pe_lanes),
         "weight": data.StructLayout({
             "codes": data.ArrayLayout(unsigned(CODE_BITS), p.pe_rows * p.pe_lanes),  # [row*lanes+lane]
             "meta": data.ArrayLayout(unsigned(META_BITS), p.pe_rows * p.pe_lanes // 2),
             "zero": data.ArrayLayout(unsigned(CODE_BITS), p.pe_lanes),
+        }),
+        "rq": data.StructLayout({          # per-row requantization of one row tile
+            "mult": data.ArrayLayout(unsigned(MULT_BITS), p.pe_rows),
+            "shift": data.ArrayLayout(unsigned(SHIFT_BITS), p.pe_rows),
         }),
         "scale": data.StructLayout({
             "s": data.ArrayLayout(unsigned(W_SCALE.bits), p.pe_rows),
@@ -191,6 +195,35 @@ class ArraySlice(Elaboratable):
 assert SPARSE_PATTERNS == ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # the selects below
 
 
+class Requantizer(Elaboratable):
+    """One output's requantizer, combinational: ``out = saturate(shift_round(acc * mult, shift))`` to
+    int8 (sign-extended to acc_bits) when ``requant`` is set, else ``acc`` unchanged
+    (``quant.reference.requantize``; proved exact for every input in ``tests/hw/test_formal.py``)."""
+
+    def __init__(self, acc_bits: int):
+        self.acc_bits = acc_bits
+        self.acc = Signal(signed(acc_bits))
+        self.mult = Signal(MULT_BITS)
+        self.shift = Signal(SHIFT_BITS)
+        self.requant = Signal()
+        self.out = Signal(signed(acc_bits))
+
+    def elaborate(self, platform):
+        m = Module()
+        ACC = self.acc_bits
+        half = Signal(64)
+        m.d.comb += half.eq(Mux(self.shift == 0, 0, (Const(1, 1) << self.shift) >> 1))
+        # |acc * mult| < 2**(ACC+16) and half <= 2**62: the sum fits max(ACC + 18, 64) bits (64 for
+        # acc_bits <= 46, a machine word in Verilator).
+        sum_bits = max(ACC + MULT_BITS + 2, 64)
+        summed = Signal(signed(sum_bits))
+        scaled = Signal(signed(sum_bits))
+        m.d.comb += [summed.eq(self.acc * self.mult + half), scaled.eq(summed >> self.shift)]
+        sat = Mux(scaled > ACT.max, ACT.max, Mux(scaled < ACT.min, ACT.min, scaled))
+        m.d.comb += self.out.eq(Mux(self.requant, sat, self.acc))
+        return m
+
+
 class Engine(wiring.Component):
     """The compute engine. Streams: ``cmd``, ``act``, ``weight``, ``scale`` in; ``out`` out."""
 
@@ -203,9 +236,16 @@ class Engine(wiring.Component):
             "act": In(stream.Signature(self.layouts["act"])),
             "weight": In(stream.Signature(self.layouts["weight"])),
             "scale": In(stream.Signature(self.layouts["scale"])),
+            "rq": In(stream.Signature(self.layouts["rq"])),
             "out": Out(stream.Signature(self.layouts["out"])),
             "busy": Out(1),
         })
+        #: the pipeline's global stall (the output bank cannot take a finished tile): not a port, an
+        #: observation point for testbenches that measure how often their stalls reach it
+        self.stall = Signal()
+        #: the output's requantizers, one per row (combinational; their inputs are registers of the
+        #: output bank, so the formal output-stream check can assert on them: sim/formal.py)
+        self.requantizers = [Requantizer(params.acc_bits) for _ in range(params.pe_rows)]
 
     def elaborate(self, platform):
         p = self.p
@@ -232,7 +272,7 @@ class Engine(wiring.Component):
 
         # ---------------- pipeline registers ----------------
         s1_valid, s2_valid, s3_valid = Signal(), Signal(), Signal()
-        stall = Signal()
+        stall = self.stall
         pipe_empty = ~(s1_valid | s2_valid | s3_valid)
 
         # ---------------- IDLE / LOAD ----------------
@@ -398,23 +438,16 @@ class Engine(wiring.Component):
         ob_e = Signal(range(TT + 1))
         ob_tokens = Signal(range(TT + 1))
         ob_rq = Signal()
-        ob_shift = Signal(SHIFT_BITS)
-        ob_mult = Signal(MULT_BITS)
+        ob_shift = [Signal(SHIFT_BITS, name=f"ob_shift{r}") for r in range(R)]
+        ob_mult = [Signal(MULT_BITS, name=f"ob_mult{r}") for r in range(R)]
         # ---------------- output: one beat of pe_rows values per token ----------------
         m.d.comb += self.out.valid.eq(ob_busy)
-        half = Signal(64)
-        m.d.comb += half.eq(Mux(ob_shift == 0, 0, (Const(1, 1) << ob_shift) >> 1))
-        # |acc * mult| < 2**(ACC+16) and half <= 2**61: the sum fits max(ACC + 18, 64) bits (64 for
-        # acc_bits <= 46, a machine word in Verilator).
-        sum_bits = max(ACC + MULT_BITS + 2, 64)
         for r in range(R):
-            v = Signal(signed(ACC), name=f"ob_sel{r}")
-            m.d.comb += v.eq(ob[r][ob_e])
-            summed = Signal(signed(sum_bits), name=f"rq_sum{r}")
-            scaled = Signal(signed(sum_bits), name=f"rq_scaled{r}")
-            m.d.comb += [summed.eq(v * ob_mult + half), scaled.eq(summed >> ob_shift)]
-            sat = Mux(scaled > ACT.max, ACT.max, Mux(scaled < ACT.min, ACT.min, scaled))
-            m.d.comb += self.out.payload.as_value()[ACC * r:ACC * (r + 1)].eq(Mux(ob_rq, sat, v))
+            rq = self.requantizers[r]
+            m.submodules[f"rq{r}"] = rq
+            m.d.comb += [rq.acc.eq(ob[r][ob_e]), rq.mult.eq(ob_mult[r]), rq.shift.eq(ob_shift[r]),
+                         rq.requant.eq(ob_rq),
+                         self.out.payload.as_value()[ACC * r:ACC * (r + 1)].eq(rq.out)]
         with m.If(self.out.valid & self.out.ready):
             m.d.sync += ob_e.eq(ob_e + 1)
             with m.If(ob_e == ob_tokens - 1):
@@ -429,7 +462,10 @@ class Engine(wiring.Component):
                      fire_last.eq(out_fire & (ob_e == ob_tokens - 1))]
         may_write = ~ob_busy | (t3 >= ob_tokens) | (t3 < ob_e) | ((t3 == ob_e) & out_fire)
         may_final = ~ob_busy | fire_last
-        m.d.comb += stall.eq(s3_valid & s3["last_beat"] & Mux(s3["last_tok"], ~may_final, ~may_write))
+        # A requantized tile takes its per-row mult/shift beat (``rq``) when it enters the output bank.
+        rq_wait = cmd.requant & ~self.rq.valid
+        m.d.comb += stall.eq(s3_valid & s3["last_beat"] & Mux(s3["last_tok"], ~may_final | rq_wait, ~may_write))
+        m.d.comb += self.rq.ready.eq(s3_valid & s3["last_beat"] & s3["last_tok"] & cmd.requant & may_final)
         with m.If(s3_valid & ~stall):
             for r in range(R):
                 new = Signal(signed(ACC), name=f"newacc{r}")
@@ -438,21 +474,13 @@ class Engine(wiring.Component):
                 with m.If(s3["last_beat"]):
                     m.d.sync += ob[r][s3["t"]].eq(new)
             with m.If(s3["last_beat"] & s3["last_tok"]):
-                m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(cmd.tokens), ob_rq.eq(cmd.requant),
-                             ob_shift.eq(cmd.shift), ob_mult.eq(cmd.mult)]
+                m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(cmd.tokens), ob_rq.eq(cmd.requant)]
+                rq_bits = self.rq.payload.as_value()
+                rl = self.layouts["rq"]
+                for r in range(R):
+                    m.d.sync += [
+                        ob_mult[r].eq(rq_bits[rl["mult"].offset + MULT_BITS * r:][:MULT_BITS]),
+                        ob_shift[r].eq(rq_bits[rl["shift"].offset + SHIFT_BITS * r:][:SHIFT_BITS]),
+                    ]
 
-        return m
-
-
-class CycleCounter(Elaboratable):
-    """Wraps an engine for simulation: a free-running cycle counter next to it."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.cycles = Signal(48)
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.engine = self.engine
-        m.d.sync += self.cycles.eq(self.cycles + 1)
         return m

@@ -2,7 +2,8 @@
 
 All stream data lives in HDL-side memories loaded with $readmemh and the harness applies the random
 stalls itself, so Python only starts the clock, releases reset and waits for ``done``: no per-cycle
-Python work. The harness writes the captured output stream with $writememh; this test records the
+Python work. ``done`` also rises when the harness's watchdog fires (``hung``: no beat on any stream for
+too long); a run that keeps moving beats but never finishes is stopped after ENGINE_MAX_CYCLES. The harness writes the captured output stream with $writememh; this test records the
 cycle count and the simulation wall time in the JSON file named by ENGINE_RESULT.
 """
 
@@ -12,7 +13,7 @@ import time
 
 import cocotb
 from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, RisingEdge, Timer
+from cocotb.triggers import ClockCycles, RisingEdge, SimTimeoutError, Timer, with_timeout
 
 
 @cocotb.test()
@@ -24,11 +25,18 @@ async def engine_cases(dut):
     await ClockCycles(dut.clk, 8)
     dut.rst.value = 0
     t0, c0 = time.perf_counter(), time.process_time()
+    timeout = None
     if not int(dut.done.value):
-        await RisingEdge(dut.done)
+        limit = int(os.environ["ENGINE_MAX_CYCLES"])
+        try:
+            await with_timeout(RisingEdge(dut.done), 10 * limit, "ns")
+        except SimTimeoutError:
+            timeout = limit
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     cycles = int(dut.cycles.value)
+    hung = int(dut.hung.value)
     await ClockCycles(dut.clk, 3)  # let $writememh run
     await Timer(1, unit="ns")
     with open(os.environ["ENGINE_RESULT"], "w") as f:
-        json.dump({"cycles": cycles, "sim_seconds": seconds, "sim_cpu_seconds": cpu}, f)
+        json.dump({"cycles": cycles, "sim_seconds": seconds, "sim_cpu_seconds": cpu, "hung": hung,
+                   "timeout": timeout}, f)

@@ -20,7 +20,8 @@ def test_u280_elaborates():
         + p.pe_lanes * 4
     assert Shape.cast(lay["out"]).width == p.pe_rows * p.acc_bits
     e = Engine(p)
-    assert set(e.signature.members) == {"cmd", "act", "weight", "scale", "out", "busy"}
+    assert set(e.signature.members) == {"cmd", "act", "weight", "scale", "rq", "out", "busy"}
+    assert Shape.cast(lay["rq"]).width == p.pe_rows * (16 + 6)  # per-row mult and shift
     frag = Fragment.get(e, None)  # runs elaborate(): the whole 256 x 32 array is built
     assert frag is not None
 
