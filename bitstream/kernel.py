@@ -2,13 +2,13 @@
 
 Ports (Vitis RTL-kernel names, UG1393 "RTL Kernels"): ``ap_clk``, ``ap_rst_n`` (active low,
 synchronous), ``interrupt``, the AXI4-Lite slave ``s_axi_control_*`` (``bitstream.axi.AxiLiteControl``)
-and one AXI4 master per engine stream, ``m_axi_<stream>_*``: ``cmd``, ``act``, ``weight``, ``scale`` are
-read (``AxiReader`` -> ``Unpack`` -> engine), ``out`` is written (engine -> ``Pack`` -> ``AxiWriter``).
+and one AXI4 master per engine stream, ``m_axi_<stream>_*``: ``cmd``, ``act``, ``weight``, ``rq`` (per-row
+requantization multipliers and shifts), ``scale`` are read (``AxiReader`` -> ``Unpack`` -> engine), ``out`` is written (engine -> ``Pack`` -> ``AxiWriter``).
 
 Arguments (``ARGS``; offsets from ``bitstream.axi.arg_offsets``): a 64-bit buffer address per stream
 (``<stream>_ptr``) and a 32-bit count of engine beats per stream (``<stream>_beats``: commands,
-activation words, weight beats, scale beats, output beats). A host writes them, sets ap_start, and
-waits for ap_done: the kernel starts all five masters at once, the engine consumes its streams as it
+activation words, weight beats, rq beats, scale beats, output beats). A host writes them, sets ap_start, and
+waits for ap_done: the kernel starts all six masters at once, the engine consumes its streams as it
 would from a testbench, and ap_done rises when every input beat has been read and every output word's
 write response has come back. Buffers hold one payload per ``words_for(width, data_width)`` bus words
 (bitstream/axi.py, conventions); inconsistent counts (more commands than data) leave the kernel busy.
@@ -25,8 +25,10 @@ from .axi import AxiLiteControl, AxiReader, AxiWriter, Pack, Unpack, arg_offsets
 
 __all__ = ["AccelKernel", "IN_STREAMS", "OUT_STREAMS", "STREAMS", "ARGS", "stream_widths"]
 
-IN_STREAMS = ("cmd", "act", "weight", "scale")
 OUT_STREAMS = ("out",)
+#: the engine's input streams, in ``hw.engine.layouts`` order (the one definition: today cmd, act, weight,
+#: scale and the per-row requantization stream rq), one AXI4 read master each
+IN_STREAMS = tuple(k for k in layouts(EngineParams()) if k not in OUT_STREAMS)
 STREAMS = IN_STREAMS + OUT_STREAMS
 ARGS = [(f"{s}_ptr", 64) for s in STREAMS] + [(f"{s}_beats", 32) for s in STREAMS]
 OFFSETS = arg_offsets(ARGS)
