@@ -150,9 +150,31 @@ def test_quality_refuses_a_short_text_before_any_work(tiny, tmp_path):
     short.write_text("A few words only, far from sixteen thousand tokens. " * 20)
     out = tmp_path / "q"
     repo = Path(__file__).resolve().parents[2]
+    arts = tmp_path / "arts"
     p = subprocess.run([sys.executable, str(repo / "benchmarks" / "quality.py"), "--model", str(tiny), "--rows",
-                        "float,gptq", "--text", str(short), "--out", str(out)], capture_output=True, text=True,
+                        "rtn,float", "--text", str(short), "--out", str(out), "--artifacts-dir", str(arts),
+                        "--calib-samples", "4", "--calib-seq-len", "64"], capture_output=True, text=True,
                        env={**__import__("os").environ, "PYTHONPATH": str(repo)})
     assert p.returncode == 2, p.stderr
     assert "short.txt has" in p.stderr and "--max-tokens 16384" in p.stderr
     assert not out.with_suffix(".json").exists() and not out.with_suffix(".md").exists()
+    assert not arts.exists()  # refused before the first row's quantization
+
+
+def test_same_tensors_give_the_same_file_bytes(tmp_path):
+    """safetensors orders the header's metadata from a hash map that changes from save to save; the
+    artifact writer must not let that reach the bytes (8 saves: a random order survives with p = 2**-7)."""
+    from quant.artifact import write_model
+
+    t = {"a.qweight": np.arange(64, dtype=np.uint8), "a.row_scale": np.ones(4, np.float16)}
+    lin = {"a": {"in": 64, "out": 4, "bits": 2, "group_size": 64, "sparse": False}}
+    blobs = set()
+    for i in range(8):
+        (tmp_path / str(i)).mkdir()
+        write_model(tmp_path / str(i), t, lin)
+        blobs.add((tmp_path / str(i) / "model.safetensors").read_bytes())
+    assert len(blobs) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0" / "model.safetensors"), framework="np") as h:  # still a valid file
+        assert h.metadata()["format"] and np.array_equal(h.get_tensor("a.qweight"), t["a.qweight"])
