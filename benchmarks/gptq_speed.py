@@ -86,8 +86,11 @@ def child(args) -> dict:
             t0 = time.perf_counter()
             algorithms.quantize_linear(W, hess[k], None, qcfg)
             per[name] = round(time.perf_counter() - t0, 3)
+            print(json.dumps({"layer": layer, "linear": name, "seconds": per[name], "cpu_seconds": round(time.process_time(), 1),
+                              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+                  file=sys.stderr, flush=True)
         layers.append({"gptq_seconds": round(sum(per.values()), 2), "per_linear": per,
-                       "hessian_seconds": round(stats_s, 2)})
+                       "hessian_seconds": round(stats_s, 2), "cpu_seconds_so_far": round(time.process_time(), 1)})
         print(json.dumps({"layer": layer, **layers[-1]}), file=sys.stderr, flush=True)
     return {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
             "layers": layers, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
