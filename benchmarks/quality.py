@@ -215,9 +215,10 @@ def _main(argv=None) -> int:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
     args.commands = args.commands + [(env + " " if env else "") + ".venv/bin/python benchmarks/quality.py "
                                      + shlex.join(sys.argv[1:] if argv is None else argv)]
-    for inc in args.include:
-        have = {r["row"] for r in results} | set(rows)
-        results += [r for r in json.loads(Path(inc).read_text())["rows"] if r["row"] not in have]
+    for inc in args.include:  # a row already here (same name and token count) or about to be measured wins
+        have = {(r["row"], r.get("tokens")) for r in results}
+        results += [r for r in json.loads(Path(inc).read_text())["rows"]
+                    if r["row"] not in rows and (r["row"], r.get("tokens")) not in have]
     artifacts: dict[str, tuple] = {}
     float_model = None
     with tempfile.TemporaryDirectory(prefix="accllm-quality-") as tmp:
