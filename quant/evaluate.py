@@ -123,6 +123,13 @@ def _set_attention(model, attention) -> None:
         model.numerics.sinks, model.numerics.window = att
 
 
+def effective_attention(sinks, window, seq_len) -> tuple[int, int] | None:
+    """None for full attention, which a Λ window covering the whole window of seq_len tokens is."""
+    if window is None or seq_len is None or int(sinks or 0) + int(window) >= int(seq_len):
+        return None
+    return (int(sinks or 0), int(window))
+
+
 def load_result(path: str | Path) -> dict:
     """A result written by ``accllm eval --json`` (it must hold the per-window losses)."""
     import json
@@ -158,6 +165,12 @@ def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512
     model, tok = load_model(model_or_artifact, device)
     _set_integer_path(model, integer_path, str(model_or_artifact))
     _set_attention(model, attention)
+    mine = effective_attention(model.numerics.sinks, model.numerics.window, seq_len)
+    if ref is not None and effective_attention(ref.get("sinks"), ref.get("window"), ref.get("seq_len")) != mine:
+        raise QuantError(f"--against: the reference was evaluated with attention (sinks, window) = "
+                         f"({ref.get('sinks')}, {ref.get('window')}) at seq_len {ref.get('seq_len')}, this model "
+                         f"runs ({model.numerics.sinks}, {model.numerics.window}) at {seq_len}; pass --attention "
+                         f"so both use the same")
     res = perplexity(model, tok, text, seq_len, max_tokens, progress, bootstrap)
     res["model"] = str(model_or_artifact)
     if against is not None:
@@ -168,10 +181,6 @@ def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512
             rmodel.numerics.sinks, rmodel.numerics.window = res["sinks"], res["window"]
             ref = perplexity(rmodel, rtok, text, seq_len, max_tokens, progress, bootstrap)
             ref["model"] = str(against)
-        elif (ref.get("sinks"), ref.get("window")) != (res["sinks"], res["window"]):
-            raise QuantError(f"--against: the reference was evaluated with attention (sinks, window) = "
-                             f"({ref.get('sinks')}, {ref.get('window')}), this model with ({res['sinks']}, "
-                             f"{res['window']}); pass --attention so both use the same")
         res["ratio"] = paired_ratio(res, ref, bootstrap)
         res["ratio"]["against_model"] = ref.get("model")
     return res

@@ -77,6 +77,10 @@ def test_evaluate_reports_interval_windows_and_a_ratio_against_itself(tiny, tmp_
     with pytest.raises(QuantError, match="attention"):  # a full-attention reference against a Λ result
         evaluate(str(tiny), None, seq_len=64, max_tokens=640, progress=False, attention="2,16",
                  against=str(tmp_path / "ref.json"))
+    # a Λ window that covers the whole window is full attention: pairs with the full-attention reference
+    wide = evaluate(str(tiny), None, seq_len=64, max_tokens=640, progress=False, attention="4,60",
+                    against=str(tmp_path / "ref.json"))
+    assert wide["ratio"]["ratio"] == 1.0
 
 
 def test_text_too_short_is_refused_with_the_counts(tiny, tmp_path, capsys):
