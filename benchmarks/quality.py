@@ -6,7 +6,13 @@ and without Λ-shaped attention. Writes a markdown and a JSON table.
         --rows float,gptq,recon,sparse,sparse-recon,rtn,float-long,float-long-lambda,gptq-long-lambda \
         --include benchmarks/results/peers.json
 
-(about 3 hours on two CPU cores: each W2A8KV4 quantization takes 10-50 minutes. ``--artifacts-dir
+Each row evaluates the first 16,384 tokens (``--max-tokens``; 0 = the whole text) of any plain text
+file (``--text``, default the whole *Pride and Prejudice* from $ACCLLM_TEXT_DIR), long rows at context 2048
+(``--long``), and reports a 95 % bootstrap interval over windows and, for every row with an as-loaded row of
+the same context, attention and tokens, the ratio with a paired interval (``quant.evaluate``). A text too
+short for the tokens or a context asked for is refused before any quantization (exit status 2).
+
+(many hours on two CPU cores: each W2A8KV4 quantization takes 10-50 minutes, a 16k-token row 10-30. ``--artifacts-dir
 DIR`` keeps the artifacts and reuses them; ``--append`` adds rows to an existing table. The
 committed table lists the exact commands that made it.)
 
