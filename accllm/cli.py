@@ -82,13 +82,14 @@ def cmd_run(args) -> int:
 
 
 def _threads(args):
+    """torch threads: --threads N, else OMP_NUM_THREADS, else the CPUs this process may use
+    (os.sched_getaffinity; quant/runtime.py)."""
     n = getattr(args, "threads", 0) or 0
     if n < 0:
         raise UserError(f"--threads must be >= 0, got {n}")
-    if n:
-        import torch
+    from quant.runtime import set_threads
 
-        torch.set_num_threads(n)
+    set_threads(n or None)
 
 
 def cmd_quantize(args) -> int:
@@ -111,13 +112,22 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from quant.evaluate import evaluate
 
+    _threads(args)
     res = evaluate(args.model, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                   device=args.device, integer_path=args.integer_path, progress=not args.json)
+                   device=args.device, integer_path=args.integer_path, progress=not args.json,
+                   attention=args.attention, against=args.against, bootstrap=args.bootstrap)
     if args.json:
         print(json.dumps(res))
-    else:
-        print(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens "
-              f"(seq_len {res['seq_len']}, integer path: {res['integer_path']})")
+        return 0
+    ci = res["ci95"]
+    att = "full attention" if res["window"] is None else f"Λ {res['sinks']} + {res['window']}"
+    print(f"perplexity {res['perplexity']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") +
+          f" over {res['tokens']} tokens in {res['windows']} windows of {os.path.basename(res['text'])} "
+          f"(seq_len {res['seq_len']}, {att}, integer path: {res['integer_path']})")
+    if "ratio" in res:
+        r = res["ratio"]
+        print(f"ratio {r['ratio']:.3f}x against {r['against_model']} ({r['against']:.3f})" +
+              (f", paired 95% CI {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}" if r["ci95"] else ""))
     return 0
 
 
@@ -350,23 +360,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="torch CPU threads (default: torch's choice). On a machine other jobs share, "
-                        "1 is often several times faster (docs/quantizer.md, Speed)")
+                   help="torch CPU threads (default: OMP_NUM_THREADS, else the CPUs this process may use). "
+                        "OpenMP threads wait passively unless OMP_WAIT_POLICY says otherwise, which keeps "
+                        "them fast on a machine other jobs share (docs/quantizer.md, Speed)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model or artifact on a text",
                        description="An artifact is evaluated on its integer path (the hardware's arithmetic) "
                                    "by default.")
     e.add_argument("model", metavar="MODEL_OR_ARTIFACT")
-    e.add_argument("--text", default=None, metavar="FILE", help="text file (default: built-in excerpt)")
-    e.add_argument("--seq-len", type=int, default=512, metavar="L")
-    e.add_argument("--max-tokens", type=int, default=None, metavar="N")
+    e.add_argument("--text", default=None, metavar="FILE",
+                   help="any plain UTF-8 text file (default: the built-in Pride and Prejudice excerpt)")
+    e.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per window (the context)")
+    e.add_argument("--max-tokens", type=int, default=16384, metavar="N",
+                   help="evaluate the first N tokens (default 16384; 0 = the whole text). A text with fewer "
+                        "tokens is refused")
+    e.add_argument("--attention", default="model", metavar="SPEC",
+                   help="'model' (the artifact's own, e.g. Λ 4 + 508; full for a checkpoint), 'full', or "
+                        "SINKS,WINDOW such as 4,508")
+    e.add_argument("--against", default=None, metavar="MODEL_OR_JSON",
+                   help="also report the perplexity ratio to this reference (a model, evaluated on the same "
+                        "windows and attention, or the output of an earlier `eval --json`), with a 95%% "
+                        "confidence interval paired per window")
+    e.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                   help="bootstrap resamples over windows for the 95%% intervals (default 2000; 0 = none)")
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ip = e.add_mutually_exclusive_group()
     ip.add_argument("--integer-path", dest="integer_path", action="store_true", default=None)
     ip.add_argument("--float-path", dest="integer_path", action="store_false")
     e.add_argument("--json", action="store_true",
-                   help='print {"perplexity", "tokens", "seq_len", "integer_path"}')
+                   help='print the result as JSON: "perplexity", "tokens", "seq_len", "integer_path", "ci95", '
+                        'the per-window losses, and "ratio" with --against')
     e.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="generate text for a quick look")
@@ -410,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from quant.runtime import passive_wait
+
+    passive_wait()  # OMP_WAIT_POLICY=PASSIVE unless set: must happen before torch loads (quant/runtime.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

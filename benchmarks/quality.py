@@ -6,7 +6,13 @@ and without Λ-shaped attention. Writes a markdown and a JSON table.
         --rows float,gptq,recon,sparse,sparse-recon,rtn,float-long,float-long-lambda,gptq-long-lambda \
         --include benchmarks/results/peers.json
 
-(about 3 hours on two CPU cores: each W2A8KV4 quantization takes 10-50 minutes. ``--artifacts-dir
+Each row evaluates the first 16,384 tokens (``--max-tokens``; 0 = the whole text) of any plain text
+file (``--text``, default the whole *Pride and Prejudice* from $ACCLLM_TEXT_DIR), long rows at context 2048
+(``--long``), and reports a 95 % bootstrap interval over windows and, for every row with an as-loaded row of
+the same context, attention and tokens, the ratio with a paired interval (``quant.evaluate``). A text too
+short for the tokens or a context asked for is refused before any quantization (exit status 2).
+
+(many hours on two CPU cores: each W2A8KV4 quantization takes 10-50 minutes, a 16k-token row 10-30. ``--artifacts-dir
 DIR`` keeps the artifacts and reuses them; ``--append`` adds rows to an existing table. The
 committed table lists the exact commands that made it.)
 
@@ -75,6 +81,7 @@ def write_tables(args, text, results):
     from quant.pipeline import peak_rss_bytes
 
     meta = {"model": args.model, "text": str(text), "max_tokens": args.max_tokens, "short": args.short,
+            "bootstrap": getattr(args, "bootstrap", 2000),
             "long": args.long, "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
             "seed": args.seed, "peak_rss_bytes": peak_rss_bytes(), "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
@@ -82,43 +89,62 @@ def write_tables(args, text, results):
             "notes": getattr(args, "notes", [])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmpj = out.with_suffix(".json.tmp")
-    tmpj.write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
-    os.replace(tmpj, out.with_suffix(".json"))
-    lines = [f"# Perplexity of {args.model} on {Path(text).name} (first {args.max_tokens} tokens)", "",
-             f"Calibration: {args.calib_samples} × {args.calib_seq_len} tokens of Sense and Sensibility, seed "
-             f"{args.seed}. Quantized rows run on the integer path.", "",
-             "Ratio: perplexity over the as-loaded model's at the same context and attention. "
+    from quant.evaluate import paired_ratio
+
+    n_text = next((r.get("tokens_in_text") for r in results if r.get("tokens_in_text")), None)
+    first = "the whole text" if not args.max_tokens else f"the first {args.max_tokens} tokens"
+    lines = [f"# Perplexity of {args.model} on {Path(text).name} ({first}"
+             + (f" of {n_text}" if n_text else "") + ")", "",
+             f"Evaluation text: `{text}`. Calibration: {args.calib_samples} × {args.calib_seq_len} tokens of "
+             f"Sense and Sensibility, seed {args.seed}. Quantized rows run on the integer path.", "",
+             "Ratio: perplexity over the as-loaded model's at the same context and attention. 95 % CI: "
+             "percentile bootstrap over the evaluation windows (2000 resamples; `quant.evaluate`), for the "
+             "ratio paired per window (each resample draws the same windows for both models). "
              "quantize s: wall seconds of the artifact's quantization as it ran, on whatever else the machine "
              "was doing (the notes say; quiet-machine timings: docs/quantizer.md, Speed).", "",
-             "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | ratio | tokens | quantize s | "
-             "quantize peak RSS | eval s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| row | seq_len | Λ (sinks, window) | bits/weight | perplexity | 95 % CI | ratio | ratio 95 % CI | "
+             "tokens | quantize s | quantize peak RSS | eval s |",
+             "|---|---:|---|---:|---:|---|---:|---|---:|---:|---:|---:|"]
     def attention(r):  # Λ with a window covering the whole sequence is full attention
         lam = tuple(r.get("lambda") or ())
         return () if not lam or r["seq_len"] <= sum(lam) else lam
 
-    floats = {(r["seq_len"], attention(r)): r["perplexity"] for r in results
-              if not r.get("skipped") and r["row"].startswith("float") and "perplexity" in r}
+    floats = {}
+    for r in results:
+        if not r.get("skipped") and r["row"].startswith("float") and "perplexity" in r:
+            floats.setdefault((r["seq_len"], attention(r), r.get("tokens")), r)
     for r in results:
         if r.get("skipped"):  # a peer row whose optional package is missing (benchmarks/peers.py)
-            lines.append(f"| {r['description']} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['description']} | skipped: {r['skipped']} | | | | | | | | | | |")
             continue
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "float"
         lam = "-" if not r["lambda"] else f"{tuple(r['lambda'])}"
-        ref = floats.get((r["seq_len"], attention(r)))
-        ratio = f"{r['perplexity'] / ref:.2f}×" if ref else "-"
+        ref = floats.get((r["seq_len"], attention(r), r.get("tokens")))
+        ratio, rci = "-", "-"
+        if ref is not None:
+            if "window_nll" in r and "window_nll" in ref:
+                pr = paired_ratio(r, ref, args.bootstrap)
+                r["ratio"], r["ratio_ci95"] = pr["ratio"], pr["ci95"]
+                ratio = f"{pr['ratio']:.3f}×"
+                rci = f"{pr['ci95'][0]:.3f}–{pr['ci95'][1]:.3f}" if pr["ci95"] else "-"
+            else:  # a row carried over from a table without per-window losses
+                ratio = f"{r['perplexity'] / ref['perplexity']:.2f}×"
+        ci = r.get("ci95")
+        ci = f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "-"
         qs = r.get("quantize_seconds")
         rss = r.get("quantize_peak_rss_bytes") or r.get("peak_rss_bytes")  # peer rows: the row's peak
         rss = f"{rss / 2**30:.2f} GiB" if rss else "-"
-        lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | {ratio} | "
-                     f"{r['tokens']} | {qs if qs is not None else '-'} | {rss} | {r['eval_seconds']} |")
+        lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | {ci} | {ratio} | "
+                     f"{rci} | {r['tokens']} | {qs if qs is not None else '-'} | {rss} | {r['eval_seconds']} |")
     if meta["commands"]:
         lines += ["", "Made by (in this order; artifacts quantized by the first rows that need them, or found in "
                   "`--artifacts-dir`; `--include` lists rows measured by another script):", "", "```"]
         lines += meta["commands"] + ["```"]
     if meta["notes"]:
         lines += ["", "Notes:", ""] + [f"* {n}" for n in meta["notes"]]
+    tmpj = out.with_suffix(".json.tmp")  # after the ratios: rows gain "ratio" and "ratio_ci95"
+    tmpj.write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
+    os.replace(tmpj, out.with_suffix(".json"))
     tmpm = out.with_suffix(".md.tmp")
     tmpm.write_text("\n".join(lines) + "\n")
     os.replace(tmpm, out.with_suffix(".md"))
@@ -127,7 +153,12 @@ def write_tables(args, text, results):
 
 def main(argv=None) -> int:
     """The benchmark, without gradients; the caller's grad mode is left as it was (tests call main())."""
+    from quant.runtime import passive_wait, set_threads
+
+    passive_wait()  # effective when run as a script (torch not loaded yet): quant/runtime.py
     import torch
+
+    set_threads()
 
     with torch.no_grad():
         return _main(argv)
@@ -140,8 +171,11 @@ def _main(argv=None) -> int:
     ap.add_argument("--rows", default="float,float-long,float-long-lambda,rtn,rtn-long-lambda,gptq,sparse")
     ap.add_argument("--append", action="store_true", help="add the rows to the existing JSON table at --out")
     ap.add_argument("--short", type=int, default=512, help="short-context eval window")
-    ap.add_argument("--long", type=int, default=1024, help="long-context eval window")
-    ap.add_argument("--max-tokens", type=int, default=1024, help="evaluated tokens per row")
+    ap.add_argument("--long", type=int, default=2048,
+                    help="long-context eval window (default 2048: Λ 4 + 508 drops all but 512 of its tokens)")
+    ap.add_argument("--max-tokens", type=int, default=16384,
+                    help="evaluated tokens per row (default 16384; 0 = the whole text). A shorter text is refused")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -167,6 +201,16 @@ def _main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    # the text must hold --max-tokens tokens and a window of every context asked for: refuse it now,
+    # before any quantization, rather than after an hour (quant.data.eval_windows says what is short)
+    from quant.data import eval_windows
+    from quant.loading import load_tokenizer, resolve_source
+
+    tok0 = load_tokenizer(resolve_source(args.model)) if not Path(args.model).joinpath("manifest.json").is_file() \
+        else None
+    if tok0 is not None:
+        for ctx in sorted({ROWS[r][2] for r in rows}):
+            eval_windows(tok0, text, args.short if ctx == "short" else args.long, args.max_tokens)
     results = []
     args.commands = []
     if args.append and Path(args.out).with_suffix(".json").is_file():
@@ -177,9 +221,10 @@ def _main(argv=None) -> int:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
     args.commands = args.commands + [(env + " " if env else "") + ".venv/bin/python benchmarks/quality.py "
                                      + shlex.join(sys.argv[1:] if argv is None else argv)]
-    for inc in args.include:
-        have = {r["row"] for r in results} | set(rows)
-        results += [r for r in json.loads(Path(inc).read_text())["rows"] if r["row"] not in have]
+    for inc in args.include:  # a row already here (same name and token count) or about to be measured wins
+        have = {(r["row"], r.get("tokens")) for r in results}
+        results += [r for r in json.loads(Path(inc).read_text())["rows"]
+                    if r["row"] not in rows and (r["row"], r.get("tokens")) not in have]
     artifacts: dict[str, tuple] = {}
     float_model = None
     with tempfile.TemporaryDirectory(prefix="accllm-quality-") as tmp:
@@ -224,7 +269,8 @@ def _main(argv=None) -> int:
             elif lam is not None:
                 nm.sinks, nm.window = lam
             t1 = time.time()
-            res = perplexity(model, tok, text, seq_len=seq, max_tokens=args.max_tokens, progress=True)
+            res = perplexity(model, tok, text, seq_len=seq, max_tokens=args.max_tokens, progress=True,
+                             bootstrap=args.bootstrap)
             used = None if nm.window is None else [nm.sinks, nm.window]
             nm.sinks, nm.window = saved
             row = {"row": r, "description": desc, "recipe": recipe, **res,
@@ -244,4 +290,10 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from quant.errors import QuantError
+
+    try:
+        raise SystemExit(main())
+    except QuantError as e:  # bad input: one clear line, exit status 2, no table written
+        print(f"quality.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

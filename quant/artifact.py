@@ -300,7 +300,26 @@ def write_model(folder: Path, tensors: dict[str, np.ndarray | torch.Tensor], lin
     md = {"format": FORMAT, "accllm.linears": json.dumps(linears, sort_keys=True)}
     if embedding is not None:
         md["accllm.embedding"] = json.dumps(embedding, sort_keys=True)
-    save_file(pt, str(folder / "model.safetensors"), metadata=md)
+    path = folder / "model.safetensors"
+    save_file(pt, str(path), metadata=md)
+    _canonical_header(path)
+
+
+def _canonical_header(path: Path):
+    """safetensors writes ``__metadata__`` from a Rust HashMap, whose order changes from one save to the
+    next (measured: the same tensors gave different model.safetensors bytes in half of the saves), so the
+    header is rewritten in place with every key sorted: the same length (the same JSON, padded with
+    spaces as safetensors pads it), the tensor data untouched. Same model -> same bytes."""
+    import struct
+
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(n)
+        new = json.dumps(json.loads(raw), separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
+        if len(new) > n:  # cannot happen for the same keys; keep safetensors' own header then
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
 
 
 # ---------------------------------------------------------------------------------------------------

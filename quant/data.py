@@ -3,6 +3,7 @@ public-domain excerpts shipped in ``quant/data/``."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -61,17 +62,29 @@ def calibration_windows(tokenizer, text_path: str | Path | None, n: int, seq_len
 def eval_windows(tokenizer, text_path: str | Path | None, seq_len: int, max_tokens: int | None = None
                  ) -> tuple[list[torch.Tensor], dict]:
     """Consecutive non-overlapping windows of ``seq_len`` tokens over the first ``max_tokens`` tokens
-    (the last one may be shorter, kept if it has >= 2 tokens). Each window predicts its tokens 1..len-1."""
+    (None or 0: the whole text; the last window may be shorter, kept if it has >= 2 tokens). Each window
+    predicts its tokens 1..len-1. A text with fewer than ``max_tokens`` tokens, or fewer than one window
+    of ``seq_len``, is refused (QuantError naming the text, both counts and what to change): a result on
+    fewer tokens or a shorter context than asked would be mistaken for the one asked for.
+    -> (windows, {"text", "sha256", "tokens_in_text", "tokens"})."""
     if seq_len < 2:
         raise QuantError(f"--seq-len must be >= 2, got {seq_len}")
+    if max_tokens is not None and max_tokens != 0 and max_tokens < seq_len:
+        raise QuantError(f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}: the context "
+                         f"asked for would never be evaluated. Give --max-tokens >= {seq_len} (0 = the whole text) "
+                         f"or a shorter --seq-len")
     text, where = read_text(text_path, kind="evaluation")
     ids = tokenize(tokenizer, text)
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise QuantError(f"--max-tokens must be >= 2, got {max_tokens}")
+    n_text = int(ids.numel())
+    if max_tokens:
+        if n_text < max_tokens:
+            raise QuantError(f"evaluation text {where} has {n_text} tokens: too short for --max-tokens {max_tokens}. "
+                             f"Give a longer --text, or --max-tokens {n_text} or less (0 = the whole text)")
         ids = ids[:max_tokens]
-    if ids.numel() < 2:
-        raise QuantError(f"evaluation text {where} has {ids.numel()} tokens; need at least 2")
+    if ids.numel() < seq_len:
+        raise QuantError(f"evaluation text {where} has {n_text} tokens: too short for one window of --seq-len "
+                         f"{seq_len}. Give a longer --text or a --seq-len of at most {n_text}")
     wins = [ids[i: i + seq_len] for i in range(0, ids.numel(), seq_len)]
     wins = [w for w in wins if w.numel() >= 2]
-    return wins, {"text": where, "tokens": int(ids.numel())}
+    return wins, {"text": where, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                  "tokens_in_text": n_text, "tokens": int(ids.numel())}

