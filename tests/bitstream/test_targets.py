@@ -1,6 +1,6 @@
 """The generated U280 build plans, checked as text (Vivado and v++ are not installed here): structure,
 part, ports, constraints and connectivity of both targets for ci-small; the build folder's cache and
-atomicity; the clear errors of `accllm build`. No Yosys synthesis here (test_estimate.py has that)."""
+atomicity; the clear errors of `accllm build`. No Yosys synthesis here (test_utilization.py has that)."""
 
 import json
 import os
