@@ -29,3 +29,13 @@ def test_stage_imports_only_upstream(stage):
         if extra:
             bad[str(f.relative_to(REPO))] = sorted(extra)
     assert not bad, f"{stage} may import only {sorted(allowed)}: {bad}"
+
+
+def test_no_two_test_files_share_a_basename():
+    """tests/ has no __init__.py files, so pytest imports each test file by its basename: two files of one
+    name in different folders break collection of the second ("import file mismatch")."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in (Path(__file__).parent).rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1], names
