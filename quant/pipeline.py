@@ -24,8 +24,8 @@ calibration activations twice (input and output of the layer):
 For Llama-2-7B (H 4096, I 11008, V 32000, 32 layers, 202 M weights per layer) with 64 × 512
 calibration tokens: 0.81 GB + 1.37 GB + 1.07 GB + 0.52 GB + 1.9 GB + 0.6 GB ≈ 6.3 GB, well inside
 24 GB (the float checkpoint is memory-mapped and read tensor by tensor, never loaded whole).
-Measured on SmolLM2-135M (GGUF, whose dequantized float32 tensors, 0.54 GB, are held whole), 8 × 256
-calibration tokens: peak RSS 1.69 GB. ``report.json`` records ``peak_rss_bytes`` of every run.
+Measured on SmolLM2-135M (GGUF, then held whole as float32; it is now read tensor by tensor from the
+memory-mapped file, quant/loading.py), 8 × 256 calibration tokens: peak RSS 1.69 GB. ``report.json`` records ``peak_rss_bytes`` of every run.
 The quantized lm_head is the largest single linear (V·H weights, GPTQ with the clipping search on all
 rows at once): on SmolLM2-135M (49152 × 576) the run's peak rose from 1.55 GB through the layers to
 2.80 GB at the lm_head (``accllm quantize smollm2-135m --recipe w2a8kv4 --calib-samples 8``, 1 thread);
