@@ -18,6 +18,7 @@ import torch
 
 from . import formats as F
 from . import golden as G
+from . import model as M
 from .formats import ACT_QMAX, FX, KV_QMAX, REQ_SHIFT_MAX
 from .reference import FormatError
 
@@ -47,7 +48,9 @@ def shift_round_signed(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def round_div(n: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """reference.round_div in int64 (ties away from zero; d > 0): floor((2|n| + d) / (2d)) with the sign."""
+    """reference.round_div in int64 (ties away from zero; d > 0): floor((2|n| + d) / (2d)) with the sign.
+    Not quant.model.round_div (float64-carried): the softmax's numerators reach 2**55, beyond float64's
+    exact integers."""
     mag = torch.div(2 * n.abs() + d, 2 * d, rounding_mode="floor")
     return torch.where(n < 0, -mag, mag)
 
@@ -76,21 +79,16 @@ def mantissa16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # quantizers and the linear
 # ---------------------------------------------------------------------------------------------------
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.quantize_activations over the last axis: (codes, amax), int64."""
-    amax = x.abs().amax(dim=-1)
-    codes = round_div(ACT_QMAX * x, amax.clamp(min=1).unsqueeze(-1))
-    return torch.where(amax.unsqueeze(-1) == 0, 0, codes), amax
+    """reference.quantize_activations over the last axis of Q15.16 int64 values: (codes, amax), int64.
+    The float route's quantizer (quant.model.quantize_act_fx: integers carried exactly in float64)."""
+    a, amax = M.quantize_act_fx(x)
+    return a.to(I64), amax.to(I64)
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """reference.quantize_kv over the last axis: (codes, zero, range), int64."""
-    lo = x.amin(dim=-1).clamp(max=0)
-    hi = x.amax(dim=-1).clamp(min=0)
-    r = hi - lo
-    safe = r.clamp(min=1)
-    zero = torch.where(r == 0, 0, round_div(-KV_QMAX * lo, safe))
-    codes = (round_div(KV_QMAX * x, safe.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, KV_QMAX)
-    return torch.where(r.unsqueeze(-1) == 0, 0, codes), zero, r
+    """reference.quantize_kv over the last axis of Q15.16 int64 values: (codes, zero, range), int64
+    (quant.model.quantize_kv_fx, as the float route quantizes the cache)."""
+    return tuple(t.to(I64) for t in M.quantize_kv_fx(x))
 
 
 def _matmul_exact(a: torch.Tensor, b: torch.Tensor, max_term: int) -> torch.Tensor:
@@ -272,7 +270,7 @@ class Cache:
                 self.kz[:, :n], self.vz[:, :n], self.kr[:, :n], self.vr[:, :n] = old[2:6]
                 self.pos[:n] = old[6]
             return t
-        return t if t < self.sinks else self.sinks + (t - self.sinks) % self.window
+        return int(G.R.cache_slot(t, self.sinks, self.window))
 
     def write(self, t: int, kc, kz, kr, vc, vz, vr):
         i = self.slot(t)
@@ -288,10 +286,6 @@ class Cache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kz, self.vz, self.kr, self.vr, self.pos))
-
-
-def _quantize_heads(x: torch.Tensor):
-    return quantize_activations(x)  # per (head, token): the last axis is the head's channels
 
 
 class Decoder:
@@ -341,11 +335,11 @@ class Decoder:
         lam = s.window is not None
         if lam:
             visible &= (jp < s.sinks) | (jp > n - s.window)
-        qa, qamax = _quantize_heads(qr)
+        qa, qamax = quantize_activations(qr)  # per (head, token): the last axis is the head's channels
         sinks_apart = lam and s.sinks > 0
         if sinks_apart:
             cs, ss = rope_cos_sin(positions.clamp(max=s.sinks + s.window - 1), *self.rope)
-            qsa, qsamax = _quantize_heads(rope_rotate(q.view(t, nh, d).transpose(0, 1), cs, ss))
+            qsa, qsamax = quantize_activations(rope_rotate(q.view(t, nh, d).transpose(0, 1), cs, ss))
         # GQA: query head h reads KV head h // rep
         idx = torch.arange(nh) // rep
         kk = keys[idx] - kzs[idx].unsqueeze(-1)  # (heads, Tk, D)

@@ -92,8 +92,13 @@ def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """reference.quantize_kv over the last axis (one head's channels) -> (codes, zero, range), float64."""
-    x = to_fx(x)
+    """reference.quantize_kv over the last axis (one head's channels) of float values (to_fx first)."""
+    return quantize_kv_fx(to_fx(x))
+
+
+def quantize_kv_fx(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.quantize_kv over the last axis of Q15.16 values -> (codes, zero, range), float64."""
+    x = x.to(F64)
     lo = x.amin(dim=-1).clamp_(max=0)
     hi = x.amax(dim=-1).clamp_(min=0)
     r = hi - lo
@@ -538,9 +543,7 @@ class LlamaLM(nn.Module):
         if why:
             raise QuantError(why)
 
-        def lin(m, name):
-            if not isinstance(m, QLinear):
-                raise QuantError(f"the integer path needs every linear quantized; {name} is float")
+        def lin(m, name):  # integer_unready has checked that every linear is a QLinear
             q = m.q
             return G.Linear.from_fields(name, q.codes, q.scales, q.mins, q.row_scale, q.group_size, q.bits,
                                         q.mask, q.bias)

@@ -517,11 +517,15 @@ def rescale_linear(acc, row_mult, row_shift, tok_mult, tok_exp) -> np.ndarray:
 def linear_row_multipliers(row_scale) -> tuple[np.ndarray, np.ndarray]:
     """(mult, shift) per output row for the real factor S_row[n] / 127 (``multiplier_for``, float64:
     computed once offline from the artifact's float16 row scales, identically by every consumer)."""
-    rs = np.asarray(row_scale, np.float64)
-    pairs = [multiplier_for(float(s) / ACT_QMAX) for s in rs.reshape(-1)]
-    mult = np.array([p[0] for p in pairs], np.int64).reshape(rs.shape)
-    shift = np.array([p[1] for p in pairs], np.int64).reshape(rs.shape)
-    return mult, shift
+    return multipliers_for(np.asarray(row_scale, np.float64) / ACT_QMAX)
+
+
+def multipliers_for(reals) -> tuple[np.ndarray, np.ndarray]:
+    """``multiplier_for`` of every element: (mult, shift) int64 arrays of the input's shape."""
+    r = np.asarray(reals, np.float64)
+    pairs = [multiplier_for(float(x)) for x in r.reshape(-1)]
+    return (np.array([p[0] for p in pairs], np.int64).reshape(r.shape),
+            np.array([p[1] for p in pairs], np.int64).reshape(r.shape))
 
 
 def multiplier_for(real: float) -> tuple[int, int]:
@@ -587,10 +591,7 @@ def dequantize_embedding(codes, row_scale) -> np.ndarray:
 
 def embedding_multipliers(row_scale) -> tuple[np.ndarray, np.ndarray]:
     """(mult, shift) per embedding row for the real factor S_row * 2**16 (codes -> Q15.16)."""
-    rs = np.asarray(row_scale, np.float64)
-    pairs = [multiplier_for(float(s) * (1 << FX_FRAC_BITS)) for s in rs.reshape(-1)]
-    return (np.array([p[0] for p in pairs], np.int64).reshape(rs.shape),
-            np.array([p[1] for p in pairs], np.int64).reshape(rs.shape))
+    return multipliers_for(np.asarray(row_scale, np.float64) * (1 << FX_FRAC_BITS))
 
 
 def embed_lookup(ids, codes, mult, shift) -> np.ndarray:
