@@ -190,11 +190,9 @@ def arg_offsets(args: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
     return out
 
 
-class AxiReader(Elaboratable):
-    """AXI4 read master: on ``start`` reads ``beats`` words from ``base`` in INCR bursts of at most
-    ``MAX_BURST`` beats and hands them out on ``data``/``valid``/``ready`` in order (R beats of one ID
-    arrive in order). ``busy`` until every beat has been handed out; ``error`` pulses on a non-OKAY
-    RRESP."""
+class _AxiMaster(Elaboratable):
+    """What the read and the write master share: the AXI4 master bus and the job interface (``start``,
+    ``base``, ``beats``, ``busy``, ``error``) with the data stream ``data``/``valid``/``ready``."""
 
     def __init__(self, prefix: str, data_width: int = 256, addr_width: int = 64, beat_bits: int = 32,
                  len_width: int = 8):
@@ -206,6 +204,13 @@ class AxiReader(Elaboratable):
         self.busy = Signal()
         self.error = Signal()
         self.data, self.valid, self.ready = Signal(data_width), Signal(), Signal()
+
+
+class AxiReader(_AxiMaster):
+    """AXI4 read master: on ``start`` reads ``beats`` words from ``base`` in INCR bursts of at most
+    ``MAX_BURST`` beats and hands them out on ``data``/``valid``/``ready`` in order (R beats of one ID
+    arrive in order). ``busy`` until every beat has been handed out; ``error`` pulses on a non-OKAY
+    RRESP."""
 
     def elaborate(self, platform):
         m = Module()
@@ -236,21 +241,10 @@ class AxiReader(Elaboratable):
         return m
 
 
-class AxiWriter(Elaboratable):
+class AxiWriter(_AxiMaster):
     """AXI4 write master: on ``start`` writes the next ``beats`` words of ``data``/``valid``/``ready`` to
     ``base`` in INCR bursts of at most ``MAX_BURST`` beats (full strobes); ``busy`` until every write
     response has come back; ``error`` pulses on a non-OKAY BRESP."""
-
-    def __init__(self, prefix: str, data_width: int = 256, addr_width: int = 64, beat_bits: int = 32,
-                 len_width: int = 8):
-        self.dw, self.aw = data_width, addr_width
-        self.bus = axi_master_ports(prefix, data_width, addr_width, len_width=len_width)
-        self.start = Signal()
-        self.base = Signal(addr_width)
-        self.beats = Signal(beat_bits)
-        self.busy = Signal()
-        self.error = Signal()
-        self.data, self.valid, self.ready = Signal(data_width), Signal(), Signal()
 
     def elaborate(self, platform):
         m = Module()

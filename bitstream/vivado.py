@@ -44,6 +44,13 @@ HBM_ID_BITS = 6
 VCO_MIN_MHZ, VCO_MAX_MHZ = 800.0, 1600.0
 
 
+#: the HBM IP's W, B and R channel ports of one AXI port, with their direction seen from the IP
+#: (i_ an input of the IP, driven by our master; o_ an output), named as the master's bus names them
+HBM_WBR_PORTS = (("i", "WDATA"), ("i", "WSTRB"), ("i", "WLAST"), ("i", "WVALID"), ("o", "WREADY"),
+                 ("o", "BRESP"), ("o", "BVALID"), ("i", "BREADY"),
+                 ("o", "RDATA"), ("o", "RRESP"), ("o", "RLAST"), ("o", "RVALID"), ("i", "RREADY"))
+
+
 class VivadoError(ValueError):
     """A target setting the Vivado plan cannot honour."""
 
@@ -140,20 +147,9 @@ class U280Top(Elaboratable):
                 hbm[f"i_{pre}{C}BURST"] = b[f"{ch}burst"]
                 hbm[f"i_{pre}{C}VALID"] = b[f"{ch}valid"]
                 hbm[f"o_{pre}{C}READY"] = b[f"{ch}ready"]
-            hbm[f"i_{pre}WDATA"] = b["wdata"]
+            for d, sig in HBM_WBR_PORTS:  # the W, B and R channels, one to one
+                hbm[f"{d}_{pre}{sig}"] = b[sig.lower()]
             hbm[f"i_{pre}WDATA_PARITY"] = Const(0, 32)
-            hbm[f"i_{pre}WSTRB"] = b["wstrb"]
-            hbm[f"i_{pre}WLAST"] = b["wlast"]
-            hbm[f"i_{pre}WVALID"] = b["wvalid"]
-            hbm[f"o_{pre}WREADY"] = b["wready"]
-            hbm[f"o_{pre}BRESP"] = b["bresp"]
-            hbm[f"o_{pre}BVALID"] = b["bvalid"]
-            hbm[f"i_{pre}BREADY"] = b["bready"]
-            hbm[f"o_{pre}RDATA"] = b["rdata"]
-            hbm[f"o_{pre}RRESP"] = b["rresp"]
-            hbm[f"o_{pre}RLAST"] = b["rlast"]
-            hbm[f"o_{pre}RVALID"] = b["rvalid"]
-            hbm[f"i_{pre}RREADY"] = b["rready"]
             m.d.comb += [b["rid"].eq(0), b["bid"].eq(0)]
         m.submodules.hbm = Instance("hbm_0", **hbm)
 
