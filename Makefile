@@ -18,6 +18,7 @@ setup: $(STAMP)
 	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
 	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq --no-install-recommends iverilog; }
 	@command -v chromium >/dev/null || { echo "installing chromium (apt; headless rendering check of accllm report)"; \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq; \
 	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq --no-install-recommends chromium || \
 	  echo "chromium not installed: tests/sim/test_estimate.py skips its rendering check"; }
 
