@@ -81,3 +81,26 @@ class TargetParams:
     @property
     def hbm_bytes_per_cycle(self) -> float:
         return self.hbm_bandwidth_gbps * 1e9 / (self.clock_mhz * 1e6)
+
+
+@dataclass
+class AccelParams:
+    """The accelerator around the engine (``hw/isa.py``, ``docs/isa.md``): the on-chip scratchpad every
+    special-function unit reads and writes, the external-memory word and the program limits. The
+    compiler, the controller RTL, the machine model (``hw/machine.py``) and the testbenches read these."""
+
+    mem_word_bits: int = param(256, "external memory word (one AXI data beat towards HBM)",
+                               choices=[64, 128, 256, 512])
+    spad_words: int = param(16384, "on-chip scratchpad: 64-bit signed elements every unit reads and writes",
+                            min=256, max=1 << 24)
+    max_program_instrs: int = param(1 << 22, "longest program the controller addresses", min=16, max=1 << 30)
+
+    @property
+    def spad_addr_bits(self) -> int:
+        return max(1, (self.spad_words - 1).bit_length())
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.spad_words & (self.spad_words - 1):
+            out.append(("spad_words", f"{self.spad_words} is not a power of two"))
+        return out
