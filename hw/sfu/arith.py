@@ -47,7 +47,7 @@ def saturate(m: Module, x, lo: int, hi: int, width: int = 64, name: str = "sat")
 def bit_length(m: Module, x, width: int, name: str = "bl") -> Signal:
     """Bit length of the unsigned value ``x`` of ``width`` bits (0 -> 0) (reference.bit_length)."""
     out = Signal(range(width + 1), name=_name(name))
-    v, bits, top = x, 0, 1
+    v, top = x, 1
     while (1 << top) < width:
         top += 1
     acc = []

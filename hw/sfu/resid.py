@@ -25,6 +25,8 @@ class ResidAdd(wiring.Component):
         self.params = params
         super().__init__(UnitSignature(params.spad_addr_bits))
 
+    cycles = staticmethod(cycles)
+
     def elaborate(self, platform):
         m = Module()
         ins = self.instr
