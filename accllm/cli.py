@@ -155,6 +155,38 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_simulate_model(args) -> int:
+    from hw.compile import CompileError
+    from sim.model_check import simulate_model
+
+    from .config import load_hw
+
+    cfg = load_hw(args.hw)
+    try:
+        res = simulate_model(args.artifact, cfg.engine, cfg.accelerator, args.sim, args.prompt, args.tokens,
+                             trace=args.trace, stall_profile=args.stall_profile, seed=args.seed,
+                             build_dir=args.build_dir, progress=not args.json)
+    except CompileError as e:
+        raise UserError(f"the compiler refused the model for engine config {args.hw!r}: {e}") from None
+    if args.json:
+        print(json.dumps(res))
+    else:
+        verdict = "bit-exact" if res["bit_exact"] else "MISMATCH"
+        print(f"{args.sim}: {verdict}; RTL tokens {res['tokens_rtl']}; reference {res['tokens_reference']}; "
+              f"torch integer {res['tokens_torch_integer']}")
+        print(f"  prefill {res['cycles_prefill']} cycles ({res['prompt_tokens']} tokens), decode "
+              f"{res['cycles_per_token']} cycles per token; {res['instructions']} instructions; "
+              f"RTL wall time {res['rtl_wall_s']} s")
+        if res.get("text_rtl") is not None:
+            print(f"  text: {res['text_rtl']!r}")
+    if not res["bit_exact"]:
+        print(f"error: {res['first_mismatch'] or 'the token lists differ'}"
+              + (f" (operands written to {res['mismatch_dump']})" if res.get("mismatch_dump") else ""),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_simulate(args) -> int:
     from sim.engine_check import simulate_engine
 
@@ -427,6 +459,31 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--build-dir", default="build/sim")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_simulate)
+
+    sm = ssub.add_parser(
+        "model", help="a whole quantized model generating tokens on the accelerator RTL",
+        description="Compile the prompt and the generation of ARTIFACT into one program and memory image "
+                    "(hw/compile.py, docs/isa.md), run it on the accelerator RTL (controller, engine, "
+                    "special-function units, memory with stalls), and check that the RTL's tokens and every "
+                    "traced layer equal the numpy golden model's, the torch integer path's and the machine "
+                    "model's. Exit status 1 on any difference, naming the first step, layer, operation and "
+                    "element that differs.")
+    sm.add_argument("artifact", metavar="ARTIFACT")
+    sm.add_argument("--hw", default="ci-small", help="engine + accelerator config: ci-small, u280 or a YAML path")
+    sm.add_argument("--sim", default="verilator", choices=["verilator", "icarus", "amaranth"])
+    sm.add_argument("--prompt", required=True, metavar="TEXT")
+    sm.add_argument("--tokens", type=int, default=4, metavar="N", help="tokens to generate (prefill makes the first)")
+    sm.add_argument("--trace", default="layers", choices=["none", "layers", "all"],
+                    help="what the program stores for comparison: nothing but the tokens, each layer's output "
+                         "(default), or every operation (slower; names the first differing operation)")
+    sm.add_argument("--stall-profile", default="asymmetric", choices=list(PROFILES),
+                    help="how the memory ports stall (sim/stalls.py)")
+    sm.add_argument("--seed", type=int, default=0, metavar="S")
+    sm.add_argument("--build-dir", default="build/sim")
+    sm.add_argument("--json", action="store_true",
+                    help='print {"bit_exact", "tokens_rtl", "tokens_reference", "tokens_torch_integer", '
+                         '"cycles_prefill", "cycles_per_token", "hbm_bytes_per_token", ...}')
+    sm.set_defaults(func=cmd_simulate_model)
 
     add_estimate_parsers(sub)
     add_build_parser(sub)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from bitstream.params import BuildParams
-from hw.params import EngineParams, TargetParams
+from hw.params import AccelParams, EngineParams, TargetParams
 from quant.recipe import MODIFIERS, ModelConfig, Prune, QuantizeWeights, Recipe
 from sim.params import SimParams
 
@@ -46,6 +46,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     recipe: Recipe = field(default_factory=_default_recipe)
     engine: EngineParams = field(default_factory=EngineParams)
+    accelerator: AccelParams = field(default_factory=AccelParams)
     target: TargetParams = field(default_factory=TargetParams)
     simulation: SimParams = field(default_factory=SimParams)
     build: BuildParams = field(default_factory=BuildParams)
