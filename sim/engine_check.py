@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from amaranth.hdl import Cat, Elaboratable, Module, Signal
 
+from hw.beats import fields, pack
 from hw.engine import Engine, Mode, check_params, layouts
 from hw.params import EngineParams
 from quant import reference as ref
@@ -315,36 +316,8 @@ def make_cases(p: EngineParams, count: int, seed: int, modes=MODES, **kw) -> lis
 # ---------------------------------------------------------------------------------------------------
 # Packing stream beats to and from bit vectors (the payload layouts of hw.engine)
 # ---------------------------------------------------------------------------------------------------
-def _fields(layout):
-    """(name, offset, element width, count) for each leaf field of a payload layout."""
-    from amaranth.hdl import Shape
-    from amaranth.lib import data
-
-    items = [("", 0, layout)] if isinstance(layout, data.ArrayLayout) else \
-        [(name, f.offset, f.shape) for name, f in layout]
-    out = []
-    for name, off, shape in items:
-        if isinstance(shape, data.ArrayLayout):
-            out.append((name, off, Shape.cast(shape.elem_shape).width, shape.length))
-        else:
-            out.append((name, off, Shape.cast(shape).width, 1))
-    return out
-
-
-def pack(layout, values: dict, n: int) -> np.ndarray:
-    """Pack field arrays (n, count) into an (n, bytes) big-endian byte matrix of the payload width."""
-    from amaranth.hdl import Shape
-
-    width = Shape.cast(layout).width
-    nbytes = (width + 7) // 8
-    bits = np.zeros((n, nbytes * 8), np.uint8)
-    for name, off, ew, count in _fields(layout):
-        if n == 0:
-            break
-        v = np.asarray(values[name], np.int64).reshape(n, count) & ((1 << ew) - 1)
-        b = (v[:, :, None] >> np.arange(ew)) & 1
-        bits[:, off:off + ew * count] = b.reshape(n, ew * count)
-    return np.packbits(bits[:, ::-1], axis=1)  # MSB first
+# the bit packer lives in hw.beats (the compiler packs the memory image's beats with it)
+_fields = fields
 
 
 def to_ints(packed: np.ndarray) -> list[int]:
