@@ -1,0 +1,83 @@
+"""EMBED: the embedding lookup's scaling, ``spad[d + t*n + i] = saturate_FX(shift_round(spad[a + t*n + i]
+* spad[b + 2t], spad[b + 2t + 1]))`` (``reference.embed_lookup`` with row t's multiplier and shift; the
+codes of the looked-up rows were brought to the spad by an indexed LOAD).
+
+Per row: one cycle reads the row's (mult, shift) pair through both ports; then one code per cycle
+through ``rd0``, each written the cycle after its read (the pair is latched in the first code cycle,
+so the last write of a row overlaps the next row's pair read). The product code * mult is exact (a
+code is int8, a multiplier 16 bits unsigned) and any shift from 0 to 63 rounds exactly as the
+reference does (shifts of 24 and more give 0 for every product); ``multipliers_for`` emits 0..62. A
+shift word outside 0..63 gives 0 (the exact value; the reference refuses negative shifts, and numpy's
+shift of an int64 by 64 or more is not exact arithmetic). Cycle model: ``cycles = T * (N + 1) + 1`` (N = 0: 1)."""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.lib import wiring
+
+from quant.formats import EMBED_CODE, FX, REQ_MULT
+
+from ..isa import Instr
+from ..params import AccelParams
+from . import arith as A
+from .base import UnitSignature
+
+
+def cycles(ins: Instr, params: AccelParams | None = None) -> int:
+    return ins.m * (ins.n + 1) + 1 if ins.n else 1
+
+
+class Embed(wiring.Component):
+    def __init__(self, params: AccelParams):
+        self.params = params
+        super().__init__(UnitSignature(params.spad_addr_bits))
+
+    cycles = staticmethod(cycles)
+
+    def elaborate(self, platform):
+        m = Module()
+        ins = self.instr
+        t = Signal(32)           # row
+        i = Signal(32)           # next code of the row
+        j = Signal(64)           # a + t*n + i (and d + t*n + i for the write)
+        pair = Signal()          # this cycle reads row t's (mult, shift)
+        active = Signal()
+        m.d.comb += active.eq(self.busy & (t < ins.m) & (ins.n != 0))
+        issue = Signal()         # this cycle reads a code
+        m.d.comb += issue.eq(active & ~pair)
+        m.d.comb += [self.rd0.en.eq(active), self.rd1.en.eq(active & pair),
+                     self.rd0.addr.eq(Mux(pair, ins.b + 2 * t, ins.a + j)), self.rd1.addr.eq(ins.b + 2 * t + 1)]
+        first = Signal()         # the pair's data is on the ports now
+        m.d.sync += first.eq(active & pair)
+        mult = Signal(REQ_MULT.bits)
+        shift = Signal(6)
+        big = Signal()           # shift >= 64 (or negative): gives 0, see the module doc
+        with m.If(first):
+            m.d.sync += [mult.eq(self.rd0.data[:REQ_MULT.bits]), shift.eq(self.rd1.data[:6]),
+                         big.eq(self.rd1.data[6:] != 0)]
+        with m.If(active):
+            with m.If(pair):
+                m.d.sync += pair.eq(0)
+            with m.Elif(i + 1 == ins.n):
+                m.d.sync += [i.eq(0), t.eq(t + 1), j.eq(j + 1), pair.eq(1)]
+            with m.Else():
+                m.d.sync += [i.eq(i + 1), j.eq(j + 1)]
+        # the code read last cycle
+        v = Signal()
+        at = Signal(64)
+        m.d.sync += v.eq(issue)
+        with m.If(issue):
+            m.d.sync += at.eq(j)
+        code = self.rd0.data[:EMBED_CODE.bits].as_signed()
+        prod = Signal(signed(EMBED_CODE.bits + REQ_MULT.bits + 1))
+        m.d.comb += prod.eq(code * mult)
+        sh = Signal(6)
+        m.d.comb += sh.eq(shift)
+        y = A.shift_round(m, prod, sh, 66, "embed_y")
+        m.d.comb += [self.wr.en.eq(v), self.wr.addr.eq(ins.d + at),
+                     self.wr.data.eq(Mux(big, 0, A.saturate(m, y, FX.min, FX.max, 66, "embed_sat")))]
+        with m.If(self.start):
+            m.d.sync += [self.busy.eq(1), t.eq(0), i.eq(0), j.eq(0), pair.eq(1), v.eq(0), first.eq(0)]
+        with m.Elif(self.busy & ~active):
+            m.d.sync += self.busy.eq(0)
+        return m

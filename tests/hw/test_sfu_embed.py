@@ -1,0 +1,55 @@
+"""EMBED unit: equals reference.embed_lookup's scaling (code * mult rounded by the row's shift,
+saturated to Q15.16) for each row's own (mult, shift), on the multipliers of real row scales, on the
+rails (codes -128/127, multiplier 1 and 65535, shifts 0..63), on a
+SmolLM2-sized prompt (T = 6 rows of 576), writes nothing outside its destination, and busy lasts
+exactly cycles()."""
+
+import numpy as np
+
+from hw.isa import Instr, Op
+from hw.params import AccelParams
+from hw.sfu.embed import Embed, cycles
+from quant import reference as R
+from sim.unit_sim import run_unit
+
+I64 = np.iinfo(np.int64)
+
+
+def _run(codes, mult, shift, words, a, b, d, seed=0):
+    """codes (T, N) of the looked-up rows; mult, shift (T,)."""
+    t, n = codes.shape
+    rng = np.random.default_rng(seed)
+    sp = rng.integers(I64.min, I64.max, words, dtype=np.int64, endpoint=True)
+    sp[a:a + t * n] = codes.reshape(-1)
+    sp[b:b + 2 * t:2], sp[b + 1:b + 2 * t:2] = mult, shift
+    ins = Instr(op=Op.EMBED, a=a, b=b, d=d, m=t, n=n)
+    out, cyc = run_unit(Embed(AccelParams(spad_words=words)), ins, sp)
+    want = sp.copy()
+    # the reference's own lookup: row t of the table is codes[t], token ids 0..T-1
+    want[d:d + t * n] = R.embed_lookup(np.arange(t), codes, mult, shift).reshape(-1)
+    bad = np.flatnonzero(out != want)
+    assert not bad.size, (bad[:8], out[bad[:8]], want[bad[:8]])
+    assert cyc == cycles(ins)
+
+
+def test_embed_rails_every_shift():
+    """64 rows, row r with shift r (0..63), multipliers at the rails and between; the codes hit -128,
+    127, 0 and the rounding ties; (|code * mult| < 2**23: the FX saturation is never reached)."""
+    rng = np.random.default_rng(1)
+    t, n = 64, 9
+    codes = rng.integers(-128, 128, (t, n))
+    codes[:, :5] = [-128, 127, 0, 1, -1]
+    mult = rng.choice([1, 2, 32768, 65535, 40961], t)
+    mult[:8] = 65535
+    shift = np.arange(t)
+    _run(codes, mult, shift, 2048, 0, 700, 900, seed=2)
+
+
+def test_embed_real_scales_smollm2_prompt():
+    """Row scales from quantize_embedding of a float table, multipliers from embedding_multipliers (as
+    the compiler emits them); T = 6 rows of SmolLM2's hidden size 576, one of them all zero."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 1, (6, 576)) * np.array([[0.02], [0.5], [3.0], [0.0], [30.0], [1e-3]])
+    codes, s = R.quantize_embedding(w)
+    mult, shift = R.embedding_multipliers(s)
+    _run(codes.astype(np.int64), mult, shift, 8192, 11, 4000, 4100, seed=4)
