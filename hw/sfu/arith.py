@@ -93,3 +93,24 @@ def round_div(m: Module, n, d, width: int, name: str = "rdiv") -> Signal:
     out = Signal(signed(width + 2), name=_name(name))
     m.d.comb += out.eq(Mux(n < 0, -mag, mag))
     return out
+
+
+def shift_round_signed_i64(m: Module, x, s, name: str = "srs64") -> Signal:
+    """reference.shift_round_signed as numpy computes it in int64, for every shift: ``s`` signed,
+    ``x`` at most 64 bits signed. Every intermediate is a 64-bit register that wraps as int64 does:
+    the half 1 << (s-1) is -2**63 for s = 64 and 0 beyond, x + half wraps, a right shift by 64 or more
+    leaves the sign (-1 or 0), a left shift keeps the low 64 bits. Inside the range where nothing
+    wraps (0 <= s <= 63 and |x| + 2**(s-1) < 2**63, or a left shift whose result fits) it equals
+    ``shift_round_signed(m, x, s, 64)``; beyond it, it still equals the reference bit for bit."""
+    neg = s[-1]
+    sh = Signal(unsigned(len(s)), name=_name(name + "_sh"))
+    m.d.comb += sh.eq(Mux(neg, 0, s.as_unsigned()))
+    half = Signal(signed(64), name=_name(name + "_half"))
+    m.d.comb += half.eq((Const(1, 66) << sh) >> 1)      # truncated to 64 bits: bit 63 -> -2**63
+    tot = Signal(signed(64), name=_name(name + "_sum"))
+    m.d.comb += tot.eq(x + half)                         # wraps as int64
+    left = Signal(signed(64), name=_name(name + "_l"))
+    m.d.comb += left.eq(x << Mux(neg, (-s).as_unsigned(), 0))
+    out = Signal(signed(64), name=_name(name))
+    m.d.comb += out.eq(Mux(neg, left, tot >> sh))        # >> of a signed value fills with its sign
+    return out

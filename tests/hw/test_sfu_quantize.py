@@ -7,31 +7,12 @@ import numpy as np
 import pytest
 
 from hw.isa import Instr, Op
-from hw.params import AccelParams
 from hw.sfu.quantize import QuantAct, QuantKV
 from quant import reference as R
 from quant.formats import FX
-from sim.unit_sim import run_unit
+from sfu_check import check_unit as _run, sentinel_spad as _spad
 
 LO, HI = FX.min, FX.max
-
-
-def _spad(words, rng):
-    return rng.integers(-2**62, 2**62, words)  # sentinels everywhere
-
-
-def _run(unit_cls, ins, sp, want: dict):
-    """Run ``ins``; the spad afterwards must equal ``sp`` with ``want`` (addr -> values) written over it."""
-    words = sp.size
-    exp = sp.copy()
-    for at, vals in want.items():
-        vals = np.asarray(vals, np.int64).ravel()
-        exp[at:at + vals.size] = vals
-    out, cyc = run_unit(unit_cls(AccelParams(spad_words=words)), ins, sp)
-    bad = np.flatnonzero(out != exp)
-    assert bad.size == 0, f"{ins.op.name}: {bad.size} words differ, first at {bad[:8]}: got {out[bad[:8]]} want {exp[bad[:8]]}"
-    assert cyc == unit_cls.cycles(ins), (cyc, unit_cls.cycles(ins))
-    return cyc
 
 
 def _edge_rows(rng, n):
