@@ -78,3 +78,20 @@ def test_rmsnorm_4096_wide():
     x = rng.integers(FXMIN, FXMAX, (2, n), endpoint=True)
     x[1] = FXMAX
     _run(x, g, eps, 1 << 15, 1, 9000, 14000, seed=14)
+
+
+# Q2.30 mantissas of the sum of squares where the Newton step's rounding of m * y**2 decides r (a
+# truncating t gives r one off), from a scan of 12M mantissas; then m = 1 exactly and the largest m.
+_NEWTON_CORNERS = [1073792389, 1074985860, 1075449988, 1076709763, 4240181987, 1354812083, 3222957240,
+                   3729393270, 1 << 30, (1 << 32) - 1]
+
+
+@pytest.mark.parametrize("mq", _NEWTON_CORNERS)
+def test_rmsnorm_rsqrt_corners(mq):
+    """x = (2**22, 0, 0) and (-2**22, 0, 0): k = 0; eps_term chosen so that ss = mq * 2**14 (e = 22,
+    the mantissa exactly mq)."""
+    x = np.array([[1 << 22, 0, 0], [-(1 << 22), 0, 0]], np.int64)
+    eps = (mq << 14) - (1 << 44)
+    assert eps >= 0
+    g = np.array([FXMAX, FXMIN, 1 << 16], np.int64)
+    _run(x, g, eps, 256, 0, 10, 20, seed=mq % 1000)
