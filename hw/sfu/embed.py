@@ -5,10 +5,11 @@ codes of the looked-up rows were brought to the spad by an indexed LOAD).
 Per row: one cycle reads the row's (mult, shift) pair through both ports; then one code per cycle
 through ``rd0``, each written the cycle after its read (the pair is latched in the first code cycle,
 so the last write of a row overlaps the next row's pair read). The product code * mult is exact (a
-code is int8, a multiplier 16 bits unsigned) and any shift from 0 to 63 rounds exactly as the
-reference does (shifts of 24 and more give 0 for every product); ``multipliers_for`` emits 0..62. A
-shift word outside 0..63 gives 0 (the exact value; the reference refuses negative shifts, and numpy's
-shift of an int64 by 64 or more is not exact arithmetic). Cycle model: ``cycles = T * (N + 1) + 1`` (N = 0: 1)."""
+code is int8, a multiplier 16 bits unsigned). The shift is any the reference accepts (0 .. 2**63 - 1):
+``arith.shift_round_signed_i64`` rounds as numpy's int64 does, which is exact for shifts up to 63
+(shifts of 24 and more give 0 for every product) and wraps like the reference beyond (the half
+2**(s-1) is -2**63 at s = 64 and 0 from 65 on, and every shift from 65 on acts as 65, so the shift
+word is clamped to 127 first); ``multipliers_for`` emits 0..62. Cycle model: ``cycles = T * (N + 1) + 1`` (N = 0: 1)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,11 @@ class Embed(wiring.Component):
         first = Signal()         # the pair's data is on the ports now
         m.d.sync += first.eq(active & pair)
         mult = Signal(REQ_MULT.bits)
-        shift = Signal(6)
-        big = Signal()           # shift >= 64 (or negative): gives 0, see the module doc
+        shift = Signal(signed(8))  # the shift word clamped to 0..127 (see the module doc)
+        sw = self.rd1.data
         with m.If(first):
-            m.d.sync += [mult.eq(self.rd0.data[:REQ_MULT.bits]), shift.eq(self.rd1.data[:6]),
-                         big.eq(self.rd1.data[6:] != 0)]
+            m.d.sync += [mult.eq(self.rd0.data[:REQ_MULT.bits]),
+                         shift.eq(Mux(sw < 0, 0, Mux(sw > 127, 127, sw)))]
         with m.If(active):
             with m.If(pair):
                 m.d.sync += pair.eq(0)
@@ -71,11 +72,9 @@ class Embed(wiring.Component):
         code = self.rd0.data[:EMBED_CODE.bits].as_signed()
         prod = Signal(signed(EMBED_CODE.bits + REQ_MULT.bits + 1))
         m.d.comb += prod.eq(code * mult)
-        sh = Signal(6)
-        m.d.comb += sh.eq(shift)
-        y = A.shift_round(m, prod, sh, 66, "embed_y")
+        y = A.shift_round_signed_i64(m, prod, shift, "embed_y")
         m.d.comb += [self.wr.en.eq(v), self.wr.addr.eq(ins.d + at),
-                     self.wr.data.eq(Mux(big, 0, A.saturate(m, y, FX.min, FX.max, 66, "embed_sat")))]
+                     self.wr.data.eq(A.saturate(m, y, FX.min, FX.max, 64, "embed_sat"))]
         with m.If(self.start):
             m.d.sync += [self.busy.eq(1), t.eq(0), i.eq(0), j.eq(0), pair.eq(1), v.eq(0), first.eq(0)]
         with m.Elif(self.busy & ~active):

@@ -1,6 +1,6 @@
 """EMBED unit: equals reference.embed_lookup's scaling (code * mult rounded by the row's shift,
 saturated to Q15.16) for each row's own (mult, shift), on the multipliers of real row scales, on the
-rails (codes -128/127, multiplier 1 and 65535, shifts 0..63), on a
+rails (codes -128/127, multiplier 1 and 65535, shifts 0..70, 127, 128 .. 2**63 - 1), on a
 SmolLM2-sized prompt (T = 6 rows of 576), writes nothing outside its destination, and busy lasts
 exactly cycles()."""
 
