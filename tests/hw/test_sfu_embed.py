@@ -33,15 +33,16 @@ def _run(codes, mult, shift, words, a, b, d, seed=0):
 
 
 def test_embed_rails_every_shift():
-    """64 rows, row r with shift r (0..63), multipliers at the rails and between; the codes hit -128,
-    127, 0 and the rounding ties; (|code * mult| < 2**23: the FX saturation is never reached)."""
+    """Rows with shifts 0..70 and a few huge ones (the reference accepts any shift >= 0; from 64 on its
+    int64 rounding wraps), multipliers at the rails and between; the codes hit -128, 127, 0 and the
+    rounding ties (|code * mult| < 2**23: the FX saturation is never reached)."""
     rng = np.random.default_rng(1)
-    t, n = 64, 9
+    shift = np.array(list(range(71)) + [127, 128, 1000, 2**31, 2**62, 2**63 - 1], np.int64)
+    t, n = shift.size, 9
     codes = rng.integers(-128, 128, (t, n))
     codes[:, :5] = [-128, 127, 0, 1, -1]
     mult = rng.choice([1, 2, 32768, 65535, 40961], t)
     mult[:8] = 65535
-    shift = np.arange(t)
     _run(codes, mult, shift, 2048, 0, 700, 900, seed=2)
 
 
