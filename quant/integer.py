@@ -187,10 +187,12 @@ def attention_logits(acc, q_amax, k_range, mult: int, shift: int) -> torch.Tenso
     """acc (..., Tq, Tk), q_amax (..., Tq), k_range (..., Tk)."""
     mq, eq = mantissa16(q_amax)
     mr, er = mantissa16(k_range)
+    if not 0 <= int(mult) < 1 << 16:
+        raise FormatError(f"attention_logits: mult {int(mult)} outside 0..65535")
     mqc = shift_round(mq * int(mult), 16)
     s = int(shift) - eq.unsqueeze(-1) - er.unsqueeze(-2)
-    if bool((s < -10).any()):
-        raise FormatError("attention_logits: scale exponent out of range")
+    if bool((s < -10).any()) or bool((s > REQ_SHIFT_MAX).any()):
+        raise FormatError(f"attention_logits: scale exponent outside -10..{REQ_SHIFT_MAX}")
     return _sat(shift_round_signed(acc * mqc.unsqueeze(-1) * mr.unsqueeze(-2), s))
 
 

@@ -795,10 +795,15 @@ def attention_logits(acc, q_amax, k_range, mult: int, shift: int) -> np.ndarray:
         raise FormatError(f"attention_logits: acc {a.shape}, q_amax {mq.shape}, k_range {mr.shape}")
     if a.size and np.abs(a).max() >= (1 << 19):
         raise FormatError("attention_logits: |Q.K accumulator| >= 2**19 (head_dim beyond 128?)")
+    if not REQ_MULT.min <= int(mult) <= REQ_MULT.max:
+        raise FormatError(f"attention_logits: mult {int(mult)} outside the requant multiplier's "
+                          f"{REQ_MULT.min}..{REQ_MULT.max} (softmax_params makes it; beyond, the int64 product wraps)")
     mqc = shift_round(mq * int(mult), 16)
     s = int(shift) - eq[:, None] - er[None, :]
-    if np.any(s < -10):
-        raise FormatError("attention_logits: scale exponent out of range")
+    if np.any(s < -10) or np.any(s > REQ_SHIFT_MAX):
+        bad = int(s.min()) if np.any(s < -10) else int(s.max())
+        raise FormatError(f"attention_logits: scale exponent {bad} outside -10..{REQ_SHIFT_MAX} (shift {int(shift)} "
+                          f"against the q_amax and k_range exponents; beyond 62 the int64 rounding wraps)")
     return saturate(shift_round_signed(a * mqc[:, None] * mr[None, :], s), F.SOFTMAX_Z)
 
 
