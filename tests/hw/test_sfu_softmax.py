@@ -87,6 +87,18 @@ def test_logits_rails_and_both_shift_directions():
             assert (got == F.SOFTMAX_Z.max).any() and (got == F.SOFTMAX_Z.min).any()
 
 
+def test_logits_left_shifts_below_the_rails():
+    """Exponents -10..-1 on small products, so the left shift shows (not hidden by saturation)."""
+    q_amax = np.array([2**32 - 1, 2**31, 2**30 + 12345])
+    k_range = np.array([2**32 - 1, 2**31 + 7, 2**29, 3 << 28])
+    acc = np.array([[1, -1, 3, -3], [2, 0, -2, 5], [-7, 1, 1, -1]])
+    _, eq = R.token_multiplier(q_amax)
+    _, er = R.token_multiplier(k_range)
+    for mult in (1, 2, 3):
+        got = _logits(acc, q_amax, k_range, mult, int(eq.max() + er.max()) - 10)
+        assert 0 < np.abs(got).max() < F.SOFTMAX_Z.max
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_logits_random(seed):
     rng = np.random.default_rng(seed)
