@@ -112,8 +112,11 @@ class RmsNorm(wiring.Component):
         bl_amax = A.bit_length(m, amax, 32, "rms_blamax")
         kraw = Signal(signed(8))
         m.d.comb += kraw.eq(bl_amax - F.RMS_PRESHIFT_BITS)
-        k = Signal(signed(8))
+        k = Signal(signed(7))    # -31..9; narrow shift amounts keep the shifters' wires narrow
         m.d.comb += k.eq(Mux(kraw > kmin, kraw, kmin))
+        k2 = Signal(signed(8))
+        k15 = Signal(signed(7))
+        m.d.comb += [k2.eq(2 * k), k15.eq(F.RSQRT_FRAC + k)]
 
         # B: sum of squares of x * 2**-k
         xs0 = A.shift_round_signed(m, x0, k, 40, "rms_xs0")
@@ -125,7 +128,7 @@ class RmsNorm(wiring.Component):
             m.d.sync += ss.eq(Mux(j1 == pairs, sq, ss + sq))
 
         # R0: eps term, normalisation, table read
-        epsk = A.shift_round_signed(m, ins.i0, 2 * k, 64, "rms_eps")
+        epsk = A.shift_round_signed(m, ins.i0, k2, 64, "rms_eps")
         ssf = Signal(unsigned(64))
         m.d.comb += ssf.eq(ss + epsk.as_unsigned())
         vv = Signal(unsigned(64))
@@ -163,7 +166,7 @@ class RmsNorm(wiring.Component):
         gg = self.rd1.data[:32].as_signed()
         xr = Signal(signed(50))
         m.d.comb += xr.eq(x0 * r)
-        u = A.shift_round_signed(m, xr, F.RSQRT_FRAC + k, 68, "rms_u")
+        u = A.shift_round_signed(m, xr, k15, 68, "rms_u")
         ug = Signal(signed(68))
         m.d.comb += ug.eq(u * gg)
         yv = A.shift_round(m, ug, e, 68, "rms_y")
