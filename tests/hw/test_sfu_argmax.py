@@ -64,3 +64,14 @@ def test_argmax_smollm2_vocabulary_row():
     rows[0, 49151] = 2**41 - 1
     rows[1, 0] = rows[1, 40000] = rows[1, 49151] = 2**41
     _run(rows, 1 << 17, 5, (1 << 17) - 4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_argmax_random_shapes(seed):
+    """Random T, N and placement; values from a narrow range (many ties) or the whole int64 range."""
+    rng = np.random.default_rng(100 + seed)
+    t, n = int(rng.integers(1, 6)), int(rng.integers(1, 80))
+    lim = int(rng.choice([3, 2**20, 2**63 - 1]))
+    rows = rng.integers(-lim, lim, (t, n), endpoint=True)
+    a = int(rng.integers(0, 64))
+    _run(rows, 1024, a, int(rng.integers(a + t * n, 1024 - t)), seed=seed)

@@ -54,3 +54,16 @@ def test_embed_real_scales_smollm2_prompt():
     codes, s = R.quantize_embedding(w)
     mult, shift = R.embedding_multipliers(s)
     _run(codes.astype(np.int64), mult, shift, 8192, 11, 4000, 4100, seed=4)
+
+
+def test_embed_random_shapes():
+    """Random T, N, placement, codes, multipliers and shifts 0..40."""
+    rng = np.random.default_rng(8)
+    for _ in range(4):
+        t, n = int(rng.integers(1, 6)), int(rng.integers(1, 40))
+        codes = rng.integers(-128, 128, (t, n))
+        mult, shift = rng.integers(1, 65536, t), rng.integers(0, 41, t)
+        a = int(rng.integers(0, 40))
+        b = a + t * n + int(rng.integers(0, 20))
+        d = b + 2 * t + int(rng.integers(0, 20))
+        _run(codes, mult, shift, 512, a, b, d, seed=int(rng.integers(1000)))

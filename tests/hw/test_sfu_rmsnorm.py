@@ -95,3 +95,18 @@ def test_rmsnorm_rsqrt_corners(mq):
     assert eps >= 0
     g = np.array([FXMAX, FXMIN, 1 << 16], np.int64)
     _run(x, g, eps, 256, 0, 10, 20, seed=mq % 1000)
+
+
+def test_rmsnorm_random_shapes():
+    """Random T, N, placement, magnitudes, gamma and eps_term."""
+    rng = np.random.default_rng(21)
+    for _ in range(4):
+        t, n = int(rng.integers(1, 4)), int(rng.integers(1, 30))
+        mag = rng.choice([2**4, 2**16, 2**24, 2**31], (t, 1))
+        x = np.clip(rng.normal(0, 1, (t, n)) * mag, FXMIN, FXMAX).astype(np.int64)
+        g = rng.integers(FXMIN, FXMAX, n, endpoint=True)
+        eps = int(rng.choice([0, 1, int(rng.integers(0, 2**40)), int(rng.integers(0, 2**62))]))
+        a = int(rng.integers(0, 40))
+        b = a + t * n + int(rng.integers(0, 20))
+        d = b + n + int(rng.integers(0, 20))
+        _run(x, g, eps, 512, a, b, d, seed=int(rng.integers(1000)))

@@ -47,3 +47,17 @@ def test_silu_random_decoder_sized():
     up = np.clip(rng.normal(0, 1, t * n) * scale[::-1], FXMIN, FXMAX).astype(np.int64)
     gate[:64] = rng.integers(FXMIN, FXMAX, 64, endpoint=True)
     _run(gate, up, 1 << 14, 7, 5000, 10000, t, seed=3)
+
+
+def test_silu_random_shapes():
+    """Random T, N and placement, gate and up of mixed magnitudes."""
+    rng = np.random.default_rng(9)
+    for _ in range(4):
+        t, n = int(rng.integers(1, 5)), int(rng.integers(1, 40))
+        mag = rng.choice([2**8, 2**17, 2**21, 2**31], (2, t * n))
+        gate = np.clip(rng.normal(0, 1, t * n) * mag[0], FXMIN, FXMAX).astype(np.int64)
+        up = np.clip(rng.normal(0, 1, t * n) * mag[1], FXMIN, FXMAX).astype(np.int64)
+        a = int(rng.integers(0, 50))
+        b = a + t * n + int(rng.integers(0, 30))
+        d = b + t * n + int(rng.integers(0, 30))
+        _run(gate, up, 512, a, b, d, t, seed=int(rng.integers(1000)))
