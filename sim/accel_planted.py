@@ -1,0 +1,102 @@
+"""Planted bugs in the controller (``hw/controller.py``), each a text patch applied to a *copy* of the
+module, wired into a copy of ``hw/accel.py``; the committed RTL never contains them. The accelerator
+tests (tests/hw/test_controller.py) show each is caught. A patch whose text is gone from the RTL fails
+loudly instead of silently testing the unmodified controller."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+HW = Path(__file__).resolve().parent.parent / "hw"
+
+#: name -> (what the bug is, original text, replacement)
+BUGS = {
+    "store_ignores_ready": (
+        "a stall ignored: STORE counts its word as written while the write port is not ready",
+        "with m.If(flush & mwr.req.ready):",
+        "with m.If(flush):",
+    ),
+    "store_strobe_top_byte": (
+        "a wrong strobe: STORE's writes leave the word's top byte unwritten",
+        "all_strb = Const(2**(W // 8) - 1, W // 8)",
+        "all_strb = Const(2**(W // 8 - 1) - 1, W // 8)",
+    ),
+    "row_filter_off_by_one": (
+        "ENGINE writes row h as well (g <= r <= h)",
+        "(row >= ins.g) & (row < ins.h)",
+        "(row >= ins.g) & (row <= ins.h)",
+    ),
+    "out_beat_dropped": (
+        "a dropped beat: the output capture takes a new engine beat while the previous one is still being "
+        "written to the spad (the earlier beat is lost)",
+        "m.d.comb += self.out.ready.eq(running & ~o_full)",
+        "m.d.comb += self.out.ready.eq(running & (~o_full | (o_lr == 0)))",
+    ),
+    "load_ignores_valid": (
+        "a stall ignored: LOAD writes an element whether or not the memory word has arrived",
+        "have.eq((left != 0) | mrd.data.valid)",
+        "have.eq(1)",
+    ),
+    "tile_stride_ignored": (
+        "ENGINE reads the weight tiles back to back, ignoring the tile stride f",
+        "w_addr.eq(w_addr + w_stride)",
+        "w_addr.eq(w_addr + ins.n * WB)",
+    ),
+    "no_zero_fill": (
+        "ENGINE reads activations past b instead of the zero fill",
+        "from_spad = a_p < ins.b",
+        "from_spad = a_p < ktok",
+    ),
+    "scatter_neg_ignored": (
+        "SCATTER ignores FLAG_NEG",
+        "m.d.comb += v.eq(Mux((ins.flags & FLAG_NEG).any(), -rd.data, rd.data))",
+        "m.d.comb += v.eq(rd.data)",
+    ),
+}
+
+_loaded: dict[str, object] = {}
+
+
+def _load_module(modname: str, path: Path):
+    spec = importlib.util.spec_from_file_location(modname, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load(name: str):
+    """The module of a copy of hw/accel.py whose controller has bug ``name`` (``.Accelerator``)."""
+    if name not in BUGS:
+        raise ValueError(f"planted bug {name!r}: choose from {', '.join(BUGS)}")
+    if name in _loaded:
+        return _loaded[name]
+    _, old, new = BUGS[name]
+    text = (HW / "controller.py").read_text()
+    if text.count(old) != 1:
+        raise RuntimeError(f"planted bug {name!r}: the text it replaces occurs {text.count(old)} times in "
+                           f"hw/controller.py (expected once): update sim/accel_planted.py to the new RTL")
+    folder = Path(tempfile.mkdtemp(prefix=f"accel-planted-{name}-"))
+    cname, aname = f"_accllm_ctrl_planted_{name}", f"_accllm_accel_planted_{name}"
+    (folder / "ctrl.py").write_text(text.replace(old, new).replace("from .", "from hw."))
+    _load_module(cname, folder / "ctrl.py")
+    atext = (HW / "accel.py").read_text()
+    assert atext.count("from .controller import") == 1
+    atext = atext.replace("from .controller import", f"from {cname} import").replace("from .", "from hw.")
+    (folder / "accel.py").write_text(atext)
+    mod = _load_module(aname, folder / "accel.py")
+    _loaded[name] = mod
+    return mod
+
+
+def factory(name: str):
+    """An ``accel_factory`` for ``sim.accel_sim.run_accelerator`` building the planted accelerator."""
+    mod = load(name)
+
+    def make(engine, accel, units):
+        return mod.Accelerator(engine, accel, units)
+    make.__name__ = f"planted_{name}"
+    return make
