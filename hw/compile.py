@@ -104,13 +104,17 @@ class Compiled:
         return {"prefill": vals["prefill"] - vals["start"], "per_token": per}
 
     def step_bytes(self) -> dict[str, int]:
-        """Bytes each step reads from and writes to memory (weights, KV cache, loads, stores), from the
-        program's instructions (``accesses``), instruction fetch not included."""
+        """Bytes each step reads from and writes to memory (whole words: weight and scale beats, the KV
+        cache, loads, stores; a SCATTER reads and writes each word its fields touch), from the program's
+        instructions (``accesses``); instruction fetch not included."""
         out = {}
         wb = self.word_bytes
         for name, first, count in self.steps:
             tot = 0
             for ins in self.program[first:first + count]:
+                if ins.op == Op.SCATTER:  # read-modify-write of the words its fields touch
+                    tot += 2 * len(_scatter_words(ins, self.accel.mem_word_bits)) * wb
+                    continue
                 acc = accesses(ins, self.engine, self.accel)
                 tot += sum(hi - lo for lo, hi in acc["mem_r"] + acc["mem_w"]) * wb
             out[name] = tot
@@ -119,6 +123,11 @@ class Compiled:
     def decode_bytes_per_token(self) -> int:
         per = [v for k, v in self.step_bytes().items() if k.startswith("step")]
         return int(round(sum(per) / len(per))) if per else 0
+
+
+def _scatter_words(ins: Instr, W: int) -> set[int]:
+    o, i = np.meshgrid(np.arange(ins.m), np.arange(ins.n), indexing="ij")
+    return set(((ins.d * W + ins.e + o * ins.f + i * ins.k) // W).reshape(-1).tolist())
 
 
 def _rows(shape: tuple) -> tuple[int, int]:

@@ -153,3 +153,15 @@ def test_engine_equals_reference_on_the_testbench_beats(bits):
         got = np.stack([m.spad[out + t * (c.rows + 3): out + t * (c.rows + 3) + c.rows] for t in range(T)])
         assert np.array_equal(got, c.expected), (ci, c.mode)
         assert not m.spad[out + c.rows:out + c.rows + 3].any()  # rows >= h dropped
+
+
+def test_docs_isa_tables_are_current():
+    """docs/isa.md's field, flag and opcode tables are generated from hw/isa.py (python -m hw.isa_doc)."""
+    from pathlib import Path
+
+    from hw.isa_doc import render
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "isa.md").read_text()
+    assert render(doc) == doc, "docs/isa.md is stale: run `python -m hw.isa_doc`"
+    for op in Op:
+        assert f"| `{op.name}` | {int(op)} |" in doc
