@@ -42,6 +42,7 @@ from .isa import (FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, INSTR_BITS, ISAError, Ins
 from .params import AccelParams, EngineParams
 
 __all__ = ["CompileError", "Compiled", "compile_generation", "check_program", "accesses", "lower_linear",
+           "weight_beat_fields", "scale_beat_fields",
            "TRACE_MODES"]
 
 TRACE_MODES = ("none", "layers", "all")
@@ -201,6 +202,46 @@ class LoweredLinear:
     scale: np.ndarray  # (tiles * groups, beat bytes)
 
 
+def weight_beat_fields(engine: EngineParams, codes, k_beats: int, *, meta=None, zero=None) -> dict[str, np.ndarray]:
+    """The weight stream's beats (fields of ``layouts(engine)["weight"]``) for rows of lane codes: rows
+    padded to whole tiles of pe_rows with zero codes; beat ``ti * k_beats + bi`` carries
+    ``codes[ti*R:(ti+1)*R, bi*L:(bi+1)*L]`` row-major (``[row*lanes + lane]``), the rows' 2:4 patterns
+    ``meta[.., bi*L/2:(bi+1)*L/2]`` likewise, and ``zero[bi*L:(bi+1)*L]`` in its zero lanes (P.V: each
+    key's zero-point, the same in every tile). codes: (N, k_beats * L) (2:4: the kept codes)."""
+    Rr, L = engine.pe_rows, engine.pe_lanes
+    c = np.asarray(codes, np.int64)
+    n = c.shape[0]
+    tiles = -(-n // Rr)
+    kl = k_beats * L
+    if c.shape[1] != kl:
+        raise ValueError(f"codes {c.shape}: need {kl} lane codes per row ({k_beats} beats of {L})")
+    pad = np.zeros((tiles * Rr, kl), np.int64)
+    pad[:n] = c
+    nb = tiles * k_beats
+    out = {"codes": pad.reshape(tiles, Rr, k_beats, L).transpose(0, 2, 1, 3).reshape(nb, Rr * L)}
+    mpad = np.zeros((tiles * Rr, kl // 2), np.int64)
+    if meta is not None:
+        mpad[:n] = np.asarray(meta, np.int64)
+    out["meta"] = mpad.reshape(tiles, Rr, k_beats, L // 2).transpose(0, 2, 1, 3).reshape(nb, Rr * L // 2)
+    z = np.zeros(kl, np.int64) if zero is None else np.asarray(zero, np.int64).reshape(kl)
+    out["zero"] = np.tile(z.reshape(k_beats, L), (tiles, 1))
+    return out
+
+
+def scale_beat_fields(engine: EngineParams, s, m, *, pad_s: int = 0) -> dict[str, np.ndarray]:
+    """The scale stream's beats: rows padded to whole tiles (s = ``pad_s``, m = 0), then the scale-group
+    transpose: one beat per (tile, group), tile-major, holding that group's s and m of the tile's rows."""
+    Rr = engine.pe_rows
+    s, m = np.asarray(s, np.int64), np.asarray(m, np.int64)
+    n, ng = s.shape
+    tiles = -(-n // Rr)
+    sp = np.full((tiles * Rr, ng), pad_s, np.int64)
+    mp = np.zeros((tiles * Rr, ng), np.int64)
+    sp[:n], mp[:n] = s, m
+    return {"s": sp.reshape(tiles, Rr, ng).transpose(0, 2, 1).reshape(tiles * ng, Rr),
+            "m": mp.reshape(tiles, Rr, ng).transpose(0, 2, 1).reshape(tiles * ng, Rr)}
+
+
 def lower_linear(lin: G.Linear, engine: EngineParams, accel: AccelParams, where: str) -> LoweredLinear:
     """A quantized linear as the engine's weight and scale beats (tile ti, beat bi at ti*k_beats + bi;
     scale beats tile-major, one per group), refusing by name what the engine config cannot run."""
@@ -227,31 +268,16 @@ def lower_linear(lin: G.Linear, engine: EngineParams, accel: AccelParams, where:
     tiles = -(-n // Rr)
     if tiles >= 1 << TILE_BITS:
         raise CompileError(where, f"{n} rows need {tiles} row tiles, beyond the command's {TILE_BITS}-bit field")
-    npad = tiles * Rr
     lay = layouts(engine)
     bw = {s: -(-B.width(lay[s]) // accel.mem_word_bits) * accel.mem_word_bits // 8 for s in ("weight", "scale")}
-    ng = k // lin.group_size
-    s = np.zeros((npad, ng), np.int64)
-    m = np.zeros((npad, ng), np.int64)
-    s[:n], m[:n] = lin.scales, lin.mins
-    meta = np.zeros((npad, k // 4), np.int64)
     if sparse:
         kept, md = R.compress_24(np.where(lin.mask, lin.codes, 0), lin.mask, 2)
-        codes = np.zeros((npad, k // 2), np.int64)
-        codes[:n], meta[:n] = kept, md
+        wf = weight_beat_fields(engine, kept, kb, meta=md)
     else:
-        codes = np.zeros((npad, k), np.int64)
-        codes[:n] = lin.codes
-    # beat (ti, bi): codes[rows of ti, bi*L:(bi+1)*L] row-major, meta likewise L/2 per row
-    wc = codes.reshape(tiles, Rr, kb, L).transpose(0, 2, 1, 3).reshape(tiles * kb, Rr * L)
-    wm = meta.reshape(tiles, Rr, kb, L // 2).transpose(0, 2, 1, 3).reshape(tiles * kb, Rr * L // 2) if sparse \
-        else np.zeros((tiles * kb, Rr * L // 2), np.int64)
-    weight = B.pack_le(lay["weight"], {"codes": wc, "meta": wm, "zero": np.zeros((tiles * kb, L), np.int64)},
-                       tiles * kb, bw["weight"])
-    # the scale-group transpose: one beat per (tile, group) holding that group's s and m of every row
-    sc = {"s": s.reshape(tiles, Rr, ng).transpose(0, 2, 1).reshape(tiles * ng, Rr),
-          "m": m.reshape(tiles, Rr, ng).transpose(0, 2, 1).reshape(tiles * ng, Rr)}
-    scale = B.pack_le(lay["scale"], sc, tiles * ng, bw["scale"])
+        wf = weight_beat_fields(engine, lin.codes, kb)
+    weight = B.pack_le(lay["weight"], wf, tiles * kb, bw["weight"])
+    sc = scale_beat_fields(engine, lin.scales, lin.mins)
+    scale = B.pack_le(lay["scale"], sc, len(sc["s"]), bw["scale"])
     return LoweredLinear(Mode.SPARSE if sparse else Mode.DENSE, n, k, kb, gb, tiles, weight, scale)
 
 

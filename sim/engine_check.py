@@ -28,6 +28,7 @@ import numpy as np
 from amaranth.hdl import Cat, Elaboratable, Module, Signal
 
 from hw.beats import fields, pack
+from hw.compile import scale_beat_fields, weight_beat_fields
 from hw.engine import Engine, Mode, check_params, layouts
 from hw.params import EngineParams
 from quant import reference as ref
@@ -242,29 +243,17 @@ def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str
     cmd = dict(mode=[[int(mode_code)]], tokens=[[T]], k_beats=[[kb]], group_beats=[[group_beats]],
                tiles=[[tiles]], requant=[[int(requant)]])
     words = a.reshape(T * K // L, L)  # token-major, pe_lanes inputs per word
-    nb = tiles * kb
-    w_codes = np.zeros((nb, R * L), np.int64)
-    w_meta = np.zeros((nb, R * L // 2), np.int64)
-    w_zero = np.zeros((nb, L), np.int64)
-    for ti in range(tiles):
-        rows = slice(ti * R, ti * R + R)
-        for bi in range(kb):
-            w_codes[ti * kb + bi] = codes[rows, bi * L:(bi + 1) * L].reshape(-1)
-            if sparse:
-                w_meta[ti * kb + bi] = meta[rows, bi * L // 2:(bi + 1) * L // 2].reshape(-1)
-            if mode == "pv":
-                w_zero[ti * kb + bi] = zero_lane[bi * L:(bi + 1) * L]
+    # tiling, padding and the scale-group transpose: the compiler's own lowering (hw.compile)
+    wf = weight_beat_fields(p, codes, kb, meta=meta if sparse else None, zero=zero_lane if mode == "pv" else None)
     beats = {
         "cmd": {k: np.asarray(v, np.int64) for k, v in cmd.items()},
         "act": {"": words},
-        "weight": {"codes": w_codes, "meta": w_meta, "zero": w_zero},
+        "weight": wf,
     }
     beats["rq"] = ({"mult": rq_mult.reshape(tiles, R), "shift": rq_shift.reshape(tiles, R)} if requant else
                    {"mult": np.zeros((0, R), np.int64), "shift": np.zeros((0, R), np.int64)})
     if mode != "pv":
-        ng = kb // group_beats
-        beats["scale"] = {"s": s.reshape(tiles, R, ng).transpose(0, 2, 1).reshape(tiles * ng, R),
-                          "m": mn.reshape(tiles, R, ng).transpose(0, 2, 1).reshape(tiles * ng, R)}
+        beats["scale"] = scale_beat_fields(p, s, mn)
     else:
         beats["scale"] = {"s": np.zeros((0, R), np.int64), "m": np.zeros((0, R), np.int64)}
     return Case(mode, inputs, expected, beats, tokens=T, rows=n, tiles=tiles, macs=macs)
