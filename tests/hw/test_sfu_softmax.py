@@ -57,7 +57,8 @@ def _softmax(z, seed=0, spad_words=SPAD):
 
 # ------------------------------------------------------------------------------------------- LOGITS
 def test_logits_decoder_operands():
-    """SmolLM2's head_dim 64 multiplier, 4 queries against 1000 keys, accumulators up to the QK bound."""
+    """SmolLM2's head_dim 64 multiplier, 4 queries against 1000 keys and one against 4096, accumulators up
+    to the QK bound."""
     rng = np.random.default_rng(1)
     mult, shift = R.softmax_params(64)
     t, n = 4, 1000
@@ -67,6 +68,10 @@ def test_logits_decoder_operands():
     k_range = rng.integers(1, 2**24, n)
     k_range[:3] = [0, 1, 2**32 - 1]
     _logits(acc, q_amax, k_range, mult, shift, spad_words=1 << 14)
+    # one query against max_keys = 4096 keys
+    n = 4096
+    acc = rng.integers(-bound, bound + 1, (1, n))
+    _logits(acc, q_amax[2:3], rng.integers(0, 2**32, n), mult, shift, spad_words=1 << 14)
 
 
 def test_logits_rails_and_both_shift_directions():
@@ -138,9 +143,11 @@ def test_softmax_exp_edges():
 
 
 def test_softmax_exp_decoder_rows():
-    """Rows of 2048 keys (a long window), three queries, realistic logit spreads."""
+    """Rows of 2048 keys (a long window), three queries, realistic logit spreads; one row of 4096."""
     rng = np.random.default_rng(5)
     z = (rng.normal(0, 6, (3, 2048)) * 65536).astype(np.int64)
+    _softmax(np.clip(z, -2**31, 2**31 - 1), spad_words=1 << 14)
+    z = (rng.normal(0, 20, (1, 4096)) * 65536).astype(np.int64)  # max_keys, and a wide spread
     _softmax(np.clip(z, -2**31, 2**31 - 1), spad_words=1 << 14)
 
 
