@@ -7,11 +7,11 @@ k_range[j] on port 1 in the same cycle; the next cycle ``mantissa16(k_range)`` (
 ``acc * mqc * mr``, ``shift_round_signed`` by ``s - eq - er`` and the saturation to SOFTMAX_Z are one
 combinational step, written while the next key is read. Cycle model ``T * (N + 3) + 1``.
 
-SOFTMAX_EXP, per row, two passes over the row: (1) the row maximum, one element per cycle (N + 1
-cycles); (2) a two-stage pipeline, one element per cycle: d = max - z, its integer part (d >> 16) and
+SOFTMAX_EXP, per row, two passes over the row: (1) the row maximum, two elements per cycle on the
+two ports (ceil(N/2) + 1 cycles); (2) a two-stage pipeline, one element per cycle: d = max - z, its integer part (d >> 16) and
 the nearest of the 1024 ``reference.exp2_table`` entries for its fraction (a fraction rounding up to
 1024 carries into the integer part), the table a synchronous-read ROM; then ``shift_round`` of the
-entry by min(integer part, 62) is written (N + 2 cycles). Cycle model ``T * (2N + 4) + 1``
+entry by min(integer part, 62) is written (N + 2 cycles). Cycle model ``T * (N + ceil(N/2) + 4) + 1``
 (``T * 3 + 1`` when N = 0, a row the reference refuses)."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def logits_cycles(ins: Instr, params: AccelParams | None = None) -> int:
 
 
 def softmax_exp_cycles(ins: Instr, params: AccelParams | None = None) -> int:
-    return ins.m * (2 * ins.n + 4 if ins.n else 3) + 1
+    return ins.m * (ins.n + (ins.n + 1) // 2 + 4 if ins.n else 3) + 1
 
 
 class Logits(wiring.Component):
@@ -132,6 +132,7 @@ class SoftmaxExp(wiring.Component):
         rowbase = Signal(64)
         zmax = Signal(signed(F.SOFTMAX_Z.bits))
         v1 = Signal()              # stage 1: z arrives on port 0
+        v1b = Signal()             # max pass: a second z arrives on port 1
         at1 = Signal(32)
         v2 = Signal()              # stage 2: the table entry arrives
         at2 = Signal(32)
@@ -139,6 +140,13 @@ class SoftmaxExp(wiring.Component):
 
         z = Signal(signed(F.SOFTMAX_Z.bits))
         m.d.comb += z.eq(self.rd0.data[:F.SOFTMAX_Z.bits])
+        zb = Signal(signed(F.SOFTMAX_Z.bits))
+        m.d.comb += zb.eq(self.rd1.data[:F.SOFTMAX_Z.bits])
+        # the max pass: the larger of the running max and the pair that arrives
+        m0 = Signal(signed(F.SOFTMAX_Z.bits))
+        m.d.comb += m0.eq(Mux(v1 & (z > zmax), z, zmax))
+        m1 = Signal(signed(F.SOFTMAX_Z.bits))
+        m.d.comb += m1.eq(Mux(v1b & (zb > m0), zb, m0))
         # stage 1: d = max - z >= 0, integer part and rounded table index (with the carry)
         dd = Signal(unsigned(F.SOFTMAX_Z.bits + 1))
         m.d.comb += dd.eq(zmax - z)
@@ -158,7 +166,7 @@ class SoftmaxExp(wiring.Component):
                     m.d.sync += [t.eq(0), rowbase.eq(0)]
                     m.next = "ROW"
             with m.State("ROW"):
-                m.d.sync += [i.eq(0), v1.eq(0), zmax.eq(F.SOFTMAX_Z.min)]
+                m.d.sync += [i.eq(0), v1.eq(0), v1b.eq(0), zmax.eq(F.SOFTMAX_Z.min)]
                 with m.If(t == ins.m):
                     m.next = "IDLE"
                 with m.Else():
@@ -166,14 +174,15 @@ class SoftmaxExp(wiring.Component):
             with m.State("MAX"):
                 issue = Signal()
                 m.d.comb += issue.eq(i < ins.n)
-                m.d.comb += [self.rd0.addr.eq(ins.a + rowbase + i), self.rd0.en.eq(issue)]
-                m.d.sync += v1.eq(issue)
-                with m.If(v1 & (z > zmax)):
-                    m.d.sync += zmax.eq(z)
+                second = Signal()
+                m.d.comb += second.eq(i + 1 < ins.n)
+                m.d.comb += [self.rd0.addr.eq(ins.a + rowbase + i), self.rd0.en.eq(issue),
+                             self.rd1.addr.eq(ins.a + rowbase + i + 1), self.rd1.en.eq(issue & second)]
+                m.d.sync += [v1.eq(issue), v1b.eq(issue & second), zmax.eq(m1)]
                 with m.If(issue):
-                    m.d.sync += i.eq(i + 1)
-                with m.Else():  # the last element is compared this cycle
-                    m.d.sync += [i.eq(0), v1.eq(0), v2.eq(0)]
+                    m.d.sync += i.eq(i + 2)
+                with m.Else():  # the last pair is compared this cycle
+                    m.d.sync += [i.eq(0), v1.eq(0), v1b.eq(0), v2.eq(0)]
                     m.next = "EXP"
             with m.State("EXP"):
                 issue = Signal()

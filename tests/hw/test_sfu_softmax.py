@@ -142,6 +142,15 @@ def test_softmax_exp_edges():
     _softmax(row[None, :])
 
 
+def test_softmax_exp_max_pass_pairs():
+    """The max pass reads pairs: the maximum last in an odd row (port 0 alone) and in an even one
+    (port 1), and an odd row followed by a row of larger logits (its first must not count)."""
+    _softmax(np.array([[1 << 16, 2 << 16, 3 << 16, 4 << 16, 9 << 16]]))
+    _softmax(np.array([[1 << 16, 2 << 16, 3 << 16, 4 << 16, 5 << 16, 9 << 16]]))
+    _softmax(np.array([[1 << 16, 2 << 16, 3 << 16, 4 << 16, 5 << 16], [9 << 16, 1, 2, 3, 4]]))
+    _softmax(np.array([[-5], [7], [-2**31]]))
+
+
 def test_softmax_exp_decoder_rows():
     """Rows of 2048 keys (a long window), three queries, realistic logit spreads; one row of 4096."""
     rng = np.random.default_rng(5)
