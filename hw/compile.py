@@ -602,7 +602,11 @@ class _Compiler:
         H, d, nh, nkv = s.hidden, s.head_dim, s.n_heads, s.n_kv
         inter = s.layers[0].linears["gate_proj"].shape[0] if s.layers else H
         kmax = max([H, nh * d, inter])
-        nmax = max([lw.n for lw in self.lowered.values()])
+        nmax = max([lw.n for key, lw in self.lowered.items() if key != ("lm_head",)] or [H])
+        # the lm_head runs in chunks of rows (whole tiles, whole words of 32-bit row multipliers) so that
+        # only the logits, not its accumulators and multipliers, need the whole vocabulary in the spad
+        align = int(np.lcm(p.pe_rows, max(1, self.W // 32)))
+        self.head_rows = max(align, (nmax // align) * align)
         sp = _Spad(self.a.spad_words)
         self.sp = sp
         b = {}
@@ -614,9 +618,9 @@ class _Compiler:
         b["xn"] = sp("xn", T * H)
         b["a"] = sp("a", T * kmax)
         b["amax"] = sp("amax", T)
-        b["acc"] = sp("acc", max(T * nmax, s.vocab))
-        b["rm"] = sp("row_mult", nmax)
-        b["rs"] = sp("row_shift", nmax)
+        b["acc"] = sp("acc", max(T * nmax, min(self.head_rows, s.vocab)))
+        b["rm"] = sp("row_mult", max(nmax, min(self.head_rows, s.vocab)))
+        b["rs"] = sp("row_shift", max(nmax, min(self.head_rows, s.vocab)))
         b["gamma"] = sp("gamma", H)
         b["theta"] = sp("theta", d // 2)
         b["q"] = sp("q", T * nh * d)
@@ -911,12 +915,33 @@ class _Compiler:
         self.I(Op.STORE, f"{step} token -> tokens[{k}]", a=b["tok"], d=self.R("tokens") + k, n=1, w=32)
 
     def _linear_head(self, step, lw, traced):
+        """The lm_head on the last token, in chunks of ``head_rows`` rows: ENGINE over the chunk's tiles,
+        its row multipliers LOADed, RESCALE into the chunk's slice of the logits."""
         b = self.b
-        save = self.trace_mode
-        if step == "prefill":
-            self.trace_mode = "layers" if save == "all" else save  # no lm_head.* traces for the prefill
-        self._linear(step, "lm_head", "lm_head", ("lm_head",), b["a"], b["amax"], 1, b["logits"], "lm_head", 0)
-        self.trace_mode = save
+        want = self.trace_mode == "all" and step != "prefill"  # no lm_head.* traces for the prefill
+        V = lw.n
+        ng = lw.k_beats // lw.group_beats
+        for r0 in range(0, V, self.head_rows):
+            rows = min(self.head_rows, V - r0)
+            t0 = r0 // self.p.pe_rows
+            note = f"{step} lm_head" + (f" rows {r0}..{r0 + rows - 1}" if rows < V else "")
+            self.I(Op.ENGINE, note, flags=int(lw.mode), a=b["a"], b=lw.k, m=1, n=lw.k_beats, k=lw.group_beats,
+                   s=-(-rows // self.p.pe_rows), c=self.R("lm_head.weight") + t0 * lw.k_beats * self.wbw,
+                   e=self.R("lm_head.scale") + t0 * ng * self.sbw, d=b["acc"], i0=rows, g=0, h=rows)
+            w0 = r0 * 32 // self.W
+            self.I(Op.LOAD, f"{note} row_mult", flags=FLAG_SIGNED, a=self.R("lm_head.row_mult") + w0, d=b["rm"],
+                   n=rows, w=32)
+            self.I(Op.LOAD, f"{note} row_shift", flags=FLAG_SIGNED, a=self.R("lm_head.row_shift") + w0, d=b["rs"],
+                   n=rows, w=32)
+            self.I(Op.RESCALE, f"{note} rescale", a=b["acc"], b=b["amax"], c=b["rm"], g=b["rs"], d=b["logits"] + r0,
+                   m=1, n=rows)
+            if want:
+                full = f"{step}/lm_head.acc"
+                if full not in self.trace:
+                    self.trace_region(full, (1, V), 32, True)
+                self.I(Op.STORE, f"trace {full}", a=b["acc"], d=self.base + self.trace[full][0] + w0, n=rows, w=32)
+        if want:
+            self._store_trace(step, "lm_head.y", b["logits"], 1, V, 32, True, 0, 1)
 
 
 def compile_generation(spec: G.Spec, engine: EngineParams, accel: AccelParams, prompt_ids: list[int],

@@ -61,6 +61,8 @@ def test_dense_w2_tokens_equal_golden_and_torch(dense_art, engine, sinks, window
     layers = len(integer_model(dense_art, sinks, window)[1].layers)
     assert f"prefill/layer{layers - 1}.out" in got and f"step{n - 1}/logits" in got
     assert f"step{n - 1}/next_token" in got and "step1/final_norm" in got
+    # the lm_head (320 rows) runs in chunks of 128 rows, the widest other linear: 3 per step
+    assert sum(i.op == Op.ENGINE and "lm_head rows" in i.note for i in c.program) == 3 * n
     cyc = c.read_cycles(r.mem)
     assert cyc["prefill"] > 0 and len(cyc["per_token"]) == n - 1 and min(cyc["per_token"]) > 0
 
