@@ -289,3 +289,41 @@ def resid_program(accel: AccelParams, seed: int, T: int = 3, N: int = 37):
     ib.elements(xa, x.reshape(-1), 64)
     ib.elements(ya, y.reshape(-1), 64)
     return ib.image(lay.next + 1), [(oa, T * N, 64, True, exp)], {"program": prog}
+
+
+def repeated_engine_program(p: EngineParams, accel: AccelParams, repeats: int, seed: int = 0, *, mode: str = "dense",
+                            tokens: int = 2, k_beats: int = 64, n: int = 64):
+    """A long program for simulation speed: one ``engine_program`` case whose ENGINE instruction runs
+    ``repeats`` times (same operands, the same outputs rewritten), then its STORE. Checks as for one."""
+    img, checks, info = engine_program(p, accel, mode, seed, tokens=tokens, k_beats=k_beats, n=n)
+    prog = info["program"]
+    eng = [ins for ins in prog if ins.op == Op.ENGINE]
+    assert len(eng) == 1
+    at = prog.index(eng[0])
+    long = prog[:at] + eng * repeats + prog[at + 1:]
+    W = accel.mem_word_bits
+    iw = INSTR_BITS // W
+    data_start = len(prog) * iw
+    words = list(np.frombuffer(img.tobytes(), np.uint8).reshape(-1, W // 8))
+    ib = ImageBuilder(accel)
+    # the program starts at word 0 and has no jumps: the data moves up by the added instructions and
+    # the addresses of the memory operands move with it
+    shift = (len(long) - len(prog)) * iw
+    fixed = []
+    for ins in long:
+        c = Instr(**{k: getattr(ins, k) for k in ("op", "flags", "w", "rsvd", "a", "b", "c", "d", "e", "f", "g",
+                                                  "h", "n", "m", "k", "s", "i0")})
+        if c.op == Op.LOAD:
+            c.a += shift
+        elif c.op == Op.STORE:
+            c.d += shift
+        elif c.op == Op.ENGINE:
+            c.c += shift
+            if mode != "pv":
+                c.e += shift
+        fixed.append(c)
+    ib.program(fixed)
+    for j, row in enumerate(words[data_start:]):
+        ib.place(len(long) * iw + j, [int.from_bytes(bytes(row), "little")])
+    checks = [(a + shift, cnt, w, sg, exp) for a, cnt, w, sg, exp in checks]
+    return ib.image(), checks, {"program": fixed}

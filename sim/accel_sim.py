@@ -348,7 +348,7 @@ module harness(input clk /*verilator public_flat_rw*/);
   localparam RD = 64;
   reg [W-1:0] mem [0:DEPTH-1];
   reg [1023:0] f_image, f_out, f_status;
-  integer latency, wpc, watchdog, seed, fh, i;
+  integer latency, wpc, watchdog, seed, fh, i, nwords;
   reg [63:0] budget;
   reg [63:0] cyc;
   reg [31:0] idle;
@@ -376,6 +376,7 @@ module harness(input clk /*verilator public_flat_rw*/);
     if (!$value$plusargs("watchdog=%d", watchdog)) watchdog = 5000;
     if (!$value$plusargs("budget=%d", budget)) budget = 64'd50000000;
     if (!$value$plusargs("seed=%d", seed)) seed = 1;
+    if (!$value$plusargs("words=%d", nwords)) nwords = DEPTH;
 {chan_args}
     $readmemh(f_image, mem);
     rst_cnt = 4'd4; start = 0; finished = 0; cyc = 0; idle = 0;
@@ -431,9 +432,9 @@ RD_PORT = r"""
       cr{p} <= (cr{p} - (rd{p}_fire ? 18'd65536 : 18'd0) + wpc[17:0] > 18'd65536) ? 18'd65536
                : cr{p} - (rd{p}_fire ? 18'd65536 : 18'd0) + wpc[17:0];
       if (rq{p}_fire) begin
-        if (rq{p}_cnt == 0 || {{32'd0, rq{p}_addr}} + rq{p}_cnt > DEPTH) begin
+        if (rq{p}_cnt == 0 || {{32'd0, rq{p}_addr}} + rq{p}_cnt > nwords) begin
           fh = $fopen(f_status, "w");
-          $fwrite(fh, "range read {p} %0d %0d %0d %0d %0d\n", rq{p}_addr, rq{p}_cnt, pc, op, DEPTH);
+          $fwrite(fh, "range read {p} %0d %0d %0d %0d %0d\n", rq{p}_addr, rq{p}_cnt, pc, op, nwords);
           $fclose(fh);
           $finish;
         end
@@ -473,9 +474,9 @@ WR_PORT = r"""
       b_head <= 0; b_tail <= 0; b_n <= 0;
     end else begin
       if (wr_fire) begin
-        if (w_addr >= DEPTH) begin
+        if (w_addr >= nwords) begin
           fh = $fopen(f_status, "w");
-          $fwrite(fh, "range write 0 %0d 1 %0d %0d %0d\n", w_addr, pc, op, DEPTH);
+          $fwrite(fh, "range write 0 %0d 1 %0d %0d %0d\n", w_addr, pc, op, nwords);
           $fclose(fh);
           $finish;
         end else begin
@@ -667,15 +668,22 @@ def _build(simulator: str, accel_v: str, harness_v: str, cache_dir) -> tuple[Pat
 LAST_BUILD_SECONDS = [0.0]
 
 
+def build_cache_dir() -> Path:
+    """Where Verilog and simulator builds are cached: $ACCLLM_ACCEL_BUILD, else build/accel in the
+    repository (one build per design, shared by every run and test)."""
+    env = os.environ.get("ACCLLM_ACCEL_BUILD")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "build" / "accel"
+
+
 def _run_verilog(engine, accel, words, simulator, stall_profile, seed, latency, wpc, run_dir, watchdog, units,
                  max_cycles, accel_factory) -> AccelRun:
     W = accel.mem_word_bits
     depth = 1 << max(10, (len(words) - 1).bit_length())
-    cache_dir = None if run_dir is None else Path(run_dir).resolve().parent
+    cache_dir = build_cache_dir()
     accel_v = accel_verilog(engine, accel, units, simulator, accel_factory, cache_dir)
     binary, build_s = _build(simulator, accel_v, harness_verilog(accel, depth), cache_dir)
     LAST_BUILD_SECONDS[0] = build_s
-    rdir = Path(run_dir).resolve() if run_dir is not None else _run_folder("build/accel/runs", simulator, seed)
+    rdir = Path(run_dir).resolve() if run_dir is not None else _run_folder(cache_dir / "runs", simulator, seed)
     rdir.mkdir(parents=True, exist_ok=True)
     hexw = (W + 3) // 4
     (rdir / "image.hex").write_text("".join(f"{w:0{hexw}x}\n" for w in words))
@@ -684,7 +692,7 @@ def _run_verilog(engine, accel, words, simulator, stall_profile, seed, latency, 
     chains = profile(stall_profile)
     plus = [f"+image={rdir / 'image.hex'}", f"+out={rdir / 'out.hex'}", f"+status={rdir / 'status.txt'}",
             f"+latency={latency}", f"+wpc={int(round(wpc * 65536))}", f"+watchdog={watchdog}",
-            f"+budget={max_cycles}", f"+seed={(seed * 2654435761 + 12345) & 0x7FFFFFFF}"]
+            f"+budget={max_cycles}", f"+words={len(words)}", f"+seed={(seed * 2654435761 + 12345) & 0x7FFFFFFF}"]
     for c in CHANNELS:
         ch = chains[CHANNEL_CHAINS[c]]
         plus += [f"+st_{c}_enter={threshold(ch.enter)}", f"+st_{c}_stay={threshold(ch.stay)}"]
@@ -703,8 +711,7 @@ def _run_verilog(engine, accel, words, simulator, stall_profile, seed, latency, 
         kind, port, addr, count, pc, op, dep = head[1], head[2], *map(int, head[3:])
         where = f"read port {port}: job of {count} words at word {addr}" if kind == "read" else \
             f"write port: word {addr}"
-        raise MemoryRangeError(f"{where} outside the memory of {len(words)} words (model depth {dep}; "
-                               f"pc {pc}, {_op_name(op)})")
+        raise MemoryRangeError(f"{where} outside the memory of {dep} words (pc {pc}, {_op_name(op)})")
     if head[0] == "hang":
         cyc, by_watchdog, pc, op, state, limit = map(int, head[1:7])
         ports = {}
