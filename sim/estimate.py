@@ -9,8 +9,8 @@ softmax, SiLU, the quantizers) and the controller that sequences the operations 
 * ``load_model``: a model by its Hugging Face config.json shape alone (built-in names in configs/models/).
 * ``ArtifactFormat.from_recipe``: what a recipe stores (quant.formats and docs/numerics.md packing rules).
 * ``bytes_per_token``: HBM traffic of one decoded token, by component.
-* ``op_cycles`` / ``sequence_cycles``: the engine's cycle behaviour (docs/engine.md), checked against the
-  RTL in Icarus by tests/sim/test_estimate.py.
+* ``op_cycles`` / ``sequence_cycles``: the engine's cycle model (``hw.engine_model``, beside the RTL, held
+  equal to it by tests/hw/test_engine_model.py and within 5 % in Icarus by tests/sim/test_estimate.py).
 * ``estimate``: decode and prefill tokens/s = per layer max(engine cycles, HBM time), plus power and
   tokens/J from ``sim.energy``.
 """
@@ -23,6 +23,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hw import engine_model
+from hw.engine_model import Op
 from hw.params import EngineParams, TargetParams
 from quant.formats import (EMBED_CODE, FX, KV_CODE, KV_ZERO, ROW_SCALE_BITS, SPARSE_M, SPARSE_META_BITS,
                            SPARSE_N, W_MIN, W_SCALE, weight_bits_per_weight)
@@ -225,84 +227,23 @@ def bits_per_weight(fmt: ArtifactFormat) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Cycle model of today's engine (docs/engine.md, "Architecture and cycle behaviour")
+# The engine's cycle model lives beside the RTL (hw/engine_model.py); here its shape-level entry points
+# with the estimator's error type
 # ---------------------------------------------------------------------------------------------------
-MODES = ("dense", "sparse", "qk", "pv")
+def _model(fn):
+    def wrapped(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except engine_model.EngineCommandError as e:
+            raise EstimateError(str(e)) from None
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
 
 
-@dataclass(frozen=True)
-class Op:
-    """One engine command: ``mode``, ``tokens`` (1..mm_tokens), reduction length ``k`` in dense positions
-    (keys for pv), ``n`` output rows (keys for qk, value channels for pv), ``group`` inputs per scale."""
-
-    mode: str
-    tokens: int
-    k: int
-    n: int
-    group: int = 0
-    name: str = ""
-
-
-def op_beats(p: EngineParams, op: Op) -> tuple[int, int, int]:
-    """(k_beats, tiles, act words per token) of ``op``, after checking the engine can run it."""
-    if op.mode not in MODES:
-        raise EstimateError(f"engine mode {op.mode!r}: one of {', '.join(MODES)}")
-    per_beat = 2 * p.pe_lanes if op.mode == "sparse" else p.pe_lanes
-    where = f"{op.name or op.mode} (K = {op.k}, N = {op.n}, {op.tokens} tokens)"
-    if not 1 <= op.tokens <= p.mm_tokens:
-        raise EstimateError(f"{where}: tokens must be 1..engine.mm_tokens = {p.mm_tokens}")
-    if op.k % per_beat:
-        raise EstimateError(f"{where}: K is not a multiple of {per_beat} "
-                            f"({'2 x ' if op.mode == 'sparse' else ''}engine.pe_lanes)")
-    limit = {"qk": ("max_head_dim", p.max_head_dim), "pv": ("max_keys", p.max_keys)}.get(
-        op.mode, ("max_reduction_len", p.max_reduction_len))
-    if op.k > limit[1]:
-        raise EstimateError(f"{where}: K = {op.k} exceeds engine.{limit[0]} = {limit[1]}")
-    if op.mode in ("dense", "sparse") and (op.group <= 0 or op.group % per_beat or op.k % op.group):
-        raise EstimateError(f"{where}: group size {op.group} must be a multiple of {per_beat} dividing K")
-    if op.mode == "pv" and op.n > p.max_head_dim:
-        raise EstimateError(f"{where}: {op.n} value channels exceed engine.max_head_dim = {p.max_head_dim}")
-    if op.tokens * op.k > p.act_buffer_bytes:
-        raise EstimateError(f"{where}: {op.tokens} x {op.k} int8 inputs exceed engine.act_buffer_bytes = "
-                            f"{p.act_buffer_bytes}")
-    kb = op.k // per_beat
-    words = op.k // p.pe_lanes
-    return kb, -(-op.n // p.pe_rows), words
-
-
-#: cycles outside the activation load and the compute: the command beat (1) and the drain of the last tile
-#: through S1-S3 (3); the output bank then sends one beat per token (tokens - 1 more cycles after the first)
-CMD_CYCLES = 1
-PIPE_DRAIN = 3
-RESET_CYCLES = 1  # the first command after reset starts one cycle late (measured, docs/engine.md table)
-
-
-def op_cycles(p: EngineParams, op: Op) -> int:
-    """Cycles of one command on an idle engine with streams that never stall: command, activation load
-    (tokens x K/pe_lanes words, not overlapped), compute (one weight beat per token per cycle, tiles x
-    k_beats x tokens), pipeline drain, output bank (tokens beats)."""
-    kb, tiles, words = op_beats(p, op)
-    return CMD_CYCLES + op.tokens * words + tiles * kb * op.tokens + PIPE_DRAIN + (op.tokens - 1)
-
-
-def sequence_cycles(p: EngineParams, ops: list[Op], from_reset: bool = False) -> list[int]:
-    """Cycles of each command run back to back, from the previous command's last output to its own:
-    a new command is accepted once the pipeline is empty while the previous output bank still drains,
-    so each command overlaps the previous one's tokens - 1 bank cycles."""
-    out, prev_tokens = [], None
-    for op in ops:
-        c = op_cycles(p, op)
-        if prev_tokens is None:
-            c += RESET_CYCLES if from_reset else 0
-        else:
-            c -= prev_tokens - 1
-        out.append(c)
-        prev_tokens = op.tokens
-    return out
-
-
-def ops_cycles(p: EngineParams, ops: list[Op]) -> int:
-    return sum(sequence_cycles(p, ops))
+op_beats = _model(engine_model.op_beats)
+op_cycles = _model(engine_model.op_cycles)
+sequence_cycles = _model(engine_model.sequence_cycles)
+ops_cycles = _model(engine_model.ops_cycles)
 
 
 # ---------------------------------------------------------------------------------------------------
