@@ -90,9 +90,17 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
 
         bar = tqdm(total=len(stages), desc="simulate model", unit="stage", leave=False)
 
+    times: dict[str, float] = {}
+    last = [time.perf_counter()]
+
     def stage(i):
+        now = time.perf_counter()
+        if i:
+            times[stages[i - 1]] = round(now - last[0], 2)
+        last[0] = now
         if bar is not None:
-            bar.set_postfix_str(stages[i])
+            if i < len(stages):
+                bar.set_postfix_str(stages[i])
             if i:
                 bar.update(1)
 
@@ -129,10 +137,14 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
     stage(len(stages))
     if bar is not None:
         bar.close()
+    if rtl.error:
+        ins = compiled.program[rtl.pc] if 0 <= rtl.pc < len(compiled.program) else None
+        raise ModelMismatch(f"the RTL stopped with error {rtl.error_name} at instruction {rtl.pc} "
+                            f"({ins!r}) after {rtl.cycles} cycles; run folder {rtl.run_dir}")
     rtl_tokens = compiled.read_tokens(rtl.mem)
     rtl_trace = compiled.read_trace(rtl.mem)
     rtl_bad = compare_traces(ref_trace, rtl_trace)
-    mem_equal = bool(np.array_equal(rtl.mem, mrun.mem))
+    mem_equal = bool(np.array_equal(_without_marks(compiled, rtl.mem), _without_marks(compiled, mrun.mem)))
     cycles = compiled.read_cycles(rtl.mem)
     first = None
     dumped = None
@@ -166,13 +178,24 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
         "rtl_cycles": int(rtl.cycles),
         "wall_s": round(time.perf_counter() - t0, 2),
         "rtl_wall_s": round(float(rtl.wall_s), 2),
+        "stage_wall_s": times,
     }
     if tokenizer is not None:
         res["text_rtl"] = tokenizer.decode(rtl_tokens, skip_special_tokens=True)
     return res
 
 
+def _without_marks(compiled, mem: np.ndarray) -> np.ndarray:
+    """The memory with the cycle counters MARK stored zeroed: the machine model's are estimates."""
+    out = np.array(mem, np.uint8, copy=True)
+    lo, words = compiled.regions["marks"]
+    wb = compiled.accel.mem_word_bits // 8
+    out[lo * wb:(lo + words) * wb] = 0
+    return out
+
+
 def _first_mem_difference(compiled, a: np.ndarray, b: np.ndarray) -> str:
+    a, b = _without_marks(compiled, a), _without_marks(compiled, b)
     n = min(a.size, b.size)
     diff = np.flatnonzero(a[:n] != b[:n])
     if not diff.size:
