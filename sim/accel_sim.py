@@ -601,7 +601,8 @@ def accel_verilog(engine, accel, units, simulator, accel_factory=None, cache_dir
     from amaranth.back import verilog
 
     from hw.accel import resolve_units
-    unit_names = sorted(op.name for op in resolve_units(units))
+    # the classes, not only the opcodes: a planted or replaced unit must not hit the genuine unit's cache
+    unit_names = sorted(f"{op.name}={cls.__module__}.{cls.__qualname__}" for op, cls in resolve_units(units).items())
     key = hashlib.sha1(repr((VERILOG_FIXES, engine, accel, unit_names, simulator, _source_digest(),
                              getattr(accel_factory, "__name__", None))).encode()).hexdigest()[:16]
     cache = Path(cache_dir or "build/accel") / "verilog"

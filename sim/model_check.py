@@ -18,6 +18,7 @@ differing step, layer, operation and element is named, and both tensors are writ
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -70,10 +71,12 @@ def _dump(run_dir: Path, name: str, want, have) -> Path:
 def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: str | None = None,
                    tokens: int = 4, *, prompt_ids: list[int] | None = None, trace: str = "layers",
                    stall_profile: str = "asymmetric", seed: int = 0, build_dir: str | Path = "build/sim",
-                   progress: bool = True, model=None, tokenizer=None) -> dict:
+                   progress: bool = True, model=None, tokenizer=None, units=None) -> dict:
     """Prefill ``prompt`` and generate ``tokens`` tokens of ``artifact`` on the RTL (``simulator``:
     amaranth, verilator or icarus), against the golden model, the torch integer path and the machine
-    model. Returns the JSON the CLI prints (see ``accllm simulate model --help``)."""
+    model. Returns the JSON the CLI prints (see ``accllm simulate model --help``). ``model``/``tokenizer``:
+    an already loaded artifact (its numerics as set); ``units``: the special-function units to build
+    (``hw.accel.resolve_units``; tests plant bugs this way)."""
     from hw.compile import compile_generation
     from hw.machine import run as machine_run
     from quant.errors import QuantError
@@ -83,7 +86,7 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
     from .accel_sim import run_accelerator
 
     t0 = time.perf_counter()
-    stages = ["load", "golden + torch", "compile", "machine model", f"RTL ({simulator})"]
+    stages = ["load", "compile", "golden + torch", "machine model", f"RTL ({simulator})"]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -117,13 +120,13 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
         raise QuantError(f"simulate model: --tokens {tokens}: generate at least one token")
     spec = model.integer_spec()
 
-    stage(1)
+    stage(1)  # the compiler first: a model the engine config cannot run is refused before any work
+    compiled = compile_generation(spec, engine, accel, list(prompt_ids), tokens, trace=trace)
+
+    stage(2)
     both = generate_against_golden(model, prompt_ids, tokens)
     ref_tokens, ref_trace = golden_run(spec, prompt_ids, tokens)
     assert ref_tokens == both["tokens_golden"]
-
-    stage(2)
-    compiled = compile_generation(spec, engine, accel, list(prompt_ids), tokens, trace=trace)
 
     stage(3)
     mrun = machine_run(compiled, engine, accel)
@@ -131,9 +134,9 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
     machine_bad = compare_traces(ref_trace, compiled.read_trace(mrun.mem))
 
     stage(4)
-    run_root = Path(build_dir) / "model"
+    run_root = Path(build_dir) / "model" / f"{simulator}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{seed}"
     rtl = run_accelerator(engine, accel, compiled.image, simulator=simulator, stall_profile=stall_profile,
-                          seed=seed, run_dir=run_root)
+                          seed=seed, run_dir=run_root, units=units)
     stage(len(stages))
     if bar is not None:
         bar.close()
