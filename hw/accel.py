@@ -11,7 +11,7 @@ held once HALT or an error stopped the machine), ``error`` (``hw.controller.Acce
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -97,6 +97,58 @@ class ReadPortMux(wiring.Component):
         return m
 
 
+class ReadPortArbiter(wiring.Component):
+    """A memory read port shared by ``n`` masters at once: requests by fixed priority (master 0
+    first), a queue of the accepted jobs' owners and word counts (``depth``), each word of data routed
+    to the owner of the oldest job."""
+
+    def __init__(self, word_bits: int, n: int, depth: int = 8):
+        self.n, self.depth = n, depth
+        members = {"port": Out(MemReadSignature(word_bits))}
+        for i in range(n):
+            members[f"m{i}"] = In(MemReadSignature(word_bits))
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        D = self.depth
+        owners = Array(Signal(range(max(2, self.n)), name=f"owner{j}") for j in range(D))
+        counts = Array(Signal(32, name=f"count{j}") for j in range(D))
+        head, tail = Signal(range(D)), Signal(range(D))
+        used = Signal(range(D + 1))
+        grant = Signal(range(max(2, self.n)))
+        for i in reversed(range(self.n)):
+            with m.If(getattr(self, f"m{i}").req.valid):
+                m.d.comb += grant.eq(i)
+        ms = [getattr(self, f"m{i}") for i in range(self.n)]
+        for i, c in enumerate(ms):
+            m.d.comb += [c.req.ready.eq((grant == i) & self.port.req.ready & (used < D)),
+                         c.data.payload.eq(self.port.data.payload),
+                         c.data.valid.eq(self.port.data.valid & (used != 0) & (owners[head] == i))]
+        with m.Switch(grant):
+            for i, c in enumerate(ms):
+                with m.Case(i):
+                    m.d.comb += [self.port.req.valid.eq(c.req.valid & (used < D)),
+                                 self.port.req.payload.eq(c.req.payload)]
+        with m.Switch(owners[head]):
+            for i, c in enumerate(ms):
+                with m.Case(i):
+                    m.d.comb += self.port.data.ready.eq(c.data.ready & (used != 0))
+        push = self.port.req.valid & self.port.req.ready
+        pop = Signal()
+        fire = self.port.data.valid & self.port.data.ready
+        m.d.comb += pop.eq(fire & (counts[head] == 1))
+        with m.If(push):
+            m.d.sync += [owners[tail].eq(grant), counts[tail].eq(self.port.req.payload.count),
+                         tail.eq(Mux(tail == D - 1, 0, tail + 1))]
+        with m.If(fire & ~pop):
+            m.d.sync += counts[head].eq(counts[head] - 1)
+        with m.If(pop):
+            m.d.sync += head.eq(Mux(head == D - 1, 0, head + 1))
+        m.d.sync += used.eq(used + push - pop)
+        return m
+
+
 class Accelerator(wiring.Component):
     """Controller + spad + engine + executors + special-function units (``units``: see
     ``resolve_units``)."""
@@ -168,7 +220,10 @@ class Accelerator(wiring.Component):
         wiring.connect(m, memops.mrd, rmux.m1)
         wiring.connect(m, streamer.wrd, rmux.m2)
         wiring.connect(m, rmux.port, wiring.flipped(self.mem_rd0))
-        wiring.connect(m, streamer.srd, wiring.flipped(self.mem_rd1))
+        m.submodules.rd1arb = arb = ReadPortArbiter(A.mem_word_bits, 2)
+        wiring.connect(m, ctrl.mpf, arb.m0)
+        wiring.connect(m, streamer.srd, arb.m1)
+        wiring.connect(m, arb.port, wiring.flipped(self.mem_rd1))
         wiring.connect(m, memops.mwr, wiring.flipped(self.mem_wr))
         m.d.comb += memops.cycles.eq(self.cycles)
 

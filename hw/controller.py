@@ -47,7 +47,7 @@ class AccelError(IntEnum):
 
 
 #: controller FSM states, in the order of the ``state`` output's encoding
-CTRL_STATES = ("IDLE", "FETCH", "FETCH_DATA", "DECODE", "GO", "WAIT", "DONE")
+CTRL_STATES = ("IDLE", "FETCH", "FETCH_DATA", "DECODE", "GO", "WAIT", "NEXT", "DONE")
 
 
 def client_signature(addr_bits: int, extra: dict | None = None) -> wiring.Signature:
@@ -487,15 +487,17 @@ class EngineStreamer(wiring.Component):
 class Controller(wiring.Component):
     """Fetch, decode and dispatch. ``clients``: opcode -> client index (the top wires client ``sel``)."""
 
-    def __init__(self, engine: EngineParams, accel: AccelParams, dispatch: dict[int, int], n_clients: int):
+    def __init__(self, engine: EngineParams, accel: AccelParams, dispatch: dict[int, int], n_clients: int,
+                 prefetch: bool = True):
         self.p, self.accel = engine, accel
+        self.prefetch = int(prefetch)
         self.dispatch = dict(dispatch)
         self.n_clients = n_clients
         W = accel.mem_word_bits
         super().__init__({
             "start": In(1), "done": Out(1), "error": Out(8), "pc": Out(32), "op": Out(8),
             "state": Out(range(len(CTRL_STATES))), "running": Out(1),
-            "mrd": Out(MemReadSignature(W)), "fetching": Out(1),
+            "mrd": Out(MemReadSignature(W)), "fetching": Out(1), "mpf": Out(MemReadSignature(W)),
             "instr": Out(instr_layout()), "sel": Out(range(max(2, n_clients))), "go": Out(1),
             "cbusy": In(1), "cerror": In(8),
         })
@@ -511,6 +513,25 @@ class Controller(wiring.Component):
         pc = self.pc
         err = self.error
         known = [int(op) for op in Op]
+        # prefetch of pc + 1 on its own read master (memory read port 1) while a client executes
+        pf_want = Signal()   # the job is to be issued
+        pf_busy = Signal()   # the job is issued, words pending
+        pf_valid = Signal()  # pf_buf holds instruction pc + 1
+        pf_buf = Signal(INSTR_BITS)
+        pf_k = Signal(range(IW + 1))
+        pf_nxt = Signal(INSTR_BITS)
+        pf_addr = Signal(32)
+        restart = Signal()
+        m.d.comb += [self.mpf.req.valid.eq(pf_want), self.mpf.req.payload.addr.eq(pf_addr),
+                     self.mpf.req.payload.count.eq(IW), self.mpf.data.ready.eq(1),
+                     pf_nxt.eq((pf_buf >> W) | (self.mpf.data.payload << (INSTR_BITS - W)) if IW > 1
+                               else self.mpf.data.payload)]
+        with m.If(self.mpf.req.valid & self.mpf.req.ready):
+            m.d.sync += [pf_want.eq(0), pf_busy.eq(1), pf_k.eq(0)]
+        with m.If(self.mpf.data.valid):
+            m.d.sync += [pf_buf.eq(pf_nxt), pf_k.eq(pf_k + 1)]
+            with m.If(pf_k == IW - 1):
+                m.d.sync += [pf_busy.eq(0), pf_valid.eq(1)]
         mem_ops = (Op.LOAD, Op.STORE, Op.SCATTER)
 
         def state(name):
@@ -560,7 +581,8 @@ class Controller(wiring.Component):
                             if op in mem_ops:
                                 ok = Cat(*[instr.w == b for b in ELEMENT_BITS]).any()
                             with m.If(ok):
-                                m.d.sync += self.sel.eq(self.dispatch[op])
+                                m.d.sync += [self.sel.eq(self.dispatch[op]), pf_want.eq(self.prefetch),
+                                             pf_valid.eq(0), pf_addr.eq((pc + 1) * IW)]
                                 m.next = "GO"
                             with m.Else():
                                 m.d.sync += err.eq(AccelError.BAD_WIDTH)
@@ -578,11 +600,25 @@ class Controller(wiring.Component):
                         m.next = "DONE"
                     with m.Else():
                         m.d.sync += pc.eq(pc + 1)
-                        m.next = "FETCH"
+                        m.next = "NEXT"
+            with m.State("NEXT"):
+                # the prefetched instruction, once it is complete; without prefetch, a fetch
+                with m.If(pc >= self.accel.max_program_instrs):
+                    m.d.sync += err.eq(AccelError.PC_RANGE)
+                    m.next = "DONE"
+                with m.Elif(pf_valid):
+                    m.d.sync += [instr.eq(pf_buf), pf_valid.eq(0)]
+                    m.next = "DECODE"
+                with m.Elif(~(pf_want | pf_busy)):
+                    m.next = "FETCH"
             with m.State("DONE"):
+                # a prefetch still in flight (an error stopped the machine) drains before a restart
                 m.d.comb += self.done.eq(1)
+                m.d.sync += pf_want.eq(0)
                 with m.If(self.start):
-                    m.d.sync += [pc.eq(0), err.eq(0)]
+                    m.d.sync += restart.eq(1)
+                with m.If((self.start | restart) & ~pf_busy):
+                    m.d.sync += [pc.eq(0), err.eq(0), restart.eq(0), pf_valid.eq(0)]
                     m.next = "FETCH"
             enc = 0
             for name in CTRL_STATES:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -48,6 +49,7 @@ from .stalls import profile, threshold
 
 SIMULATORS = ("amaranth", "verilator", "icarus")
 QUEUE = 4
+MIN_DEPTH_LOG2 = 16
 WATCHDOG = 5000
 #: memory channel -> the sim.stalls stream whose chain stalls it
 CHANNEL_CHAINS = {"rd0_req": "cmd", "rd0_data": "weight", "rd1_req": "rq", "rd1_data": "scale",
@@ -65,6 +67,7 @@ class AccelRun:
     op: int = 0
     run_dir: str | None = None
     sim_cycles: int = 0  # simulated clock cycles including reset and the final drain
+    cpu_s: float = 0.0   # CPU seconds of the simulation (the simulator process, or this one for Amaranth)
 
     @property
     def error_name(self) -> str:
@@ -255,11 +258,11 @@ def _run_amaranth(engine, accel, words, stall_profile, seed, latency, wpc, watch
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(bench)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sim.run()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return AccelRun(words_image(mem, accel.mem_word_bits), int(out["cycles"]), int(out["error"]), wall,
-                    int(out["pc"]) + 1, int(out["pc"]), int(out["op"]), None, int(out["sim_cycles"]))
+                    int(out["pc"]) + 1, int(out["pc"]), int(out["op"]), None, int(out["sim_cycles"]), cpu)
 
 
 def _hang_message(sim, cycle, limit, pc, op, state, ports, budget=False) -> str:
@@ -390,7 +393,7 @@ module harness(input clk /*verilator public_flat_rw*/);
     idle <= any_fire ? 0 : idle + 1;
     if (!finished && !rst && done && !start) begin
       finished <= 1;
-      $writememh(f_out, mem);
+      $writememh(f_out, mem, 0, nwords - 1);
       fh = $fopen(f_status, "w");
       $fwrite(fh, "done %0d %0d %0d %0d %0d\n", cycles, error, pc, op, cyc);
       $fclose(fh);
@@ -679,7 +682,9 @@ def build_cache_dir() -> Path:
 def _run_verilog(engine, accel, words, simulator, stall_profile, seed, latency, wpc, run_dir, watchdog, units,
                  max_cycles, accel_factory) -> AccelRun:
     W = accel.mem_word_bits
-    depth = 1 << max(10, (len(words) - 1).bit_length())
+    # the model's depth is a build parameter: a power of two, at least MIN_DEPTH, so programs of
+    # similar size share one build (range checks use the image's own size, a plusarg)
+    depth = 1 << max(MIN_DEPTH_LOG2, (len(words) - 1).bit_length())
     cache_dir = build_cache_dir()
     accel_v = accel_verilog(engine, accel, units, simulator, accel_factory, cache_dir)
     binary, build_s = _build(simulator, accel_v, harness_verilog(accel, depth), cache_dir)
@@ -699,8 +704,11 @@ def _run_verilog(engine, accel, words, simulator, stall_profile, seed, latency, 
         plus += [f"+st_{c}_enter={threshold(ch.enter)}", f"+st_{c}_stay={threshold(ch.stay)}"]
     cmd = [str(binary)] + plus if simulator == "verilator" else ["vvp", "-n", str(binary)] + plus
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = subprocess.run(cmd, cwd=rdir, capture_output=True, text=True)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter() - t0
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     (rdir / "sim.log").write_text(res.stdout + "\n" + res.stderr)
     status = rdir / "status.txt"
     if not status.exists():
@@ -734,4 +742,4 @@ def _run_verilog(engine, accel, words, simulator, stall_profile, seed, latency, 
             out_words.append(int(ln, 16) if "x" not in ln.lower() else 0)
         if len(out_words) == len(words):
             break
-    return AccelRun(words_image(out_words, W), cycles, error, wall, pc + 1, pc, op, str(rdir), simc)
+    return AccelRun(words_image(out_words, W), cycles, error, wall, pc + 1, pc, op, str(rdir), simc, cpu)
