@@ -116,11 +116,16 @@ def estimate_components(kernel, *, flat_check: bool = False, family: str = "xcup
     total = {k: 0.0 for k in KEYS}
     t0 = time.monotonic()
     for name, c in components(kernel).items():
-        res = estimate(c["design"], ports=c["ports"], family=family, uram=uram, timeout_s=timeout_s)
+        if name == "engine" and family == "xcup" and uram:
+            res = _engine_by_parts(c["design"].p, timeout_s)
+        else:
+            res = estimate(c["design"], ports=c["ports"], family=family, uram=uram, timeout_s=timeout_s)
         counts = {k: res[k] for k in KEYS}
         by[name] = {"count": c["count"], "what": c["what"], "each": counts,
                     "total": {k: counts[k] * c["count"] for k in KEYS}, "carry": res["carry"],
                     "seconds": res["seconds"], "cached": res["cached"], "key": res["key"]}
+        if "parts" in res:
+            by[name]["parts"] = res["parts"]
         for k in KEYS:
             total[k] += counts[k] * c["count"]
         if log:
@@ -142,6 +147,18 @@ def estimate_components(kernel, *, flat_check: bool = False, family: str = "xcup
         if log:
             log("  flat kernel: " + ", ".join(f"{k} {flat[k]:g}" for k in KEYS) + f" ({res['seconds']:.0f} s)")
     return out
+
+
+def _engine_by_parts(p: EngineParams, timeout_s: float) -> dict:
+    """The engine as ``bitstream.engine_resources`` counts it: each distinct sub-component synthesized
+    once and summed by instance count, plus the top's own logic (no flat run of the whole array)."""
+    from .engine_resources import engine_estimate
+    est = engine_estimate(p, timeout_s=timeout_s)
+    parts = est["by_part"]
+    key = hashlib.sha256(json.dumps({n: d["key"] for n, d in sorted(parts.items())}).encode()).hexdigest()[:20]
+    return {**est["totals"], "carry": sum(d["carry"] * d["count"] for d in parts.values()),
+            "seconds": sum(d["seconds"] for d in parts.values()), "cached": all(d["cached"] for d in parts.values()),
+            "key": key, "parts": {n: {k: d[k] for k in ("count", "what", "each", "total")} for n, d in parts.items()}}
 
 
 def utilization(est: dict, precheck_result: dict, params: EngineParams, target_name: str) -> dict:

@@ -1,6 +1,9 @@
 """The reconfigurable compute engine: a pe_rows x pe_lanes array of 8-bit x 4-bit multipliers that runs
 every integer product of the W2A8KV4 model (``quant.reference``) with valid/ready streams on every
 interface. ``docs/engine.md`` describes the architecture, the stream protocols and the cycle behaviour.
+``Engine`` wires the sub-components of ``hw/engine_parts.py`` (the sequencer, the activation buffer, the
+array rows, the group stages, the accumulators, the output bank, the requantizers); ``hw/engine_model.py``
+is its cycle model.
 
 Modes (``Mode``), each run as a sequence of row tiles of ``pe_rows`` outputs:
 
