@@ -1,34 +1,44 @@
 """EMBED, RMSNORM, SILU_MUL and ARGMAX through the accelerator top (``hw.accel`` run by
-``sim.accel_sim.run_accelerator``): a tiny program LOADs the operands and a sentinel frame around the
-destination into the spad, runs the opcode, STOREs the frame back; the frame must hold the
-``quant.reference`` result with both sentinel edges intact. The unit-level tests
-(tests/hw/test_sfu_*.py) cover the edges exhaustively; these show the units work wired to the
-controller, its spad mux and real memory traffic."""
+``sim.accel_sim.run_accelerator``, in Amaranth and under Verilator): a tiny program LOADs the operands
+and a sentinel frame around the destination into the spad, runs the opcode, STOREs the frame back; the
+frame must hold the ``quant.reference`` result with both sentinel edges intact. MARKs around a RESID_ADD
+(the baseline) and around the opcode: with a memory that never stalls, the top's cycles for the unit
+exceed its ``cycles()`` model by exactly the baseline's overhead. The unit-level tests
+(tests/hw/test_sfu_*.py) cover the edges exhaustively; these show the units wired to the controller,
+its spad mux and real memory traffic, and the Verilog they become."""
 
 import numpy as np
 import pytest
 
 from hw.isa import FLAG_SIGNED, Instr, Op
 from hw.params import AccelParams, EngineParams
+from hw.sfu.registry import unit_class
 from quant import reference as R
 from sim.accel_programs import Layout, check_memory
-from sim.accel_sim import ImageBuilder, run_accelerator
+from sim.accel_sim import ImageBuilder, read_elements, run_accelerator
 
 FXMIN, FXMAX = -2**31, 2**31 - 1
 EDGE = 3  # sentinel words each side of the destination
 
 
+#: every case runs on one accelerator build (Verilator builds once per unit set)
+UNITS = [Op.EMBED, Op.RMSNORM, Op.SILU_MUL, Op.ARGMAX, Op.RESID_ADD]
+
+
 def unit_program(accel: AccelParams, ins: Instr, inputs, dest: int, expected, seed: int = 0):
     """LOAD each (spad address, int64 values) of ``inputs`` and a frame of sentinels spad[dest - EDGE ..
-    dest + len + EDGE), run ``ins``, STORE the frame as 64-bit words; the check: the frame holds
-    ``expected`` between its untouched sentinels."""
+    dest + len + EDGE), MARK, the baseline RESID_ADD (on the spad's last words), MARK, ``ins``, MARK,
+    STORE the frame as 64-bit words. Returns (image, checks: the frame holds ``expected`` between its
+    untouched sentinels, the three MARK words, the baseline)."""
     rng = np.random.default_rng(seed)
     exp = np.asarray(expected, np.int64).reshape(-1)
     frame = rng.integers(-2**62, 2**62, exp.size + 2 * EDGE)
     want = frame.copy()
     want[EDGE:EDGE + exp.size] = exp
     regions = [(a, np.asarray(v, np.int64).reshape(-1)) for a, v in inputs] + [(dest - EDGE, frame)]
-    lay = Layout(accel, len(regions) + 3)
+    top = accel.spad_words
+    base = Instr(Op.RESID_ADD, a=top - 15, b=top - 10, d=top - 5, m=1, n=5)
+    lay = Layout(accel, len(regions) + 7)
     ib = ImageBuilder(accel)
     prog = []
     for at, vals in regions:
@@ -36,18 +46,30 @@ def unit_program(accel: AccelParams, ins: Instr, inputs, dest: int, expected, se
         ib.elements(src, vals, 64)
         prog.append(Instr(Op.LOAD, flags=FLAG_SIGNED, w=64, a=src, d=at, n=vals.size))
     out = lay.take_elements(frame.size, 64)
-    prog += [ins, Instr(Op.STORE, w=64, a=dest - EDGE, d=out, n=frame.size), Instr(Op.HALT)]
+    marks = lay.take(1), lay.take(1), lay.take(1)
+    prog += [Instr(Op.MARK, d=marks[0]), base, Instr(Op.MARK, d=marks[1]), ins, Instr(Op.MARK, d=marks[2]),
+             Instr(Op.STORE, w=64, a=dest - EDGE, d=out, n=frame.size), Instr(Op.HALT)]
     ib.program(prog)
-    return ib.image(lay.next + 1), [(out, frame.size, 64, True, want)]
+    return ib.image(lay.next + 1), [(out, frame.size, 64, True, want)], marks, base
 
 
-def run_case(op, ins, inputs, dest, expected, *, simulator="amaranth", spad_words=4096, seed=0, **kw):
+def run_case(ins, inputs, dest, expected, *, simulator="amaranth", stall="none", spad_words=4096, seed=0,
+             **kw):
+    """Run the program; check the frame and the cycles between the MARKs. Returns the AccelRun."""
     accel = AccelParams(spad_words=spad_words)
-    image, checks = unit_program(accel, ins, inputs, dest, expected, seed)
-    run = run_accelerator(EngineParams(), accel, image, simulator=simulator, units=[op], seed=seed, **kw)
+    image, checks, marks, base = unit_program(accel, ins, inputs, dest, expected, seed)
+    run = run_accelerator(EngineParams(), accel, image, simulator=simulator, units=UNITS, seed=seed,
+                          stall_profile=stall, **kw)
     assert run.error_name == "NONE", (run.error_name, run.pc)
     bad = check_memory(run.mem, accel, checks)
     assert not bad, bad
+    t0, t1, t2 = (int(read_elements(run.mem, accel.mem_word_bits, at, 1, 64)[0]) for at in marks)
+    over_base = t1 - t0 - unit_class(Op.RESID_ADD).cycles(base, accel)
+    over = t2 - t1 - unit_class(ins.op).cycles(ins, accel)
+    if stall == "none":
+        assert over == over_base, (over, over_base)
+    else:
+        assert over >= 0 and over_base >= 0, (over, over_base)
     return run
 
 
@@ -96,7 +118,9 @@ CASES = {Op.EMBED: embed_case, Op.RMSNORM: rmsnorm_case, Op.SILU_MUL: silu_case,
 
 
 @pytest.mark.parametrize("op", list(CASES), ids=lambda o: o.name)
-def test_unit_through_the_top_amaranth(op):
+@pytest.mark.parametrize("simulator,stall", [("amaranth", "none"), ("verilator", "none"),
+                                             ("verilator", "asymmetric")])
+def test_unit_through_the_top(op, simulator, stall, tmp_path):
     rng = np.random.default_rng(int(op))
     ins, inputs, dest, expected = CASES[op](rng)
-    run_case(op, ins, inputs, dest, expected, seed=int(op))
+    run_case(ins, inputs, dest, expected, simulator=simulator, stall=stall, seed=int(op), run_dir=tmp_path)
