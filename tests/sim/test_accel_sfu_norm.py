@@ -37,7 +37,9 @@ def unit_program(accel: AccelParams, ins: Instr, inputs, dest: int, expected, se
     want[EDGE:EDGE + exp.size] = exp
     regions = [(a, np.asarray(v, np.int64).reshape(-1)) for a, v in inputs] + [(dest - EDGE, frame)]
     top = accel.spad_words
-    base = Instr(Op.RESID_ADD, a=top - 15, b=top - 10, d=top - 5, m=1, n=5)
+    # long enough (31 cycles) that the controller's prefetch of the next instruction is hidden behind
+    # it, as it is behind every unit case here
+    base = Instr(Op.RESID_ADD, a=top - 90, b=top - 60, d=top - 30, m=1, n=30)
     lay = Layout(accel, len(regions) + 7)
     ib = ImageBuilder(accel)
     prog = []
