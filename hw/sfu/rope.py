@@ -1,16 +1,18 @@
 """ROPE: rotary position embedding of T tokens x k heads x D channels (``reference.rope_cos_sin`` with the
 standard table, then ``reference.rope_rotate``), channel j rotated with channel j + D/2 of its head.
 
-Token t's position is ``p = min(i0 + t, h)``. A pair (t, head, j) takes three cycles:
+Token t's position is ``p = min(i0 + t, h)``. A pair (t, head, j) takes two cycles (the write port's
+bound: two results per pair), pipelined:
   1. x1 = x[t, head, j] arrives on port 0 and theta_j on port 1 (both read the cycle before); the
      phase ``p * theta_j mod 2**32`` (a 32 x 32-bit product, low half), its nearest table index
      ``(phase + 2**17) >> 18`` and the cosine's index (+ a quarter turn, 2**12, mod 2**14) address the
      two read ports of the 2**14-entry Q1.15 sine ROM (``reference.rope_params(..., scaling=1)``'s
-     table, synchronous read); x2 = x[t, head, j + D/2] is read.
+     table, synchronous read); x2 = x[t, head, j + D/2] is read; the previous pair's y2 is written.
   2. x2, sin and cos arrive: y1 = saturate(shift_round(x1 cos - x2 sin, 15)) is written, y2 =
-     saturate(shift_round(x2 cos + x1 sin, 15)) held in a register.
-  3. y2 is written and the next pair's x1 and theta are read.
-Cycle model: ``1 + 3 * T * k * (D / 2)``: one cycle to issue the first reads (or to find nothing to do)."""
+     saturate(shift_round(x2 cos + x1 sin, 15)) held in a register; the next pair's x1 and theta
+     are read.
+Cycle model: ``2 * P + 2`` for P = T * k * (D / 2) pairs (one cycle to issue the first reads, one to
+write the last y2), 1 when P = 0."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from .base import UnitSignature
 
 
 def cycles(ins: Instr, params: AccelParams | None = None) -> int:
-    return 1 + 3 * ins.m * ins.k * (ins.n // 2)
+    pairs = ins.m * ins.k * (ins.n // 2)
+    return 2 * pairs + 2 if pairs else 1
 
 
 def sine_table() -> np.ndarray:
@@ -96,10 +99,17 @@ class Rope(wiring.Component):
             m.d.comb += [self.rd0.addr.eq(ins.a + o + jj), self.rd0.en.eq(1),
                          self.rd1.addr.eq(ins.b + jj), self.rd1.en.eq(1)]
 
+        wj = Signal(31)                     # the pair whose y2 is still to be written
+        woff = Signal(64)
+        pending = Signal()
+
+        def write_y2():
+            m.d.comb += [self.wr.addr.eq(ins.d + woff + wj + half), self.wr.data.eq(y2), self.wr.en.eq(1)]
+
         with m.FSM() as fsm:
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [t.eq(0), hd.eq(0), j.eq(0), off.eq(0)]
+                    m.d.sync += [t.eq(0), hd.eq(0), j.eq(0), off.eq(0), pending.eq(0)]
                     m.next = "FIRST"
             with m.State("FIRST"):
                 with m.If((ins.m == 0) | (ins.k == 0) | (half == 0)):
@@ -107,22 +117,24 @@ class Rope(wiring.Component):
                 with m.Else():
                     issue_x1_theta(0, 0)
                     m.next = "PHASE"
-            with m.State("PHASE"):
+            with m.State("PHASE"):      # x1, theta arrive: ROM addresses; read x2; the previous y2 out
                 m.d.sync += x1.eq(self.rd0.data[:32])
                 m.d.comb += [sin_p.en.eq(1), cos_p.en.eq(1)]
                 m.d.comb += [self.rd0.addr.eq(ins.a + off + j + half), self.rd0.en.eq(1)]
+                with m.If(pending):
+                    write_y2()
                 m.next = "ROTATE"
-            with m.State("ROTATE"):
+            with m.State("ROTATE"):     # x2, sin, cos arrive: y1 out, y2 held; the next pair's reads
                 m.d.comb += [self.wr.addr.eq(ins.d + off + j), self.wr.data.eq(y1), self.wr.en.eq(1)]
-                m.d.sync += y2.eq(y2_now)
-                m.next = "SECOND"
-            with m.State("SECOND"):
-                m.d.comb += [self.wr.addr.eq(ins.d + off + j + half), self.wr.data.eq(y2), self.wr.en.eq(1)]
-                m.d.sync += [j.eq(nj), hd.eq(nhd), t.eq(nt), off.eq(noff)]
+                m.d.sync += [y2.eq(y2_now), wj.eq(j), woff.eq(off), pending.eq(1),
+                             j.eq(nj), hd.eq(nhd), t.eq(nt), off.eq(noff)]
                 with m.If(last):
-                    m.next = "IDLE"
+                    m.next = "DRAIN"
                 with m.Else():
                     issue_x1_theta(noff, nj)
                     m.next = "PHASE"
+            with m.State("DRAIN"):
+                write_y2()
+                m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
         return m
