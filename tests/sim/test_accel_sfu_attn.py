@@ -86,7 +86,7 @@ def _run_and_check(op, simulator, stall, run_dir, units):
     inputs, ins, want = CASES[op]
     image, checks, marks = unit_program(ACCEL, inputs, ins, ins.d, want)
     run = run_accelerator(EngineParams(), ACCEL, image, simulator=simulator, units=units,
-                          run_dir=run_dir, watchdog_cycles=20000, stall_profile=stall)
+                          run_dir=run_dir, watchdog_cycles=20000, stall_profile=stall, max_cycles=20_000)
     assert run.error == 0, (op.name, run.error_name)
     assert check_memory(run.mem, ACCEL, checks) == [], op.name
     t0, t1, t2 = (int(read_elements(run.mem, ACCEL.mem_word_bits, at, 1, 64)[0]) for at in marks)
@@ -113,3 +113,35 @@ def test_units_through_the_accelerator_under_verilator(tmp_path):
     for stall in ("none", "asymmetric"):
         for op in CASES:
             _run_and_check(op, "verilator", stall, tmp_path / f"{op.name}-{stall}", UNITS)
+
+
+@pytest.mark.parametrize("op", list(CASES), ids=lambda o: o.name)
+def test_unit_runs_twice_without_leftovers(op, tmp_path):
+    """The same opcode twice in a program (as the decoder does: q then k, layer after layer): between
+    them a LOAD covers the first result with sentinels; the second run's result is exact and nothing
+    of the first run (a pipeline's pending write) reaches the sentinels."""
+    from dataclasses import replace
+
+    inputs, ins, want = CASES[op]
+    want = np.asarray(want, np.int64).reshape(-1)
+    sentinels = np.random.default_rng(3).integers(-2**62, 2**62, want.size)
+    ins2 = replace(ins, d=2000)
+    lay = Layout(ACCEL, len(inputs) + 6)
+    prog, ib = [], ImageBuilder(ACCEL)
+    for at, vals in inputs:
+        vals = np.asarray(vals, np.int64).reshape(-1)
+        src = lay.take_elements(vals.size, 64)
+        prog.append(Instr(Op.LOAD, flags=FLAG_SIGNED, w=64, a=src, d=at, n=vals.size))
+        ib.elements(src, vals, 64)
+    sent_at, out1, out2 = (lay.take_elements(want.size, 64) for _ in range(3))
+    ib.elements(sent_at, sentinels, 64)
+    prog += [ins, Instr(Op.LOAD, flags=FLAG_SIGNED, w=64, a=sent_at, d=ins.d, n=want.size), ins2,
+             Instr(Op.STORE, w=64, a=ins.d, d=out1, n=want.size),
+             Instr(Op.STORE, w=64, a=ins2.d, d=out2, n=want.size), Instr(Op.HALT)]
+    ib.program(prog)
+    run = run_accelerator(EngineParams(), ACCEL, ib.image(lay.next + 1), simulator="amaranth",
+                          units=[op], run_dir=tmp_path, watchdog_cycles=20000, stall_profile="none",
+                          max_cycles=20_000)
+    assert run.error == 0, run.error_name
+    assert check_memory(run.mem, ACCEL, [(out1, want.size, 64, True, sentinels),
+                                         (out2, want.size, 64, True, want)]) == []
