@@ -55,6 +55,11 @@ BUGS = {
         "m.d.comb += v.eq(Mux((ins.flags & FLAG_NEG).any(), -rd.data, rd.data))",
         "m.d.comb += v.eq(rd.data)",
     ),
+    "prefetch_not_awaited": (
+        "the controller decodes the prefetch buffer while the prefetched words are still arriving",
+        "                with m.Elif(pf_valid):",
+        "                with m.Elif(pf_valid | pf_busy):",
+    ),
 }
 
 _loaded: dict[str, object] = {}

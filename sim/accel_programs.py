@@ -327,3 +327,26 @@ def repeated_engine_program(p: EngineParams, accel: AccelParams, repeats: int, s
         ib.place(len(long) * iw + j, [int.from_bytes(bytes(row), "little")])
     checks = [(a + shift, cnt, w, sg, exp) for a, cnt, w, sg, exp in checks]
     return ib.image(), checks, {"program": fixed}
+
+
+def short_instrs_program(accel: AccelParams, seed: int, count: int = 8):
+    """Instructions shorter than a memory latency (LOADs of zero elements, SCATTERs of no field)
+    between real LOADs and STOREs: the next instruction's prefetch is still in flight when the
+    current one ends (the controller must wait for it)."""
+    rng = np.random.default_rng(seed)
+    lay = Layout(accel, 3 * count + 1)
+    prog, checks, data = [], [], []
+    for i in range(count):
+        vals = rng.integers(-128, 128, 5)
+        src, dst = lay.take_elements(5, 8), lay.take_elements(5, 16)
+        data.append((src, vals))
+        prog += [Instr(Op.LOAD, flags=FLAG_SIGNED, w=8, a=src, d=8 * i, n=5),
+                 Instr(Op.LOAD, w=8, a=src, d=0, n=0) if i % 2 else Instr(Op.SCATTER, w=4, a=0, d=src, m=0, n=1),
+                 Instr(Op.STORE, w=16, a=8 * i, d=dst, n=5)]
+        checks.append((dst, 5, 16, True, vals))
+    prog.append(Instr(Op.HALT))
+    ib = ImageBuilder(accel)
+    ib.program(prog)
+    for addr, vals in data:
+        ib.elements(addr, vals, 8)
+    return ib.image(lay.next + 1), checks, {"program": prog}

@@ -9,7 +9,7 @@ from hw.isa import FLAG_SIGNED, Instr, Op, encode
 from hw.params import AccelParams, EngineParams
 from sim import accel_planted
 from sim.accel_programs import (ImageBuilder, check_memory, engine_program, load_store_program, resid_program,
-                                scatter_program)
+                                scatter_program, short_instrs_program)
 from sim.accel_sim import AccelHang, MemoryRangeError, read_elements, run_accelerator
 
 P = EngineParams()  # ci-small: 4 rows x 8 lanes, mm_tokens 2
@@ -84,6 +84,14 @@ def test_engine_edge_values():
                                         edge=edge)
         r = run(A256, img)
         assert_ok(r, A256, checks)
+
+
+def test_instructions_shorter_than_the_prefetch():
+    """Zero-length LOADs and SCATTERs end before the next instruction's prefetch has arrived."""
+    img, checks, info = short_instrs_program(A256, seed=3)
+    r = run(A256, img, mem_latency=20)
+    assert_ok(r, A256, checks)
+    assert r.instrs == len(info["program"])
 
 
 def test_resid_add_through_top():
@@ -187,6 +195,7 @@ PLANTED = {
     "out_beat_dropped": lambda: engine_program(P, A256, "dense", seed=1, tokens=2, k_beats=1, n=8),
     "tile_stride_ignored": lambda: engine_program(P, A256, "pv", seed=1, tokens=1, k_beats=2, n=8, gap=2),
     "no_zero_fill": lambda: engine_program(P, A256, "qk", seed=1, tokens=2, k_beats=2, n=4, b=11),
+    "prefetch_not_awaited": lambda: short_instrs_program(A256, seed=3),
 }
 
 
