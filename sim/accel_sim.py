@@ -93,6 +93,18 @@ def _op_name(op: int) -> str:
 
 
 def image_words(image: np.ndarray, word_bits: int) -> list[int]:
+    img = _check_image(image, word_bits)
+    nb = word_bits // 8
+    return [int.from_bytes(img[i:i + nb].tobytes(), "little") for i in range(0, img.size, nb)]
+
+
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+_HEX_VALUE = np.full(256, 255, np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def _check_image(image: np.ndarray, word_bits: int) -> np.ndarray:
     img = np.asarray(image)
     if img.dtype != np.uint8 or img.ndim != 1:
         raise ValueError(f"image: expected a 1-D uint8 array, got {img.dtype} with shape {img.shape}")
@@ -102,7 +114,39 @@ def image_words(image: np.ndarray, word_bits: int) -> list[int]:
                          f"({nb} bytes); pad it to a multiple of {nb}")
     if img.size == 0:
         raise ValueError("image: empty (the program starts at word 0)")
-    return [int.from_bytes(img[i:i + nb].tobytes(), "little") for i in range(0, img.size, nb)]
+    return img
+
+
+def image_hex(image: np.ndarray, word_bits: int) -> bytes:
+    """The ``$readmemh`` text of ``image``: one word a line, most significant digit first (what
+    ``"".join(f"{w:0{W // 4}x}\\n" for w in image_words(image, W))`` gives, in numpy: a SmolLM2 image of
+    5.5 M words takes seconds instead of minutes and no Python integer per word)."""
+    img = _check_image(image, word_bits)
+    nb = word_bits // 8
+    be = img.reshape(-1, nb)[:, ::-1]
+    out = np.empty((be.shape[0], 2 * nb + 1), np.uint8)
+    out[:, 0:2 * nb:2] = _HEX_DIGITS[be >> 4]
+    out[:, 1:2 * nb:2] = _HEX_DIGITS[be & 15]
+    out[:, -1] = ord("\n")
+    return out.tobytes()
+
+
+def hex_image(text: bytes, word_bits: int, n_words: int) -> np.ndarray | None:
+    """The first ``n_words`` words of a ``$writememh`` file as image bytes, or None when the file is not
+    plain lines of exactly ``word_bits / 4`` hex digits (comments, addresses, x/z digits: the caller
+    then parses it line by line)."""
+    hexw = word_bits // 4
+    line = hexw + 1
+    if len(text) < n_words * line:
+        return None
+    arr = np.frombuffer(text, np.uint8, count=n_words * line).reshape(n_words, line)
+    if not (arr[:, -1] == ord("\n")).all():
+        return None
+    nib = _HEX_VALUE[arr[:, :hexw]]
+    if (nib == 255).any():
+        return None
+    be = (nib[:, 0::2] << 4) | nib[:, 1::2]
+    return np.ascontiguousarray(be[:, ::-1]).reshape(-1)
 
 
 def words_image(words: list[int], word_bits: int) -> np.ndarray:
@@ -138,11 +182,12 @@ def run_accelerator(engine: EngineParams, accel: AccelParams, image: np.ndarray,
                     units=None, max_cycles: int = 50_000_000, accel_factory=None) -> AccelRun:
     """Run the program in ``image`` (it starts at mem word 0) to HALT or an error; see the module doc."""
     _check_args(simulator, mem_latency, words_per_cycle, watchdog_cycles, stall_profile)
-    words = image_words(image, accel.mem_word_bits)
     if simulator == "amaranth":
+        words = image_words(image, accel.mem_word_bits)
         return _run_amaranth(engine, accel, words, stall_profile, seed, int(mem_latency), float(words_per_cycle),
                              int(watchdog_cycles), units, max_cycles, accel_factory)
-    return _run_verilog(engine, accel, words, simulator, stall_profile, seed, int(mem_latency),
+    # the Verilog memory model takes the image as $readmemh text, made from the bytes in numpy
+    return _run_verilog(engine, accel, _check_image(image, accel.mem_word_bits), simulator, stall_profile, seed, int(mem_latency),
                         float(words_per_cycle), run_dir, int(watchdog_cycles), units, max_cycles, accel_factory)
 
 
@@ -670,6 +715,9 @@ def _build(simulator: str, accel_v: str, harness_v: str, cache_dir) -> tuple[Pat
 
 
 LAST_BUILD_SECONDS = [0.0]
+#: seconds of the last Verilog run's phases outside the simulator process: "image_hex" (writing the
+#: $readmemh file) and "out_hex" (reading the $writememh file back)
+LAST_PHASE_SECONDS: dict[str, float] = {}
 
 
 def build_cache_dir() -> Path:
@@ -679,26 +727,28 @@ def build_cache_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "build" / "accel"
 
 
-def _run_verilog(engine, accel, words, simulator, stall_profile, seed, latency, wpc, run_dir, watchdog, units,
+def _run_verilog(engine, accel, image, simulator, stall_profile, seed, latency, wpc, run_dir, watchdog, units,
                  max_cycles, accel_factory) -> AccelRun:
     W = accel.mem_word_bits
+    n_words = image.size // (W // 8)
     # the model's depth is a build parameter: a power of two, at least MIN_DEPTH, so programs of
     # similar size share one build (range checks use the image's own size, a plusarg)
-    depth = 1 << max(MIN_DEPTH_LOG2, (len(words) - 1).bit_length())
+    depth = 1 << max(MIN_DEPTH_LOG2, (n_words - 1).bit_length())
     cache_dir = build_cache_dir()
     accel_v = accel_verilog(engine, accel, units, simulator, accel_factory, cache_dir)
     binary, build_s = _build(simulator, accel_v, harness_verilog(accel, depth), cache_dir)
     LAST_BUILD_SECONDS[0] = build_s
     rdir = Path(run_dir).resolve() if run_dir is not None else _run_folder(cache_dir / "runs", simulator, seed)
     rdir.mkdir(parents=True, exist_ok=True)
-    hexw = (W + 3) // 4
-    (rdir / "image.hex").write_text("".join(f"{w:0{hexw}x}\n" for w in words))
+    t_hex = time.perf_counter()
+    (rdir / "image.hex").write_bytes(image_hex(image, W))
+    LAST_PHASE_SECONDS["image_hex"] = time.perf_counter() - t_hex
     for f in ("out.hex", "status.txt"):
         (rdir / f).unlink(missing_ok=True)
     chains = profile(stall_profile)
     plus = [f"+image={rdir / 'image.hex'}", f"+out={rdir / 'out.hex'}", f"+status={rdir / 'status.txt'}",
             f"+latency={latency}", f"+wpc={int(round(wpc * 65536))}", f"+watchdog={watchdog}",
-            f"+budget={max_cycles}", f"+words={len(words)}", f"+seed={(seed * 2654435761 + 12345) & 0x7FFFFFFF}"]
+            f"+budget={max_cycles}", f"+words={n_words}", f"+seed={(seed * 2654435761 + 12345) & 0x7FFFFFFF}"]
     for c in CHANNELS:
         ch = chains[CHANNEL_CHAINS[c]]
         plus += [f"+st_{c}_enter={threshold(ch.enter)}", f"+st_{c}_stay={threshold(ch.stay)}"]
@@ -735,11 +785,17 @@ def _run_verilog(engine, accel, words, simulator, stall_profile, seed, latency, 
                 ports[f[0]] = dict(zip(("req_valid", "req_ready", "resp_valid", "responses_owed"), map(int, f[1:])))
         raise AccelHang(_hang_message(simulator, cyc, limit, pc, op, state, ports, not by_watchdog))
     cycles, error, pc, op, simc = map(int, head[1:6])
-    out_words = []
-    for ln in (rdir / "out.hex").read_text().split("\n"):
-        ln = ln.strip()
-        if ln and not ln.startswith("//") and not ln.startswith("@"):
-            out_words.append(int(ln, 16) if "x" not in ln.lower() else 0)
-        if len(out_words) == len(words):
-            break
-    return AccelRun(words_image(out_words, W), cycles, error, wall, pc + 1, pc, op, str(rdir), simc, cpu)
+    t_out = time.perf_counter()
+    raw = (rdir / "out.hex").read_bytes()
+    mem = hex_image(raw, W, n_words)
+    if mem is None:  # not plain lines (Icarus may write comments or x digits): line by line
+        out_words = []
+        for ln in raw.decode().split("\n"):
+            ln = ln.strip()
+            if ln and not ln.startswith("//") and not ln.startswith("@"):
+                out_words.append(int(ln, 16) if "x" not in ln.lower() else 0)
+            if len(out_words) == n_words:
+                break
+        mem = words_image(out_words, W)
+    LAST_PHASE_SECONDS["out_hex"] = time.perf_counter() - t_out
+    return AccelRun(mem, cycles, error, wall, pc + 1, pc, op, str(rdir), simc, cpu)
