@@ -71,12 +71,14 @@ def _dump(run_dir: Path, name: str, want, have) -> Path:
 def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: str | None = None,
                    tokens: int = 4, *, prompt_ids: list[int] | None = None, trace: str = "layers",
                    stall_profile: str = "asymmetric", seed: int = 0, build_dir: str | Path = "build/sim",
-                   progress: bool = True, model=None, tokenizer=None, units=None) -> dict:
+                   progress: bool = True, model=None, tokenizer=None, units=None,
+                   max_cycles: int | None = None) -> dict:
     """Prefill ``prompt`` and generate ``tokens`` tokens of ``artifact`` on the RTL (``simulator``:
     amaranth, verilator or icarus), against the golden model, the torch integer path and the machine
     model. Returns the JSON the CLI prints (see ``accllm simulate model --help``). ``model``/``tokenizer``:
     an already loaded artifact (its numerics as set); ``units``: the special-function units to build
-    (``hw.accel.resolve_units``; tests plant bugs this way)."""
+    (``hw.accel.resolve_units``; tests plant bugs this way); ``max_cycles``: the RTL's cycle budget
+    (default ``run_accelerator``'s 50 M, too few for a model of SmolLM2's size)."""
     from hw.compile import compile_generation
     from hw.machine import run as machine_run
     from quant.errors import QuantError
@@ -135,8 +137,9 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
 
     stage(4)
     run_root = Path(build_dir) / "model" / f"{simulator}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{seed}"
+    budget = {} if max_cycles is None else {"max_cycles": int(max_cycles)}
     rtl = run_accelerator(engine, accel, compiled.image, simulator=simulator, stall_profile=stall_profile,
-                          seed=seed, run_dir=run_root, units=units)
+                          seed=seed, run_dir=run_root, units=units, **budget)
     stage(len(stages))
     if bar is not None:
         bar.close()
@@ -181,6 +184,8 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
         "rtl_cycles": int(rtl.cycles),
         "wall_s": round(time.perf_counter() - t0, 2),
         "rtl_wall_s": round(float(rtl.wall_s), 2),
+        "rtl_cpu_s": round(float(getattr(rtl, "cpu_s", 0.0)), 2),
+        "machine_cycles_estimate": None if mrun.cycles is None else int(mrun.cycles),
         "stage_wall_s": times,
     }
     if tokenizer is not None:
