@@ -10,10 +10,15 @@ lane by lane as the array forms them (docs/engine.md), so a compiler that lays b
 wrong numbers here, as it would on the RTL. It is what the compiler (``hw/compile.py``) is proved
 against and what the RTL's final memory is compared with.
 
-Cycles: each special-function unit's behavioural model (``cycles(ins, accel)`` of the class in
-``hw.sfu.registry``) where the unit exists; for the controller's own operations (LOAD, STORE, SCATTER,
-ENGINE, MARK) a documented estimate (``controller_cycles``) - not an RTL measurement. ``MachineRun.cycles``
-is None when some executed unit opcode has no model yet; MARK stores the running estimate either way.
+Cycles: the controller's cycle model (``hw.controller_model``: fetch and prefetch, LOAD/STORE/SCATTER/
+MARK, ENGINE streaming with the engine's rules, each special-function unit's own ``cycles`` model) for a
+memory that never stalls, ``mem`` (``MemTiming``: latency, words per cycle; default latency 8, one word
+per cycle, as ``sim.accel_sim``'s default). ``MachineRun.cycles`` is the ``cycles`` counter the RTL
+shows at ``done``, ``instr_cycles`` each instruction's cycles (DECODE to next DECODE), ``op_cycles``
+per opcode and ``layer_cycles`` per layer of each step (``note_layer`` of the
+instruction's compiler note, when a ``hw.compile.Compiled`` is run); each MARK stores the model's counter value. ``MachineRun.cycles`` is
+None when some executed unit opcode has no model yet (MARK then stores the model without it).
+``controller_cycles`` is the older rough estimate, kept for comparison.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from .engine import Mode, layouts
 from .isa import (ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, INSTR_BITS, ISAError, Instr, Op, UNIT_OPS,
                   decode)
 from .params import AccelParams, EngineParams
+from . import controller_model as CM
 
-__all__ = ["run", "MachineRun", "MachineError", "Machine", "controller_cycles", "beat_words"]
+__all__ = ["run", "MachineRun", "MachineError", "Machine", "controller_cycles", "beat_words", "note_layer"]
 
 
 class MachineError(RuntimeError):
@@ -46,6 +52,9 @@ class MachineRun:
     cycles: int | None  # estimated cycles (None: some executed unit has no cycle model yet)
     per_op: dict[str, int] = field(default_factory=dict)  # opcode name -> instructions executed
     spad: np.ndarray | None = None
+    instr_cycles: list[int] = field(default_factory=list)  # each executed instruction's cycles (model)
+    op_cycles: dict[str, int] = field(default_factory=dict)  # opcode name -> cycles
+    layer_cycles: dict[str, int] = field(default_factory=dict)  # label (note's first word) -> cycles
 
 
 def beat_words(engine: EngineParams, accel: AccelParams) -> dict[str, int]:
@@ -71,6 +80,17 @@ def controller_cycles(ins: Instr, engine: EngineParams, accel: AccelParams) -> i
     return 1
 
 
+def note_layer(note: str) -> str:
+    """The layer a compiler note names: "prefill layer 0 attn.q_proj" -> "prefill/layer0",
+    "step1 lm_head chunk 2" -> "step1/lm_head", "mark start" -> "mark"."""
+    w = note.split()
+    if len(w) >= 3 and w[1] == "layer":
+        return f"{w[0]}/layer{w[2]}"
+    if len(w) >= 2:
+        return f"{w[0]}/{w[1]}" if w[0] not in ("mark", "trace") else w[0]
+    return w[0] if w else ""
+
+
 def _unit_models() -> dict:
     try:
         from .sfu.registry import available_units
@@ -80,8 +100,11 @@ def _unit_models() -> dict:
 
 
 class Machine:
-    def __init__(self, image: np.ndarray, engine: EngineParams, accel: AccelParams):
+    def __init__(self, image: np.ndarray, engine: EngineParams, accel: AccelParams,
+                 mem: CM.MemTiming | None = None, notes: list[str] | None = None):
         self.p, self.a = engine, accel
+        self.memt = mem or CM.MemTiming()
+        self.notes = notes
         self.W = accel.mem_word_bits
         self.WB = self.W // 8
         self.mem = np.array(image, np.uint8, copy=True)
@@ -242,7 +265,7 @@ class Machine:
         elif op == Op.MARK:
             sl = self._mem_bytes(ins.d, self.WB, "MARK")
             buf = np.zeros(self.WB, np.uint8)
-            buf[:8] = np.array([self.cycle], "<u8").view(np.uint8)
+            buf[:8] = np.array([self.cycle + 2], "<u8").view(np.uint8)  # the counter in MARK's M_WR
             self.mem[sl] = buf
         elif op == Op.LOAD:
             A = ins.a
@@ -349,6 +372,8 @@ class Machine:
         limit = self.a.max_program_instrs if max_instrs is None else int(max_instrs)
         iw = INSTR_BITS // self.W
         self.pc, self.index = 0, 0
+        self.cycle = self.memt.latency + self.memt.gap(iw - 1) + 1  # the first instruction's fetch
+        self.instr_cycles, self.op_cycles, self.layer_cycles = [], {}, {}
         while True:
             if self.index >= limit:
                 raise MachineError(f"no HALT within {limit} instructions (pc = word {self.pc})")
@@ -364,32 +389,38 @@ class Machine:
                 going = self.step(ins)
             except R.FormatError as exc:
                 self._err(f"operand outside its format: {exc}")
-            if ins.op in UNIT_OPS:
-                model = self.models.get(ins.op)
-                if model is None:
-                    self.unknown_cycles = True
-                    self.cycle += controller_cycles(ins, self.p, self.a)
-                else:
-                    self.cycle += int(model(ins, self.a))
+            if ins.op in UNIT_OPS and self.models.get(ins.op) is None:
+                self.unknown_cycles = True
+                c = CM.instr_period(ins, self.p, self.a, self.memt, {ins.op: lambda i, a: controller_cycles(
+                    i, self.p, self.a)})
             else:
-                self.cycle += controller_cycles(ins, self.p, self.a)
+                c = CM.instr_period(ins, self.p, self.a, self.memt, self.models)
+            self.cycle += c
+            self.instr_cycles.append(c)
+            self.op_cycles[name] = self.op_cycles.get(name, 0) + c
+            if self.notes is not None and self.index < len(self.notes):
+                label = note_layer(self.notes[self.index]) or name
+                self.layer_cycles[label] = self.layer_cycles.get(label, 0) + c
             self.index += 1
             self.pc += iw
             if not going:
                 break
         return MachineRun(self.mem, self.index, None if self.unknown_cycles else self.cycle, dict(self.per_op),
-                          self.spad)
+                          self.spad, list(self.instr_cycles), dict(self.op_cycles), dict(self.layer_cycles))
 
 
 _STANDARD_ROPE_TABLE = R.rope_params(np.zeros(1), 1.0)[1]
 
 
 def run(compiled_or_image, engine: EngineParams | None = None, accel: AccelParams | None = None, *,
-        max_instrs: int | None = None) -> MachineRun:
-    """Execute a memory image (or a ``hw.compile.Compiled``: its image) from word 0 until HALT."""
+        max_instrs: int | None = None, mem: CM.MemTiming | None = None) -> MachineRun:
+    """Execute a memory image (or a ``hw.compile.Compiled``: its image, and its program's notes label
+    ``layer_cycles``) from word 0 until HALT; cycles for the memory ``mem`` (``hw.controller_model``)."""
     image = getattr(compiled_or_image, "image", compiled_or_image)
     engine = engine if engine is not None else getattr(compiled_or_image, "engine", None)
     accel = accel if accel is not None else getattr(compiled_or_image, "accel", None)
     if engine is None or accel is None:
         raise MachineError("run: an image needs its EngineParams and AccelParams")
-    return Machine(np.asarray(image, np.uint8), engine, accel).run(max_instrs)
+    prog = getattr(compiled_or_image, "program", None)
+    notes = [i.note for i in prog] if prog is not None else None
+    return Machine(np.asarray(image, np.uint8), engine, accel, mem, notes).run(max_instrs)

@@ -1,0 +1,335 @@
+"""A behavioural cycle model of the accelerator's controller (``hw.controller``) beside the RTL, for a
+memory that never stalls (``sim.accel_sim``'s model with stall profile ``none``): a read job accepted
+in cycle c delivers its first word at c + ``latency``, then one word per cycle (``words_per_cycle`` < 1
+thins that out: word j of a job no earlier than ``j / words_per_cycle`` cycles after its first); a write
+is accepted at once and answered ``latency`` cycles later.
+
+The rules, read off the RTL (``docs/isa.md``, "Controller"; ``tests/sim/test_cycle_model.py`` holds
+whole compiled programs to the RTL's MARK counts under Verilator):
+
+* the first instruction is fetched on read port 0 (``INSTR_BITS / W`` words): the controller decodes
+  it at cycle ``latency + IW``; every later one is prefetched on read port 1 while the previous one
+  executes: the request leaves in the GO cycle, the instruction is decodable ``latency + IW`` cycles
+  later. An instruction a client runs for ``busy`` cycles (high from the cycle after GO) takes
+  ``max(busy + 4, latency + IW + 2)`` cycles from its DECODE to the next DECODE (DECODE, GO, WAIT
+  until busy falls, NEXT); NOP refetches (``latency + IW + 2``), HALT stops the counter one cycle on.
+* MemOps (``busy_cycles``): LOAD ``2 + latency + n`` (+1 indexed; the words' arrival with
+  ``words_per_cycle`` < 1), STORE ``n + words + latency + 2`` (one element per cycle, one bubble per
+  word written, then the last write's answer), MARK ``latency + 2`` (the counter it stores is the
+  value at DECODE + 2), SCATTER field by field: read, check, and on a word miss a write-back of the
+  dirty word, a wait for every answer, a read of the word.
+* ENGINE: 18 cycles of checks and the restoring division of k_beats by group_beats, then the streams
+  (``engine_run``): activations one spad element per cycle (``pe_lanes + 1`` cycles per beat), the
+  weight jobs (one per tile, at most ``QUEUE`` outstanding) and the scale job from memory, the
+  engine's issue, pipeline and output bank as ``hw.engine_model`` states them, and the output beats
+  written to the spad one row per cycle (``pe_rows + 1`` cycles per beat).
+* special-function units: their own ``cycles`` model (``hw.sfu.registry``).
+
+``program_timeline`` gives every instruction's DECODE cycle and its cycles, the value each MARK writes
+and the total the accelerator's ``cycles`` counter shows at ``done``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .engine import Mode, layouts
+from .engine_model import PIPE_DRAIN
+from .isa import ENGINE_MODE_MASK, FLAG_INDEXED, INSTR_BITS, UNIT_OPS, Instr, Op
+from .params import AccelParams, EngineParams
+
+__all__ = ["MemTiming", "busy_cycles", "engine_run", "scatter_busy", "program_timeline", "Timeline",
+           "CycleModelError", "ENGINE_SETUP", "QUEUE"]
+
+#: jobs a read port of the memory model accepts before it throttles (``sim.accel_sim.QUEUE``)
+QUEUE = 4
+#: ENGINE's cycles before its streams run: CHECK (1) and the 16-step division plus its last state (17)
+ENGINE_SETUP = 18
+
+
+class CycleModelError(ValueError):
+    """An instruction the model cannot time (no unit model, a memory parameter out of range)."""
+
+
+@dataclass(frozen=True)
+class MemTiming:
+    """The memory the model assumes: never stalls, ``latency`` cycles to a job's first word (and to a
+    write's answer), ``words_per_cycle`` (0, 1] per read port."""
+
+    latency: int = 8
+    words_per_cycle: float = 1.0
+
+    def __post_init__(self):
+        if not 1 <= int(self.latency) <= 4096:
+            raise CycleModelError(f"latency {self.latency}: must be 1..4096 cycles")
+        if not 0.0 < float(self.words_per_cycle) <= 1.0:
+            raise CycleModelError(f"words_per_cycle {self.words_per_cycle}: must be in (0, 1]")
+
+    def gap(self, j: int) -> int:
+        """Cycles from a job's first word to its word j at this port's rate."""
+        return j if self.words_per_cycle >= 1.0 else int(-(-j // self.words_per_cycle))
+
+
+def _words(bits: int, W: int) -> int:
+    return -(-bits // W)
+
+
+class _ReadPort:
+    """Read jobs on one port: at most QUEUE outstanding, words in order, the next job's first word no
+    earlier than the cycle after the previous job's last one."""
+
+    def __init__(self, mem: MemTiming):
+        self.mem = mem
+        self.jobs: list[list] = []   # [accept, count, first word's cycle or None, last word's cycle or None]
+
+    def accept(self, want: int) -> int:
+        """Cycle a job wanted at ``want`` is accepted (a free queue slot: QUEUE jobs back finished)."""
+        t = want
+        if self.jobs:
+            t = max(t, self.jobs[-1][0] + 1)
+        if len(self.jobs) >= QUEUE:
+            old = self.jobs[-QUEUE]
+            if old[3] is None:
+                raise AssertionError("a job's slot asked before its words were delivered")
+            t = max(t, old[3] + 1)
+        return t
+
+
+def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTiming) -> int:
+    """ENGINE's busy cycles: ``ENGINE_SETUP`` plus the RUN state (from the cycle the streams start to
+    the one after the last output row is written)."""
+    p, W, Lat = engine, accel.mem_word_bits, mem.latency
+    lay = layouts(p)
+    from . import beats as B
+    WB = _words(B.width(lay["weight"]), W)
+    SB = _words(B.width(lay["scale"]), W)
+    R, Ln = p.pe_rows, p.pe_lanes
+    mode = Mode(ins.flags & ENGINE_MODE_MASK)
+    T, kb, gb, tiles = ins.m, ins.n, ins.k, ins.s
+    wpt = 2 * kb if mode == Mode.SPARSE else kb
+    need_scale = mode != Mode.PV
+    # activations: one element per cycle, a beat every pe_lanes + 1 cycles; the cmd beat at cycle 0,
+    # the engine takes the last word at (Ln + 1) * words and issues from the next cycle
+    first_issue = (Ln + 1) * T * wpt + 1
+
+    # weight words: one job of kb * WB words per tile on read port 0; scale words: one job on port 1
+    def word_stream(jobs_words: list[int]):
+        return {"jobs": jobs_words}
+
+    # state of the weight stream
+    w_acc: list[int] = []          # accept cycle of each tile's job
+    w_last: list[int | None] = []  # cycle its last word was delivered
+    w_prev_word = None             # delivery cycle of the previous weight word
+    w_gather_free = 0              # the gather can take a word from this cycle (WB > 1)
+
+    def w_job_accept(j: int) -> int:
+        t = 0 if j == 0 else w_acc[j - 1] + 1
+        if j >= QUEUE:
+            t = max(t, w_last[j - QUEUE] + 1)
+        return t
+
+    s_acc = 0
+    s_prev_word = None
+    s_gather_free = 0
+    s_word_index = 0
+
+    def deliver(first_ok: int, j_in_job: int, job_first: int, prev_word, ready_from: int) -> int:
+        """Delivery cycle of a word: its job's first word + its rate gap, after the previous word,
+        and once the consumer can take it."""
+        t = max(job_first + mem.gap(j_in_job), ready_from)
+        if prev_word is not None:
+            t = max(t, prev_word + 1)
+        return max(t, first_ok)
+
+    issue = first_issue - 1  # the cycle of the previous op's issue
+    delay_from = 0           # extra cycles stalls added so far (part of ``issue``)
+    bank_free = None         # the cycle the bank's tile's last beat left
+    out_free = 0             # the streamer takes an output beat from this cycle
+    last_accept = 0
+    n_groups = kb // gb if need_scale else 0
+    s_job_first = None
+    for ti in range(tiles):
+        j = ti
+        acc = w_job_accept(j)
+        w_acc.append(acc)
+        w_last.append(None)
+        job_first = acc + Lat
+        wi = 0  # word within the job
+        for b in range(kb):
+            # the weight beat's words (WB of them) arrive; with WB > 1 the gather holds one beat
+            for _ in range(WB):
+                d = deliver(0, wi, job_first, w_prev_word, w_gather_free if WB > 1 else 0)
+                w_prev_word = d
+                wi += 1
+            if WB > 1:
+                w_valid = w_prev_word + 1
+            else:
+                w_valid = w_prev_word  # a wire: the word is taken when the beat is
+            s_valid = None
+            if need_scale and (b + 1) % gb == 0:
+                if s_job_first is None:
+                    s_acc = 0
+                    s_job_first = s_acc + Lat
+                for _ in range(SB):
+                    d = deliver(0, s_word_index, s_job_first, s_prev_word, s_gather_free if SB > 1 else 0)
+                    s_prev_word = d
+                    s_word_index += 1
+                s_valid = s_prev_word + 1 if SB > 1 else s_prev_word
+            # T ops issue on consecutive cycles once the beats are valid
+            t0 = max(issue + 1, w_valid, s_valid if s_valid is not None else 0)
+            last = t0 + T - 1
+            if b == kb - 1:
+                arm = last + PIPE_DRAIN
+                if bank_free is not None and arm < bank_free:
+                    stall = bank_free - arm
+                    arm = bank_free
+                    last += stall  # the pipeline stalls: every later op issues that much later
+                    delay_from += stall
+                # output beats: one per token, each taken when the streamer is free
+                a = arm
+                for t in range(T):
+                    a = max(a + 1, out_free)
+                    out_free = a + R + 1
+                last_accept = a
+                bank_free = a
+            issue = last
+            # the beat is taken with its last token's op: a WB > 1 gather is free the next cycle
+            if WB > 1:
+                w_gather_free = last + 1
+            else:
+                w_prev_word = max(w_prev_word, last)  # the word leaves the memory when taken
+            if s_valid is not None:
+                if SB > 1:
+                    s_gather_free = last + 1
+                else:
+                    s_prev_word = max(s_prev_word, last)
+        w_last[j] = w_prev_word
+    del n_groups, word_stream, delay_from
+    # the last beat's rows: R cycles of writes, then the RUN state sees o_ti == tiles
+    run = last_accept + R + 2
+    return ENGINE_SETUP + run
+
+
+def scatter_busy(ins: Instr, accel: AccelParams, mem: MemTiming) -> int:
+    """SCATTER's busy cycles: per field a spad read and a check; a field in another word than the
+    cached one writes the dirty word back, waits for every answer and reads its word."""
+    W, Lat = accel.mem_word_bits, mem.latency
+    if ins.m == 0 or ins.n == 0:
+        return 2  # DRAIN only (nothing outstanding)
+    lgW = W.bit_length() - 1
+    t = 0                 # the cycle of the next X_RD (busy starts at 0)
+    cache, dirty = None, False
+    drained = 0           # cycle from which no write is outstanding
+    prow = (ins.d << lgW) + ins.e
+    for o in range(ins.m):
+        pos = prow + o * ins.f
+        for i in range(ins.n):
+            word = (pos + i * ins.k) >> lgW
+            chk = t + 1
+            if cache is not None and cache == word:
+                t = chk + 1
+            else:
+                if cache is not None and dirty:
+                    wb = chk + 1                 # X_WB: the write is accepted at once
+                    drained = wb + Lat + 1
+                    fill = max(wb + 1, drained)  # X_FILL waits for every answer
+                else:
+                    fill = max(chk + 1, drained)
+                chk2 = fill + Lat + 1            # X_FDATA: the word arrives latency cycles on
+                cache = word
+                t = chk2 + 1
+            dirty = True
+    # X_FLUSH at t: the dirty word written back, then DRAIN until answered
+    drained = t + Lat + 1
+    return max(t + 1, drained) + 1
+
+
+def busy_cycles(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTiming | None = None,
+                unit_models: dict | None = None) -> int:
+    """Cycles the client that runs ``ins`` holds ``busy`` high (from the cycle after GO)."""
+    mem = mem or MemTiming()
+    Lat = mem.latency
+    op = Op(ins.op)
+    W = accel.mem_word_bits
+    if op == Op.LOAD:
+        if ins.n == 0:
+            return 2
+        nw = _words(ins.n * ins.w, W)
+        epw = W // ins.w
+        # element k of word j: no earlier than the word's arrival, one element per cycle
+        t = -1
+        for j in range(nw):
+            arrive = Lat + mem.gap(j)
+            first = max(t + 1, arrive)
+            t = first + min(epw, ins.n - j * epw) - 1
+        return 2 + (1 if ins.flags & FLAG_INDEXED else 0) + t + 1
+    if op == Op.STORE:
+        if ins.n == 0:
+            return 2
+        nw = _words(ins.n * ins.w, W)
+        return ins.n + nw + max(Lat + 1, 2) + 1
+    if op == Op.MARK:
+        return Lat + 2
+    if op == Op.SCATTER:
+        return scatter_busy(ins, accel, mem)
+    if op == Op.ENGINE:
+        return engine_run(ins, engine, accel, mem)
+    if op in UNIT_OPS:
+        models = unit_models if unit_models is not None else _unit_models()
+        model = models.get(op)
+        if model is None:
+            raise CycleModelError(f"{op.name}: no special-function unit with a cycle model in hw.sfu.registry")
+        return int(model(ins, accel))
+    raise CycleModelError(f"{op.name}: not run by a client")
+
+
+def _unit_models() -> dict:
+    from .sfu.registry import available_units
+    return {op: getattr(cls, "cycles", None) for op, cls in available_units().items()}
+
+
+@dataclass
+class Timeline:
+    """``decode[i]``: the cycle instruction i is decoded; ``cycles[i]``: to the next decode (HALT: 1);
+    ``marks``: the value each MARK writes, by its destination word; ``total``: the ``cycles`` counter
+    at ``done``."""
+
+    decode: list[int] = field(default_factory=list)
+    cycles: list[int] = field(default_factory=list)
+    marks: dict[int, int] = field(default_factory=dict)
+    total: int = 0
+
+
+def instr_period(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTiming,
+                 unit_models: dict | None = None) -> int:
+    """Cycles from ``ins``'s DECODE to the next instruction's DECODE (the prefetching controller)."""
+    IW = INSTR_BITS // accel.mem_word_bits
+    op = Op(ins.op)
+    if op == Op.HALT:
+        return 1
+    refetch = mem.latency + mem.gap(IW - 1) + 1 + 2
+    if op == Op.NOP:
+        return refetch
+    b = busy_cycles(ins, engine, accel, mem, unit_models)
+    return max(b + 4, refetch)
+
+
+def program_timeline(program: list[Instr], engine: EngineParams, accel: AccelParams,
+                     mem: MemTiming | None = None) -> Timeline:
+    """The model's timeline of a straight-line program (every compiled program is one) run to HALT."""
+    mem = mem or MemTiming()
+    IW = INSTR_BITS // accel.mem_word_bits
+    models = _unit_models()
+    tl = Timeline()
+    t = mem.latency + mem.gap(IW - 1) + 1  # the first fetch: requested at cycle 0
+    for ins in program:
+        tl.decode.append(t)
+        c = instr_period(ins, engine, accel, mem, models)
+        tl.cycles.append(c)
+        if ins.op == Op.MARK:
+            tl.marks[ins.d] = t + 2
+        t += c
+        if ins.op == Op.HALT:
+            break
+    tl.total = t
+    return tl
