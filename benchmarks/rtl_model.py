@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     from sim.model_check import simulate_model
 
     cfg = load_hw(args.hw)
+    commit = _git_commit()  # at the start: the sources this run imports and builds
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     res = simulate_model(args.artifact, cfg.engine, cfg.accelerator, args.sim, args.prompt, args.tokens,
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     out = {
         "command": "OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python " + shlex.join(
             ["benchmarks/rtl_model.py"] + (sys.argv[1:] if argv is None else list(argv))),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.machine()},
         "tool_versions": _versions(),
