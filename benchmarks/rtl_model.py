@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", default="layers", help="what the program stores for comparison (hw.compile)")
     ap.add_argument("--stall-profile", default="asymmetric")
     ap.add_argument("--max-cycles", type=int, default=4_000_000_000, help="the RTL's cycle budget")
-    ap.add_argument("--build-dir", default="/tmp/accllm-rtl-model", help="run folders (images are large)")
+    ap.add_argument("--build-dir", default=str(ROOT / "build" / "sim"), help="run folders (a SmolLM2 run leaves 1.4 GB of image files)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/rtl_smollm2.json"))
     args = ap.parse_args(argv)
     if args.tokens < 1:
