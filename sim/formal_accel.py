@@ -272,6 +272,19 @@ class ControllerSpec(Elaboratable):
         m.d.comb += Assert(beat <= IW)
         with m.If((st != S["FETCH"]) & (st != S["FETCH_DATA"])):
             m.d.comb += Assert(rd.owed == 0)
+        # the prefetch master (instruction pc + 1 while a client runs): the same rules, its job the next
+        # instruction's IW words, all taken before an instruction is decoded
+        if hasattr(c, "mpf"):
+            pf = _ReadOwed(m, c.mpf, "mpf")
+            _stream_rules(m, c.mpf.req, started, "prefetch_req")
+            gopc = Signal(32)   # pc of the dispatched instruction (pc moves on in WAIT)
+            with m.If(st == S["GO"]):
+                m.d.sync += gopc.eq(c.pc)
+            with m.If(c.mpf.req.valid):
+                m.d.comb += [Assert(c.mpf.req.payload.addr == (Mux(st == S["GO"], c.pc, gopc) + 1) * IW),
+                             Assert(c.mpf.req.payload.count == IW)]
+            with m.If(st == S["DECODE"]):
+                m.d.comb += Assert(pf.owed == 0)
         prev_st = Signal(range(len(CTRL_STATES)))
         m.d.sync += prev_st.eq(st)
         with m.If(started & (st == S["DECODE"]) & (prev_st == S["FETCH_DATA"])):
@@ -438,6 +451,9 @@ BUGS = {
         "P1: the fetch moves on without the memory taking its request (valid dropped)",
         "with m.If(self.mrd.req.ready):\n                        m.d.sync += k.eq(0)",
         "with m.If(1):\n                        m.d.sync += k.eq(0)"),
+    "prefetch_wrong_pc": (
+        "P3: the prefetch reads the instruction after the next one",
+        "pf_addr.eq((pc + 1) * IW)", "pf_addr.eq((pc + 2) * IW)"),
     "tile_stride_ignored": (
         "P3: ENGINE reads the weight tiles back to back, ignoring the tile stride f",
         "w_addr.eq(w_addr + w_stride)", "w_addr.eq(w_addr + ins.n * WB)"),
