@@ -1,7 +1,9 @@
 """The controller's cycle model (``hw.controller_model``, what ``hw.machine`` reports) against the RTL:
 whole compiled programs of a tiny Llama (prefill of 6 tokens, then decode steps) under Verilator with a
 memory that never stalls, the MARK counters the RTL writes (prefill, each decode step) and its cycle
-counter at ``done`` held to the model's, on ``ci-small`` at two memory latencies. The test asks for exact agreement (the model is meant to be
+counter at ``done`` held to the model's — on ``ci-small``, on a larger engine (8 rows x 16 lanes,
+mm_tokens 4) and on a slice of the ``u280`` engine (its 32 lanes and mm_tokens 4, 4 rows, a tiny Llama
+with head_dim 32); ci-small at two memory latencies. The test asks for exact agreement (the model is meant to be
 the RTL's own rules) and reports the worst relative error; issue 14 asks for 5 %.
 
 One Verilator build per engine (minutes each on a busy machine), cached in build/accel and shared by
@@ -10,6 +12,7 @@ the latencies (a run-time argument of the memory model).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from hw import controller_model as CM
 from hw.compile import compile_generation
 from hw.isa import INSTR_BITS
 from hw.machine import run as machine_run
+from hw.params import AccelParams
 from sim.accel_sim import run_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hw"))
@@ -28,9 +32,14 @@ from compile_models import build_artifact, integer_model, prompt_ids  # noqa: E4
 
 pytestmark = pytest.mark.slow
 CI = load_hw("ci-small")
+U280 = load_hw("u280")
 
 CONFIGS = {
-    "ci-small": (CI.engine, CI.accelerator, 64),
+    "ci-small": (CI.engine, CI.accelerator, 64, (8, 40)),
+    "8x16-mm4": (dataclasses.replace(CI.engine, pe_rows=8, pe_lanes=16, mm_tokens=4, act_buffer_bytes=16384),
+                 CI.accelerator, 64, (8,)),
+    "u280-slice": (dataclasses.replace(U280.engine, pe_rows=4, max_reduction_len=4096, act_buffer_bytes=16384),
+                   AccelParams(mem_word_bits=256, spad_words=16384), 128, (8,)),
 }
 
 
@@ -79,9 +88,9 @@ def worst_error(rtl: dict, model: dict, rtl_total: int, model_total: int) -> flo
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_whole_programs_match_the_rtl(name, specs):
-    engine, accel, hidden = CONFIGS[name]
+    engine, accel, hidden, latencies = CONFIGS[name]
     compiled = compile_generation(specs(hidden), engine, accel, prompt_ids(6, seed=3), 3, trace="layers")
-    for latency in (8, 40):
+    for latency in latencies:
         rtl = run_accelerator(engine, accel, compiled.image, simulator="verilator", stall_profile="none",
                               mem_latency=latency, max_cycles=5_000_000)
         assert rtl.error == 0, rtl.error_name
