@@ -3,7 +3,7 @@ whole compiled programs of a tiny Llama (prefill of 6 tokens, then decode steps)
 memory that never stalls, the MARK counters the RTL writes (prefill, each decode step) and its cycle
 counter at ``done`` held to the model's — on ``ci-small``, on a larger engine (8 rows x 16 lanes,
 mm_tokens 4) and on a slice of the ``u280`` engine (its 32 lanes and mm_tokens 4, 4 rows, a tiny Llama
-with head_dim 32); ci-small at two memory latencies. The test asks for exact agreement (the model is meant to be
+with head_dim 32), each at two memory latencies. The test asks for exact agreement (the model is meant to be
 the RTL's own rules) and reports the worst relative error; issue 14 asks for 5 %.
 
 One Verilator build per engine (minutes each on a busy machine), cached in build/accel and shared by
@@ -37,9 +37,9 @@ U280 = load_hw("u280")
 CONFIGS = {
     "ci-small": (CI.engine, CI.accelerator, 64, (8, 40)),
     "8x16-mm4": (dataclasses.replace(CI.engine, pe_rows=8, pe_lanes=16, mm_tokens=4, act_buffer_bytes=16384),
-                 CI.accelerator, 64, (8,)),
+                 CI.accelerator, 64, (8, 40)),
     "u280-slice": (dataclasses.replace(U280.engine, pe_rows=4, max_reduction_len=4096, act_buffer_bytes=16384),
-                   AccelParams(mem_word_bits=256, spad_words=16384), 128, (8,)),
+                   AccelParams(mem_word_bits=256, spad_words=16384), 128, (8, 40)),
 }
 
 
