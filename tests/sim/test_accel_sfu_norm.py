@@ -9,6 +9,7 @@ its spad mux and real memory traffic, and the Verilog they become."""
 
 import numpy as np
 import pytest
+import shared_build  # tests/sim/shared_build.py: the one Verilator build of the whole accelerator
 
 from hw.isa import FLAG_SIGNED, Instr, Op
 from hw.params import AccelParams, EngineParams
@@ -58,9 +59,11 @@ def unit_program(accel: AccelParams, ins: Instr, inputs, dest: int, expected, se
 def run_case(ins, inputs, dest, expected, *, simulator="amaranth", stall="none", spad_words=4096, seed=0,
              **kw):
     """Run the program; check the frame and the cycles between the MARKs. Returns the AccelRun."""
-    accel = AccelParams(spad_words=spad_words)
+    accel, units = AccelParams(spad_words=spad_words), UNITS
+    if simulator != "amaranth":  # the Verilog every whole-accelerator test shares (one build)
+        accel, units = shared_build.ACCEL, shared_build.UNITS
     image, checks, marks, base = unit_program(accel, ins, inputs, dest, expected, seed)
-    run = run_accelerator(EngineParams(), accel, image, simulator=simulator, units=UNITS, seed=seed,
+    run = run_accelerator(EngineParams(), accel, image, simulator=simulator, units=units, seed=seed,
                           stall_profile=stall, **kw)
     assert run.error_name == "NONE", (run.error_name, run.pc)
     bad = check_memory(run.mem, accel, checks)

@@ -7,6 +7,7 @@ The unit tests (tests/hw/test_sfu_quantize.py, test_sfu_pv.py) cover the edges e
 
 import numpy as np
 import pytest
+import shared_build  # tests/sim/shared_build.py: the one Verilator build of the whole accelerator
 
 from hw.isa import FLAG_SIGNED, Instr, Op
 from hw.params import AccelParams, EngineParams
@@ -120,9 +121,9 @@ def test_quant_pv_units_through_the_top_verilator(tmp_path):
     """The accelerator's Verilog (these four units and RESID_ADD) under Verilator: stalling memory, then
     memory that never stalls (exact cycles); one build."""
     image, checks, marks, instrs = build_program(seed=22)
-    run = run_accelerator(EngineParams(), ACCEL, image, simulator="verilator", units=UNITS,
+    run = run_accelerator(EngineParams(), shared_build.ACCEL, image, simulator="verilator", units=shared_build.UNITS,
                           run_dir=tmp_path / "run", watchdog_cycles=20000, stall_profile="asymmetric")
     _check_run(run, checks, marks, instrs, "asymmetric")
-    run = run_accelerator(EngineParams(), ACCEL, image, simulator="verilator", units=UNITS,
+    run = run_accelerator(EngineParams(), shared_build.ACCEL, image, simulator="verilator", units=shared_build.UNITS,
                           run_dir=tmp_path / "run2", watchdog_cycles=20000, stall_profile="none")
     _check_run(run, checks, marks, instrs, "none")

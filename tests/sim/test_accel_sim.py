@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import shared_build  # tests/sim/shared_build.py: the one Verilator build of the whole accelerator
 
 from hw import machine
 from hw.controller import AccelError
@@ -16,10 +17,12 @@ from sim.accel_programs import (ImageBuilder, check_memory, engine_program, load
 from sim.accel_sim import AccelHang, MemoryRangeError, run_accelerator
 
 P = EngineParams()
-A256 = AccelParams(mem_word_bits=256, spad_words=2048)
+A256 = shared_build.ACCEL  # 256-bit words; the Verilator tests share its build
 A64 = AccelParams(mem_word_bits=64, spad_words=2048)
-#: the units these programs use: a smaller design builds faster (every unit is in the slow test)
-UNITS = [Op.RESID_ADD]
+#: every unit: the Verilator tests run on the one shared build (tests/sim/shared_build.py)
+UNITS = shared_build.UNITS
+#: what the programs use, for the simulators that elaborate or build a design per run (Amaranth, Icarus)
+SMALL = [Op.RESID_ADD]
 needs_iverilog = pytest.mark.skipif(shutil.which("iverilog") is None, reason="iverilog not installed "
                                     "(apt-get install iverilog)")
 
@@ -75,6 +78,7 @@ def test_verilator_errors_and_hangs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a second accelerator build (64-bit words); Amaranth covers W=64 by default
 def test_verilator_w64_bursty_all_units(tmp_path):
     """The same programs with 64-bit memory words (multi-word instructions and beats), bursty stalls,
     on the accelerator with every unit that exists."""
@@ -87,7 +91,7 @@ def test_icarus_engine_program(tmp_path):
     """One ENGINE program (and its LOAD/STORE) under Icarus, bursty stalls: the Verilog is portable."""
     img, checks, _ = engine_program(P, A256, "dense", 2, tokens=2, k_beats=2, n=6, b=13, i0=8, g=1)
     r = run_accelerator(P, A256, img, simulator="icarus", stall_profile="bursty", mem_latency=9,
-                        run_dir=tmp_path / "icarus", units=UNITS)
+                        run_dir=tmp_path / "icarus", units=SMALL)
     assert r.error == 0
     assert not check_memory(r.mem, A256, checks)
 
@@ -123,7 +127,8 @@ def test_final_memory_equals_machine_model(simulator, tmp_path):
     count = 4 if simulator == "amaranth" else 14
     for i, (img, checks, info) in enumerate(_random_programs(A256, 100 + (simulator == "verilator"), count)):
         r = run_accelerator(P, A256, img, simulator=simulator, stall_profile=("asymmetric", "bursty")[i % 2],
-                            mem_latency=3 + i, seed=i, run_dir=tmp_path / f"p{i}", units=UNITS)
+                            mem_latency=3 + i, seed=i, run_dir=tmp_path / f"p{i}",
+                            units=UNITS if simulator != "amaranth" else SMALL)
         ref = machine.run(img, P, A256)
         assert r.error == 0 and r.instrs == ref.instrs
         got, exp = r.mem.copy(), ref.mem.copy()

@@ -86,7 +86,10 @@ def worst_error(rtl: dict, model: dict, rtl_total: int, model_total: int) -> flo
     return max(abs(m - r) / r for r, m in pairs)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+# ci-small runs by default; the other two each need their own Verilator build (about 10 minutes on 2
+# busy cores): `make test-heavy`
+@pytest.mark.parametrize("name", [n if n == "ci-small" else pytest.param(n, marks=pytest.mark.heavy)
+                                  for n in CONFIGS])
 def test_whole_programs_match_the_rtl(name, specs):
     engine, accel, hidden, latencies = CONFIGS[name]
     compiled = compile_generation(specs(hidden), engine, accel, prompt_ids(6, seed=3), 3, trace="layers")

@@ -23,6 +23,10 @@ from sim.unit_verilator import build_units
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hw"))
 from sfu_check import check_unit, sentinel_spad  # noqa: E402
 
+# the units' own Verilator harness (its own build): every unit also runs under Verilator through the
+# accelerator in the default run (tests/sim/test_accel_sfu_*.py); these extreme sizes: `make test-heavy`
+pytestmark = pytest.mark.heavy
+
 DEPTH = 1 << 18
 FXMIN, FXMAX = -2**31, 2**31 - 1
 
