@@ -13,22 +13,17 @@ A row of N = 0 reads and writes nothing (the reference refuses it)."""
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, Signal, signed
-from amaranth.lib import wiring
 
 from ..isa import Instr
 from ..params import AccelParams
-from .base import SPAD_BITS, UnitSignature
+from .base import SPAD_BITS, Unit
 
 
 def cycles(ins: Instr, params: AccelParams | None = None) -> int:
     return ins.m * ((ins.n + 1) // 2) + 1
 
 
-class Argmax(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class Argmax(Unit):
     cycles = staticmethod(cycles)
 
     def elaborate(self, platform):

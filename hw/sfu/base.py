@@ -41,3 +41,12 @@ class UnitSignature(wiring.Signature):
             "start": In(1), "instr": In(instr_layout()), "busy": Out(1),
             "rd0": Out(SpadRead(addr_bits)), "rd1": Out(SpadRead(addr_bits)), "wr": Out(SpadWrite(addr_bits)),
         })
+
+
+class Unit(wiring.Component):
+    """The base of every special-function unit: the interface above for ``params`` (an ``AccelParams``),
+    kept as ``self.params``. Subclasses give ``elaborate`` and a static ``cycles(ins, params)``."""
+
+    def __init__(self, params):
+        self.params = params
+        super().__init__(UnitSignature(params.spad_addr_bits))

@@ -14,25 +14,20 @@ word is clamped to 127 first); ``multipliers_for`` emits 0..62. Cycle model: ``c
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, Signal, signed
-from amaranth.lib import wiring
 
 from quant.formats import EMBED_CODE, FX, REQ_MULT
 
 from ..isa import Instr
 from ..params import AccelParams
 from . import arith as A
-from .base import UnitSignature
+from .base import Unit
 
 
 def cycles(ins: Instr, params: AccelParams | None = None) -> int:
     return ins.m * (ins.n + 1) + 1 if ins.n else 1
 
 
-class Embed(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class Embed(Unit):
     cycles = staticmethod(cycles)
 
     def elaborate(self, platform):

@@ -20,14 +20,13 @@ low 17 and 32 bits), |acc| < 2**24 (25 bits), wmax and 1905*esum below 2**62."""
 from __future__ import annotations
 
 from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import wiring
 
 from quant.formats import ACT_QMAX, FX, KV_QMAX, RECIP_NUM_BITS
 
 from ..isa import Instr
 from ..params import AccelParams
 from . import arith as A
-from .base import UnitSignature
+from .base import Unit
 from .rows import RowSequencer
 
 
@@ -39,11 +38,7 @@ def pv_out_cycles(ins: Instr, params: AccelParams | None = None) -> int:
     return ins.m * (ins.n + 1) + 1
 
 
-class PvWeights(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class PvWeights(Unit):
     cycles = staticmethod(pv_weights_cycles)
 
     def elaborate(self, platform):
@@ -83,11 +78,7 @@ class PvWeights(wiring.Component):
         return m
 
 
-class PvOut(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class PvOut(Unit):
     cycles = staticmethod(pv_out_cycles)
 
     def elaborate(self, platform):

@@ -17,14 +17,13 @@ element as signed. The divisions are combinational ``//`` (``arith.round_div``) 
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import wiring
 
 from quant.formats import ACT_QMAX, KV_QMAX
 
 from ..isa import Instr
 from ..params import AccelParams
 from . import arith as A
-from .base import UnitSignature
+from .base import Unit
 from .rows import RowSequencer
 
 
@@ -36,11 +35,7 @@ def quant_kv_cycles(ins: Instr, params: AccelParams | None = None) -> int:
     return ins.m * (2 * ins.n + 2) + 1
 
 
-class QuantAct(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class QuantAct(Unit):
     cycles = staticmethod(quant_act_cycles)
 
     def elaborate(self, platform):
@@ -75,11 +70,7 @@ class QuantAct(wiring.Component):
         return m
 
 
-class QuantKV(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class QuantKV(Unit):
     cycles = staticmethod(quant_kv_cycles)
 
     def elaborate(self, platform):

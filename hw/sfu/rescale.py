@@ -13,14 +13,13 @@ take its mantissa, one to issue the first element's reads, two per element; one 
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import wiring
 
 from quant.formats import FX, REQ_SHIFT_MAX
 
 from ..isa import Instr
 from ..params import AccelParams
 from . import arith as A
-from .base import UnitSignature
+from .base import Unit
 
 
 def cycles(ins: Instr, params: AccelParams | None = None) -> int:
@@ -28,11 +27,7 @@ def cycles(ins: Instr, params: AccelParams | None = None) -> int:
     return ins.m * per_row + 1
 
 
-class Rescale(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class Rescale(Unit):
     cycles = staticmethod(cycles)
 
     def elaborate(self, platform):

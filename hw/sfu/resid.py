@@ -7,24 +7,19 @@ is written (here one cycle after the read, in general after the unit's pipeline)
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, Signal, signed
-from amaranth.lib import wiring
 
 from quant.formats import FX
 
 from ..isa import Instr
 from ..params import AccelParams
-from .base import UnitSignature
+from .base import Unit
 
 
 def cycles(ins: Instr, params: AccelParams | None = None) -> int:
     return ins.m * ins.n + 1
 
 
-class ResidAdd(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class ResidAdd(Unit):
     cycles = staticmethod(cycles)
 
     def elaborate(self, platform):

@@ -23,7 +23,6 @@ Inputs are Q15.16 (the low 32 bits of each spad word). Cycle model:
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 
 from quant import formats as F
@@ -33,7 +32,7 @@ from quant.formats import FX
 from ..isa import Instr
 from ..params import AccelParams
 from . import arith as A
-from .base import UnitSignature
+from .base import Unit
 from .rows import RowSequencer
 
 
@@ -46,11 +45,7 @@ def cycles(ins: Instr, params: AccelParams | None = None) -> int:
     return ins.m * steps(ins.n) + 1
 
 
-class RmsNorm(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class RmsNorm(Unit):
     cycles = staticmethod(cycles)
 
     def elaborate(self, platform):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 
 from quant import formats as F
@@ -27,7 +26,7 @@ from quant import reference as R
 from ..isa import Instr
 from ..params import AccelParams
 from . import arith as A
-from .base import UnitSignature
+from .base import Unit
 
 
 def cycles(ins: Instr, params: AccelParams | None = None) -> int:
@@ -40,11 +39,7 @@ def sine_table() -> np.ndarray:
     return R.rope_params(np.zeros(0), 1.0)[1]
 
 
-class Rope(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class Rope(Unit):
     cycles = staticmethod(cycles)
 
     def elaborate(self, platform):

@@ -13,7 +13,6 @@ Every product is exact at its full width (|s * u| < 2**63). Cycle model: ``cycle
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 
 from quant import formats as F
@@ -23,7 +22,7 @@ from quant.formats import FX
 from ..isa import Instr
 from ..params import AccelParams
 from . import arith as A
-from .base import UnitSignature
+from .base import Unit
 
 _LO = -F.SIGMOID_RANGE << F.FX_FRAC_BITS
 _HI = F.SIGMOID_RANGE << F.FX_FRAC_BITS
@@ -34,11 +33,7 @@ def cycles(ins: Instr, params: AccelParams | None = None) -> int:
     return ins.m * ins.n + 2
 
 
-class SiluMul(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class SiluMul(Unit):
     cycles = staticmethod(cycles)
 
     def elaborate(self, platform):

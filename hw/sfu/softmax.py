@@ -17,7 +17,6 @@ entry by min(integer part, 62) is written (N + 2 cycles). Cycle model ``T * (N +
 from __future__ import annotations
 
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 
 from quant import formats as F
@@ -26,7 +25,7 @@ from quant import reference as R
 from ..isa import Instr
 from ..params import AccelParams
 from . import arith as A
-from .base import UnitSignature
+from .base import Unit
 
 #: LOGITS: the effective shift s - eq - er is clamped to this window before the shifter (outside it
 #: the result does not change: |acc * mqc * mr| < 2**71, and the reference refuses s < -10)
@@ -41,11 +40,7 @@ def softmax_exp_cycles(ins: Instr, params: AccelParams | None = None) -> int:
     return ins.m * (ins.n + (ins.n + 1) // 2 + 4 if ins.n else 3) + 1
 
 
-class Logits(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class Logits(Unit):
     cycles = staticmethod(logits_cycles)
 
     def elaborate(self, platform):
@@ -112,11 +107,7 @@ class Logits(wiring.Component):
         return m
 
 
-class SoftmaxExp(wiring.Component):
-    def __init__(self, params: AccelParams):
-        self.params = params
-        super().__init__(UnitSignature(params.spad_addr_bits))
-
+class SoftmaxExp(Unit):
     cycles = staticmethod(softmax_exp_cycles)
 
     def elaborate(self, platform):
