@@ -73,6 +73,20 @@ def _load_module(modname: str, path: Path):
     return mod
 
 
+def patched_controller(name: str, old: str, new: str, owner: str, tag: str):
+    """A copy of hw/controller.py with ``old`` (which must occur exactly once) replaced by ``new``,
+    imported as its own module: (module, folder of the copy). ``owner`` names the file whose bug table
+    to update when the text is gone; ``tag`` keeps the module names of different users apart. Used by
+    ``load`` below and by sim/formal_accel.py."""
+    text = (HW / "controller.py").read_text()
+    if text.count(old) != 1:
+        raise RuntimeError(f"planted bug {name!r}: the text it replaces occurs {text.count(old)} times in "
+                           f"hw/controller.py (expected once): update {owner} to the new RTL")
+    folder = Path(tempfile.mkdtemp(prefix=f"{tag}-{name}-"))
+    (folder / "controller.py").write_text(text.replace(old, new).replace("from .", "from hw."))
+    return _load_module(f"_accllm_{tag.replace('-', '_')}_ctrl_{name}", folder / "controller.py"), folder
+
+
 def load(name: str):
     """The module of a copy of hw/accel.py whose controller has bug ``name`` (``.Accelerator``)."""
     if name not in BUGS:
@@ -80,14 +94,8 @@ def load(name: str):
     if name in _loaded:
         return _loaded[name]
     _, old, new = BUGS[name]
-    text = (HW / "controller.py").read_text()
-    if text.count(old) != 1:
-        raise RuntimeError(f"planted bug {name!r}: the text it replaces occurs {text.count(old)} times in "
-                           f"hw/controller.py (expected once): update sim/accel_planted.py to the new RTL")
-    folder = Path(tempfile.mkdtemp(prefix=f"accel-planted-{name}-"))
-    cname, aname = f"_accllm_ctrl_planted_{name}", f"_accllm_accel_planted_{name}"
-    (folder / "ctrl.py").write_text(text.replace(old, new).replace("from .", "from hw."))
-    _load_module(cname, folder / "ctrl.py")
+    ctrl, folder = patched_controller(name, old, new, "sim/accel_planted.py", "accel-planted")
+    cname, aname = ctrl.__name__, f"_accllm_accel_planted_{name}"
     atext = (HW / "accel.py").read_text()
     assert atext.count("from .controller import") == 1
     atext = atext.replace("from .controller import", f"from {cname} import").replace("from .", "from hw.")

@@ -31,19 +31,14 @@ shows each makes its proof fail.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import tempfile
-from pathlib import Path
-
 from amaranth.hdl import Assert, Assume, Cat, Const, Elaboratable, Module, Mux, Signal
 
 from hw.engine import Mode, max_reduction
 from hw.isa import ELEMENT_BITS, ENGINE_MODE_MASK, FLAG_INDEXED, INSTR_BITS, Op, instr_layout
 
-__all__ = ["MemOpsSpec", "ControllerSpec", "StreamerSpec", "ports_of", "BUGS", "load_controller"]
+from .accel_planted import patched_controller
 
-HW = Path(__file__).resolve().parent.parent / "hw"
+__all__ = ["MemOpsSpec", "ControllerSpec", "StreamerSpec", "ports_of", "BUGS", "load_controller"]
 
 
 def ports_of(component) -> list:
@@ -479,17 +474,6 @@ def load_controller(name: str):
     if name in _loaded:
         return _loaded[name]
     _, old, new = BUGS[name]
-    text = (HW / "controller.py").read_text()
-    if text.count(old) != 1:
-        raise RuntimeError(f"planted bug {name!r}: its text occurs {text.count(old)} times in hw/controller.py "
-                           f"(expected once): update sim/formal_accel.py BUGS to the current RTL")
-    folder = Path(tempfile.mkdtemp(prefix=f"formal-accel-{name}-"))
-    path = folder / "controller.py"
-    path.write_text(text.replace(old, new).replace("from .", "from hw."))
-    modname = f"_accllm_formal_ctrl_{name}"
-    spec = importlib.util.spec_from_file_location(modname, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[modname] = mod
-    spec.loader.exec_module(mod)
+    mod, _ = patched_controller(name, old, new, "sim/formal_accel.py BUGS", "formal-accel")
     _loaded[name] = mod
     return mod
