@@ -365,14 +365,29 @@ def decode_step(spec: Spec, token: int, n: int, caches: list[Cache], trace: Trac
 
 def generate(spec: Spec, prompt_ids, max_new_tokens: int) -> list[int]:
     """Greedy: prefill the prompt, then ``max_new_tokens`` decode steps (no stop token)."""
+    return _generate(spec, prompt_ids, max_new_tokens, None)
+
+
+def generate_traced(spec: Spec, prompt_ids, max_new_tokens: int) -> tuple[list[int], dict[str, np.ndarray]]:
+    """``generate``, keeping every step's trace under a step prefix ("prefill/layer0.out",
+    "step1/logits", ...: the names ``hw.compile`` traces its programs under)."""
+    traces: dict[str, np.ndarray] = {}
+    return _generate(spec, prompt_ids, max_new_tokens, traces), traces
+
+
+def _generate(spec: Spec, prompt_ids, max_new_tokens: int, traces: dict | None) -> list[int]:
     prompt = list(prompt_ids)
     if not prompt:
         raise FormatError("generate: empty prompt")
-    _, nxt, caches, _ = prefill(spec, prompt)
+    _, nxt, caches, tr = prefill(spec, prompt)
+    if traces is not None:
+        traces.update({f"prefill/{k}": v for k, v in tr.items()})
     out = [int(nxt[-1])]
     n = len(prompt)
     while len(out) < max_new_tokens:
-        _, tok, _ = decode_step(spec, out[-1], n, caches)
+        _, tok, tr = decode_step(spec, out[-1], n, caches)
+        if traces is not None:
+            traces.update({f"step{len(out)}/{k}": v for k, v in tr.items()})
         out.append(tok)
         n += 1
     return out[:max_new_tokens]

@@ -33,22 +33,8 @@ class ModelMismatch(RuntimeError):
     pass
 
 
-def golden_run(spec: G.Spec, prompt_ids, new_tokens: int) -> tuple[list[int], dict[str, np.ndarray]]:
-    """Greedy generation with the golden model, every step's trace kept under a step prefix
-    ("prefill/layer0.out", "step1/logits", ...: the names ``hw.compile`` traces under)."""
-    traces: dict[str, np.ndarray] = {}
-    _, nxt, caches, tr = G.prefill(spec, list(prompt_ids))
-    traces.update({f"prefill/{k}": v for k, v in tr.items()})
-    out = [int(nxt[-1])]
-    n = len(prompt_ids)
-    step = 1
-    while len(out) < new_tokens:
-        _, tok, tr = G.decode_step(spec, out[-1], n, caches)
-        traces.update({f"step{step}/{k}": v for k, v in tr.items()})
-        out.append(tok)
-        n += 1
-        step += 1
-    return out[:new_tokens], traces
+#: the golden model's greedy generation with every step's trace (``quant.golden.generate_traced``)
+golden_run = G.generate_traced
 
 
 def compare_traces(expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> str | None:
@@ -82,7 +68,7 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
     from hw.compile import compile_generation
     from hw.machine import run as machine_run
     from quant.errors import QuantError
-    from quant.integer import generate_against_golden
+    from quant.evaluate import generate_ids
     from quant.loading import load_model
 
     from .accel_sim import run_accelerator
@@ -126,9 +112,9 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
     compiled = compile_generation(spec, engine, accel, list(prompt_ids), tokens, trace=trace)
 
     stage(2)
-    both = generate_against_golden(model, prompt_ids, tokens)
-    ref_tokens, ref_trace = golden_run(spec, prompt_ids, tokens)
-    assert ref_tokens == both["tokens_golden"]
+    ref_tokens, ref_trace = golden_run(spec, prompt_ids, tokens)  # the golden model once, traced
+    model.numerics.integer_path = True  # integer_spec() above has refused a model that cannot run it
+    torch_tokens = generate_ids(model, list(prompt_ids), tokens)
 
     stage(3)
     mrun = machine_run(compiled, engine, accel)
@@ -165,12 +151,12 @@ def simulate_model(artifact: str | Path, engine, accel, simulator: str, prompt: 
     if first is None and not mem_equal:
         first = "RTL: final memory differs from the machine model's outside the traced tensors " \
                 f"({_first_mem_difference(compiled, rtl.mem, mrun.mem)})"
-    bit_exact = (first is None and rtl_tokens == ref_tokens == both["tokens_torch_integer"] == machine_tokens)
+    bit_exact = (first is None and rtl_tokens == ref_tokens == torch_tokens == machine_tokens)
     res = {
         "bit_exact": bool(bit_exact),
         "tokens_rtl": rtl_tokens,
         "tokens_reference": ref_tokens,
-        "tokens_torch_integer": both["tokens_torch_integer"],
+        "tokens_torch_integer": torch_tokens,
         "tokens_machine": machine_tokens,
         "cycles_prefill": cycles["prefill"],
         "cycles_per_token": cycles["per_token"],

@@ -43,18 +43,8 @@ def integer_model(art: Path, sinks: int, window: int | None):
     return model, model.integer_spec()
 
 
-def golden_traces(spec: G.Spec, prompt, new_tokens: int) -> tuple[list[int], dict]:
-    """Greedy tokens and every step's golden trace under the compiler's step prefixes."""
-    traces = {}
-    _, nxt, caches, tr = G.prefill(spec, list(prompt))
-    traces.update({f"prefill/{k}": v for k, v in tr.items()})
-    out, n, step = [int(nxt[-1])], len(prompt), 1
-    while len(out) < new_tokens:
-        _, tok, tr = G.decode_step(spec, out[-1], n, caches)
-        traces.update({f"step{step}/{k}": v for k, v in tr.items()})
-        out.append(tok)
-        n, step = n + 1, step + 1
-    return out, traces
+#: greedy tokens and every step's golden trace under the compiler's step prefixes
+golden_traces = G.generate_traced
 
 
 def prompt_ids(n: int, seed: int = 1, vocab: int = 300) -> list[int]:
