@@ -38,6 +38,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errs += [SimulatorMissing, EngineHang]
     except ImportError:
         pass
+    try:  # the accelerator stopped with an error code, hung, or addressed memory out of range
+        from sim.accel_sim import AccelHang, MemoryRangeError
+        from sim.model_check import ModelMismatch
+
+        errs += [AccelHang, MemoryRangeError, ModelMismatch]
+    except ImportError:
+        pass
     try:
         from bitstream.build import BuildError
 
