@@ -1,0 +1,136 @@
+"""The artifact bytes of every built-in recipe on the tiny test models, as SHA-256 digests.
+
+``python tests/quant/recipe_hashes.py`` (from the repository root, ``OMP_NUM_THREADS=1``) quantizes the
+tiny random Llamas of ``tiny_llama.py`` with every recipe in ``configs/recipes/`` and writes
+``tests/quant/data/recipe_hashes.json``. The committed file was generated *before* the pipeline was
+rewritten as a loop over modifiers (issue 11 item 3); ``test_recipe_hashes.py`` re-quantizes and requires
+the same digests, so the refactor provably changed no byte of any artifact.
+
+What is hashed: ``model.safetensors`` (every tensor), ``recipe.yaml``, ``config.json`` and the manifest's
+deterministic part (runtime numerics, calibration windows, the key-smoothing and reconstruction logs
+without their seconds); not timings, paths, tool versions or RSS. The tiny checkpoint's own digest is
+recorded too, so a changed input (another transformers' initialisation, say) is told apart from a changed
+pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = Path(__file__).resolve().parent / "data" / "recipe_hashes.json"
+#: the tiny models: the fixture of test_pipeline.py (untied, GQA 4:2) and a tied one (GQA 4:1)
+MODELS = {"untied-gqa2": dict(tie=False, n_kv=2), "tied-gqa1": dict(tie=True, n_kv=1, seed=1)}
+#: calibration as in test_pipeline.py's CAL, a little more so the reconstruction has batches to draw
+CALIB = dict(calib_samples=4, seq_len=64, seed=0)
+#: recipes beyond the built-in ones, for the pipeline's branches they leave out (pruning alone, Wanda,
+#: RTN with the clipping search, per-layer overrides, partial targets, reconstruction of the codes)
+VARIANTS = {
+    "x-prune-sparsegpt-only": [{"prune": {"method": "sparsegpt"}}],
+    "x-prune-wanda-only": [{"prune": {"method": "wanda", "targets": ["gate_proj", "up_proj", "down_proj"]}}],
+    "x-wanda-gptq": [{"prune": {"method": "wanda"}},
+                     {"quantize_weights": {"bits": 2, "group_size": 32, "method": "gptq", "act_order": False}},
+                     {"quantize_kv": {"bits": 4, "k_smoothing": False}}],
+    "x-sparsegpt-rtn": [{"prune": {"method": "sparsegpt"}},
+                        {"quantize_weights": {"bits": 2, "method": "rtn", "clip_search": True}},
+                        {"quantize_activations": {"bits": 8}}],
+    "x-rtn-clip-overrides": [{"quantize_weights": {"bits": 2, "method": "rtn", "clip_search": True,
+                                                   "overrides": {"lm_head": 4, "model.layers.1.self_attn.*": 4,
+                                                                 "down_proj": 4}}},
+                             {"quantize_embedding": {"bits": 8}}],
+    "x-partial-targets": [{"prune": {"method": "sparsegpt", "targets": ["gate_proj", "up_proj"]}},
+                          {"quantize_weights": {"bits": 2, "targets": ["q_proj", "k_proj", "o_proj", "up_proj"]}},
+                          {"quantize_kv": {"bits": 4, "k_smoothing_alpha": 0.5}},
+                          {"attention_window": {"sinks": 2, "window": 30}}],
+    "x-recon-codes": [{"quantize_weights": {"bits": 2, "method": "gptq", "overrides": {"lm_head": 4}}},
+                      {"quantize_activations": {"bits": 8}},
+                      {"quantize_kv": {"bits": 4}},
+                      {"reconstruct": {"steps": 20, "tune_codes": True, "loss": "token_relative",
+                                       "simulate_quant": False, "row_scale_lr": 0.0, "seq_len": 0}}],
+}
+
+
+def recipes() -> list[str]:
+    """Every built-in recipe, then the variants."""
+    return sorted(p.stem for p in (ROOT / "configs" / "recipes").glob("*.yaml")) + list(VARIANTS)
+
+
+def load(recipe: str):
+    from accllm.config import from_data, load_recipe
+
+    if recipe in VARIANTS:
+        return from_data({"recipe": {"name": recipe, "modifiers": VARIANTS[recipe]}}, f"VARIANTS[{recipe!r}]").recipe
+    return load_recipe(recipe)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _stable(man: dict) -> dict:
+    def strip(entries):
+        return None if entries is None else [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
+
+    return {"runtime": man["runtime"], "calibration": man["calibration"], "not_applied": man["not_applied"],
+            "k_smoothing": man["k_smoothing"], "reconstruct": strip(man["reconstruct"])}
+
+
+def artifact_digest(folder: Path) -> dict:
+    man = json.loads((folder / "manifest.json").read_text())
+    stable = json.dumps(_stable(man), sort_keys=True).encode()
+    return {"model.safetensors": sha(folder / "model.safetensors"), "recipe.yaml": sha(folder / "recipe.yaml"),
+            "config.json": sha(folder / "config.json"), "manifest": hashlib.sha256(stable).hexdigest()}
+
+
+def checkpoint_digest(folder: Path) -> str:
+    return sha(folder / "model.safetensors")
+
+
+def make_model(name: str, folder: Path) -> Path:
+    from tiny_llama import make_tiny_llama
+
+    make_tiny_llama(folder, **MODELS[name])
+    return folder
+
+
+def quantize(model_dir: Path, recipe: str, out: Path) -> dict:
+    from quant.pipeline import quantize_model
+
+    quantize_model(str(model_dir), load(recipe), out, progress=False, **CALIB)
+    return artifact_digest(out)
+
+
+def generate() -> dict:
+    import torch
+
+    res = {"generated_with": {"torch_threads": torch.get_num_threads(), "calibration": CALIB},
+           "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MODELS:
+            d = make_model(name, Path(tmp) / name)
+            res["models"][name] = {"checkpoint": checkpoint_digest(d), "recipes": {}}
+            for r in recipes():
+                res["models"][name]["recipes"][r] = quantize(d, r, Path(tmp) / f"{name}-{r}")
+                print(name, r, res["models"][name]["recipes"][r]["model.safetensors"][:16], flush=True)
+    return res
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(ROOT))
+    res = generate()
+    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = FIXTURE.with_name(f".{FIXTURE.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    tmp.replace(FIXTURE)
+    print(f"wrote {FIXTURE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
