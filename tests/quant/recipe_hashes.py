@@ -7,7 +7,7 @@ rewritten as a loop over modifiers (issue 11 item 3); ``test_recipe_hashes.py`` 
 the same digests, so the refactor provably changed no byte of any artifact.
 
 What is hashed: ``model.safetensors`` (every tensor), ``recipe.yaml``, ``config.json`` and the manifest's
-deterministic part (runtime numerics, calibration windows, the key-smoothing and reconstruction logs
+deterministic part (runtime numerics, calibration windows and the text's file name, the key-smoothing and reconstruction logs
 without their seconds); not timings, paths, tool versions or RSS. The tiny checkpoint's own digest is
 recorded too, so a changed input (another transformers' initialisation, say) is told apart from a changed
 pipeline.
@@ -76,7 +76,8 @@ def _stable(man: dict) -> dict:
     def strip(entries):
         return None if entries is None else [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
 
-    return {"runtime": man["runtime"], "calibration": man["calibration"], "not_applied": man["not_applied"],
+    cal = man["calibration"] and {**man["calibration"], "text": Path(man["calibration"]["text"]).name}  # not the clone's path
+    return {"runtime": man["runtime"], "calibration": cal, "not_applied": man["not_applied"],
             "k_smoothing": man["k_smoothing"], "reconstruct": strip(man["reconstruct"])}
 
 
