@@ -108,7 +108,7 @@ def cmd_quantize(args) -> int:
     recipe = load_recipe(args.recipe)
     report = quantize_model(args.model, recipe, args.out, calib_text=args.calib_text,
                             calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed,
-                            device=args.device, progress=not args.quiet)
+                            progress=not args.quiet)
     print(json.dumps(report, indent=2) if args.json else
           f"wrote {args.out}: " + ("no weights quantized, " if report.get("bits_per_weight") is None else
                                    f"{report['bits_per_weight']:.3f} bits/weight, ") +
@@ -121,7 +121,7 @@ def cmd_eval(args) -> int:
 
     _threads(args)
     res = evaluate(args.model, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                   device=args.device, integer_path=args.integer_path, progress=not args.json,
+                   integer_path=args.integer_path, progress=not args.json,
                    attention=args.attention, against=args.against, bootstrap=args.bootstrap)
     if args.json:
         print(json.dumps(res))
@@ -142,13 +142,13 @@ def cmd_generate(args) -> int:
     from quant.evaluate import generate
 
     if not args.golden:
-        print(generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device))
+        print(generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens))
         return 0
     from quant.errors import QuantError
     from quant.integer import generate_against_golden
     from quant.loading import load_model
 
-    model, tok = load_model(args.model, args.device)
+    model, tok = load_model(args.model)
     ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
     if not ids:
         raise QuantError("--prompt is empty after tokenization; give some text")
@@ -395,7 +395,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration sequences (default 32; with --seq-len 512 that is 16k tokens)")
     q.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per calibration sequence")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument("--threads", type=int, default=0, metavar="N",
@@ -423,7 +422,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "confidence interval paired per window")
     e.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                    help="bootstrap resamples over windows for the 95%% intervals (default 2000; 0 = none)")
-    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ip = e.add_mutually_exclusive_group()
     ip.add_argument("--integer-path", dest="integer_path", action="store_true", default=None)
     ip.add_argument("--float-path", dest="integer_path", action="store_false")
@@ -436,7 +434,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", metavar="MODEL_OR_ARTIFACT")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
-    gen.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     gen.add_argument("--golden", action="store_true",
                      help="generate on the integer path and with the numpy golden model (quant.golden) and "
                           'print {"tokens_torch_integer", "tokens_golden", "equal", ...}; exit 1 if they differ')

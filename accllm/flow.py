@@ -86,7 +86,7 @@ def _step_quantize(cfg: Config, out: Path, done: dict) -> dict:
     m = cfg.model
     report = quantize_model(m.source, cfg.recipe, out / "artifact", calib_text=m.calib_text or None,
                             calib_samples=m.calib_samples, seq_len=m.calib_seq_len, seed=m.seed,
-                            device=m.device, progress=True)
+                            progress=True)
     keep = ("bits_per_weight", "size_bytes", "seconds", "peak_rss_bytes")
     return {"ok": True, "artifact": "quantize/artifact", **{k: report.get(k) for k in keep}}
 
@@ -97,7 +97,7 @@ def _step_evaluate(cfg: Config, out: Path, done: dict) -> dict:
 
     m = cfg.model
     run_dir = out.parent
-    kw = dict(seq_len=m.eval_seq_len, max_tokens=m.eval_max_tokens or None, device=m.device)
+    kw = dict(seq_len=m.eval_seq_len, max_tokens=m.eval_max_tokens or None)
     base = evaluate(m.source, m.eval_text or None, integer_path=False, **kw)
     art = evaluate(str(run_dir / "quantize" / "artifact"), m.eval_text or None, **kw)
     res = {"ok": True, "as_loaded": base, "compressed": art,

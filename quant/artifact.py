@@ -271,11 +271,8 @@ def recipe_yaml(recipe) -> str:
 
 
 def runtime_numerics(recipe) -> dict:
-    from .recipe import AttentionWindow, QuantizeActivations, QuantizeKV
-
-    win = recipe.get(AttentionWindow)
-    return {"a8": recipe.get(QuantizeActivations) is not None, "kv4": recipe.get(QuantizeKV) is not None,
-            "sinks": win.sinks if win else 0, "window": win.window if win else None}
+    """The deployment numerics of a recipe (``Recipe.runtime``: each modifier sets its part)."""
+    return recipe.runtime()
 
 
 def tool_versions() -> dict:

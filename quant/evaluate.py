@@ -149,15 +149,13 @@ def load_result(path: str | Path) -> dict:
 
 
 def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512, max_tokens: int | None = None,
-             device: str = "cpu", integer_path: bool | None = None, progress: bool = True,
+             integer_path: bool | None = None, progress: bool = True,
              attention=None, against: str | dict | None = None, bootstrap: int = BOOTSTRAP_SAMPLES) -> dict:
     """-> :func:`perplexity`'s result ({"perplexity", "tokens", "seq_len", "integer_path", "ci95", ...}).
     ``integer_path`` defaults to True for an artifact with quantized layers (W×A8), else False.
     ``attention``: see :func:`parse_attention`. ``against``: a reference (a model or artifact to evaluate
     on the float path with the same windows and the same attention, or a previous result: a dict or the
     path of an ``accllm eval --json`` output); the result then has ``ratio`` = :func:`paired_ratio`."""
-    if device != "cpu":
-        raise QuantError(f"--device {device}: evaluation runs on cpu only so far")
     if bootstrap < 0:
         raise QuantError(f"--bootstrap must be >= 0, got {bootstrap}")
     ref = None
@@ -165,7 +163,7 @@ def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512
         ref = load_result(against)  # read it first: a bad file fails before the long evaluation
     elif isinstance(against, dict):
         ref = against
-    model, tok = load_model(model_or_artifact, device)
+    model, tok = load_model(model_or_artifact)
     _set_integer_path(model, integer_path, str(model_or_artifact))
     _set_attention(model, attention)
     mine = effective_attention(model.numerics.sinks, model.numerics.window, seq_len)
@@ -179,7 +177,7 @@ def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512
     if against is not None:
         if ref is None:
             del model
-            rmodel, rtok = load_model(str(against), device)
+            rmodel, rtok = load_model(str(against))
             _set_integer_path(rmodel, False, str(against))
             rmodel.numerics.sinks, rmodel.numerics.window = res["sinks"], res["window"]
             ref = perplexity(rmodel, rtok, text, seq_len, max_tokens, progress, bootstrap)
@@ -208,13 +206,11 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos: int | N
     return out
 
 
-def generate(model_or_artifact: str, prompt: str, max_new_tokens: int = 32, device: str = "cpu") -> str:
+def generate(model_or_artifact: str, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy continuation of ``prompt`` (the new text only, without the prompt)."""
-    if device != "cpu":
-        raise QuantError(f"--device {device}: generation runs on cpu only so far")
     if max_new_tokens < 0:
         raise QuantError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    model, tok = load_model(model_or_artifact, device)
+    model, tok = load_model(model_or_artifact)
     _set_integer_path(model, None, str(model_or_artifact))
     ids = tok(prompt, add_special_tokens=True)["input_ids"]
     if not ids:

@@ -1,14 +1,17 @@
 """quantize: checkpoint -> calibrated, pruned, quantized, packed artifact, one decoder layer at a time.
 
-Per layer i (GPTQ-style sequential over layers):
+``quantize_model`` is a loop over the recipe's modifiers (``quant.modifiers``: each declares what it
+needs and does its own work at the start, per layer and at the end, in the recipe's order). Per layer i
+(GPTQ-style sequential over layers):
   1. read layer i's float weights from the checkpoint (lazily: nothing else of the model is in memory
      except the embeddings, the final norm and the already packed earlier layers);
-  2. run the calibration activations X (N, L, H) through it with the deployment numerics in the
-     attention (KV4, A8 on Q·K/P·V, Λ window) and hooks accumulating, for every linear, the
-     Hessian H = 2 XᵀX / n (float64) and the input norms ‖X_:,i‖;
-  3. per linear named by the recipe: ``quant.algorithms.quantize_linear`` (GPTQ / RTN, SparseGPT /
-     Wanda 2:4, bits from ``QuantizeWeights.overrides``), packed immediately;
-  4. run X through the quantized layer (A8 linears too): its output is layer i+1's input.
+  2. ``observe``: run the calibration activations X (N, L, H) through the float layer with every
+     modifier's hooks (for the linears a modifier compresses, the Hessian H = 2 XᵀX / n (float64) and
+     the input norms ‖X_:,i‖);
+  3. ``prepare``, ``compress``, ``tune``: each modifier's work on the layer (key smoothing, the float
+     targets; pruning and quantization per linear, ``quant.algorithms.quantize_linear``; reconstruction);
+  4. pack what was quantized, and run X through the quantized layer with the deployment numerics
+     (A8 linears, KV4, Λ): its output is layer i+1's input.
 The final norm's output calibrates an ``lm_head`` named in the overrides (e.g. ``{lm_head: 4}``; a tied
 model's lm_head is quantized from the float embedding matrix). ``quantize_embedding`` turns the embedding
 table into int8 codes per row with a float16 row scale (``reference.quantize_embedding``) before any
@@ -36,8 +39,6 @@ The embedding is quantized first (``quantize_embedding``): V·H·8 bytes transie
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import json
 import resource
 import time
@@ -46,39 +47,21 @@ from pathlib import Path
 import torch
 
 from .artifact import (EMBED, FORMAT, FORMAT_VERSION, atomic_dir, decode_bytes_per_token, float_parameter_count,
-                       kv_bytes_per_token_per_layer, pack_embedding, pack_linear, packed_weight_bytes,
-                       recipe_yaml, runtime_numerics, tensor_bytes, tool_versions, write_model)
+                       kv_bytes_per_token_per_layer, pack_linear, packed_weight_bytes, recipe_yaml,
+                       tensor_bytes, tool_versions, write_model)
 from .data import calibration_windows
 from .errors import QuantError
 from .loading import WeightStore, is_artifact, load_config, load_tokenizer, resolve_source
-from . import algorithms, reference
-from .model import ATTN, MLP_NAMES, FloatLinear, Numerics, QLinear, float_layer, linear_name, rms_norm
-from .reconstruct import reconstruct_layer
-from .recipe import AttentionWindow, Prune, QuantizeEmbedding, QuantizeKV, QuantizeWeights, Reconstruct, Recipe
+from . import modifiers as M
+from .model import ATTN, MLP_NAMES, Numerics, QLinear, float_layer, linear_name
+from .recipe import Recipe
 
 CHUNK = 4  # calibration sequences per forward
-SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+bits_for = M.bits_for
 
 
 def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
-
-
-def _in_features(cfg, proj: str) -> int:
-    heads = cfg.num_attention_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return {"o_proj": heads * hd, "down_proj": cfg.intermediate_size}.get(proj, cfg.hidden_size)
-
-
-def bits_for(qw: QuantizeWeights, name: str) -> int | None:
-    """Bits for a linear by full name (model.layers.3.mlp.down_proj) or short name (down_proj, lm_head);
-    None if the recipe leaves it in float. An override names lm_head to quantize it."""
-    short = name.rsplit(".", 1)[-1]
-    for pat, b in qw.overrides.items():
-        if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(short, pat):
-            if short in qw.targets or short == "lm_head":
-                return int(b)
-    return qw.bits if short in qw.targets else None
 
 
 def check_recipe(cfg, recipe: Recipe, where: str):
@@ -88,310 +71,210 @@ def check_recipe(cfg, recipe: Recipe, where: str):
         probs += [(f"{type(m).__name__}.{k}", msg) for k, msg in (m.problems() if hasattr(m, "problems") else [])]
     if probs:
         raise QuantError(f"recipe {recipe.name!r}: " + "; ".join(f"{k}: {m}" for k, m in probs))
-    qw, prune = recipe.get(QuantizeWeights), recipe.get(Prune)
-    for proj in ATTN + MLP_NAMES + ("lm_head",):
-        k = _in_features(cfg, proj)
-        if qw is not None and bits_for(qw, proj if proj != "lm_head" else "lm_head") is not None:
-            if k % qw.group_size:
-                divs = [g for g in (32, 64, 128, 256) if k % g == 0]
-                raise QuantError(
-                    f"recipe {recipe.name!r}: quantize_weights.group_size={qw.group_size} does not divide the "
-                    f"input dimension {k} of {proj} in {where}; choose a group size that divides "
-                    f"{k} (e.g. {', '.join(map(str, divs)) or 'a divisor of it'})")
-        if prune is not None and proj in prune.targets and k % prune.m:
-            raise QuantError(f"recipe {recipe.name!r}: 2:4 pruning needs the input dimension {k} of {proj} "
-                             f"to be a multiple of {prune.m} ({where})")
-    win = recipe.get(AttentionWindow)
-    if win is not None and win.sinks + win.window < 2:
-        raise QuantError(f"recipe {recipe.name!r}: attention_window keeps fewer than 2 tokens")
-    rt = runtime_numerics(recipe)
+    for m in M.build(recipe):
+        m.check(cfg, where)
+    rt = recipe.runtime()
     if rt["a8"] and rt["kv4"]:  # the hardware's numerics: the integer decoder must be able to run the shapes
         from .golden import shape_problems
 
         heads = cfg.num_attention_heads
         probs = shape_problems(cfg.hidden_size, heads, getattr(cfg, "num_key_value_heads", None) or heads,
                                getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-                               sinks=win.sinks if win else 0, window=win.window if win else None,
+                               sinks=rt["sinks"], window=rt["window"],
                                max_positions=getattr(cfg, "max_position_embeddings", None))
         if probs:
             raise QuantError(f"{where}: the integer formats (docs/numerics.md, sections 11-17) cannot run this "
                              f"model: " + "; ".join(f"{k}: {m}" for k, m in probs))
 
 
-def _smooth_keys(att, pmax: dict, alpha: float, i: int) -> dict:
-    """Fold the calibrated key smoothing into the float layer's q_proj / k_proj (in place) and return
-    what it did: the spread (max / median) of the key pair maxima before and after."""
-    f = algorithms.key_smoothing_factors(pmax["q_proj"].max, pmax["k_proj"].max, alpha)
-    wq, wk = algorithms.fold_key_smoothing(att.q_proj.weight.data, att.k_proj.weight.data, f)
-    att.q_proj.weight.data.copy_(wq)
-    att.k_proj.weight.data.copy_(wk)
-    half = f.shape[1] // 2
-    k0 = pmax["k_proj"].max
-    k1 = k0 / f[:, :half]
-    q1 = (pmax["q_proj"].max.reshape(f.shape[0], -1, half) * f[:, None, :half]).reshape(-1, half)
+class Run:
+    """What one quantization run holds between the modifiers' events: the checkpoint, the calibration
+    stream (``x`` in, ``y`` out of the current layer), the deployment numerics and the artifact's tensors
+    as they are produced."""
 
-    def spread(t):  # per head: max over channels / median over channels, then the worst head
-        return round(float((t.amax(1) / t.median(1).values.clamp(min=1e-30)).max()), 3)
+    def __init__(self, path: Path, cfg, recipe: Recipe, seed: int):
+        from .model import Rope
 
-    return {"layer": i, "key_spread_before": spread(k0), "key_spread_after": spread(k1),
-            "query_spread_before": spread(pmax["q_proj"].max), "query_spread_after": spread(q1),
-            "factor_min": round(float(f.min()), 4), "factor_max": round(float(f.max()), 4)}
+        self.path, self.cfg, self.recipe, self.seed = path, cfg, recipe, seed
+        self.nm = Numerics(**recipe.runtime())
+        self.float_nm = Numerics()  # Hessians from the float layer (on the quantized predecessors' outputs)
+        self.store = WeightStore(path, cfg)
+        self.tok = load_tokenizer(path)
+        self.rope = Rope(cfg)
+        self.embed_f = self.store.get(f"{EMBED}.weight").to(torch.float32)
+        self.embed_in = self.embed_f  # the table calibration reads (quantize_embedding replaces it)
+        self.emb_meta = None
+        self.x = self.y = None
+        self.calib_info = None
+        self.tensors: dict = {}
+        self.linears: dict[str, dict] = {}
+        self.qbytes = self.qweights = 0
+        self.logs: dict[str, list] = {}
 
+    def log(self, key: str, entry: dict):
+        self.logs.setdefault(key, []).append(entry)
 
-class _Stats:
-    """Hook accumulating XᵀX (float64) and Σx² of a linear's inputs."""
+    def calibrate(self, text, samples: int, seq_len: int):
+        ids, self.calib_info = calibration_windows(self.tok, text, samples, seq_len, self.seed)
+        self.x = self.embed_in[ids]  # (N, L, H): the embedding the artifact stores
+        self.y = torch.empty_like(self.x)
 
-    def __init__(self, k: int):
-        self.xtx = torch.zeros(k, k, dtype=torch.float64)
-        self.sq = torch.zeros(k, dtype=torch.float64)
-        self.n = 0
+    @torch.no_grad()
+    def forward(self, layer, x: torch.Tensor, out: torch.Tensor):
+        pos = torch.arange(x.shape[1])
+        for s in range(0, x.shape[0], CHUNK):
+            out[s: s + CHUNK] = layer(x[s: s + CHUNK], self.rope, pos)
 
-    def __call__(self, module, inputs, output):
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-        self.xtx += x.T @ x
-        self.sq += (x * x).sum(0)
-        self.n += x.shape[0]
+    def open_layer(self, i: int) -> M.Layer:
+        for nrm in ("input_layernorm", "post_attention_layernorm"):
+            self.tensors[f"model.layers.{i}.{nrm}.weight"] = self.store.get(f"model.layers.{i}.{nrm}.weight")
+        return M.Layer(i, float_layer(self.cfg, self.store, i, self.float_nm))
 
-    def hessian(self):
-        return 2.0 * self.xtx / max(self.n, 1)
+    def observe(self, lw: M.Layer):
+        """The calibration pass through the float layer with the hooks the modifiers asked for."""
+        hooks = [(lw.linear(p), st) for p, st in lw.stats.items()] + lw.hooks
+        if self.x is None or not hooks:
+            return
+        handles = [mod.register_forward_hook(fn) for mod, fn in hooks]
+        self.forward(lw.layer, self.x, self.y)
+        for h in handles:
+            h.remove()
 
-    def x_norm(self):
-        return torch.sqrt(self.sq)
+    def add_quantized(self, name: str, res):
+        packed, meta = pack_linear(name, res)
+        self.tensors.update(packed)
+        self.linears[name] = meta
+        self.qbytes += packed_weight_bytes(packed, name)
+        self.qweights += meta["in"] * meta["out"]
 
+    def close_layer(self, lw: M.Layer):
+        """Float weights of the linears nobody compressed, the packed quantized ones; then the calibration
+        stream through the quantized layer (the next layer's input)."""
+        for p in ATTN + MLP_NAMES:
+            name = linear_name(lw.i, p)
+            if p not in lw.results and p not in lw.done:
+                w0 = self.store.get(name + ".weight")
+                self.tensors[name + ".weight"] = lw.linear(p).weight.data.to(w0.dtype) if p in lw.changed else w0
+        for p, res in lw.results.items():
+            name = linear_name(lw.i, p)
+            self.add_quantized(name, res)
+            setattr(lw.parent(p), p, QLinear(res, self.nm, name))
+        if self.x is not None:
+            lw.layer.self_attn.nm = self.nm
+            self.forward(lw.layer, self.x, self.y)
+            self.x, self.y = self.y, self.x
 
-def _quantize_linear(w: torch.Tensor, st: _Stats, qcfg: QuantizeWeights | None, prune: Prune | None):
-    """-> QuantizedLinear (qcfg given) or pruned float weights (prune only)."""
-    if qcfg is None:  # prune only: float weights with the 2:4 mask applied
-        if prune.method == "sparsegpt":
-            w_p, _ = algorithms.sparsegpt(w, st.hessian(), prune)
-            return torch.as_tensor(w_p).to(torch.float32)
-        mk = algorithms.wanda(w, st.x_norm(), prune)
-        return (w * torch.as_tensor(mk)).to(torch.float32)
-    return algorithms.quantize_linear(w, st.hessian(), st.x_norm(), qcfg, prune)
-
-
-@torch.no_grad()
-def _run(layer, x: torch.Tensor, rope, out: torch.Tensor | None = None) -> torch.Tensor:
-    pos = torch.arange(x.shape[1])
-    out = torch.empty_like(x) if out is None else out
-    for s in range(0, x.shape[0], CHUNK):
-        out[s: s + CHUNK] = layer(x[s: s + CHUNK], rope, pos)
-    return out
+    def leftovers(self):
+        """What no modifier wrote: the float embedding, the final norm, an untied float lm_head."""
+        if self.emb_meta is None:
+            self.tensors[f"{EMBED}.weight"] = self.store.get(f"{EMBED}.weight")
+        self.tensors["model.norm.weight"] = self.store.get("model.norm.weight")
+        head_w = self.store.lm_head()
+        if head_w is not None and "lm_head" not in self.linears:
+            self.tensors["lm_head.weight"] = head_w
 
 
 def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_text: str | Path | None = None,
-                   calib_samples: int = 32, seq_len: int = 512, seed: int = 0, device: str = "cpu",
-                   progress: bool = True) -> dict:
+                   calib_samples: int = 32, seq_len: int = 512, seed: int = 0, progress: bool = True) -> dict:
     """Compress ``source`` with ``recipe`` into the artifact folder ``out_dir`` (written atomically).
     Returns the report dict (also written to out_dir/report.json)."""
     from tqdm import tqdm
 
-    from .model import Rope
-
-    if device != "cpu":
-        if not (device.startswith("cuda") and torch.cuda.is_available()):
-            raise QuantError(f"--device {device}: not available here (torch {torch.__version__}, "
-                             f"cuda available: {torch.cuda.is_available()}); use --device cpu")
-        raise QuantError("--device cuda: the layer-wise pipeline runs on cpu only so far; use --device cpu")
-    t_start = time.time()
-    secs: dict[str, float] = {}
-    t = time.time()
+    t0, secs = time.time(), {}
     path = resolve_source(source)
     if is_artifact(path):
         raise QuantError(f"{path} is already an accllm artifact; quantize the original checkpoint")
     cfg = load_config(path)
     check_recipe(cfg, recipe, str(path))
-    qw, prune = recipe.get(QuantizeWeights), recipe.get(Prune)
-    recon = recipe.get(Reconstruct)
-    recon_log: list[dict] = []
-    rt = runtime_numerics(recipe)
-    kv = recipe.get(QuantizeKV)
-    smooth = kv is not None and kv.k_smoothing and rt["kv4"]
-    smooth_log: list[dict] = []
-    nm = Numerics(a8=rt["a8"], kv4=rt["kv4"], sinks=rt["sinks"], window=rt["window"])
-    float_nm = Numerics()  # Hessians from the float layer (on the quantized predecessors' outputs)
-
+    mods = M.build(recipe)
+    needs = set().union(*(m.needs() for m in mods))
     with atomic_dir(out_dir) as tmp:
-        store = WeightStore(path, cfg)
-        tok = load_tokenizer(path)
-        secs["load"] = time.time() - t
+        run = Run(path, cfg, recipe, seed)
+        secs["load"] = _lap(t0)
         t = time.time()
-        embed_f = store.get(f"{EMBED}.weight").to(torch.float32)
-        emb_tensors, emb_meta = {}, None
-        if recipe.get(QuantizeEmbedding) is not None:  # cheap, and it can refuse the table: do it first
-            try:
-                codes, rs = reference.quantize_embedding(embed_f.numpy())
-                emb_tensors, emb_meta = pack_embedding(codes, rs)
-            except reference.FormatError as e:
-                raise QuantError(f"recipe {recipe.name!r}: quantize_embedding cannot represent the embedding "
-                                 f"of {path}: {e}; remove quantize_embedding from the recipe") from e
-            embed_in = torch.from_numpy(reference.dequantize_embedding(codes, rs)).to(torch.float32)
-        else:
-            embed_in = embed_f
-        secs["embedding"] = time.time() - t
+        for m in mods:
+            m.start(run)
+        secs["embedding"] = _lap(t)
         t = time.time()
-        # plain RTN (no clipping search, no pruning, no reconstruction) reads no activations
-        needs_calib = (prune is not None or recon is not None or smooth
-                       or (qw is not None and (qw.method != "rtn" or qw.clip_search)))
-        calib_info = None
-        if needs_calib:
-            ids, calib_info = calibration_windows(tok, calib_text, calib_samples, seq_len, seed)
-            x = embed_in[ids]  # (N, L, H): the embedding the artifact stores
+        if "activations" in needs:
+            run.calibrate(calib_text, calib_samples, seq_len)
+        secs["calibration_data"] = _lap(t)
+        t = time.time()
+        for i in tqdm(range(cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
+                      disable=not progress):
+            lw = run.open_layer(i)
+            for m in mods:
+                m.observe(run, lw)
+            run.observe(lw)
+            for event in ("prepare", "compress", "tune"):
+                for m in mods:
+                    getattr(m, event)(run, lw)
+            run.close_layer(lw)
+        secs["layers"] = _lap(t)
+        if "reconstruct" in run.logs:
+            secs["reconstruct"] = sum(r["seconds"] for r in run.logs["reconstruct"])
+        t = time.time()
+        for m in mods:
+            m.finalize(run)
+        run.leftovers()
+        secs["lm_head"] = _lap(t)
+        calib_tokens = calib_samples * seq_len if "activations" in needs else 0
+        return _write(run, tmp, source, secs, t0, calib_tokens)
 
-            y = torch.empty_like(x)
-            if recon is not None:  # the float model's own activations, the reconstruction's targets
-                xf, yf = x.clone(), torch.empty_like(x)
-        secs["calibration_data"] = time.time() - t
-        rope = Rope(cfg)
 
-        tensors: dict = {}
-        linears: dict[str, dict] = {}
-        qbytes = 0
-        qweights = 0
-        t = time.time()
-        it = range(cfg.num_hidden_layers)
-        bar = tqdm(it, desc=f"quantize {recipe.name}", unit="layer", disable=not progress)
-        for i in bar:
-            layer = float_layer(cfg, store, i, float_nm)
-            for nrm in ("input_layernorm", "post_attention_layernorm"):
-                tensors[f"model.layers.{i}.{nrm}.weight"] = store.get(f"model.layers.{i}.{nrm}.weight")
-            mods = {p: (layer.self_attn if p in ATTN else layer.mlp) for p in ATTN + MLP_NAMES}
-            todo = {}
-            for p in ATTN + MLP_NAMES:
-                name = linear_name(i, p)
-                b = bits_for(qw, name) if qw is not None else None
-                pr = prune if (prune is not None and p in prune.targets) else None
-                if b is not None or pr is not None:
-                    todo[p] = (b, pr)
-            # q/k/v and gate/up read the same input: one Hessian each
-            hook_on = {SHARED_INPUT.get(p, p) for p in todo}
-            stats = {p: _Stats(getattr(mods[p], p).in_features) for p in hook_on}
-            if needs_calib and (todo or smooth):
-                hooks = [getattr(mods[p], p).register_forward_hook(stats[p]) for p in hook_on]
-                if smooth:
-                    att = layer.self_attn
-                    pmax = {"q_proj": algorithms.PairMax(att.n_heads, att.head_dim),
-                            "k_proj": algorithms.PairMax(att.n_kv, att.head_dim)}
-                    hooks += [getattr(att, p).register_forward_hook(h) for p, h in pmax.items()]
-                _run(layer, x, rope, y)
-                for h in hooks:
-                    h.remove()
-                if smooth:  # q·k unchanged in float, so the Hessians and y above stay valid
-                    smooth_log.append(_smooth_keys(layer.self_attn, pmax, kv.k_smoothing_alpha, i))
-            if recon is not None:  # the float model's output of this layer: the target
-                _run(layer, xf, rope, yf)
-            results = {}
-            for p in ATTN + MLP_NAMES:
-                name = linear_name(i, p)
-                lin = getattr(mods[p], p)
-                if p not in todo:
-                    w0 = store.get(name + ".weight")
-                    tensors[name + ".weight"] = (lin.weight.data.to(w0.dtype) if smooth and p in ("q_proj", "k_proj")
-                                                 else w0)
-                    continue
-                b, pr = todo[p]
-                qcfg = None if b is None else dataclasses.replace(qw, bits=b)
-                res = _quantize_linear(lin.weight.data, stats[SHARED_INPUT.get(p, p)], qcfg, pr)
-                if isinstance(res, torch.Tensor):  # pruned float
-                    setattr(mods[p], p, FloatLinear(res))
-                    tensors[name + ".weight"] = res.to(store.get(name + ".weight").dtype)
-                    continue
-                results[p] = res
-            if recon is not None and results:
-                results, rstats = reconstruct_layer(layer, results, x, yf, rope, recon, seed=seed + i,
-                                                   deploy=nm)
-                recon_log.append({"layer": i, **rstats})
-                bar.set_postfix(recon=f"{rstats['loss_before']:.3g}->{rstats['loss_after']:.3g}")
-            for p, res in results.items():
-                name = linear_name(i, p)
-                packed, meta = pack_linear(name, res)
-                tensors.update(packed)
-                linears[name] = meta
-                qbytes += packed_weight_bytes(packed, name)
-                qweights += meta["in"] * meta["out"]
-                setattr(mods[p], p, QLinear(res, nm, name))
-            if recon is not None:
-                xf, yf = yf, xf
-            if needs_calib:
-                layer.self_attn.nm = nm
-                _run(layer, x, rope, y)
-                x, y = y, x
-            del layer
-            bar.set_postfix(rss=f"{peak_rss_bytes() / 2**20:.0f}MiB")
-        secs["layers"] = time.time() - t
-        if recon_log:
-            secs["reconstruct"] = sum(r["seconds"] for r in recon_log)
+def _lap(t: float) -> float:
+    return time.time() - t
 
-        t = time.time()
-        if emb_meta is not None:
-            tensors.update(emb_tensors)
-        else:
-            tensors[f"{EMBED}.weight"] = store.get(f"{EMBED}.weight")
-        tensors["model.norm.weight"] = store.get("model.norm.weight")
-        head_w = store.lm_head()
-        tied = head_w is None
-        hb = bits_for(qw, "lm_head") if qw is not None else None
-        if hb is not None:
-            w = (embed_f if tied else head_w).to(torch.float32)  # tied: from the float table, not its int8 codes
-            st = _Stats(w.shape[1])
-            if needs_calib:
-                h = rms_norm(x, store.get("model.norm.weight").to(torch.float32), cfg.rms_norm_eps)
-                st(None, (h,), None)
-            res = _quantize_linear(w, st, dataclasses.replace(qw, bits=hb), None)
-            packed, meta = pack_linear("lm_head", res)
-            tensors.update(packed)
-            linears["lm_head"] = meta
-            qbytes += packed_weight_bytes(packed, "lm_head")
-            qweights += meta["in"] * meta["out"]
-        elif not tied:
-            tensors["lm_head.weight"] = head_w
-        secs["lm_head"] = time.time() - t
 
-        t = time.time()
-        write_model(tmp, tensors, linears, emb_meta)
-        cfg.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
-        secs["write"] = time.time() - t
-        t = time.time()
-        src_hash = store.source_hash()
-        secs["hash"] = time.time() - t
-        seconds = time.time() - t_start
-        not_applied = []
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "source": str(source), "source_path": str(path), "source_sha256": src_hash,
-            "recipe": recipe.name, "runtime": rt, "tools": tool_versions(),
-            "seconds": {k: round(v, 3) for k, v in secs.items()}, "calibration": calib_info,
-            "not_applied": not_applied, "k_smoothing": smooth_log or None, "reconstruct": recon_log or None,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        size = (tmp / "model.safetensors").stat().st_size
-        report = {
-            "recipe": recipe.name,
-            "source": str(source),
-            "bits_per_weight": (8 * qbytes / qweights) if qweights else None,
-            # the whole model as stored (every tensor) over the float model's parameters
-            "bits_per_parameter": 8 * sum(tensor_bytes(v) for v in tensors.values()) / float_parameter_count(cfg),
-            "float_parameters": float_parameter_count(cfg),
-            "stored_tensor_bytes": sum(tensor_bytes(v) for v in tensors.values()),
-            # read per decoded token: all linears incl. lm_head as stored, one embedding row, the norms
-            "bytes_per_token_decode": decode_bytes_per_token(tensors, linears, cfg, emb_meta),
-            "kv_bytes_per_token_per_layer": kv_bytes_per_token_per_layer(cfg, rt["kv4"]),
-            "embedding_bits": emb_meta["bits"] if emb_meta else None,
-            "lm_head_bits": linears["lm_head"]["bits"] if "lm_head" in linears else None,
-            "quantized_linears": len(linears),
-            "quantized_weights": qweights,
-            "quantized_weight_bytes": qbytes,
-            "size_bytes": size,
-            "artifact_bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()),
-            "seconds": round(seconds, 3),
-            "seconds_per_step": manifest["seconds"],
-            "seconds_per_layer": round(secs["layers"] / cfg.num_hidden_layers, 3),
-            "peak_rss_bytes": peak_rss_bytes(),
-            "layers": cfg.num_hidden_layers,
-            "calibration_tokens": (calib_samples * seq_len) if needs_calib else 0,
-            "not_applied": not_applied,
-        }
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+def _write(run: Run, tmp: Path, source: str, secs: dict, t0: float, calib_tokens: int) -> dict:
+    """model.safetensors, config, tokenizer, recipe.yaml, manifest.json and report.json into ``tmp``."""
+    cfg, recipe, tensors, linears = run.cfg, run.recipe, run.tensors, run.linears
+    t = time.time()
+    write_model(tmp, tensors, linears, run.emb_meta)
+    cfg.save_pretrained(str(tmp))
+    run.tok.save_pretrained(str(tmp))
+    (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
+    secs["write"] = _lap(t)
+    t = time.time()
+    src_hash = run.store.source_hash()
+    secs["hash"] = _lap(t)
+    seconds = time.time() - t0
+    rt = recipe.runtime()
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "source": str(source), "source_path": str(run.path), "source_sha256": src_hash,
+        "recipe": recipe.name, "runtime": rt, "tools": tool_versions(),
+        "seconds": {k: round(v, 3) for k, v in secs.items()}, "calibration": run.calib_info,
+        "not_applied": [], "k_smoothing": run.logs.get("k_smoothing"),
+        "reconstruct": run.logs.get("reconstruct"),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    stored = sum(tensor_bytes(v) for v in tensors.values())
+    report = {
+        "recipe": recipe.name,
+        "source": str(source),
+        "bits_per_weight": (8 * run.qbytes / run.qweights) if run.qweights else None,
+        # the whole model as stored (every tensor) over the float model's parameters
+        "bits_per_parameter": 8 * stored / float_parameter_count(cfg),
+        "float_parameters": float_parameter_count(cfg),
+        "stored_tensor_bytes": stored,
+        # read per decoded token: all linears incl. lm_head as stored, one embedding row, the norms
+        "bytes_per_token_decode": decode_bytes_per_token(tensors, linears, cfg, run.emb_meta),
+        "kv_bytes_per_token_per_layer": kv_bytes_per_token_per_layer(cfg, rt["kv4"]),
+        "embedding_bits": run.emb_meta["bits"] if run.emb_meta else None,
+        "lm_head_bits": linears["lm_head"]["bits"] if "lm_head" in linears else None,
+        "quantized_linears": len(linears),
+        "quantized_weights": run.qweights,
+        "quantized_weight_bytes": run.qbytes,
+        "size_bytes": (tmp / "model.safetensors").stat().st_size,
+        "artifact_bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()),
+        "seconds": round(seconds, 3),
+        "seconds_per_step": manifest["seconds"],
+        "seconds_per_layer": round(secs["layers"] / cfg.num_hidden_layers, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "layers": cfg.num_hidden_layers,
+        "calibration_tokens": calib_tokens,
+        "not_applied": [],
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

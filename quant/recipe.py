@@ -1,5 +1,10 @@
 """The compression recipe (a list of named modifiers, applied in order) and the model section.
 
+Each modifier here is its configuration; ``quant.modifiers`` has the class that does its work and says
+what the order means: at every event of the pipeline (start, per layer observe / prepare / compress /
+tune, finalize) the modifiers act in the recipe's order. An order that cannot run is refused by name
+(``must_follow``): quantize_weights before prune, reconstruct before what it tunes or trains through.
+
 YAML form, in the spirit of llm-compressor's recipes::
 
     recipe:
@@ -25,7 +30,6 @@ LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 @dataclass
 class ModelConfig:
     source: str = param("smollm2-135m", "a Hugging Face folder, a .gguf file, or the alias smollm2-135m")
-    device: str = param("cpu", "torch device", choices=["cpu", "cuda"])
     calib_text: str = param("", "text file for calibration ('' = the built-in default)")
     calib_samples: int = param(32, "calibration sequences (32 x 512 tokens: the quality table's setting)", min=1, max=100_000)
     calib_seq_len: int = param(512, "tokens per calibration sequence", min=8, max=131_072)
@@ -49,6 +53,9 @@ class Prune:
     def problems(self):
         return [("targets", f"unknown projection {t!r}; known: {', '.join(LINEAR_TARGETS)}")
                 for t in self.targets if t not in LINEAR_TARGETS]
+
+    def must_follow(self) -> dict[str, str]:
+        return {}
 
 
 @dataclass
@@ -78,6 +85,10 @@ class QuantizeWeights:
                 for k, v in self.overrides.items() if v not in WEIGHT_BITS_SUPPORTED]
         return out
 
+    def must_follow(self) -> dict[str, str]:
+        return {"prune": "prune chooses the 2:4 mask of the weights quantize_weights quantizes (SparseGPT "
+                         "chooses it in the quantizer's own pass); pruning codes already quantized is not done"}
+
 
 @dataclass
 class QuantizeEmbedding:
@@ -93,11 +104,23 @@ class QuantizeEmbedding:
                              f"codes; choose one of them")]
         return []
 
+    def must_follow(self) -> dict[str, str]:
+        return {}
+
+    def runtime(self) -> dict:
+        return {}
+
 
 @dataclass
 class QuantizeActivations:
     bits: int = param(8, "activation bits (symmetric, per token, dynamic)", choices=[ACT.bits])
     granularity: str = param("per_token", "scale granularity", choices=["per_token"])
+
+    def must_follow(self) -> dict[str, str]:
+        return {}
+
+    def runtime(self) -> dict:
+        return {"a8": True}
 
 
 @dataclass
@@ -109,11 +132,23 @@ class QuantizeKV:
                                            "(docs/quantizer.md has the sweep)",
                                      min=0.0, max=1.0)
 
+    def must_follow(self) -> dict[str, str]:
+        return {}
+
+    def runtime(self) -> dict:
+        return {"kv4": True}
+
 
 @dataclass
 class AttentionWindow:
     sinks: int = param(4, "attention-sink tokens always kept", min=0, max=1024)
     window: int = param(508, "most recent tokens kept", min=1, max=1 << 20)
+
+    def must_follow(self) -> dict[str, str]:
+        return {}
+
+    def runtime(self) -> dict:
+        return {"sinks": self.sinks, "window": self.window}
 
 
 @dataclass
@@ -135,6 +170,16 @@ class Reconstruct:
                              "squared error over its target's squared norm (what the next RMSNorm sees, so "
                              "the few huge residual channels do not dominate)", choices=["mse", "token_relative"])
 
+    def must_follow(self) -> dict[str, str]:
+        out = {"quantize_weights": "reconstruct tunes the quantized fields quantize_weights produces",
+               "prune": "reconstruct tunes the pruned layers prune produces (their masks fixed)",
+               "quantize_kv": "reconstruct's targets are the float layer's outputs after the key smoothing "
+                              "quantize_kv folds into q_proj/k_proj"}
+        if self.simulate_quant:
+            out["quantize_activations"] = "reconstruct trains through A8 (simulate_quant)"
+            out["quantize_kv"] += ", and it trains through KV4 (simulate_quant)"
+        return out
+
 #: The modifier names a recipe may list, in YAML as single-key mappings.
 MODIFIERS = {
     "prune": Prune,
@@ -154,6 +199,13 @@ class Recipe:
     name: str = param("fp16", "a label recorded in the artifact")
     modifiers: list[Modifier] = param(doc="named modifiers, applied in order", default_factory=list)
 
+    def runtime(self) -> dict:
+        """The deployment numerics the recipe's modifiers set (A8, KV4, Λ sinks and window)."""
+        rt = {"a8": False, "kv4": False, "sinks": 0, "window": None}
+        for m in self.modifiers:
+            rt.update(m.runtime() if hasattr(m, "runtime") else {})
+        return rt
+
     def get(self, kind: type):
         found = [m for m in self.modifiers if isinstance(m, kind)]
         return found[0] if found else None
@@ -165,6 +217,14 @@ class Recipe:
             if type(m) in seen:
                 out.append((f"modifiers[{i}]", f"{type(m).__name__} appears twice"))
             seen.add(type(m))
+        tags = {c: n for n, c in MODIFIERS.items()}
+        where = {tags[type(m)]: i for i, m in reversed(list(enumerate(self.modifiers)))}
+        for i, m in enumerate(self.modifiers):
+            for name, why in m.must_follow().items():
+                if where.get(name, -1) > i:
+                    out.append((f"modifiers[{i}]", f"{tags[type(m)]} is listed before {name} "
+                                                   f"(modifiers[{where[name]}]), an order that cannot run: "
+                                                   f"{why}; list {name} before {tags[type(m)]}"))
         prune, qw = self.get(Prune), self.get(QuantizeWeights)
         if self.get(Reconstruct) and not qw:
             out.append(("modifiers", "reconstruct needs a quantize_weights modifier to tune"))

@@ -250,13 +250,13 @@ def test_sigterm_during_quantize_leaves_no_output(tiny, tmp_path):
     code = (f"import sys; sys.path.insert(0, {repo!r})\n"
             "import os, signal, threading, time\n"
             "from accllm.config import load_recipe\n"
-            "import quant.pipeline as P\n"
-            "orig = P._quantize_linear\n"
+            "import quant.pipeline as P, quant.modifiers as M\n"
+            "orig = M.QuantizeWeightsModifier._quantize\n"
             "def slow(*a, **k):\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    time.sleep(5)\n"
             "    return orig(*a, **k)\n"
-            "P._quantize_linear = slow\n"
+            "M.QuantizeWeightsModifier._quantize = slow\n"
             f"P.quantize_model({str(tiny[0])!r}, load_recipe('rtn-w2a8kv4'), {str(out)!r}, calib_samples=2, "
             "seq_len=32, progress=False)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
