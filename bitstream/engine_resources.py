@@ -14,15 +14,13 @@ synthesizes a whole engine flat and compares it with the same sum — affordable
 
 from __future__ import annotations
 
-import time
-
 from hw.params import EngineParams
 
+from .blackbox import rtlil_with_black_boxes, silence
+from .partsum import KEYS, Part, counts, sum_parts
 from .yosys import estimate
 
-__all__ = ["engine_instances", "top_with_black_boxes", "engine_estimate", "flat_check", "KEYS"]
-
-KEYS = ("lut", "ff", "dsp", "bram36", "uram")
+__all__ = ["engine_instances", "top_with_black_boxes", "engine_parts", "engine_estimate", "flat_check", "KEYS"]
 
 
 def engine_instances(p: EngineParams) -> dict[str, dict]:
@@ -34,7 +32,7 @@ def engine_instances(p: EngineParams) -> dict[str, dict]:
     engine = Engine(p)
     top = engine.elaborate(None)
     out: dict[str, dict] = {}
-    _silence(engine, top, *engine.requantizers)
+    silence(engine, top, *engine.requantizers)
     # Module._named_submodules (Amaranth 0.5): what Engine.elaborate put in m.submodules; elaborating
     # only the top builds no array, so this is cheap even at the u280 size.
     for sub, _src_loc in top._named_submodules.values():
@@ -42,93 +40,37 @@ def engine_instances(p: EngineParams) -> dict[str, dict]:
         entry = out.setdefault(cls.__name__, {"count": 0, "what": f"{cls.__module__}.{cls.__qualname__}",
                                               "design": sub})
         entry["count"] += 1
-        _silence(sub)  # only one of each is converted, and only when synthesized
+        silence(sub)  # only one of each is converted, and only when synthesized
     return out
 
 
-def _silence(*elaboratables) -> None:
-    """Mark elaboratables built only to be counted as used (Amaranth warns about unused ones)."""
-    for e in elaboratables:
-        e._MustUse__silence = True
-
-
 def top_with_black_boxes(p: EngineParams) -> str:
-    """RTLIL of the engine's top alone: while it is converted, every sub-component class elaborates to
-    one instance of a black box of the same ports (``bb_<Class>``, declared with ``blackbox`` in the
-    text), so a synthesis counts only the top's own cells, nothing is optimized away behind a black
-    box's outputs, and the u280 array is never built (converting it whole takes minutes)."""
-    from amaranth.back import rtlil
-    from amaranth.hdl import Instance, Module, ValueCastable
-    from amaranth.lib.wiring import In
-
+    """RTLIL of the engine's top alone: every sub-component class a black box of the same ports
+    (``bitstream.blackbox``), so a synthesis counts only the top's own cells, nothing is optimized
+    away behind a black box's outputs, and the u280 array is never built (converting it whole takes
+    minutes)."""
     from hw.engine import Engine
 
     parts = engine_instances(p)
-    classes = sorted({type(d["design"]) for d in parts.values()}, key=lambda c: c.__name__)  # stable text: cacheable
-    stubs: dict[str, list[str]] = {}
-
-    def black_box(self, platform):
-        name = f"bb_{type(self).__name__}"
-        ports, wires = {}, []
-        for i, (path, member, value) in enumerate(self.signature.flatten(self)):
-            v = value.as_value() if isinstance(value, ValueCastable) else value
-            pname = "__".join(map(str, path))
-            inp = member.flow == In
-            ports[("i_" if inp else "o_") + pname] = v
-            wires.append(f"  wire width {len(v)} {'input' if inp else 'output'} {i + 1} \\{pname}")
-        stubs.setdefault(name, wires)
-        m = Module()
-        m.submodules.bb = Instance(name, **ports)
-        return m
-
-    saved = {cls: cls.__dict__["elaborate"] for cls in classes}
-    try:
-        for cls in classes:
-            cls.elaborate = black_box
-        text = rtlil.convert(Engine(p), name="top")
-    finally:
-        for cls, fn in saved.items():
-            cls.elaborate = fn
-    decl = "".join(f"attribute \\blackbox 1\nmodule \\{n}\n" + "\n".join(w) + "\nend\n" for n, w in stubs.items())
-    return decl + text
+    return rtlil_with_black_boxes(Engine(p), {type(d["design"]) for d in parts.values()})
 
 
-def _counts(res: dict) -> dict:
-    return {k: res[k] for k in KEYS}
+def engine_parts(p: EngineParams, prefix: str = "", category: str = "") -> list[Part]:
+    """The engine as ``sum_parts`` counts it: each distinct sub-component once with its instance count,
+    and the top's own logic (``top_with_black_boxes``, converted only when synthesized)."""
+    parts = [Part(prefix + name, inst["count"], inst["what"], design=inst["design"], category=category)
+             for name, inst in engine_instances(p).items()]
+    parts.append(Part(prefix + "top", 1, "hw.engine.Engine's own logic (sub-components as black boxes): "
+                                         "pipeline registers S1-S3, the stall, the stream wiring",
+                      design=lambda: top_with_black_boxes(p), category=category))
+    return parts
 
 
-def engine_estimate(p: EngineParams, *, timeout_s: float = 3600, log=None) -> dict:
+def engine_estimate(p: EngineParams, *, timeout_s: float = 3600, log=None, limit: dict | None = None) -> dict:
     """Each distinct sub-component synthesized once and summed by instance count, plus the top's own
-    cells (``top_with_black_boxes``)."""
-    t0 = time.monotonic()
-    by: dict[str, dict] = {}
-    total = {k: 0.0 for k in KEYS}
-    for name, inst in engine_instances(p).items():
-        res = estimate(inst["design"], top="top", timeout_s=timeout_s)
-        each = _counts(res)
-        by[name] = {"count": inst["count"], "what": inst["what"], "each": each,
-                    "total": {k: each[k] * inst["count"] for k in KEYS}, "carry": res["carry"],
-                    "seconds": res["seconds"], "cached": res["cached"], "key": res["key"]}
-        for k in KEYS:
-            total[k] += each[k] * inst["count"]
-        if log:
-            log(f"  {name} x{inst['count']}: " + ", ".join(f"{k} {each[k]:g}" for k in KEYS)
-                + f" ({res['seconds']:.0f} s{', cached' if res['cached'] else ''})")
-    tc = time.monotonic()
-    text = top_with_black_boxes(p)
-    convert_s = time.monotonic() - tc
-    res = estimate(text, top="top", timeout_s=timeout_s)
-    each = _counts(res)
-    by["top"] = {"count": 1, "what": "hw.engine.Engine's own logic (sub-components as black boxes): pipeline "
-                                     "registers S1-S3, the stall, the stream wiring",
-                 "each": each, "total": dict(each), "carry": res["carry"], "seconds": res["seconds"],
-                 "cached": res["cached"], "key": res["key"], "rtlil_convert_seconds": round(convert_s, 1)}
-    for k in KEYS:
-        total[k] += each[k]
-    if log:
-        log("  top x1: " + ", ".join(f"{k} {each[k]:g}" for k in KEYS) + f" ({res['seconds']:.0f} s)")
-    return {"totals": total, "by_part": by, "seconds": round(time.monotonic() - t0, 1),
-            "script": res["script"].replace("read_rtlil design.il; ", "") + " (per part)"}
+    cells (``top_with_black_boxes``); ``limit``: ``partsum.DoesNotFit`` as soon as the partial sum
+    exceeds it."""
+    return sum_parts(engine_parts(p), limit=limit, timeout_s=timeout_s, log=log)
 
 
 def flat_check(p: EngineParams, *, timeout_s: float = 3600, log=None) -> dict:
@@ -139,10 +81,10 @@ def flat_check(p: EngineParams, *, timeout_s: float = 3600, log=None) -> dict:
 
     from hw.engine import Engine
 
-    text = rtlil.convert(Engine(p), name="top")
+    text = rtlil.convert(Engine(p), name="top", emit_src=False)
     summed = engine_estimate(p, timeout_s=timeout_s, log=log)
     res = estimate(text, top="top", timeout_s=timeout_s)
-    flat = _counts(res)
+    flat = counts(res)
     if log:
         log("  flat: " + ", ".join(f"{k} {flat[k]:g}" for k in KEYS) + f" ({res['seconds']:.0f} s)")
     return {"flat": flat, "sum_of_parts": summed["totals"], "by_part": summed["by_part"],

