@@ -24,6 +24,8 @@ from __future__ import annotations
 from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, Signal
 from amaranth.utils import bits_for, ceil_log2
 
+from hw.axi import MASTER_OUTPUTS, axi_master_ports  # noqa: F401  (one definition, shared with hw/)
+
 __all__ = ["MAX_BURST", "AxiLiteControl", "AxiReader", "AxiWriter", "Unpack", "Pack", "axi_master_ports",
            "axi_lite_ports", "words_for", "REG_AP_CTRL", "REG_GIE", "REG_IER", "REG_ISR", "REG_ARGS"]
 
@@ -39,26 +41,6 @@ def words_for(payload_bits: int, data_width: int) -> int:
 
 def _sig(prefix: str, name: str, width: int) -> Signal:
     return Signal(width, name=f"{prefix}_{name}")
-
-
-def axi_master_ports(prefix: str, data_width: int, addr_width: int, id_width: int = 1,
-                     len_width: int = 8) -> dict[str, Signal]:
-    """The signals of one AXI4 master port, keyed by lower-case channel name (``araddr``...); outputs of
-    the master and inputs alike (the direction is the AXI spec's)."""
-    spec = {
-        "awvalid": 1, "awready": 1, "awaddr": addr_width, "awlen": len_width, "awsize": 3, "awburst": 2,
-        "awid": id_width,
-        "wvalid": 1, "wready": 1, "wdata": data_width, "wstrb": data_width // 8, "wlast": 1,
-        "bvalid": 1, "bready": 1, "bresp": 2, "bid": id_width,
-        "arvalid": 1, "arready": 1, "araddr": addr_width, "arlen": len_width, "arsize": 3, "arburst": 2,
-        "arid": id_width,
-        "rvalid": 1, "rready": 1, "rdata": data_width, "rresp": 2, "rlast": 1, "rid": id_width,
-    }
-    return {k: _sig(prefix, k, w) for k, w in spec.items()}
-
-
-MASTER_OUTPUTS = {"awvalid", "awaddr", "awlen", "awsize", "awburst", "awid", "wvalid", "wdata", "wstrb",
-                  "wlast", "bready", "arvalid", "araddr", "arlen", "arsize", "arburst", "arid", "rready"}
 
 
 def axi_lite_ports(prefix: str, addr_width: int = 12) -> dict[str, Signal]:

@@ -11,12 +11,12 @@ held once HALT or an error stopped the machine), ``error`` (``hw.controller.Acce
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed
+from amaranth.hdl import Array, Cat, Elaboratable, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .controller import CTRL_STATES, Controller, EngineStreamer, MemOps
+from .controller import CTRL_STATES, AccelError, Controller, EngineStreamer, MemOps
 from .engine import Engine
 from .isa import UNIT_OPS, Op
 from .memory import MemReadSignature, MemWriteSignature
@@ -24,7 +24,7 @@ from .params import AccelParams, EngineParams
 from .sfu.base import SPAD_BITS
 from .sfu.registry import available_units, unit_class
 
-__all__ = ["Accelerator", "resolve_units"]
+__all__ = ["Accelerator", "AxiAccelerator", "resolve_units"]
 
 
 def resolve_units(units=None) -> dict[Op, type]:
@@ -153,19 +153,22 @@ class Accelerator(wiring.Component):
     """Controller + spad + engine + executors + special-function units (``units``: see
     ``resolve_units``)."""
 
-    def __init__(self, engine: EngineParams, accel: AccelParams, units=None):
+    def __init__(self, engine: EngineParams, accel: AccelParams, units=None, read_fault: bool = False):
         problems = accel.problems()
         if problems:
             raise ValueError("accel." + "; ".join(f"{k}: {v}" for k, v in problems))
         self.engine_params, self.accel = engine, accel
         self.unit_classes = resolve_units(units)
         W = accel.mem_word_bits
-        super().__init__({
+        members = {
             "mem_rd0": Out(MemReadSignature(W)), "mem_rd1": Out(MemReadSignature(W)),
             "mem_wr": Out(MemWriteSignature(W)),
             "start": In(1), "done": Out(1), "error": Out(8), "cycles": Out(64),
             "pc": Out(32), "op": Out(8), "state": Out(range(len(CTRL_STATES))), "progress": Out(1),
-        })
+        }
+        if read_fault:  # the AXI top: a pulse with every read beat answered SLVERR/DECERR
+            members["mem_rd_fault"] = In(1)
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -187,13 +190,27 @@ class Accelerator(wiring.Component):
         busy = Signal(len(clients))
         for i, c in enumerate(clients):
             m.d.comb += [c.start.eq(ctrl.go & (ctrl.sel == i)), c.instr.eq(ctrl.instr), busy[i].eq(c.busy)]
+        cerror = Signal(8)
         with m.Switch(ctrl.sel):
             for i, c in enumerate(clients):
                 with m.Case(i):
                     m.d.comb += [ctrl.cbusy.eq(c.busy)]
                     if hasattr(c, "error"):
-                        m.d.comb += ctrl.cerror.eq(c.error)
-        m.d.comb += [ctrl.start.eq(self.start), self.done.eq(ctrl.done), self.error.eq(ctrl.error),
+                        m.d.comb += cerror.eq(c.error)
+        # a memory error response (sticky until the next start) ends the machine at the end of the
+        # instruction it came in, and is the error reported (the root cause) whatever the decode did
+        mem_err = Signal(8)
+        with m.If(self.start):
+            m.d.sync += mem_err.eq(0)
+        with m.Elif(mem_err == 0):
+            if "mem_rd_fault" in self.signature.members:
+                with m.If(self.mem_rd_fault):
+                    m.d.sync += mem_err.eq(AccelError.MEM_READ)
+            with m.If(self.mem_wr.resp.valid & self.mem_wr.resp.ready & (self.mem_wr.resp.payload != 0)):
+                m.d.sync += mem_err.eq(AccelError.MEM_WRITE)
+        m.d.comb += [ctrl.cerror.eq(Mux(mem_err != 0, mem_err, cerror)),
+                     ctrl.start.eq(self.start), self.done.eq(ctrl.done),
+                     self.error.eq(Mux(mem_err != 0, mem_err, ctrl.error)),
                      self.pc.eq(ctrl.pc), self.op.eq(ctrl.op), self.state.eq(ctrl.state)]
 
         # ---- scratchpad ----
@@ -243,4 +260,45 @@ class Accelerator(wiring.Component):
                                                                                    "scale", "rq", "out")]
         fires += [mux.rd0.en, mux.rd1.en, mux.wr.en, ctrl.go]
         m.d.comb += self.progress.eq(Cat(*fires).any())
+        return m
+
+
+class AxiAccelerator(Elaboratable):
+    """The accelerator with AXI4 master ports (``hw/axi.py``; docs/isa.md, "Memory system"): the word
+    address space striped over ``accel.mem_ports`` ports ``m_axi_mem<p>`` (read port 0 — fetch, LOAD,
+    SCATTER, the weights — and the write port: ``stripe_map``), and one more read-only port
+    ``m_axi_aux`` for read port 1 (the prefetch and the scales) that reaches every channel. The AXI
+    space is flat: port p's channel at byte ``p * mem_channel_bytes`` (HBM pseudo-channel p on the U280);
+    every port may address all of it. Plain signals with the flat names Vitis and cocotbext-axi expect
+    (``m_axi_mem0_araddr`` ...), ``start`` (in, a pulse), ``done``, ``error`` (``AccelError``; 7/8 for an
+    RRESP/BRESP error), ``cycles``, ``pc``, ``op``, ``progress``; ``clk``/``rst`` from the sync domain."""
+
+    def __init__(self, engine: EngineParams, accel: AccelParams, units=None, addr_width: int = 64):
+        from .axi import memory_buses
+        self.engine_params, self.accel = engine, accel
+        self.core = Accelerator(engine, accel, units, read_fault=True)
+        self.buses = memory_buses(accel, addr_width)
+        self.port_names = list(self.buses)
+        self.start, self.done, self.error = Signal(name="start"), Signal(name="done"), Signal(8, name="error")
+        self.cycles, self.pc = Signal(64, name="cycles"), Signal(32, name="pc")
+        self.op, self.progress = Signal(8, name="op"), Signal(name="progress")
+
+    @property
+    def ports(self) -> list:
+        out = [self.start, self.done, self.error, self.cycles, self.pc, self.op, self.progress]
+        for n in self.port_names:
+            out += list(self.buses[n].values())
+        return out
+
+    def elaborate(self, platform):
+        from .axi import AxiMemorySystem
+        m = Module()
+        m.submodules.core = core = self.core
+        m.submodules.memsys = ms = AxiMemorySystem(self.accel, buses=self.buses)
+        wiring.connect(m, core.mem_rd0, ms.rd0)
+        wiring.connect(m, core.mem_rd1, ms.rd1)
+        wiring.connect(m, core.mem_wr, ms.wr)
+        m.d.comb += [core.mem_rd_fault.eq(ms.read_fault), core.start.eq(self.start),
+                     self.done.eq(core.done), self.error.eq(core.error), self.cycles.eq(core.cycles),
+                     self.pc.eq(core.pc), self.op.eq(core.op), self.progress.eq(core.progress)]
         return m

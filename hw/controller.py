@@ -44,6 +44,8 @@ class AccelError(IntEnum):
                             # beats) 0 or not dividing n, s (tiles) not in 1..65535
     SCATTER_STRADDLE = 5    # SCATTER: a field crosses a memory word
     PC_RANGE = 6            # pc reached AccelParams.max_program_instrs without HALT
+    MEM_READ = 7            # a read answered with RRESP SLVERR/DECERR (AXI top; stops after the instruction)
+    MEM_WRITE = 8           # a write answered with a non-OKAY response (BRESP): stops after the instruction
 
 
 #: controller FSM states, in the order of the ``state`` output's encoding

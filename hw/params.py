@@ -94,6 +94,22 @@ class AccelParams:
     spad_words: int = param(16384, "on-chip scratchpad: 64-bit signed elements every unit reads and writes",
                             min=256, max=1 << 24)
     max_program_instrs: int = param(1 << 22, "longest program the controller addresses", min=16, max=1 << 30)
+    # the AXI4 top (hw.accel.AxiAccelerator, hw/axi.py; docs/isa.md "Memory system"): the U280 has 32 HBM
+    # pseudo-channels of 256 MiB, each an AXI port 256 bits wide at 450 MHz or 512 bits at half that
+    # (UG1393 "HBM", PG276 "AXI port details"): mem_ports of them carry the striped data
+    mem_ports: int = param(1, "AXI4 master ports the word address space is striped over (HBM pseudo-channels; "
+                           "one more port reads the prefetch and scales)", choices=[1, 2, 4, 8, 16, 32])
+    mem_stripe_words: int = param(16, "consecutive words on one port before the next port's stripe",
+                                  choices=[1, 2, 4, 8, 16, 32, 64, 128])
+    mem_channel_bytes: int = param(1 << 28, "bytes of one port's channel in the flat AXI address space "
+                                   "(an HBM pseudo-channel: 256 MiB, PG276)", min=1 << 12, max=1 << 33)
+    axi_max_burst: int = param(256, "longest AXI4 INCR burst in beats (256: AXI4; 16 for the HBM "
+                               "controller's AXI3 ports, PG276)", min=1, max=256)
+    axi_outstanding: int = param(8, "AXI bursts in flight per port and direction", min=1, max=64)
+
+    @property
+    def mem_channel_words(self) -> int:
+        return self.mem_channel_bytes // (self.mem_word_bits // 8)
 
     @property
     def spad_addr_bits(self) -> int:
@@ -103,4 +119,9 @@ class AccelParams:
         out = []
         if self.spad_words & (self.spad_words - 1):
             out.append(("spad_words", f"{self.spad_words} is not a power of two"))
+        if self.mem_channel_bytes & (self.mem_channel_bytes - 1):
+            out.append(("mem_channel_bytes", f"{self.mem_channel_bytes} is not a power of two"))
+        elif self.mem_channel_bytes < self.mem_stripe_words * self.mem_word_bits // 8:
+            out.append(("mem_channel_bytes", f"{self.mem_channel_bytes} is smaller than one stripe "
+                        f"(mem_stripe_words x mem_word_bits / 8 = {self.mem_stripe_words * self.mem_word_bits // 8})"))
         return out

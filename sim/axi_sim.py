@@ -1,0 +1,153 @@
+"""AXI4 memory for Amaranth testbenches of ``hw/axi.py`` (the adapters, the stripers and
+``AxiMemorySystem``): ``AxiSlaveSim`` plays one AXI4 slave port per bus over one shared memory (a dict
+of bytes, the flat AXI space), with random stalls on every channel it drives (AR/AW/W ready, R/B
+valid: each channel its own probability, so stalls are asymmetric), a latency from AR (AW + W) to the
+first R beat (B), RRESP/BRESP SLVERR for addresses in ``bad``, and checks of the master's side of the
+protocol as it runs: no INCR burst crosses 4 KiB, ARLEN/AWLEN within the limit, W beats carry WLAST on
+a burst's last beat, no R/B beat is dropped (each one offered stays offered until taken). It records
+every AR/AW burst (per bus) so a test compares them with ``hw.axi.read_bursts``/``stripe_chunks``.
+
+Call ``step(ctx, cycle)`` once per cycle, after the master's inputs are set and before ``ctx.tick()``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from hw.axi import AXI4_MAX_BURST, BOUNDARY, RESP_OKAY, RESP_SLVERR
+
+__all__ = ["AxiSlaveSim", "AxiProtocolError"]
+
+
+class AxiProtocolError(AssertionError):
+    pass
+
+
+class AxiSlaveSim:
+    def __init__(self, buses: dict[str, dict], word_bits: int, *, seed: int = 0, latency: int = 4,
+                 stall: dict[str, float] | None = None, bad: set[int] = frozenset(),
+                 max_burst: int = AXI4_MAX_BURST):
+        self.buses, self.W, self.nb = buses, word_bits, word_bits // 8
+        self.rng = np.random.default_rng(seed)
+        self.latency, self.bad, self.max_burst = latency, set(bad), max_burst
+        # asymmetric by default: each channel its own stall probability
+        self.stall = {"ar": 0.3, "r": 0.45, "aw": 0.2, "w": 0.5, "b": 0.35}
+        self.stall.update(stall or {})
+        self.mem: dict[int, int] = {}           # byte address of a word -> word value
+        self.ars = {n: [] for n in buses}       # recorded (araddr, beats, arid)
+        self.aws = {n: [] for n in buses}
+        self.writes = {n: [] for n in buses}    # (byte address, data, strb) in the order applied
+        self._rq = {n: deque() for n in buses}  # [ready cycle, addr, beats left, id]
+        self._awq = {n: deque() for n in buses}
+        self._wq = {n: deque() for n in buses}
+        self._bq = {n: deque() for n in buses}  # [ready cycle, resp, id]
+        self._r_offer = {n: None for n in buses}
+        self._b_offer = {n: None for n in buses}
+
+    # ---- memory ----
+    def write_words(self, byte_addr: int, words):
+        for i, w in enumerate(words):
+            self.mem[byte_addr + i * self.nb] = int(w)
+
+    def read_word(self, byte_addr: int) -> int:
+        return self.mem.get(byte_addr, 0)
+
+    def _burst_check(self, kind, name, addr, beats):
+        if beats > self.max_burst:
+            raise AxiProtocolError(f"{name}: {kind} burst of {beats} beats exceeds {self.max_burst}")
+        if addr % self.nb:
+            raise AxiProtocolError(f"{name}: {kind} address {addr:#x} not aligned to {self.nb} bytes")
+        if addr // BOUNDARY != (addr + beats * self.nb - 1) // BOUNDARY:
+            raise AxiProtocolError(f"{name}: {kind} burst at {addr:#x} of {beats} beats crosses a 4 KiB boundary")
+
+    def step(self, ctx, cycle: int):
+        for name, b in self.buses.items():
+            self._step_read(ctx, cycle, name, b)
+            self._step_write(ctx, cycle, name, b)
+
+    def _step_read(self, ctx, cycle, name, b):
+        rng = self.rng
+        arready = rng.random() >= self.stall["ar"]
+        ctx.set(b["arready"], arready)
+        q = self._rq[name]
+        off = self._r_offer[name]
+        if off is None and q and q[0][0] <= cycle and rng.random() >= self.stall["r"]:
+            addr = q[0][1]
+            resp = RESP_SLVERR if addr in self.bad else RESP_OKAY
+            off = (self.read_word(addr), int(q[0][2] == 1), resp, q[0][3])
+            self._r_offer[name] = off
+        if off is not None:
+            ctx.set(b["rvalid"], 1)
+            ctx.set(b["rdata"], off[0])
+            ctx.set(b["rlast"], off[1])
+            ctx.set(b["rresp"], off[2])
+            ctx.set(b["rid"], off[3])
+        else:
+            ctx.set(b["rvalid"], 0)
+        if arready and ctx.get(b["arvalid"]):
+            addr, beats = ctx.get(b["araddr"]), ctx.get(b["arlen"]) + 1
+            if ctx.get(b["arburst"]) != 1 or 1 << ctx.get(b["arsize"]) != self.nb:
+                raise AxiProtocolError(f"{name}: AR not an INCR burst of full-width beats")
+            self._burst_check("read", name, addr, beats)
+            self.ars[name].append((addr, beats, ctx.get(b["arid"])))
+            q.append([cycle + self.latency, addr, beats, ctx.get(b["arid"])])
+        if off is not None and ctx.get(b["rready"]):
+            self._r_offer[name] = None
+            q[0][1] += self.nb
+            q[0][2] -= 1
+            if q[0][2] == 0:
+                q.popleft()
+
+    def _step_write(self, ctx, cycle, name, b):
+        rng = self.rng
+        awready = rng.random() >= self.stall["aw"]
+        wready = rng.random() >= self.stall["w"]
+        ctx.set(b["awready"], awready)
+        ctx.set(b["wready"], wready)
+        bq = self._bq[name]
+        off = self._b_offer[name]
+        if off is None and bq and bq[0][0] <= cycle and rng.random() >= self.stall["b"]:
+            off = (bq[0][1], bq[0][2])
+            self._b_offer[name] = off
+        if off is not None:
+            ctx.set(b["bvalid"], 1)
+            ctx.set(b["bresp"], off[0])
+            ctx.set(b["bid"], off[1])
+        else:
+            ctx.set(b["bvalid"], 0)
+        if awready and ctx.get(b["awvalid"]):
+            addr, beats = ctx.get(b["awaddr"]), ctx.get(b["awlen"]) + 1
+            self._burst_check("write", name, addr, beats)
+            self.aws[name].append((addr, beats, ctx.get(b["awid"])))
+            self._awq[name].append([addr, beats, ctx.get(b["awid"]), False])
+        if wready and ctx.get(b["wvalid"]):
+            self._wq[name].append((ctx.get(b["wdata"]), ctx.get(b["wstrb"]), ctx.get(b["wlast"])))
+        # a burst completes once its AW and all its W beats are in
+        awq, wq = self._awq[name], self._wq[name]
+        while awq and len(wq) >= awq[0][1]:
+            addr, beats, wid, _ = awq.popleft()
+            err = False
+            for i in range(beats):
+                data, strb, last = wq.popleft()
+                if bool(last) != (i == beats - 1):
+                    raise AxiProtocolError(f"{name}: WLAST {last} on beat {i} of a {beats}-beat burst")
+                a = addr + i * self.nb
+                err |= a in self.bad
+                if a in self.bad:
+                    continue
+                old = self.read_word(a)
+                mask = 0
+                for k in range(self.nb):
+                    if strb >> k & 1:
+                        mask |= 0xFF << (8 * k)
+                self.mem[a] = (old & ~mask) | (data & mask)
+                self.writes[name].append((a, data, strb))
+            bq.append([cycle + self.latency, RESP_SLVERR if err else RESP_OKAY, wid])
+        if off is not None and ctx.get(b["bready"]):
+            self._b_offer[name] = None
+            bq.popleft()
+
+    def idle(self) -> bool:
+        return not any(self._rq[n] or self._awq[n] or self._wq[n] or self._bq[n] for n in self.buses)
