@@ -282,10 +282,11 @@ class AxiAccelerator(Elaboratable):
         self.start, self.done, self.error = Signal(name="start"), Signal(name="done"), Signal(8, name="error")
         self.cycles, self.pc = Signal(64, name="cycles"), Signal(32, name="pc")
         self.op, self.progress = Signal(8, name="op"), Signal(name="progress")
+        self.activity = Signal(32, name="activity")  # cycles with progress: a testbench's cheap watchdog
 
     @property
     def ports(self) -> list:
-        out = [self.start, self.done, self.error, self.cycles, self.pc, self.op, self.progress]
+        out = [self.start, self.done, self.error, self.cycles, self.pc, self.op, self.progress, self.activity]
         for n in self.port_names:
             out += list(self.buses[n].values())
         return out
@@ -301,4 +302,6 @@ class AxiAccelerator(Elaboratable):
         m.d.comb += [core.mem_rd_fault.eq(ms.read_fault), core.start.eq(self.start),
                      self.done.eq(core.done), self.error.eq(core.error), self.cycles.eq(core.cycles),
                      self.pc.eq(core.pc), self.op.eq(core.op), self.progress.eq(core.progress)]
+        with m.If(core.progress):
+            m.d.sync += self.activity.eq(self.activity + 1)
         return m

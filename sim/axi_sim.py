@@ -12,13 +12,18 @@ Call ``step(ctx, cycle)`` once per cycle, after the master's inputs are set and 
 
 from __future__ import annotations
 
+import hashlib
+import os
+import resource
+import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 
 from hw.axi import AXI4_MAX_BURST, BOUNDARY, RESP_OKAY, RESP_SLVERR
 
-__all__ = ["AxiSlaveSim", "AxiProtocolError"]
+__all__ = ["AxiSlaveSim", "AxiProtocolError", "run_axi_accelerator", "axi_accel_verilog", "AXI_STALLS"]
 
 
 class AxiProtocolError(AssertionError):
@@ -151,3 +156,113 @@ class AxiSlaveSim:
 
     def idle(self) -> bool:
         return not any(self._rq[n] or self._awq[n] or self._wq[n] or self._bq[n] for n in self.buses)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole accelerator through its AXI4 ports: Verilator + cocotb + cocotbext-axi (sim/cocotb_axi_accel.py)
+# ---------------------------------------------------------------------------------------------------
+#: pause probability per channel kind (each channel of each port its own pattern): asymmetric on purpose
+AXI_STALLS = {"ar": 0.25, "r": 0.4, "aw": 0.15, "w": 0.5, "b": 0.3}
+AXI_TOP = "axi_accel"
+
+
+def axi_accel_verilog(engine, accel, units, cache_dir) -> Path:
+    """The Verilog of ``hw.accel.AxiAccelerator`` (module ``axi_accel``), cached by parameters and the
+    RTL's sources (``sim.accel_sim._source_digest``)."""
+    from amaranth.back import verilog
+
+    from hw.accel import AxiAccelerator, resolve_units
+
+    from .accel_sim import _source_digest
+    unit_names = sorted(f"{op.name}={cls.__module__}.{cls.__qualname__}" for op, cls in resolve_units(units).items())
+    key = hashlib.sha1(repr(("axi", engine, accel, unit_names, _source_digest())).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / f"axi-{key}"
+    path = folder / "axi_accel.v"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        top = AxiAccelerator(engine, accel, units)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(verilog.convert(top, ports=top.ports, name=AXI_TOP))
+        tmp.rename(path)
+    return path
+
+
+def run_axi_accelerator(engine, accel, image: np.ndarray, *, seed: int = 0, stall: dict | None = None,
+                        run_dir=None, watchdog_cycles: int = 20000, max_cycles: int = 20_000_000, units=None,
+                        bad_read_words=(), bad_write_words=()):
+    """Run the program in ``image`` on ``AxiAccelerator`` under Verilator with cocotbext-axi memories
+    (``stall``: pause probability per channel kind, default ``AXI_STALLS``); ``bad_*_words``: accelerator
+    words whose reads / writes the memory answers SLVERR. Returns ``sim.accel_sim.AccelRun``; a hang
+    (no progress for ``watchdog_cycles``) raises ``AccelHang`` naming pc, opcode and every AXI channel's
+    valid/ready."""
+    import json
+    import sys
+
+    from cocotb_tools.runner import get_runner
+
+    from hw.axi import port_names
+    from hw.axi import stripe_map as smap
+
+    from .accel_sim import AccelHang, AccelRun, _check_image, _op_name, build_cache_dir
+    from .engine_check import find_simulator
+
+    img = _check_image(image, accel.mem_word_bits)
+    W, N, S, C = accel.mem_word_bits, accel.mem_ports, accel.mem_stripe_words, accel.mem_channel_words
+    n_words = img.size // (W // 8)
+    smap(n_words - 1, N, S, C)  # the image fits the channels (a clear error otherwise)
+    find_simulator("verilator")
+    cache = build_cache_dir()
+    vfile = axi_accel_verilog(engine, accel, units, cache)
+    rdir = Path(run_dir).resolve() if run_dir is not None else \
+        (cache / "runs" / f"axi-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{seed}").resolve()
+    rdir.mkdir(parents=True, exist_ok=True)
+    np.save(rdir / "image.npy", img)
+    for f in ("result.json", "out.npy"):
+        (rdir / f).unlink(missing_ok=True)
+    nb = W // 8
+    job = {"seed": seed, "word_bits": W, "ports": N, "stripe_words": S, "channel_words": C,
+           "port_names": port_names(accel), "stall": dict(AXI_STALLS if stall is None else stall),
+           "image": str(rdir / "image.npy"), "out": str(rdir / "out.npy"), "result": str(rdir / "result.json"),
+           "watchdog": int(watchdog_cycles), "max_cycles": int(max_cycles),
+           "bad_read": [smap(a, N, S, C)[1] * nb for a in bad_read_words],
+           "bad_write": [smap(a, N, S, C)[1] * nb for a in bad_write_words]}
+    (rdir / "job.json").write_text(json.dumps(job))
+    runner = get_runner("verilator")
+    build_dir = vfile.parent / "build"
+    saved = os.environ.get("MAKEFLAGS")
+    os.environ["MAKEFLAGS"] = ((saved or "") + " CFG_CXXFLAGS_PCH_I=-include OPT_FAST=-O1").strip()
+    try:
+        t0 = time.perf_counter()
+        runner.build(sources=[vfile], hdl_toplevel=AXI_TOP, build_dir=build_dir, build_args=["-Wno-fatal"],
+                     always=False, timescale=("1ns", "1ps"), log_file=vfile.parent / "build.log")
+        LAST_AXI_BUILD_SECONDS[0] = time.perf_counter() - t0
+    finally:
+        if saved is None:
+            os.environ.pop("MAKEFLAGS", None)
+        else:
+            os.environ["MAKEFLAGS"] = saved
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"AXI_ACCEL_JOB": str(rdir / "job.json"), "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    runner.test(test_module="sim.cocotb_axi_accel", hdl_toplevel=AXI_TOP, build_dir=build_dir, test_dir=rdir,
+                extra_env=env, results_xml=str(rdir / "results.xml"), log_file=rdir / "sim.log")
+    wall = time.perf_counter() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    if not (rdir / "result.json").exists():
+        raise RuntimeError(f"the AXI accelerator simulation in {rdir} wrote no result (see {rdir / 'sim.log'})")
+    res = json.loads((rdir / "result.json").read_text())
+    if res["status"] != "done":
+        hs = " ".join(f"{k}={v[0]}/{v[1]}" for k, v in res["handshakes"].items())
+        why = (f"no progress for {watchdog_cycles} cycles" if res["status"] == "hang"
+               else f"cycle budget of {max_cycles} exhausted")
+        raise AccelHang(f"AXI accelerator hang (verilator + cocotbext-axi): {why} at cycle {res['sim_cycles']}; "
+                        f"pc {res['pc']} ({_op_name(res['op'])}); AXI valid/ready: {hs}; run folder {rdir}")
+    mem = np.load(rdir / "out.npy")
+    return AccelRun(mem, res["cycles"], res["error"], wall, res["pc"] + 1, res["pc"], res["op"], str(rdir),
+                    res["sim_cycles"], cpu)
+
+
+LAST_AXI_BUILD_SECONDS = [0.0]

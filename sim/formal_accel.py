@@ -31,6 +31,8 @@ shows each makes its proof fail.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from amaranth.hdl import Assert, Assume, Cat, Const, Elaboratable, Module, Mux, Signal
 
 from hw.engine import Mode, max_reduction
@@ -38,7 +40,8 @@ from hw.isa import ELEMENT_BITS, ENGINE_MODE_MASK, FLAG_INDEXED, INSTR_BITS, Op,
 
 from .accel_planted import patched_controller
 
-__all__ = ["MemOpsSpec", "ControllerSpec", "StreamerSpec", "ports_of", "BUGS", "load_controller"]
+__all__ = ["MemOpsSpec", "ControllerSpec", "StreamerSpec", "ports_of", "BUGS", "load_controller", "AxiReadSpec",
+           "AxiWriteSpec", "ReadStriperSpec", "AXI_BUGS", "load_axi"]
 
 
 def ports_of(component) -> list:
@@ -476,4 +479,265 @@ def load_controller(name: str):
     _, old, new = BUGS[name]
     mod, _ = patched_controller(name, old, new, "sim/formal_accel.py BUGS", "formal-accel")
     _loaded[name] = mod
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------------
+# AXI4 masters of the memory system (hw/axi.py)
+# ---------------------------------------------------------------------------------------------------
+def _axi_rules(m: Module, bus: dict, ch: str, fields: list[str], started, assume: bool = False):
+    """AXI's handshake rule on channel ``ch`` (IHI 0022, A3.2.1): once VALID is high it stays high until
+    READY, with the payload (``fields``) unchanged. Asserted for a channel the master drives, assumed for
+    one the slave drives."""
+    held = Signal(name=f"{ch}_held")
+    pay = Cat(*[bus[f] for f in fields])
+    prev = Signal(len(pay), name=f"{ch}_pay")
+    m.d.sync += [held.eq(bus[f"{ch}valid"] & ~bus[f"{ch}ready"]), prev.eq(pay)]
+    check = Assume if assume else Assert
+    with m.If(started & held):
+        m.d.comb += [check(bus[f"{ch}valid"]), check(pay == prev)]
+
+
+AR_FIELDS = ["araddr", "arlen", "arsize", "arburst", "arid"]
+AW_FIELDS = ["awaddr", "awlen", "awsize", "awburst", "awid"]
+W_FIELDS = ["wdata", "wstrb", "wlast"]
+
+
+class AxiReadSpec(Elaboratable):
+    """``hw.axi.AxiReadAdapter`` with its job stream and the AXI slave free. Assumed: the job stream
+    follows the valid/ready rules; the slave follows the AXI handshake rule on R, sends R beats only for
+    bursts it accepted, with RLAST on each burst's last beat (a shadow queue of accepted lengths).
+    Asserted: A1 AR valid held until ready with a stable payload; A2 no burst crosses 4 KiB and none is
+    longer than ``max_burst``; A3 no beat lost or duplicated in the split: the bursts of a job are
+    contiguous from its first word, never more than its words, all issued before the next job is taken;
+    A4 every R beat is passed on in the same cycle, unchanged."""
+
+    def __init__(self, dut):
+        self.dut = dut
+
+    @property
+    def ports(self) -> list:
+        return ports_of(self.dut) + list(self.dut.bus.values())
+
+    def elaborate(self, platform):
+        m = Module()
+        d = m.submodules.dut = self.dut
+        b, mem = d.bus, d.mem
+        nb = d.W // 8
+        started = Signal()
+        m.d.sync += started.eq(1)
+        _assume_stream_rules(m, mem.req, started, "job")
+        # a job stays inside the 32-bit word space (hw.memory.ADDR_BITS; the compiler's ranges do)
+        m.d.comb += Assume(~mem.req.valid | (mem.req.payload.addr + mem.req.payload.count <= (1 << 32)))
+        _axi_rules(m, b, "r", ["rdata", "rresp", "rlast", "rid"], started, assume=True)
+        _axi_rules(m, b, "ar", AR_FIELDS, started)                                 # A1
+        ar_fire = b["arvalid"] & b["arready"]
+        r_fire = b["rvalid"] & b["rready"]
+        # the slave: R beats only for accepted bursts, RLAST on the last (a queue of outstanding lengths)
+        D = d.outstanding + 1
+        lens = [Signal(9, name=f"len{i}") for i in range(D)]
+        n_q = Signal(range(D + 1))
+        beat = Signal(9)
+        m.d.comb += Assume(~b["rvalid"] | (n_q != 0))
+        m.d.comb += Assume(b["rlast"] == (beat + 1 == lens[0]))
+        pop = r_fire & b["rlast"]
+        for i in range(D):
+            nxt = lens[i + 1] if i + 1 < D else Const(0, 9)
+            src = Mux(pop, nxt, lens[i])
+            with m.If(ar_fire & (n_q - pop == i)):
+                m.d.sync += lens[i].eq(b["arlen"] + 1)
+            with m.Else():
+                m.d.sync += lens[i].eq(src)
+        m.d.sync += n_q.eq(n_q + ar_fire - pop)
+        with m.If(r_fire):
+            m.d.sync += beat.eq(Mux(b["rlast"], 0, beat + 1))
+        m.d.comb += Assert(n_q <= d.outstanding)
+        # A2
+        with m.If(b["arvalid"]):
+            m.d.comb += [Assert((b["araddr"][:12] + (b["arlen"] + 1) * nb) <= 4096),
+                         Assert(b["arlen"] + 1 <= d.max_burst), Assert(b["arburst"] == 1),
+                         Assert(b["arsize"] == (nb.bit_length() - 1))]
+        # A3: a shadow of the job being split
+        nxt_addr, left = Signal(64), Signal(33)
+        with m.If(mem.req.valid & mem.req.ready):
+            m.d.comb += Assert(left == 0)
+            m.d.sync += [nxt_addr.eq(mem.req.payload.addr * nb), left.eq(mem.req.payload.count)]
+        with m.If(b["arvalid"]):
+            m.d.comb += [Assert(left != 0), Assert(b["araddr"] == nxt_addr), Assert(b["arlen"] + 1 <= left)]
+        with m.If(ar_fire):
+            m.d.sync += [nxt_addr.eq(nxt_addr + (b["arlen"] + 1) * nb), left.eq(left - (b["arlen"] + 1))]
+        # A4
+        m.d.comb += [Assert(r_fire == (mem.data.valid & mem.data.ready)),
+                     Assert(~mem.data.valid | (mem.data.payload == b["rdata"]))]
+        return m
+
+
+class AxiWriteSpec(Elaboratable):
+    """``hw.axi.AxiWriteAdapter`` with its write stream and the AXI slave free. Assumed: the write
+    stream follows the valid/ready rules; the slave follows the handshake rule on B and answers only
+    writes it accepted. Asserted: W1 AW and W valid held until ready with stable payloads; W2 each
+    request is sent as exactly one AW (its address, AWLEN 0) and one W beat (its data and strobes,
+    WLAST) before it is taken, none twice, W never before its AW is offered; W3 every B beat is passed
+    on in the same cycle with BRESP as the response; no more responses than writes."""
+
+    def __init__(self, dut):
+        self.dut = dut
+
+    @property
+    def ports(self) -> list:
+        return ports_of(self.dut) + list(self.dut.bus.values())
+
+    def elaborate(self, platform):
+        m = Module()
+        d = m.submodules.dut = self.dut
+        b, mem = d.bus, d.mem
+        nb = d.W // 8
+        started = Signal()
+        m.d.sync += started.eq(1)
+        _assume_stream_rules(m, mem.req, started, "wreq")
+        _axi_rules(m, b, "b", ["bresp", "bid"], started, assume=True)
+        _axi_rules(m, b, "aw", AW_FIELDS, started)                          # W1
+        _axi_rules(m, b, "w", W_FIELDS, started)
+        aw_fire, w_fire = b["awvalid"] & b["awready"], b["wvalid"] & b["wready"]
+        b_fire = b["bvalid"] & b["bready"]
+        owed = Signal(8)
+        m.d.sync += owed.eq(owed + aw_fire - b_fire)
+        m.d.comb += [Assume(~b["bvalid"] | (owed != 0)), Assert(owed <= d.outstanding)]
+        # W2
+        aw_n, w_n = Signal(2), Signal(2)   # beats of the current request sent so far
+        req_fire = mem.req.valid & mem.req.ready
+        with m.If(req_fire):
+            m.d.comb += [Assert(aw_n + aw_fire == 1), Assert(w_n + w_fire == 1)]
+            m.d.sync += [aw_n.eq(0), w_n.eq(0)]
+        with m.Else():
+            m.d.sync += [aw_n.eq(aw_n + aw_fire), w_n.eq(w_n + w_fire)]
+        m.d.comb += [Assert(aw_n <= 1), Assert(w_n <= 1)]
+        with m.If(b["awvalid"]):
+            m.d.comb += [Assert(mem.req.valid), Assert(b["awaddr"] == mem.req.payload.addr * nb),
+                         Assert(b["awlen"] == 0), Assert(b["awburst"] == 1)]
+        with m.If(b["wvalid"]):
+            m.d.comb += [Assert(mem.req.valid), Assert(b["wdata"] == mem.req.payload.data),
+                         Assert(b["wstrb"] == mem.req.payload.strb), Assert(b["wlast"]),
+                         Assert(b["awvalid"] | (aw_n == 1))]
+        # W3
+        m.d.comb += [Assert(b_fire == (mem.resp.valid & mem.resp.ready)),
+                     Assert(~mem.resp.valid | (mem.resp.payload == b["bresp"]))]
+        return m
+
+
+class ReadStriperSpec(Elaboratable):
+    """``hw.axi.ReadStriper`` with its job stream and every output port's memory free. Assumed: the job
+    stream follows the valid/ready rules; an output delivers a word only while one of its jobs owes it.
+    Asserted: S1 every output request valid held until ready, payload stable; S2 chunks are contiguous
+    in the accelerator's word space from the job's first word, none crosses a stripe, each at
+    ``hw.axi.stripe_map``'s address on its port (the map written out here again, independently); S3 no
+    word lost or duplicated: a word taken from an output is passed on in the same cycle, and a word is
+    passed on only while the job stream is owed one."""
+
+    def __init__(self, dut):
+        self.dut = dut
+
+    @property
+    def ports(self) -> list:
+        return ports_of(self.dut)
+
+    def elaborate(self, platform):
+        m = Module()
+        d = m.submodules.dut = self.dut
+        g = d.g
+        N, S, C = g.ports, g.stripe_words, g.channel_words
+        outs = [getattr(d, f"out{i}") for i in range(d.outputs)]
+        started = Signal()
+        m.d.sync += started.eq(1)
+        _assume_stream_rules(m, d.mem.req, started, "job")
+        m.d.comb += Assume(~d.mem.req.valid | (d.mem.req.payload.addr + d.mem.req.payload.count <= N * C))
+        owed = Signal(40)   # words the job stream has asked for and not yet been given
+        m.d.sync += owed.eq(owed + Mux(d.mem.req.valid & d.mem.req.ready, d.mem.req.payload.count, 0)
+                            - (d.mem.data.valid & d.mem.data.ready))
+        for i, o in enumerate(outs):
+            _stream_rules(m, o.req, started, f"out{i}_req")                       # S1
+            oo = Signal(40, name=f"out{i}_owed")
+            fire = o.req.valid & o.req.ready
+            dfire = o.data.valid & o.data.ready
+            m.d.sync += oo.eq(oo + Mux(fire, o.req.payload.count, 0) - dfire)
+            m.d.comb += Assume(~o.data.valid | (oo != 0))
+            m.d.comb += Assert(~dfire | (d.mem.data.valid & d.mem.data.ready &
+                                         (d.mem.data.payload == o.data.payload)))   # S3
+        # S2
+        cur, left = Signal(32), Signal(33)
+        with m.If(d.mem.req.valid & d.mem.req.ready):
+            m.d.comb += Assert(left == 0)
+            m.d.sync += [cur.eq(d.mem.req.payload.addr), left.eq(d.mem.req.payload.count)]
+        for i, o in enumerate(outs):
+            with m.If(o.req.valid):
+                stripe = cur // S
+                port = stripe % N
+                local = (stripe // N) * S + cur % S
+                m.d.comb += [Assert(left != 0), Assert(o.req.payload.count >= 1),
+                             Assert(o.req.payload.count <= left),
+                             Assert(cur % S + o.req.payload.count <= S),
+                             Assert(o.req.payload.addr == port * C + local)]
+                if d.outputs > 1:
+                    m.d.comb += Assert(port == i)
+            with m.If(o.req.valid & o.req.ready):
+                m.d.sync += [cur.eq(cur + o.req.payload.count), left.eq(left - o.req.payload.count)]
+        # S3: a word passed on is one the job stream is owed (none invented or duplicated)
+        m.d.comb += Assert(~d.mem.data.valid | (owed != 0))
+        return m
+
+
+# planted bugs in hw/axi.py: name -> (property it breaks, which spec, text, replacement)
+AXI_BUGS = {
+    "ar_ignores_4k": ("A2: a burst crosses a 4 KiB boundary (only max_burst limits it)", "read",
+                      "m.d.comb += lim.eq(Mux(to_bnd < self.max_burst, to_bnd, self.max_burst))",
+                      "m.d.comb += lim.eq(self.max_burst)"),
+    "ar_valid_drops": ("A1: ARVALID drops before ARREADY (withdrawn while an R beat arrives)", "read",
+                       'b["arvalid"].eq(active & (inflight < self.outstanding))',
+                       'b["arvalid"].eq(active & (inflight < self.outstanding) & ~b["rvalid"])'),
+    "ar_skips_a_beat": ("A3: the next burst starts one word late (a beat lost)", "read",
+                        "m.d.sync += [cur.eq(cur + blen), left.eq(left - blen), active.eq(left != blen)]",
+                        "m.d.sync += [cur.eq(cur + blen + 1), left.eq(left - blen), active.eq(left != blen)]"),
+    "ar_moves_while_stalled": ("A1/A3: the AR address advances without a handshake (payload changes, words "
+                               "of the job skipped)", "read",
+                               "        with m.If(ar_fire):\n            m.d.sync += [cur.eq(cur + blen)",
+                               "        with m.If(b[\"arvalid\"]):\n            m.d.sync += [cur.eq(cur + blen)"),
+    "aw_sent_twice": ("W1/W2: AW offered again after it was accepted (a write issued twice; the W beat "
+                      "loses its slot)", "write",
+                      "            with m.If(aw_fire):\n                m.d.sync += aw_sent.eq(1)",
+                      "            with m.If(aw_fire):\n                m.d.sync += aw_sent.eq(0)"),
+    "w_valid_drops": ("W1: WVALID drops once the AW took the last free slot", "write",
+                      'b["wvalid"].eq(mem.req.valid & ~w_sent & (aw_sent | room))',
+                      'b["wvalid"].eq(mem.req.valid & ~w_sent & room)'),
+    "req_taken_before_w": ("W2: the request is taken once its AW is accepted, its W beat lost", "write",
+                           "m.d.comb += mem.req.ready.eq((aw_sent | aw_fire) & (w_sent | w_fire))",
+                           "m.d.comb += mem.req.ready.eq(aw_sent | aw_fire)"),
+    "chunk_crosses_stripe": ("S2: a chunk runs past its stripe onto the next port's words (its count "
+                             "truncated)", "stripe",
+                             "m.d.comb += n.eq(Mux(left < room, left, room))", "m.d.comb += n.eq(left)"),
+    "merge_drops_word": ("S3: the merge takes an output's word while the accelerator is not ready (lost)",
+                         "stripe", "out.data.ready.eq(mem.data.ready), dfire.eq(out.data.valid & mem.data.ready)",
+                         "out.data.ready.eq(1), dfire.eq(out.data.valid & mem.data.ready)"),
+}
+
+_axi_loaded: dict[str, object] = {}
+
+
+def load_axi(name: str):
+    """A copy of ``hw/axi.py`` with planted bug ``name`` (the module: ``.AxiReadAdapter`` etc.); a bug
+    whose text is gone from the RTL fails loudly."""
+    import tempfile
+
+    from .accel_planted import HW, _load_module
+    if name not in AXI_BUGS:
+        raise ValueError(f"planted AXI bug {name!r}: choose from {', '.join(AXI_BUGS)}")
+    if name in _axi_loaded:
+        return _axi_loaded[name]
+    _, _, old, new = AXI_BUGS[name]
+    text = (HW / "axi.py").read_text()
+    if text.count(old) != 1:
+        raise RuntimeError(f"planted AXI bug {name!r}: its text occurs {text.count(old)} times in hw/axi.py "
+                           f"(expected once): update sim/formal_accel.py AXI_BUGS to the new RTL")
+    folder = Path(tempfile.mkdtemp(prefix=f"formal-axi-{name}-"))
+    (folder / "axi.py").write_text(text.replace(old, new).replace("from .", "from hw."))
+    _axi_loaded[name] = mod = _load_module(f"_accllm_formal_axi_{name}", folder / "axi.py")
     return mod

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from hw.axi import (AxiMemorySystem, AxiReadAdapter, AxiWriteAdapter, read_bursts, stripe_chunks, stripe_map,
-                    write_beats)
+import hw.axi as axi_mod
+from hw.axi import read_bursts, stripe_chunks, stripe_map, write_beats
 from hw.params import AccelParams
 from sim.axi_sim import AxiSlaveSim
 
@@ -141,9 +141,9 @@ def _read_jobs(rng, W, n_jobs, span):
 
 
 @pytest.mark.parametrize("W, max_burst", [(64, 256), (256, 256), (256, 16)])
-def test_read_adapter_bursts_equal_the_model_and_every_word_arrives_once(W, max_burst):
+def test_read_adapter_bursts_equal_the_model_and_every_word_arrives_once(W, max_burst, mod=axi_mod):
     rng = np.random.default_rng(W + max_burst)
-    dut = AxiReadAdapter(W, "m_axi_t", max_burst=max_burst, outstanding=3)
+    dut = mod.AxiReadAdapter(W, "m_axi_t", max_burst=max_burst, outstanding=3)
     slave = AxiSlaveSim({"t": dut.bus}, W, seed=1, latency=5, max_burst=max_burst)
     nb = W // 8
     jobs = _read_jobs(rng, W, 12, 3000)
@@ -164,17 +164,17 @@ def test_read_adapter_bursts_equal_the_model_and_every_word_arrives_once(W, max_
 def test_read_adapter_pulses_error_on_slverr():
     W = 256
     rng = np.random.default_rng(3)
-    dut = AxiReadAdapter(W, "m_axi_t", outstanding=2)
+    dut = axi_mod.AxiReadAdapter(W, "m_axi_t", outstanding=2)
     slave = AxiSlaveSim({"t": dut.bus}, W, seed=2, bad={32 * 10, 32 * 11})
     mm = ReadMaster(dut.mem, [(8, 5), (20, 3)], rng)
     (errors,) = run(dut, slave, [mm], [dut.error])
     assert errors == 2 and len(mm.words) == 8
 
 
-def test_write_adapter_beats_equal_the_model_and_every_write_is_answered():
+def test_write_adapter_beats_equal_the_model_and_every_write_is_answered(mod=axi_mod):
     W = 128
     rng = np.random.default_rng(5)
-    dut = AxiWriteAdapter(W, "m_axi_t", outstanding=3)
+    dut = mod.AxiWriteAdapter(W, "m_axi_t", outstanding=3)
     bad = {16 * 40}
     slave = AxiSlaveSim({"t": dut.bus}, W, seed=4, latency=6, bad=bad)
     writes = [(int(rng.integers(0, 64)), int(rng.integers(0, 1 << 62)) << 60 | int(rng.integers(0, 1 << 60)),
@@ -203,11 +203,11 @@ MS = AccelParams(mem_word_bits=64, spad_words=256, mem_ports=4, mem_stripe_words
 
 
 @pytest.mark.parametrize("accel", [MS, dataclasses.replace(MS, mem_ports=1)], ids=["4 ports", "1 port"])
-def test_memory_system_streams_a_job_from_every_port_at_the_mapped_addresses(accel):
+def test_memory_system_streams_a_job_from_every_port_at_the_mapped_addresses(accel, mod=axi_mod):
     W, N, S, C = accel.mem_word_bits, accel.mem_ports, accel.mem_stripe_words, accel.mem_channel_words
     nb = W // 8
     rng = np.random.default_rng(N)
-    dut = AxiMemorySystem(accel)
+    dut = mod.AxiMemorySystem(accel)
     slave = AxiSlaveSim(dut.buses, W, seed=7, latency=7, max_burst=accel.axi_max_burst)
     n_words = 1024
     words = [int(x) for x in rng.integers(0, 1 << 62, n_words)]
@@ -247,7 +247,7 @@ def test_memory_system_read_fault_and_write_error_reach_the_accelerator_side():
     W, N, S, C = accel.mem_word_bits, accel.mem_ports, accel.mem_stripe_words, accel.mem_channel_words
     nb = W // 8
     rng = np.random.default_rng(9)
-    dut = AxiMemorySystem(accel)
+    dut = axi_mod.AxiMemorySystem(accel)
     bad_rd = stripe_map(13, N, S, C)[1] * nb
     bad_wr = stripe_map(2000, N, S, C)[1] * nb
     slave = AxiSlaveSim(dut.buses, W, seed=8, bad={bad_rd, bad_wr})
@@ -256,3 +256,55 @@ def test_memory_system_read_fault_and_write_error_reach_the_accelerator_side():
     (faults,) = run(dut, slave, [m0, mw], [dut.read_fault])
     assert faults == 1 and len(m0.words) == 8
     assert mw.resps == [0, 2, 0]
+
+
+def test_a_compiled_layers_weights_stream_from_every_port(tmp_path):
+    """How the compiler's regions map onto ports (docs/isa.md, "Memory system"): the whole word space is
+    striped, so every weight region of at least ports x stripe words has words on every port, each
+    port's share within one stripe of an even split (a layer's weight stream draws on all at once)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compile_models import build_artifact, integer_model, prompt_ids
+
+    from accllm.config import load_hw
+    from hw.compile import compile_generation
+    cfg = load_hw("ci-small")
+    accel = dataclasses.replace(cfg.accelerator, mem_ports=4, mem_stripe_words=16, mem_channel_bytes=1 << 20)
+    _, spec = integer_model(build_artifact(tmp_path), 2, 6)
+    comp = compile_generation(spec, cfg.engine, accel, prompt_ids(4, seed=3), 2)
+    N, S, C = accel.mem_ports, accel.mem_stripe_words, accel.mem_channel_words
+    checked = 0
+    for name, (lo, words) in comp.regions.items():
+        if not name.endswith(".weight") or words < N * S:
+            continue
+        share = np.bincount([stripe_map(a, N, S, C)[0] for a in range(lo, lo + words)], minlength=N)
+        assert share.min() > 0 and share.max() - share.min() <= S, (name, share)
+        checked += 1
+    assert checked >= 10
+    # the image fits the channels: every word has a place, no two the same
+    n = comp.image.size // (accel.mem_word_bits // 8)
+    assert len({stripe_map(a, N, S, C)[1] for a in range(n)}) == n
+
+
+@pytest.mark.parametrize("bug, check, caught", [
+    ("ar_ignores_4k", "read", "crosses a 4 KiB boundary"),
+    ("ar_skips_a_beat", "read", "differs"),
+    ("req_taken_before_w", "write", "hang"),
+    ("aw_sent_twice", "write", ""),
+    ("merge_drops_word", "memsys", ""),
+    ("chunk_crosses_stripe", "memsys", ""),
+])
+def test_planted_axi_bugs_fail_these_tests(bug, check, caught):
+    """The simulation checks above count: each planted bug of sim/formal_accel.AXI_BUGS (a patched copy
+    of hw/axi.py) makes the test meant for it fail (with the message given, where one is)."""
+    from sim.formal_accel import load_axi
+    mod = load_axi(bug)
+    with pytest.raises(AssertionError) as e:
+        if check == "read":
+            test_read_adapter_bursts_equal_the_model_and_every_word_arrives_once(64, 256, mod)
+        elif check == "write":
+            test_write_adapter_beats_equal_the_model_and_every_write_is_answered(mod)
+        else:
+            test_memory_system_streams_a_job_from_every_port_at_the_mapped_addresses(MS, mod)
+    assert caught in str(e.value)
