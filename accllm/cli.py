@@ -239,18 +239,24 @@ def cmd_estimate(args) -> int:
 
     cfg, fmt, m, hw_name = _estimate_inputs(args)
     try:
-        res = estimate(cfg.engine, cfg.target, m, fmt, args.context, args.batch, hw_name=hw_name)
+        res = estimate(cfg.engine, cfg.target, m, fmt, args.context, args.batch, hw_name=hw_name,
+                       accel=cfg.accelerator)
     except (EstimateError, HBMError, EnergyError) as e:
         raise UserError(str(e)) from None
     if args.json:
         print(json.dumps(res, indent=1))
     else:
+        dec = res["decode"]
+        causes = ", ".join(f"{k} {v / dec['cycles_per_token']:.0%}" for k, v in dec["cycles_by_cause"].items())
         print(f"{m.name} / {fmt.recipe} on {hw_name} at {res['clock_mhz']:.0f} MHz, context {args.context}, "
               f"batch {args.batch} ({res['scope']}):\n"
               f"  decode  {res['decode_tokens_per_s']:8.1f} token/s   bound by {res['bound_by']} "
-              f"({res['of_roofline']:.1%} of the 460 GB/s roofline {res['hbm_roofline_tokens_per_s']:.1f})\n"
+              f"({dec['cycles_per_token']:,} cycles, {dec['instructions']:,} instructions: {causes})\n"
+              f"          {res['of_roofline']:.1%} of the 460 GB/s roofline {res['hbm_roofline_tokens_per_s']:.1f} "
+              f"token/s of the program's bytes (artifact's bytes: {res['artifact_roofline_tokens_per_s']:.1f})\n"
               f"  prefill {res['prefill_tokens_per_s']:8.1f} token/s   bound by {res['prefill']['bound_by']}\n"
-              f"  HBM     {res['hbm_bytes_per_token'] / 1e9:8.3f} GB/token\n"
+              f"  HBM     {res['hbm_bytes_per_token'] / 1e9:8.3f} GB/token read and written by the program "
+              f"(artifact {res['artifact_hbm_bytes_per_token'] / 1e9:.3f})\n"
               f"  power   {res['power_w']:8.1f} W  -> {res['tokens_per_j']:.2f} token/J "
               f"({res['power']['unverified_share']:.1%} of the watts from unverified coefficients: "
               f"docs/estimate.md)")
@@ -269,7 +275,7 @@ def cmd_report(args) -> int:
     try:
         path = write_report(args.out, cfg.engine, cfg.target, m, args.recipe, args.context, args.batch,
                             hw_name=hw_name, hw_arg=args.hw, model_arg=args.model, json_out=args.json_out,
-                            load_recipe=load_recipe)
+                            load_recipe=load_recipe, accel=cfg.accelerator)
     except (EstimateError, HBMError, EnergyError) as e:
         raise UserError(str(e)) from None
     print(f"wrote {path}")
@@ -285,10 +291,10 @@ def add_estimate_parsers(sub) -> None:
     common.add_argument("--context", type=int, default=2048, metavar="N", help="tokens in the context")
     common.add_argument("--batch", type=int, default=1, metavar="B", help="sequences decoded together")
     est = sub.add_parser("estimate", parents=[common], help="decode/prefill tokens/s, power, tokens/J, roofline",
-                         description="Throughput and energy of a model shape on an engine config, from the "
-                                     "engine's cycle model (checked against its RTL), the HBM model and the "
-                                     "energy model (docs/estimate.md). Engine products only: special "
-                                     "functions and the controller are pending.")
+                         description="Throughput and energy of a model shape on an accelerator config: the "
+                                     "compiler's program for the shape (no weights), timed by the controller's "
+                                     "cycle model (equal to the RTL's counts), the HBM model and the energy "
+                                     "model (docs/estimate.md). Batch 1.")
     est.add_argument("--json", action="store_true", help="print every figure as JSON")
     est.set_defaults(func=cmd_estimate)
     rep = sub.add_parser("report", parents=[common], help="self-contained HTML report with figures",

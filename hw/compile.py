@@ -41,8 +41,8 @@ from .engine import Mode, TILE_BITS, layouts
 from .isa import (FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, INSTR_BITS, ISAError, Instr, Op, encode, encode_program)
 from .params import AccelParams, EngineParams
 
-__all__ = ["CompileError", "Compiled", "compile_generation", "check_program", "accesses", "lower_linear",
-           "weight_beat_fields", "scale_beat_fields",
+__all__ = ["CompileError", "Compiled", "compile_generation", "compile_decode_step", "compile_prefill_chunk",
+           "shape_spec", "check_program", "accesses", "lower_linear", "weight_beat_fields", "scale_beat_fields",
            "TRACE_MODES"]
 
 TRACE_MODES = ("none", "layers", "all")
@@ -63,7 +63,8 @@ class Compiled:
     engine: EngineParams
     accel: AccelParams
     program: list[Instr]  # also encoded into image at word 0
-    image: np.ndarray  # uint8, the whole initial memory, length a multiple of mem_word_bits/8
+    image: np.ndarray | None  # uint8, the whole initial memory, length a multiple of mem_word_bits/8;
+    #                           None for a shape-only compile (``weights=False``: no data, only the sizes)
     regions: dict[str, tuple[int, int]]  # name -> (first word, words)
     trace: dict[str, tuple[int, tuple, int, bool]]  # golden-style name -> (word, shape, bits, signed)
     marks: list[tuple[str, int]]  # ("start", word), ("prefill", word), ("step1", word), ...
@@ -108,18 +109,18 @@ class Compiled:
         """Bytes each step reads from and writes to memory (whole words: weight and scale beats, the KV
         cache, loads, stores; a SCATTER reads and writes each word its fields touch), from the program's
         instructions (``accesses``); instruction fetch not included."""
-        out = {}
+        return {name: sum(self.instr_bytes(ins) for ins in self.program[first:first + count])
+                for name, first, count in self.steps}
+
+    def instr_bytes(self, ins: Instr) -> int:
+        """Bytes one instruction reads from and writes to memory, as ``step_bytes`` counts them."""
         wb = self.word_bytes
-        for name, first, count in self.steps:
-            tot = 0
-            for ins in self.program[first:first + count]:
-                if ins.op == Op.SCATTER:  # read-modify-write of the words its fields touch
-                    tot += 2 * len(_scatter_words(ins, self.accel.mem_word_bits)) * wb
-                    continue
-                acc = accesses(ins, self.engine, self.accel)
-                tot += sum(hi - lo for lo, hi in acc["mem_r"] + acc["mem_w"]) * wb
-            out[name] = tot
-        return out
+        if ins.op == Op.SCATTER:  # read-modify-write of the words its fields touch
+            return 2 * len(_scatter_words(ins, self.accel.mem_word_bits)) * wb
+        if ins.op == Op.LOAD and ins.flags & FLAG_INDEXED:  # one row, wherever its index puts it
+            return -(-ins.n * ins.w // self.accel.mem_word_bits) * wb
+        acc = accesses(ins, self.engine, self.accel)
+        return sum(hi - lo for lo, hi in acc["mem_r"] + acc["mem_w"]) * wb
 
     def decode_bytes_per_token(self) -> int:
         per = [v for k, v in self.step_bytes().items() if k.startswith("step")]
@@ -141,9 +142,11 @@ def _rows(shape: tuple) -> tuple[int, int]:
 # memory image
 # ---------------------------------------------------------------------------------------------------
 class _Mem:
-    """Regions laid out word-aligned from word ``base`` on, each with its initial bytes (or zeros)."""
+    """Regions laid out word-aligned from word ``base`` on, each with its initial bytes (or zeros).
+    ``shape_only``: the same regions and sizes, no bytes packed (the values' shapes alone are read)."""
 
-    def __init__(self, word_bits: int):
+    def __init__(self, word_bits: int, shape_only: bool = False):
+        self.shape_only = shape_only
         self.W = word_bits
         self.WB = word_bits // 8
         self.regions: dict[str, tuple[int, int]] = {}
@@ -154,7 +157,7 @@ class _Mem:
         if name in self.regions:
             raise AssertionError(f"region {name} twice")
         self.regions[name] = (self.top, int(words))
-        if data is not None:
+        if data is not None and not self.shape_only:
             d = np.asarray(data, np.uint8).reshape(-1)
             assert d.size <= words * self.WB, name
             self.data[name] = d
@@ -163,18 +166,22 @@ class _Mem:
 
     def elements(self, name: str, values, bits: int) -> int:
         """A region of packed ``bits``-bit elements (little-endian)."""
-        v = np.asarray(values, np.int64).reshape(-1)
-        return self.add(name, max(1, -(-v.size * bits // self.W)), _pack_elements(v, bits))
+        n = int(np.size(values))
+        data = None if self.shape_only else _pack_elements(values, bits)
+        return self.add(name, max(1, -(-n * bits // self.W)), data)
 
     def rows(self, name: str, values, bits: int) -> tuple[int, int]:
         """A 2-D array, each row starting at a word: -> (first word, words per row)."""
-        v = np.asarray(values, np.int64)
-        rw = -(-v.shape[1] * bits // self.W)
-        buf = np.zeros((v.shape[0], rw * self.WB), np.uint8)
-        for r in range(v.shape[0]):
-            p = _pack_elements(v[r], bits)
-            buf[r, :p.size] = p
-        return self.add(name, max(1, v.shape[0] * rw), buf), rw
+        nr, nc = np.shape(values)
+        rw = -(-nc * bits // self.W)
+        buf = None
+        if not self.shape_only:
+            v = np.asarray(values, np.int64)
+            buf = np.zeros((nr, rw * self.WB), np.uint8)
+            for r in range(nr):
+                p = _pack_elements(v[r], bits)
+                buf[r, :p.size] = p
+        return self.add(name, max(1, nr * rw), buf), rw
 
 
 def _pack_elements(v: np.ndarray, bits: int) -> np.ndarray:
@@ -198,8 +205,13 @@ class LoweredLinear:
     k_beats: int
     group_beats: int
     tiles: int
-    weight: np.ndarray  # (tiles * k_beats, beat bytes) little-endian beats
-    scale: np.ndarray  # (tiles * groups, beat bytes)
+    weight: np.ndarray | None  # (tiles * k_beats, beat bytes) little-endian beats; None: shape only
+    scale: np.ndarray | None  # (tiles * groups, beat bytes)
+
+    @property
+    def scale_beats(self) -> int:
+        """One scale beat per (tile, group)."""
+        return self.tiles * (self.k_beats // self.group_beats)
 
 
 def weight_beat_fields(engine: EngineParams, codes, k_beats: int, *, meta=None, zero=None) -> dict[str, np.ndarray]:
@@ -242,9 +254,11 @@ def scale_beat_fields(engine: EngineParams, s, m, *, pad_s: int = 0) -> dict[str
             "m": mp.reshape(tiles, Rr, ng).transpose(0, 2, 1).reshape(tiles * ng, Rr)}
 
 
-def lower_linear(lin: G.Linear, engine: EngineParams, accel: AccelParams, where: str) -> LoweredLinear:
+def lower_linear(lin: G.Linear, engine: EngineParams, accel: AccelParams, where: str,
+                 pack: bool = True) -> LoweredLinear:
     """A quantized linear as the engine's weight and scale beats (tile ti, beat bi at ti*k_beats + bi;
-    scale beats tile-major, one per group), refusing by name what the engine config cannot run."""
+    scale beats tile-major, one per group), refusing by name what the engine config cannot run.
+    ``pack=False``: the same checks and geometry, no beats (a shape-only compile reads no weights)."""
     Rr, L = engine.pe_rows, engine.pe_lanes
     if lin.bias_fx is not None:
         raise CompileError(where, "has a bias: the ISA has no bias add (RESCALE is the linear's last step)")
@@ -268,6 +282,9 @@ def lower_linear(lin: G.Linear, engine: EngineParams, accel: AccelParams, where:
     tiles = -(-n // Rr)
     if tiles >= 1 << TILE_BITS:
         raise CompileError(where, f"{n} rows need {tiles} row tiles, beyond the command's {TILE_BITS}-bit field")
+    mode = Mode.SPARSE if sparse else Mode.DENSE
+    if not pack:
+        return LoweredLinear(mode, n, k, kb, gb, tiles, None, None)
     lay = layouts(engine)
     bw = {s: -(-B.width(lay[s]) // accel.mem_word_bits) * accel.mem_word_bits // 8 for s in ("weight", "scale")}
     if sparse:
@@ -278,19 +295,30 @@ def lower_linear(lin: G.Linear, engine: EngineParams, accel: AccelParams, where:
     weight = B.pack_le(lay["weight"], wf, tiles * kb, bw["weight"])
     sc = scale_beat_fields(engine, lin.scales, lin.mins)
     scale = B.pack_le(lay["scale"], sc, len(sc["s"]), bw["scale"])
-    return LoweredLinear(Mode.SPARSE if sparse else Mode.DENSE, n, k, kb, gb, tiles, weight, scale)
+    return LoweredLinear(mode, n, k, kb, gb, tiles, weight, scale)
 
 
 # ---------------------------------------------------------------------------------------------------
 # what each instruction touches (the program check, the machine's and the RTL's memory comparison)
 # ---------------------------------------------------------------------------------------------------
+_BEAT_WORDS: dict[tuple, tuple[int, int]] = {}
+
+
+def _beat_words(engine: EngineParams, W: int) -> tuple[int, int]:
+    """Memory words of one weight beat and one scale beat (``layouts`` builds Amaranth layouts: once per
+    configuration, not once per instruction)."""
+    key = (tuple(vars(engine).items()), W)
+    if key not in _BEAT_WORDS:
+        lay = layouts(engine)
+        _BEAT_WORDS[key] = (-(-B.width(lay["weight"]) // W), -(-B.width(lay["scale"]) // W))
+    return _BEAT_WORDS[key]
+
+
 def accesses(ins: Instr, engine: EngineParams, accel: AccelParams, index_max: int | None = None) -> dict:
     """{"spad_r", "spad_w", "mem_r", "mem_w"}: lists of [lo, hi) ranges (spad elements, mem words).
     An indexed LOAD's mem range is for indices 0..index_max (None: not known, left out)."""
     W = accel.mem_word_bits
-    lay = layouts(engine)
-    wbw = -(-B.width(lay["weight"]) // W)
-    sbw = -(-B.width(lay["scale"]) // W)
+    wbw, sbw = _beat_words(engine, W)
     op = Op(ins.op)
     T, N = ins.m, ins.n
     r: list = []
@@ -454,8 +482,13 @@ LINEAR_ORDER = (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("at
 
 class _Compiler:
     def __init__(self, spec: G.Spec, engine: EngineParams, accel: AccelParams, prompt_ids, new_tokens: int,
-                 trace: str):
+                 trace: str, *, weights: bool = True, parts: set[str] | None = None):
+        """weights=False: a shape-only compile (same lowering, checks and layout; no bytes packed).
+        parts: emit only these parts of the program ("prefill@C0" for the prefill chunk at position C0,
+        "prefill_head", "stepK"), every MARK and the HALT kept; None emits everything."""
         self.spec, self.p, self.a = spec, engine, accel
+        self.weights = bool(weights)
+        self.parts = None if parts is None else set(parts)
         self.prompt = [int(t) for t in prompt_ids]
         self.new_tokens = int(new_tokens)
         self.trace_mode = trace
@@ -532,7 +565,7 @@ class _Compiler:
         self.lowered[("lm_head",)] = self._lower(s.lm_head, "lm_head")
 
     def _lower(self, lin, where):
-        lw = lower_linear(lin, self.p, self.a, where)
+        lw = lower_linear(lin, self.p, self.a, where, pack=self.weights)
         per = 2 * self.p.pe_lanes if lw.mode == Mode.SPARSE else self.p.pe_lanes
         T = min(self.p.mm_tokens, len(self.prompt))
         if T * lw.k_beats * per > self.p.act_buffer_bytes:
@@ -543,7 +576,7 @@ class _Compiler:
     # ------------------------------------------------------------------ memory
     def layout_memory(self):
         s, p = self.spec, self.p
-        m = _Mem(self.W)
+        m = _Mem(self.W, shape_only=not self.weights)
         self.mem = m
         # the program goes first; its length is known only after emission: regions are relative here
         m.rows("prompt", np.array(self.prompt, np.int64)[:, None], 32)  # one id per word
@@ -567,9 +600,9 @@ class _Compiler:
         self.k_beats = d // L
         self.v_tiles = -(-d // Rr)
         self.v_beats = -(-self.cap // L)  # beats per V tile (lanes = slots)
-        ones = B.pack_le(self.lay["scale"], {"s": np.ones((self.k_tiles, Rr), np.int64),
-                                              "m": np.zeros((self.k_tiles, Rr), np.int64)},
-                         self.k_tiles, self.sbw * m.WB)
+        ones = None if m.shape_only else B.pack_le(
+            self.lay["scale"], {"s": np.ones((self.k_tiles, Rr), np.int64), "m": np.zeros((self.k_tiles, Rr), np.int64)},
+            self.k_tiles, self.sbw * m.WB)
         for i in range(len(s.layers)):
             for g in range(s.n_kv):
                 c = f"layer{i}.kv{g}"
@@ -583,7 +616,7 @@ class _Compiler:
     def _linear_regions(self, name, lw: LoweredLinear, lin):
         m = self.mem
         m.add(f"{name}.weight", lw.tiles * lw.k_beats * self.wbw, lw.weight)
-        m.add(f"{name}.scale", lw.scale.shape[0] * self.sbw, lw.scale)
+        m.add(f"{name}.scale", lw.scale_beats * self.sbw, lw.scale)
         m.elements(f"{name}.row_mult", lin.row_mult, 32)
         m.elements(f"{name}.row_shift", lin.row_shift, 32)
 
@@ -672,13 +705,18 @@ class _Compiler:
         # prefill, in chunks
         P = len(self.prompt)
         for c0 in range(0, P, self.Tmax):
+            if not self._part(f"prefill@{c0}"):
+                continue
             T = min(self.Tmax, P - c0)
             self._embed_chunk("prefill", c0, T, from_prompt=True)
             self._layers("prefill", c0, T, P)
-        self._head("prefill", (P - 1) % self.Tmax, 0)  # the last prompt token's row of the last chunk
+        if self._part("prefill_head"):
+            self._head("prefill", (P - 1) % self.Tmax, 0)  # the last prompt token's row of the last chunk
         self._mark("prefill", 1)
         self.steps.append(("prefill", p0, len(self.prog) - p0))
         for k in range(1, self.new_tokens):
+            if not self._part(f"step{k}"):
+                continue
             p0 = len(self.prog)
             n = P + k - 1  # the position of the token this step embeds (the previous step's output)
             self._embed_chunk(f"step{k}", n, 1, from_prompt=False, token_index=k - 1)
@@ -688,6 +726,9 @@ class _Compiler:
             self.steps.append((f"step{k}", p0, len(self.prog) - p0))
         self.prog.append(Instr(Op.HALT, note="end"))
         return self.prog
+
+    def _part(self, name: str) -> bool:
+        return self.parts is None or name in self.parts
 
     def R(self, name: str) -> int:
         return self.base + self.mem.regions[name][0]
@@ -945,12 +986,16 @@ class _Compiler:
 
 
 def compile_generation(spec: G.Spec, engine: EngineParams, accel: AccelParams, prompt_ids: list[int],
-                       new_tokens: int, *, trace: str = "layers") -> Compiled:
+                       new_tokens: int, *, trace: str = "layers", weights: bool = True,
+                       parts: set[str] | None = None) -> Compiled:
     """The program and memory image that prefill ``prompt_ids`` and generate ``new_tokens`` tokens
     greedily (``quant.golden.generate``), checked (``check_program``) before it is returned.
     trace: "none" | "layers" (each step's layerI.out; each decode step's final_norm, logits, next_token)
-    | "all" (every per-token tensor the program computes in the golden model's layout)."""
-    c = _Compiler(spec, engine, accel, prompt_ids, new_tokens, trace)
+    | "all" (every per-token tensor the program computes in the golden model's layout).
+    weights=False: shape-only (``shape_spec``): the same program, regions and checks, no image (None).
+    parts: only these parts of the program (``_Compiler``): every timing of a part is the same as in the
+    whole program (the instructions differ only by the program's length in their memory addresses)."""
+    c = _Compiler(spec, engine, accel, prompt_ids, new_tokens, trace, weights=weights, parts=parts)
     iw = INSTR_BITS // accel.mem_word_bits
     n_instr = len(c.emit(0))  # the first pass sizes the program (and allocates the trace regions)
     prog_words = n_instr * iw
@@ -959,15 +1004,85 @@ def compile_generation(spec: G.Spec, engine: EngineParams, accel: AccelParams, p
     regions = {"program": (0, prog_words)}
     regions.update({k: (v[0] + prog_words, v[1]) for k, v in c.mem.regions.items()})
     total = prog_words + c.mem.top
-    image = np.zeros(total * c.mem.WB, np.uint8)
-    words = encode_program(program, accel.mem_word_bits)
-    wb = c.mem.WB
-    prog_bytes = b"".join(int(w).to_bytes(wb, "little") for w in words)
-    image[:len(prog_bytes)] = np.frombuffer(prog_bytes, np.uint8)
-    for name, data in c.mem.data.items():
-        lo = regions[name][0] * wb
-        image[lo:lo + data.size] = data
+    image = None
+    if weights:
+        image = np.zeros(total * c.mem.WB, np.uint8)
+        words = encode_program(program, accel.mem_word_bits)
+        wb = c.mem.WB
+        prog_bytes = b"".join(int(w).to_bytes(wb, "little") for w in words)
+        image[:len(prog_bytes)] = np.frombuffer(prog_bytes, np.uint8)
+        for name, data in c.mem.data.items():
+            lo = regions[name][0] * wb
+            image[lo:lo + data.size] = data
     check_program(program, engine, accel, total, regions, index_max=spec.vocab - 1)
     tr = {k: (v[0] + prog_words, v[1], v[2], v[3]) for k, v in c.trace.items()}
     return Compiled(engine, accel, program, image, regions, tr, list(c.marks), dict(c.sp.bufs), list(c.steps),
                     new_tokens=c.new_tokens)
+
+
+def compile_decode_step(spec: G.Spec, engine: EngineParams, accel: AccelParams, position: int, *,
+                        weights: bool = True, trace: str = "none") -> Compiled:
+    """One decode step alone: the step that embeds the token at ``position`` after ``position`` tokens
+    (the cache filled as a whole generation leaves it: Λ's sinks + window, or ``position`` + 1 slots
+    with full attention), without the prefill's instructions: MARK, MARK, the step (``steps[-1]``,
+    "step1"), its MARK, HALT. It is the last step of ``compile_generation`` with a prompt of
+    ``position`` tokens and 2 new tokens; the prompt ids are 0 (a step's instructions never depend on
+    them; its token id is LOADed from the ``tokens`` word)."""
+    if position < 1:
+        raise CompileError("position", f"{position}: a decode step follows at least one prompt token")
+    return compile_generation(spec, engine, accel, [0] * int(position), 2, trace=trace, weights=weights,
+                              parts={"step1"})
+
+
+def compile_prefill_chunk(spec: G.Spec, engine: EngineParams, accel: AccelParams, start: int | None, prompt: int,
+                          *, weights: bool = True, head: bool = False, trace: str = "none") -> Compiled:
+    """The prefill chunk at positions ``start`` .. of a ``prompt``-token prompt alone (``start`` a
+    multiple of the chunk, min(engine.mm_tokens, prompt); None: no chunk), with the prefill's lm_head if
+    ``head``: MARK, the part (``steps[0]``, "prefill"), MARK, HALT, as ``compile_generation`` emits it
+    for that prompt."""
+    T = min(engine.mm_tokens, int(prompt))
+    if start is not None and not (0 <= start < prompt and start % max(T, 1) == 0):
+        raise CompileError("start", f"{start}: a chunk starts at a multiple of {T} below the prompt's {prompt} tokens")
+    parts = ({f"prefill@{start}"} if start is not None else set()) | ({"prefill_head"} if head else set())
+    return compile_generation(spec, engine, accel, [0] * int(prompt), 1, trace=trace, weights=weights, parts=parts)
+
+
+def shape_spec(*, hidden: int, intermediate: int, layers: int, n_heads: int, n_kv: int, head_dim: int, vocab: int,
+               bits: int, group_size: int, sparse: bool, lm_head_bits: int, lm_head_group: int | None = None,
+               sinks: int = 0, window: int | None = None, max_positions: int | None = None,
+               rms_norm_eps: float = 1e-6) -> G.Spec:
+    """A ``quant.golden.Spec`` of a model's shape and formats with no weights: every array a read-only
+    zero-stride view (``np.broadcast_to``: no memory however large the model), the scalars the program's
+    instructions carry computed as ``quant.model.integer_spec`` computes them (RMSNorm's eps_term from
+    the eps and hidden size, the softmax multiplier from head_dim, the standard RoPE table). Compile it
+    with ``weights=False``; the instructions are the real compile's (tests/hw/test_compile_shape.py)."""
+    def z(shape, dt):
+        return np.broadcast_to(np.zeros((), dt), tuple(int(v) for v in shape))
+
+    def lin(name, n, k, b, g, sp):
+        return G.Linear(name, z((n, k), np.uint8), z((n, k // g), np.uint8), z((n, k // g), np.int8), int(g), int(b),
+                        np.broadcast_to(np.ones((), bool), (n, k)) if sp else None, z((n,), np.int64), z((n,), np.int64))
+
+    if min(hidden, intermediate, layers, n_heads, n_kv, head_dim, vocab, group_size) < 1:
+        raise CompileError("model", "every dimension of the shape must be at least 1")
+    for what, k in (("hidden", hidden), ("intermediate", intermediate), ("heads x head_dim", n_heads * head_dim)):
+        if k % group_size:
+            raise CompileError("model", f"{what} = {k} is not a multiple of the group size {group_size}")
+    eps_term = R.rmsnorm_params(np.ones(1), rms_norm_eps, hidden)[1]
+
+    def norm():
+        return G.Norm(z((hidden,), np.int64), eps_term)
+
+    shapes = {"q_proj": (n_heads * head_dim, hidden), "k_proj": (n_kv * head_dim, hidden),
+              "v_proj": (n_kv * head_dim, hidden), "o_proj": (hidden, n_heads * head_dim),
+              "gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate)}
+    lays = [G.Layer(norm(), norm(), {nm: lin(f"layers.{i}.{nm}", n, k, bits, group_size, sparse)
+                                     for nm, (n, k) in shapes.items()}) for i in range(layers)]
+    hg = lm_head_group or group_size
+    mc, sc = R.softmax_params(head_dim)
+    return G.Spec(hidden=hidden, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, layers=lays, final_norm=norm(),
+                  lm_head=lin("lm_head", vocab, hidden, lm_head_bits, hg, False),
+                  embed_codes=z((vocab, hidden), np.int8), embed_mult=z((vocab,), np.int64),
+                  embed_shift=z((vocab,), np.int64), rope_theta=z((head_dim // 2,), np.int64),
+                  rope_table=R.rope_params(np.zeros(1), 1.0)[1], softmax_mult=mc, softmax_shift=sc,
+                  sinks=sinks if window is not None else 0, window=window, max_positions=max_positions).check()

@@ -38,7 +38,7 @@ from .engine_model import PIPE_DRAIN
 from .isa import ENGINE_MODE_MASK, FLAG_INDEXED, INSTR_BITS, UNIT_OPS, Instr, Op
 from .params import AccelParams, EngineParams
 
-__all__ = ["MemTiming", "busy_cycles", "engine_run", "scatter_busy", "program_timeline", "Timeline",
+__all__ = ["MemTiming", "busy_cycles", "engine_run", "scatter_busy", "program_timeline", "Timeline", "timing_key",
            "CycleModelError", "ENGINE_SETUP", "QUEUE"]
 
 #: jobs a read port of the memory model accepts before it throttles (``sim.accel_sim.QUEUE``)
@@ -141,6 +141,14 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
             t = max(t, prev_word + 1)
         return max(t, first_ok)
 
+    def deliver_beat(words: int, j0: int, job_first: int, prev_word, ready_from: int) -> int:
+        """Delivery cycle of the last of a beat's ``words`` words (job words j0 .. j0 + words - 1),
+        ``deliver`` word by word in closed form: after the first, word k comes at max(previous + 1,
+        job_first + gap(j0 + k)); the gap grows by at least one per word (words_per_cycle <= 1), so
+        the last is max(first + words - 1, job_first + gap(j0 + words - 1))."""
+        first = deliver(0, j0, job_first, prev_word, ready_from)
+        return first if words == 1 else max(first + words - 1, job_first + mem.gap(j0 + words - 1))
+
     issue = first_issue - 1  # the cycle of the previous op's issue
     delay_from = 0           # extra cycles stalls added so far (part of ``issue``)
     bank_free = None         # the cycle the bank's tile's last beat left
@@ -157,10 +165,8 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
         wi = 0  # word within the job
         for b in range(kb):
             # the weight beat's words (WB of them) arrive; with WB > 1 the gather holds one beat
-            for _ in range(WB):
-                d = deliver(0, wi, job_first, w_prev_word, w_gather_free if WB > 1 else 0)
-                w_prev_word = d
-                wi += 1
+            w_prev_word = deliver_beat(WB, wi, job_first, w_prev_word, w_gather_free if WB > 1 else 0)
+            wi += WB
             if WB > 1:
                 w_valid = w_prev_word + 1
             else:
@@ -170,10 +176,8 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
                 if s_job_first is None:
                     s_acc = 0
                     s_job_first = s_acc + Lat
-                for _ in range(SB):
-                    d = deliver(0, s_word_index, s_job_first, s_prev_word, s_gather_free if SB > 1 else 0)
-                    s_prev_word = d
-                    s_word_index += 1
+                s_prev_word = deliver_beat(SB, s_word_index, s_job_first, s_prev_word, s_gather_free if SB > 1 else 0)
+                s_word_index += SB
                 s_valid = s_prev_word + 1 if SB > 1 else s_prev_word
             # T ops issue on consecutive cycles once the beats are valid
             t0 = max(issue + 1, w_valid, s_valid if s_valid is not None else 0)
@@ -292,10 +296,11 @@ def _unit_models() -> dict:
 class Timeline:
     """``decode[i]``: the cycle instruction i is decoded; ``cycles[i]``: to the next decode (HALT: 1);
     ``marks``: the value each MARK writes, by its destination word; ``total``: the ``cycles`` counter
-    at ``done``."""
+    at ``done``; ``busy[i]``: the cycles its client is busy (``busy_cycles``; HALT and NOP 0)."""
 
     decode: list[int] = field(default_factory=list)
     cycles: list[int] = field(default_factory=list)
+    busy: list[int] = field(default_factory=list)
     marks: dict[int, int] = field(default_factory=dict)
     total: int = 0
 
@@ -303,29 +308,60 @@ class Timeline:
 def instr_period(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTiming,
                  unit_models: dict | None = None) -> int:
     """Cycles from ``ins``'s DECODE to the next instruction's DECODE (the prefetching controller)."""
+    return _period_busy(ins, engine, accel, mem, unit_models)[0]
+
+
+def _period_busy(ins, engine, accel, mem, unit_models) -> tuple[int, int]:
+    """(``instr_period``, the client's busy cycles; 0 for HALT and NOP, which no client runs)."""
     IW = INSTR_BITS // accel.mem_word_bits
     op = Op(ins.op)
     if op == Op.HALT:
-        return 1
+        return 1, 0
     refetch = mem.latency + mem.gap(IW - 1) + 1 + 2
     if op == Op.NOP:
-        return refetch
+        return refetch, 0
     b = busy_cycles(ins, engine, accel, mem, unit_models)
-    return max(b + 4, refetch)
+    return max(b + 4, refetch), b
+
+
+#: per opcode, the fields holding memory word addresses that no cycle rule reads (LOAD/STORE/MARK time
+#: the words' count only; ENGINE its counts and mode; SCATTER's word misses depend on d only through
+#: d * mem_word_bits, a whole number of words): an instruction's period is the same whatever they hold
+ADDRESS_ONLY_FIELDS = {Op.LOAD: ("a",), Op.STORE: ("d",), Op.MARK: ("d",), Op.SCATTER: ("d",),
+                       Op.ENGINE: ("c", "e", "f")}
+_TIMED_FIELDS = ("op", "flags", "w", "a", "b", "c", "d", "e", "f", "g", "h", "n", "m", "k", "s", "i0")
+
+
+def timing_key(ins: Instr) -> tuple:
+    """The instruction's fields with ``ADDRESS_ONLY_FIELDS`` blanked (its note dropped): two instructions
+    with the same key have the same period (``program_timeline`` times each key once)."""
+    skip = ADDRESS_ONLY_FIELDS.get(Op(ins.op), ())
+    return tuple(0 if f in skip else getattr(ins, f) for f in _TIMED_FIELDS)
 
 
 def program_timeline(program: list[Instr], engine: EngineParams, accel: AccelParams,
-                     mem: MemTiming | None = None) -> Timeline:
-    """The model's timeline of a straight-line program (every compiled program is one) run to HALT."""
+                     mem: MemTiming | None = None, *, memo: bool = True) -> Timeline:
+    """The model's timeline of a straight-line program (every compiled program is one) run to HALT.
+    memo: time each ``timing_key`` once (a 7B decode step repeats its layers' instructions 32 times);
+    ``memo=False`` times every instruction (tests/hw/test_compile_shape.py: the same timeline)."""
     mem = mem or MemTiming()
     IW = INSTR_BITS // accel.mem_word_bits
     models = _unit_models()
     tl = Timeline()
+    seen: dict[tuple, tuple[int, int]] = {}
     t = mem.latency + mem.gap(IW - 1) + 1  # the first fetch: requested at cycle 0
     for ins in program:
         tl.decode.append(t)
-        c = instr_period(ins, engine, accel, mem, models)
+        if memo:
+            key = timing_key(ins)
+            cb = seen.get(key)
+            if cb is None:
+                cb = seen[key] = _period_busy(ins, engine, accel, mem, models)
+        else:
+            cb = _period_busy(ins, engine, accel, mem, models)
+        c = cb[0]
         tl.cycles.append(c)
+        tl.busy.append(cb[1])
         if ins.op == Op.MARK:
             tl.marks[ins.d] = t + 2
         t += c

@@ -1,18 +1,19 @@
-"""Throughput estimates of a compressed Llama on the engine: bytes per token (the roofline), a cycle model
-of today's engine per operation, and whole-model decode/prefill tokens per second.
-
-Scope: the engine's products only (dense/2:4 linears, Q.K^T, P.V). The special functions (RMSNorm, RoPE,
-softmax, SiLU, the quantizers) and the controller that sequences the operations do not exist as RTL yet
-(the decoder-on-RTL issue); they are not modelled and nothing is invented for them. Every result carries
-``SCOPE``.
+"""Throughput estimates of a compressed Llama on the accelerator, through the compiler that emits its RTL
+programs: a model given by its config.json shape and a recipe's formats is compiled without weights
+(``hw.compile.shape_spec``, ``weights=False``: the same instructions as a real compile), one decode step
+at the context (``compile_decode_step``) and representative prefill chunks (``compile_prefill_chunk``)
+are timed by the controller's cycle model (``hw.controller_model.program_timeline``, held equal to the
+RTL by tests/sim/test_cycle_model.py) against a memory whose read ports are HBM AXI ports
+(``sim.hbm.port_words_per_cycle``), and the bytes per token are the program's own memory traffic,
+beside the artifact format's (``bytes_per_token``).
 
 * ``load_model``: a model by its Hugging Face config.json shape alone (built-in names in configs/models/).
 * ``ArtifactFormat.from_recipe``: what a recipe stores (quant.formats and docs/numerics.md packing rules).
-* ``bytes_per_token``: HBM traffic of one decoded token, by component.
-* ``op_cycles`` / ``sequence_cycles``: the engine's cycle model (``hw.engine_model``, beside the RTL, held
-  equal to it by tests/hw/test_engine_model.py and within 5 % in Icarus by tests/sim/test_estimate.py).
-* ``estimate``: decode and prefill tokens/s = per layer max(engine cycles, HBM time), plus power and
-  tokens/J from ``sim.energy``.
+* ``bytes_per_token``: the artifact's bytes per decoded token, by component (the cross-check).
+* ``decode_timing`` / ``prefill_timing`` / ``part_timing``: the compiled program's cycles by opcode,
+  layer, kind of instruction and cause (``CAUSES``), and its bytes by part.
+* ``estimate``: decode and prefill tokens/s, the roofline, what binds, power and tokens/J (``sim.energy``).
+* ``op_cycles`` / ``sequence_cycles``: the engine's own cycle model (``hw.engine_model``).
 """
 
 from __future__ import annotations
@@ -20,20 +21,32 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hw import engine_model
+from hw.compile import accesses
+from hw.controller_model import MemTiming, program_timeline
+from hw.engine import Mode
 from hw.engine_model import Op
-from hw.params import EngineParams, TargetParams
+from hw.isa import ENGINE_MODE_MASK, UNIT_OPS
+from hw.isa import Op as IOp
+from hw.params import AccelParams, EngineParams, TargetParams
 from quant.formats import (EMBED_CODE, FX, KV_CODE, KV_ZERO, ROW_SCALE_BITS, SPARSE_M, SPARSE_META_BITS,
                            SPARSE_N, W_MIN, W_SCALE, weight_bits_per_weight)
 from quant.recipe import LINEAR_TARGETS, AttentionWindow, Prune, QuantizeKV, QuantizeWeights, Recipe
 
 from . import energy as energy_model
-from .hbm import HBM, FLIGHTLLM_EFFICIENCY
+from .hbm import HBM, port_words_per_cycle
 
-SCOPE = ("engine products only; special functions and controller pending the decoder-on-RTL issue")
+__all__ = ["SCOPE", "EstimateError", "ModelShape", "ArtifactFormat", "load_model", "known_models", "bytes_per_token",
+           "linear_bytes", "artifact_weight_bytes", "bits_per_weight", "model_spec", "mem_timing", "part_timing",
+           "decode_timing", "prefill_timing", "estimate", "Op", "op_beats", "op_cycles", "sequence_cycles",
+           "CAUSES", "MEM_LATENCY_CYCLES"]
+
+SCOPE = ("the compiled program (hw.compile, shape only) timed by the cycle model of the controller "
+         "(hw.controller_model) against stall-free HBM ports; batch 1")
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "configs" / "models"
 #: the lm_head of the integer decoder: a W4 linear (docs/numerics.md, accumulator table; the integer-decoder
@@ -63,6 +76,9 @@ class ModelShape:
     max_positions: int
     tied: bool
     head_dim: int
+    #: RMSNorm's eps (config.json ``rms_norm_eps``; absent: transformers' LlamaConfig default 1e-6). Only
+    #: RMSNORM's eps_term field carries it: no cycle or byte depends on it
+    rms_norm_eps: float = 1e-6
 
     @property
     def group(self) -> int:
@@ -104,7 +120,8 @@ def shape_from_config(cfg: dict, name: str, where: str) -> ModelShape:
     return ModelShape(name=name, hidden=hidden, intermediate=int(cfg["intermediate_size"]),
                       layers=int(cfg["num_hidden_layers"]), heads=heads, kv_heads=kv,
                       vocab=int(cfg["vocab_size"]), max_positions=int(cfg.get("max_position_embeddings") or 0),
-                      tied=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim)
+                      tied=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim,
+                      rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)))
 
 
 def load_model(name_or_path: str) -> ModelShape:
@@ -246,60 +263,6 @@ sequence_cycles = _model(engine_model.sequence_cycles)
 ops_cycles = _model(engine_model.ops_cycles)
 
 
-# ---------------------------------------------------------------------------------------------------
-# A decoder layer as engine commands
-# ---------------------------------------------------------------------------------------------------
-def _split(tokens: int, mm: int) -> list[int]:
-    return [min(mm, tokens - i) for i in range(0, tokens, mm)]
-
-
-def linear_ops(p: EngineParams, m: ModelShape, fmt: ArtifactFormat, tokens: int) -> list[Op]:
-    mode = "sparse" if fmt.sparse else "dense"
-    return [Op(mode, t, k, n, fmt.group_size, name) for name, (n, k) in m.linears().items()
-            for t in _split(tokens, p.mm_tokens)]
-
-
-def attention_ops(p: EngineParams, m: ModelShape, keys: int, queries: int) -> list[Op]:
-    """Q.K^T and P.V of one sequence, per KV head: the ``queries`` tokens x the query heads sharing the KV
-    head are the command's tokens (split by mm_tokens); P.V's keys are padded to whole lanes (pad p = 0)."""
-    kp = -(-keys // p.pe_lanes) * p.pe_lanes
-    ops = []
-    for t in _split(queries * m.group, p.mm_tokens):
-        ops.append(Op("qk", t, m.head_dim, keys, name="qk"))
-        ops.append(Op("pv", t, kp, m.head_dim, name="pv"))
-    return ops * m.kv_heads
-
-
-def head_ops(p: EngineParams, m: ModelShape, fmt: ArtifactFormat, tokens: int) -> list[Op]:
-    return [Op("dense", t, m.hidden, m.vocab, fmt.group_size, "lm_head") for t in _split(tokens, p.mm_tokens)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Whole-model estimate
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class Block:
-    """One layer (or the head) of one step: engine cycles, HBM bytes, and which of the two binds."""
-    name: str
-    cycles: int
-    hbm_bytes: float
-    compute_s: float = 0.0
-    hbm_s: float = 0.0
-
-    @property
-    def seconds(self) -> float:
-        return max(self.compute_s, self.hbm_s)
-
-    @property
-    def bound(self) -> str:
-        return "hbm" if self.hbm_s >= self.compute_s else "compute"
-
-
-def _block(name, p, target, hbm, ops, nbytes) -> Block:
-    cyc = ops_cycles(p, ops)
-    return Block(name, cyc, nbytes, cyc / (target.clock_mhz * 1e6), hbm.seconds(nbytes))
-
-
 def check_inputs(p: EngineParams, m: ModelShape, fmt: ArtifactFormat, context: int, batch: int,
                  hbm: HBM) -> None:
     if context < 1:
@@ -328,112 +291,286 @@ def check_inputs(p: EngineParams, m: ModelShape, fmt: ArtifactFormat, context: i
                    f"{m.name} ({fmt.recipe}) with {batch} KV cache(s) of {fmt.cache_tokens or context} tokens")
 
 
-def decode_blocks(p, target, hbm, m, fmt, context, batch) -> list[Block]:
-    keys = fmt.visible(context)
-    kv_tok = 2 * m.kv_heads * kv_token_bits(m.head_dim) / 8
-    layer_w = sum(sum(linear_bytes(n, k, fmt.weight_bits, fmt.group_size, fmt.sparse).values())
-                  for n, k in m.linears().values())
-    ops = linear_ops(p, m, fmt, batch) + attention_ops(p, m, keys, 1) * batch
-    nbytes = layer_w + batch * (keys + 1) * kv_tok + 2 * m.hidden * NORM_BITS / 8
-    layer = _block("layer", p, target, hbm, ops, nbytes)
-    head_b = (sum(linear_bytes(m.vocab, m.hidden, fmt.lm_head_bits, fmt.group_size, False).values())
-              + m.hidden * NORM_BITS / 8 + batch * (m.hidden * EMBED_CODE.bits / 8 + ROW_SCALE_BITS / 8))
-    head = _block("lm_head", p, target, hbm, head_ops(p, m, fmt, batch), head_b)
-    return [layer] * m.layers + [head]
+#: the memory's read latency in cycles (``MemTiming.latency``). No measured read latency of the U280's
+#: HBM was found to cite (docs/estimate.md, "Memory timing"): 40 is the larger of the two latencies at
+#: which the cycle model was measured equal to the RTL (tests/sim/test_cycle_model.py); the report gives
+#: decode at 8 and 100 beside it (the step is bound by the port's words, so latency moves it little)
+MEM_LATENCY_CYCLES = 40
 
 
-def prefill_seconds(p, target, hbm, m, fmt, prompt) -> tuple[float, dict]:
-    """A prompt of ``prompt`` tokens in chunks of mm_tokens: per chunk and layer max(cycles, HBM) with the
-    weights streamed again for every chunk; attention of the chunk's queries against the keys visible to its
-    last query (with Λ, the cache plus the chunk); lm_head for the last token only."""
-    T = p.mm_tokens
-    kv_tok = 2 * m.kv_heads * kv_token_bits(m.head_dim) / 8
-    layer_w = sum(sum(linear_bytes(n, k, fmt.weight_bits, fmt.group_size, fmt.sparse).values())
-                  for n, k in m.linears().values())
-    lin_cache: dict[int, int] = {}
-    att_cache: dict[tuple[int, int], int] = {}
-    total, compute_bound, chunks = 0.0, 0, 0
-    f = target.clock_mhz * 1e6
-    for start in range(0, prompt, T):
-        t = min(T, prompt - start)
-        end = start + t
-        keys = end if fmt.window is None else min(end, fmt.sinks + fmt.window + t - 1)
-        if t not in lin_cache:
-            lin_cache[t] = ops_cycles(p, linear_ops(p, m, fmt, t))
-        if (keys, t) not in att_cache:
-            att_cache[(keys, t)] = ops_cycles(p, attention_ops(p, m, keys, t))
-        cyc = lin_cache[t] + att_cache[(keys, t)]
-        nbytes = layer_w + (keys + t) * kv_tok + 2 * m.hidden * NORM_BITS / 8
-        cs, hs = cyc / f, hbm.seconds(nbytes)
-        total += m.layers * max(cs, hs)
-        compute_bound += cs > hs
-        chunks += 1
-    head = _block("lm_head", p, target, hbm, head_ops(p, m, fmt, 1),
-                  sum(linear_bytes(m.vocab, m.hidden, fmt.lm_head_bits, fmt.group_size, False).values()))
-    total += head.seconds
-    return total, {"chunks": chunks, "chunk_tokens": T,
-                   "bound_by": "compute" if compute_bound * 2 > chunks else "hbm"}
+def mem_timing(target: TargetParams, accel: AccelParams, latency: int | None = None) -> MemTiming:
+    """The memory the cycle model assumes: each read port of the controller is one HBM AXI port
+    (``sim.hbm.port_words_per_cycle``), never stalling, ``latency`` cycles to a job's first word."""
+    return MemTiming(latency=int(MEM_LATENCY_CYCLES if latency is None else latency),
+                     words_per_cycle=port_words_per_cycle(accel.mem_word_bits, target.clock_mhz))
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def _cached(key, make):
+    if key not in _CACHE:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def _key(*objs) -> tuple:
+    return tuple(tuple(vars(o).items()) if hasattr(o, "__dict__") else o for o in objs)
+
+
+def _compile(what, m, fmt, p, accel, **kw):
+    from hw.compile import CompileError, compile_decode_step, compile_prefill_chunk
+
+    spec = _cached(("spec", m, fmt), lambda: model_spec(m, fmt))
+    fn = compile_decode_step if what == "decode" else compile_prefill_chunk
+    try:
+        return _cached(_key(what, m, fmt, p, accel, tuple(sorted(kw.items()))),
+                       lambda: fn(spec, p, accel, weights=False, **kw))
+    except CompileError as e:
+        raise EstimateError(f"{m.name} ({fmt.recipe}) on this engine: {e}") from None
+
+
+def _bytes_part(ins) -> str:
+    note, op = ins.note, IOp(ins.op)
+    if op == IOp.ENGINE:
+        mode = Mode(ins.flags & ENGINE_MODE_MASK)
+        if mode in (Mode.QK, Mode.PV):
+            return "kv_read"
+        return "lm_head" if "lm_head" in note else "weights"
+    if op == IOp.SCATTER:
+        return "kv_write"
+    if op == IOp.LOAD:
+        if "ranges" in note:
+            return "kv_read"
+        if "row_mult" in note or "row_shift" in note:
+            return "lm_head" if "lm_head" in note else "row_multipliers"
+        if "gamma" in note:
+            return "norms"
+        if "embedding" in note or "token id" in note:
+            return "embedding"
+        if "theta" in note:
+            return "rope"
+    return "other"
+
+
+def _layer_of(note: str) -> str:
+    hit = _LAYER.search(note)
+    if hit:
+        return f"layer {hit.group(1)}"
+    for key, name in (("lm_head", "head"), ("final_norm", "head"), ("argmax", "head"), ("token ->", "head"),
+                      ("mark", "marks")):
+        if key in note:
+            return name
+    return "embed"
+
+
+_LAYER = re.compile(r"\blayer (\d+)\b")
+#: what a cycle of the step is spent on (``part_timing``): docs/estimate.md, "What binds"
+CAUSES = ("memory_port", "engine", "sfu", "memory_ops", "controller")
+
+
+def part_timing(c, first: int, count: int, p: EngineParams, accel: AccelParams, mem: MemTiming) -> dict:
+    """Instructions first .. first+count-1 of compiled program ``c`` timed by the controller's cycle model
+    (``program_timeline``, whole program: the same periods as the RTL's): cycles by opcode, by layer, by
+    kind of instruction (its note with numbers starred), and by cause: an ENGINE's busy cycles up to the
+    words its fullest read port carries at ``mem.words_per_cycle`` are ``memory_port``, the rest
+    ``engine`` (setup, activation load, drain); a unit's busy cycles ``sfu``; LOAD/STORE/SCATTER/MARK's
+    ``memory_ops``; every instruction's cycles beyond its busy ones (DECODE, GO, NEXT, the fetch)
+    ``controller``. Bytes by part from ``Compiled.instr_bytes``."""
+    tl = program_timeline(c.program, p, accel, mem)
+    by_op: dict[str, int] = {}
+    by_layer: dict[str, int] = {}
+    by_kind: dict[str, list] = {}
+    cause = dict.fromkeys(CAUSES, 0)
+    parts: dict[str, int] = {}
+    read_words = engine_busy = 0
+    layer0 = []
+    for i in range(first, first + count):
+        ins = c.program[i]
+        cyc = tl.cycles[i]
+        op = IOp(ins.op)
+        busy = tl.busy[i]
+        acc = accesses(ins, p, accel)
+        if op == IOp.ENGINE:
+            ports = [hi - lo for lo, hi in acc["mem_r"]]
+            stream = min(busy, int(math.ceil(max(ports) / mem.words_per_cycle)))
+            cause["memory_port"] += stream
+            cause["engine"] += busy - stream
+            engine_busy += busy
+        elif op in UNIT_OPS:
+            cause["sfu"] += busy
+        else:
+            cause["memory_ops"] += busy
+        cause["controller"] += cyc - busy
+        read_words += sum(hi - lo for lo, hi in acc["mem_r"])
+        by_op[op.name] = by_op.get(op.name, 0) + cyc
+        layer = _layer_of(ins.note)
+        by_layer[layer] = by_layer.get(layer, 0) + cyc
+        kind = re.sub(r"\d+", "*", ins.note.split(" ", 1)[1] if " " in ins.note else ins.note)
+        k = by_kind.setdefault(kind, [op.name, 0, 0])
+        k[1] += 1
+        k[2] += cyc
+        part = _bytes_part(ins)
+        parts[part] = parts.get(part, 0) + c.instr_bytes(ins)
+        if layer == "layer 0":
+            layer0.append([ins.note, op.name, cyc])
+    total = sum(tl.cycles[first:first + count])
+    assert total == sum(cause.values())
+    return {"cycles": total, "instructions": count, "by_op": by_op, "by_layer": by_layer,
+            "by_kind": {k: {"op": v[0], "count": v[1], "cycles": v[2]}
+                        for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][2])},
+            "by_cause": cause, "bytes": sum(parts.values()), "bytes_by_part": parts, "read_words": read_words,
+            "engine_busy_cycles": engine_busy, "layer0_instructions": layer0}
+
+
+def _step_range(c, name: str) -> tuple[int, int]:
+    (_, first, count), = [s for s in c.steps if s[0] == name]
+    return first, count
+
+
+def decode_timing(p: EngineParams, accel: AccelParams, m: ModelShape, fmt: ArtifactFormat, context: int,
+                  mem: MemTiming) -> dict:
+    """One decode step at context ``context`` (the step embedding position context - 1, the cache as a
+    generation leaves it: ``compile_decode_step``), shape-only compiled, timed from its first
+    instruction to its MARK (what one generated token adds to the RTL's cycle counter)."""
+    if context < 2:
+        raise EstimateError(f"--context {context}: a decode step follows at least one token; give 2 or more")
+    c = _compile("decode", m, fmt, p, accel, position=context - 1)
+    out = _cached(_key("decode-timing", m, fmt, p, accel, context, mem),
+                  lambda: part_timing(c, *_step_range(c, "step1"), p, accel, mem))
+    return {**out, "spad_words_used": max(lo + n for lo, n in c.spad.values())}
+
+
+def prefill_timing(p: EngineParams, accel: AccelParams, m: ModelShape, fmt: ArtifactFormat, prompt: int,
+                   mem: MemTiming) -> dict:
+    """A ``prompt``-token prefill: chunks of min(mm_tokens, prompt) tokens, then the lm_head on the last
+    token. Compiled and timed exactly: the first chunk, the first chunk whose every query sees a full Λ
+    cache (full attention: the last full chunk), the last chunk and the head; every other chunk is
+    interpolated linearly in its position between the first and the saturated one (its attention work
+    grows with the keys it sees) and equals the saturated one beyond it (the same instructions up to
+    RoPE positions and cache slots). ``tests/sim/test_estimate_compiled.py`` holds the sum to the whole
+    compiled prefill's timeline."""
+    T = min(p.mm_tokens, prompt)
+    starts = list(range(0, prompt, T))
+    last = starts[-1]
+    full = [s for s in starts if s + T <= prompt]
+    if fmt.window is not None:
+        cap = fmt.sinks + fmt.window
+        sat = next((s for s in full if s + 1 >= cap), full[-1] if full else 0)
+    else:
+        sat = full[-1] if full else 0
+    exact: dict[int, dict] = {}
+    for s in sorted({0, sat, last}):
+        c = _compile("prefill", m, fmt, p, accel, start=s, prompt=prompt)
+        first, count = _step_range(c, "prefill")
+        exact[s] = part_timing(c, first, count - 1, p, accel, mem)  # without the part's closing MARK
+    ch = _compile("prefill", m, fmt, p, accel, start=None, prompt=prompt, head=True)
+    first, count = _step_range(ch, "prefill")
+    head = part_timing(ch, first, count - 1, p, accel, mem)
+    c0, cs = exact[0]["cycles"], exact[sat]["cycles"]
+    total = 0.0
+    for s in starts:
+        if s in exact:
+            total += exact[s]["cycles"]
+        elif s < sat:
+            total += c0 + (cs - c0) * s / sat
+        else:
+            total += cs
+    total += head["cycles"]
+    return {"cycles": int(round(total)), "chunks": len(starts), "chunk_tokens": T,
+            "timed_chunks": sorted(exact), "head_cycles": head["cycles"],
+            "chunk_cycles": {str(s): t["cycles"] for s, t in exact.items()},
+            "saturated_chunk": exact[sat], "bytes": None}
+
+
+def _bound(by_cause: dict, cycles: int, hbm_cycles: float) -> str:
+    if hbm_cycles >= cycles:
+        return "hbm"
+    return max(by_cause, key=by_cause.get)
 
 
 def estimate(p: EngineParams, target: TargetParams, m: ModelShape, fmt: ArtifactFormat, context: int,
-             batch: int = 1, hw_name: str = "", resources: dict | None = None) -> dict:
-    """The figures `accllm estimate` prints (see docs/estimate.md for each field)."""
+             batch: int = 1, hw_name: str = "", resources: dict | None = None, accel: AccelParams | None = None,
+             latency: int | None = None, prefill: bool = True) -> dict:
+    """The figures `accllm estimate` prints (docs/estimate.md has each field): the compiler's program for
+    the shape (``hw.compile``, no weights), timed by the controller's cycle model against the HBM port
+    (``mem_timing``); bytes from the program's own memory traffic beside the artifact format's."""
+    accel = accel or AccelParams()
     hbm = HBM.from_target(target)
     check_inputs(p, m, fmt, context, batch, hbm)
-    blocks = decode_blocks(p, target, hbm, m, fmt, context, batch)
-    step_s = sum(b.seconds for b in blocks)
-    decode_tps = batch / step_s
-    comp = bytes_per_token(m, fmt, context, batch)
-    per_token = sum(comp.values())
-    roofline = hbm.theoretical_bytes_per_s / per_token
-    hbm_s = sum(b.hbm_s for b in blocks)
-    comp_s = sum(b.compute_s for b in blocks)
-    bound_time = {"hbm": sum(b.seconds for b in blocks if b.bound == "hbm"),
-                  "compute": sum(b.seconds for b in blocks if b.bound == "compute")}
-    bound_by = max(bound_time, key=bound_time.get)
-    pre_s, pre_info = prefill_seconds(p, target, hbm, m, fmt, context)
-    cycles_per_token = sum(b.cycles for b in blocks) / batch
-    macs = decode_macs(m, fmt, context) * batch
+    if batch != 1:
+        raise EstimateError(f"--batch {batch}: the compiler emits one sequence's program (batch 1); batched "
+                            f"decode is not compiled yet")
+    mem = mem_timing(target, accel, latency)
+    f = target.clock_mhz * 1e6
+    dec = decode_timing(p, accel, m, fmt, context, mem)
+    step_s = dec["cycles"] / f
+    decode_tps = 1.0 / step_s
+    nbytes = dec["bytes"]
+    art = bytes_per_token(m, fmt, context)
+    art_total = sum(art.values())
+    roofline = hbm.theoretical_bytes_per_s / nbytes
+    hbm_s = hbm.seconds(nbytes)
+    bound_by = _bound(dec["by_cause"], dec["cycles"], hbm_s * f)
+    macs = decode_macs(m, fmt, context)
+    busy = dec["engine_busy_cycles"] / dec["cycles"]
     pw = energy_model.power(p, target, hw_name=hw_name, resources=resources,
-                            hbm_bytes_per_s=per_token * decode_tps,
-                            engine_busy=min(1.0, comp_s / step_s))
-    layer, head = blocks[0], blocks[-1]
+                            hbm_bytes_per_s=nbytes * decode_tps, engine_busy=busy)
+    out_prefill = None
+    if prefill:
+        pre = prefill_timing(p, accel, m, fmt, context, mem)
+        sat = pre.pop("saturated_chunk")
+        pre.update({"seconds": pre["cycles"] / f, "tokens": context,
+                    "bound_by": _bound(sat["by_cause"], sat["cycles"], 0.0),
+                    "saturated_chunk_by_cause": sat["by_cause"], "saturated_chunk_by_op": sat["by_op"]})
+        pre.pop("bytes")
+        out_prefill = pre
+    wpc = mem.words_per_cycle
     return {
         "scope": SCOPE,
         "model": m.name, "recipe": fmt.recipe, "hw": hw_name, "context": context, "batch": batch,
         "clock_mhz": target.clock_mhz,
         "decode_tokens_per_s": decode_tps,
-        "prefill_tokens_per_s": context / pre_s,
+        "prefill_tokens_per_s": context / out_prefill["seconds"] if out_prefill else None,
         "power_w": pw["total_w"],
         "tokens_per_j": decode_tps / pw["total_w"],
-        "hbm_bytes_per_token": int(round(per_token)),
+        "hbm_bytes_per_token": int(nbytes),
         "hbm_roofline_tokens_per_s": roofline,
         "bound_by": bound_by,
         "of_roofline": decode_tps / roofline,
+        "artifact_hbm_bytes_per_token": int(round(art_total)),
+        "artifact_roofline_tokens_per_s": hbm.theoretical_bytes_per_s / art_total,
+        "bytes_per_token": dict(sorted(dec["bytes_by_part"].items())),
+        "artifact_bytes_per_token": {k: int(round(v)) for k, v in art.items()},
+        "memory": {"word_bits": accel.mem_word_bits, "latency_cycles": mem.latency, "words_per_cycle": wpc,
+                   "port_gbps": wpc * accel.mem_word_bits / 8 * f / 1e9,
+                   "source": "one controller read port = one HBM AXI port (PG276: 256 bits x 450 MHz per "
+                             "pseudo-channel), 14.375 GB/s (UG1393) x Shuhai's 92.4 % sequential; latency "
+                             f"{mem.latency} cycles not measured (MEM_LATENCY_CYCLES)"},
         "hbm": {"theoretical_gbps": hbm.theoretical_bytes_per_s / 1e9, "efficiency": hbm.efficiency,
                 "effective_gbps": hbm.effective_bytes_per_s / 1e9, "pattern": hbm.pattern,
                 "source": "Shuhai (FCCM 2020): 425 GB/s sequential on a U280 (sim/hbm.py)",
-                "decode_tokens_per_s_at_flightllm_efficiency":
-                    batch / sum(max(b.compute_s, b.hbm_s * hbm.efficiency / FLIGHTLLM_EFFICIENCY) for b in blocks)},
-        "bytes_per_token": {k: int(round(v)) for k, v in comp.items()},
+                "seconds_per_token": hbm_s},
         "format": {**asdict(fmt), "bits_per_weight": bits_per_weight(fmt),
                    "weight_bytes": artifact_weight_bytes(m, fmt)},
         "model_shape": asdict(m),
         "decode": {
-            "step_seconds": step_s, "engine_seconds": comp_s, "hbm_seconds": hbm_s,
-            "engine_cycles_per_token": cycles_per_token,
-            "macs_per_token": macs / batch,
-            "engine_utilisation": macs / (sum(b.cycles for b in blocks) * p.macs_per_cycle),
-            "layer": {"cycles": layer.cycles, "compute_us": layer.compute_s * 1e6, "hbm_us": layer.hbm_s * 1e6,
-                      "bound_by": layer.bound, "ops": _op_breakdown(p, target, linear_ops(p, m, fmt, batch)
-                                                                  + attention_ops(p, m, fmt.visible(context), 1) * batch)},
-            "lm_head": {"cycles": head.cycles, "compute_us": head.compute_s * 1e6, "hbm_us": head.hbm_s * 1e6,
-                        "bound_by": head.bound},
-            "bound_time_s": bound_time,
+            "step_seconds": step_s, "cycles_per_token": dec["cycles"], "instructions": dec["instructions"],
+            "position": context - 1, "visible_keys": fmt.visible(context), "spad_words_used": dec["spad_words_used"],
+            "hbm_seconds": hbm_s, "port_read_words": dec["read_words"],
+            "port_floor_cycles": int(math.ceil(dec["read_words"] / wpc)),
+            "macs_per_token": macs,
+            "engine_utilisation": macs / (dec["cycles"] * p.macs_per_cycle),
+            "engine_busy": busy,
+            "cycles_by_cause": dec["by_cause"], "cycles_by_op": dec["by_op"], "cycles_by_layer": dec["by_layer"],
+            "cycles_by_kind": dec["by_kind"], "layer0_instructions": dec["layer0_instructions"],
         },
-        "prefill": {"seconds": pre_s, "tokens": context, **pre_info},
+        "prefill": out_prefill,
         "power": pw,
         "engine": asdict(p),
+        "accelerator": asdict(accel),
     }
 
 
@@ -444,11 +581,19 @@ def decode_macs(m: ModelShape, fmt: ArtifactFormat, context: int) -> int:
     return int(m.layers * (lin + att) + m.vocab * m.hidden)
 
 
-def _op_breakdown(p, target, ops: list[Op]) -> dict:
-    cyc = sequence_cycles(p, ops)
-    out: dict[str, dict] = {}
-    for op, c in zip(ops, cyc):
-        d = out.setdefault(op.name or op.mode, {"mode": op.mode, "commands": 0, "cycles": 0})
-        d["commands"] += 1
-        d["cycles"] += c
-    return out
+# ---------------------------------------------------------------------------------------------------
+# The compiler's program for a shape (no weights): hw.compile.shape_spec + weights=False
+# ---------------------------------------------------------------------------------------------------
+def model_spec(m: ModelShape, fmt: ArtifactFormat):
+    """The shape-only ``quant.golden.Spec`` of ``m`` stored as ``fmt`` (``hw.compile.shape_spec``)."""
+    from hw.compile import CompileError, shape_spec
+    from quant.reference import FormatError
+
+    try:
+        return shape_spec(hidden=m.hidden, intermediate=m.intermediate, layers=m.layers, n_heads=m.heads,
+                          n_kv=m.kv_heads, head_dim=m.head_dim, vocab=m.vocab, bits=fmt.weight_bits,
+                          group_size=fmt.group_size, sparse=fmt.sparse, lm_head_bits=fmt.lm_head_bits,
+                          sinks=fmt.sinks, window=fmt.window, max_positions=m.max_positions or None,
+                          rms_norm_eps=m.rms_norm_eps)
+    except (CompileError, FormatError) as e:
+        raise EstimateError(f"{m.name} ({fmt.recipe}): {e}") from None

@@ -99,3 +99,20 @@ class HBM:
         if nbytes > self.capacity_bytes:
             raise HBMError(f"{what} needs {nbytes / 2**30:.2f} GiB of HBM, the {self.channels} pseudo-channels "
                            f"hold {self.capacity_bytes / 2**30:.2f} GiB: use a smaller batch or context window")
+
+
+#: the HBM IP's user ports (AMD PG276, "Raw Throughput Evaluation"): one 256-bit AXI3 port per
+#: pseudo-channel, clocked at 450 MHz to match the toggle rate of a 900 MHz HBM: 256 x 450 MHz = 14.4 GB/s
+AXI_PORT_BITS = 256
+AXI_PORT_MHZ = 450.0
+
+
+def port_words_per_cycle(word_bits: int, clock_mhz: float, pattern: str = "sequential") -> float:
+    """Memory words per cycle one read port of the controller receives (``hw.controller_model.MemTiming``)
+    when the port is one HBM AXI port (PG276: one per pseudo-channel) reading at ``efficiency(pattern)``
+    of the pseudo-channel's theoretical 14.375 GB/s (UG1393, Shuhai), capped at one word per cycle (the
+    controller's port takes at most one). 512-bit words at 225 MHz: 13.28 GB/s of 14.4 -> 0.922."""
+    if word_bits < 8 or clock_mhz <= 0:
+        raise HBMError(f"memory word of {word_bits} bits at {clock_mhz} MHz: not a port")
+    got = PC_THEORETICAL_GBPS * 1e9 * efficiency(pattern)
+    return min(1.0, got / (word_bits / 8 * clock_mhz * 1e6))

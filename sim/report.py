@@ -72,11 +72,11 @@ def _quality() -> dict[str, float]:
     return out
 
 
-def sweep(p, target, m, fmt, contexts, batch, hw_name) -> list[dict]:
+def sweep(p, target, m, fmt, contexts, batch, hw_name, accel=None) -> list[dict]:
     out = []
     for c in contexts:
         try:
-            r = estimate(p, target, m, fmt, c, batch, hw_name=hw_name)
+            r = estimate(p, target, m, fmt, c, batch, hw_name=hw_name, accel=accel, prefill=False)
         except EstimateError:
             continue
         out.append({"context": c, "decode": r["decode_tokens_per_s"], "tpj": r["tokens_per_j"],
@@ -85,7 +85,7 @@ def sweep(p, target, m, fmt, contexts, batch, hw_name) -> list[dict]:
 
 
 def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str, hw_arg: str,
-          model_arg: str, load_recipe=None) -> tuple[str, dict]:
+          model_arg: str, load_recipe=None, accel=None) -> tuple[str, dict]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +93,13 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
 
     load_recipe = load_recipe or _recipe
     fmt = ArtifactFormat.from_recipe(load_recipe(recipe_arg))
-    main = estimate(p, target, m, fmt, context, batch, hw_name=hw_name)
+    main = estimate(p, target, m, fmt, context, batch, hw_name=hw_name, accel=accel)
+    # the memory latency is not a measured figure (sim.estimate.MEM_LATENCY_CYCLES): decode beside it
+    lat = {main["memory"]["latency_cycles"]: main["decode_tokens_per_s"]}
+    for L in (8, 100):
+        lat[L] = estimate(p, target, m, fmt, context, batch, hw_name=hw_name, accel=accel, latency=L,
+                          prefill=False)["decode_tokens_per_s"]
+    main["decode"]["tokens_per_s_by_latency"] = {str(k): lat[k] for k in sorted(lat)}
     cmd = (f"accllm report --hw {hw_arg} --model {model_arg} --recipe {recipe_arg} --context {context}"
            + (f" --batch {batch}" if batch != 1 else ""))
     est_cmd = cmd.replace("accllm report", "accllm estimate") + " --json"
@@ -114,7 +120,7 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
     for name, rec in (("dense", "w2a8kv4"), ("2:4", "w2a8kv4-sparse24")):
         try:
             fr = ArtifactFormat.from_recipe(load_recipe(rec))
-            r = estimate(p, target, m, fr, context, batch, hw_name=hw_name)
+            r = main if fr == fmt else estimate(p, target, m, fr, context, batch, hw_name=hw_name, accel=accel)
         except EstimateError:
             continue
         pts[name] = r
@@ -127,14 +133,15 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
     ax.legend(fontsize=7)
     figs.append(("Roofline with the design point", _png(fig), cmd,
                  "Decode does about one MAC per weight and reads each weight once per token: far left of the "
-                 "ridge point, so HBM bandwidth binds."))
+                 "ridge point. The design points lie far below the HBM roof: the compiled program streams its "
+                 "bytes through one controller read port (one HBM AXI port's 14.4 GB/s, not 460)."))
 
     # 2. tokens/s and tokens/J against context, with and without Λ
-    ctxs = [128, 256, 512, 1024, 2048, 3072, 4096, 8192, 16384, 32768]
+    ctxs = [128, 512, 2048, 4096, 16384]  # each a compiled decode step (about 10 s each for a 7B)
     no_lambda = dataclasses.replace(fmt, window=None, sinks=0)
     with_lambda = fmt if fmt.window is not None else dataclasses.replace(fmt, sinks=4, window=508)
-    s_l = sweep(p, target, m, with_lambda, ctxs, batch, hw_name)
-    s_n = sweep(p, target, m, no_lambda, ctxs, batch, hw_name)
+    s_l = sweep(p, target, m, with_lambda, ctxs, batch, hw_name, accel)
+    s_n = sweep(p, target, m, no_lambda, ctxs, batch, hw_name, accel)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.6, 3.8))
     for s, lab, st in ((s_l, f"Λ {with_lambda.sinks} + {with_lambda.window}", "o-"), (s_n, "full attention", "s--")):
         a1.semilogx([r["context"] for r in s], [r["decode"] for r in s], st, label=lab)
@@ -149,19 +156,24 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
 
     # 3. bytes per token by component, dense vs 2:4
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    comps = ["weights", "lm_head", "kv_read", "kv_write", "norms", "embedding"]
     names = list(pts)
+    comps = sorted({c for n in names for c in pts[n]["bytes_per_token"]},
+                   key=lambda c: -max(pts[n]["bytes_per_token"].get(c, 0) for n in names))
     bottom = np.zeros(len(names))
     for c in comps:
-        v = np.array([pts[n]["bytes_per_token"][c] / 1e6 for n in names])
+        v = np.array([pts[n]["bytes_per_token"].get(c, 0) / 1e6 for n in names])
         ax.bar(names, v, bottom=bottom, label=c)
         bottom += v
     ax.set_ylabel("MB per decoded token")
     ax.set_title(f"HBM bytes per token, context {context}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    art = {n: pts[n]["artifact_hbm_bytes_per_token"] / 1e9 for n in names}
     figs.append(("Bytes per token by component", _png(fig), cmd,
-                 "Weights with their metadata and scales dominate; the lm_head is W4 g64 (integer decoder); "
-                 "the KV cache is 4-bit codes + 4-bit zero + 32-bit range per token and head."))
+                 "The compiled program's own memory traffic per decode step (hw.compile's Compiled.instr_bytes): "
+                 "the engine's weight and scale beats as laid out in memory (4-bit code lanes and whole 512-bit "
+                 "words), the lm_head, the KV cache as QK/PV beats (a SCATTER reads and writes each word it "
+                 "touches), row multipliers, norms. The artifact format needs "
+                 + ", ".join(f"{n} {v:.3f} GB" for n, v in art.items()) + " (sim.estimate.bytes_per_token)."))
 
     # 4. dense vs 2:4: bytes, tokens/s, tokens/J side by side; the table below adds the perplexity
     q = _quality()
@@ -172,7 +184,7 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
         a.bar(names, [pts[n][key] * scale for n in names], color=["tab:blue", "tab:orange"][:len(names)])
         a.set_title(lab)
     figs.append(("Dense against 2:4", _png(fig), cmd,
-                 "At 2 bits the 2:4 pattern code (3 bits per 4 inputs) leaves 2.00 of the dense 2.25 bits per "
+                 "In the artifact the 2:4 pattern code (3 bits per 4 inputs) leaves 2.00 of the dense 2.25 bits per "
                  "weight: 11 % fewer bytes, not half; the perplexity cost is in the table below."))
     rows = []
     for n, r in pts.items():
@@ -198,27 +210,47 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
     peers = ("<table><tr><th>design</th><th>model</th><th>MHz</th><th>decode token/s</th><th>W</th>"
              f"<th>token/J</th></tr>{peer_rows}</table>")
 
-    lay = main["decode"]["layer"]
-    tot = sum(d["cycles"] for d in lay["ops"].values())
-    op_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{d['mode']}</td><td>{d['commands']}</td><td>{d['cycles']}</td>"
-                      f"<td>{d['cycles'] / tot:.1%}</td></tr>" for k, d in lay["ops"].items())
-    ops_table = ("<table><tr><th>operation</th><th>mode</th><th>commands</th><th>engine cycles</th><th>share</th></tr>"
-                 f"{op_rows}</table><p>One decoder layer of one decode step: {lay['cycles']} cycles = "
-                 f"{lay['compute_us']:.1f} µs of engine time against {lay['hbm_us']:.1f} µs of HBM streaming; "
-                 f"lm_head {main['decode']['lm_head']['cycles']} cycles. From the cycle model "
-                 f"(<code>sim.estimate.op_cycles</code>), which equals the RTL's counts in Icarus "
-                 f"(tests/sim/test_estimate.py).</p>")
+    dec = main["decode"]
+    tot = dec["cycles_per_token"]
+
+    def rows(d: dict, limit: int | None = None) -> str:
+        items = list(d.items())[:limit]
+        return "".join(f"<tr><td style='text-align:left'>{html.escape(str(k))}</td><td>{v:,}</td><td>{v / tot:.1%}</td>"
+                       f"</tr>" for k, v in items)
+
+    head = "<tr><th>{}</th><th>cycles</th><th>share</th></tr>"
+    by_op = dict(sorted(dec["cycles_by_op"].items(), key=lambda kv: -kv[1]))
+    kinds = {f"{k} ({v['op']} x {v['count']})": v["cycles"] for k, v in dec["cycles_by_kind"].items()}
+    ops_table = (f"<p>One decode step at position {dec['position']} ({dec['visible_keys']} keys visible): "
+                 f"{tot:,} cycles, {dec['instructions']:,} instructions, from <code>hw.controller_model</code>'s "
+                 f"timeline of the compiled program (equal to the RTL's cycle counter on the programs of "
+                 f"tests/sim/test_cycle_model.py), memory latency {main['memory']['latency_cycles']} cycles and "
+                 f"{main['memory']['words_per_cycle']:.3f} words per cycle per read port.</p>"
+                 f"<table>{head.format('cause')}{rows(dec['cycles_by_cause'])}</table>"
+                 f"<table>{head.format('opcode')}{rows(by_op)}</table>"
+                 f"<table>{head.format('layer')}{rows(dec['cycles_by_layer'])}</table>"
+                 f"<table>{head.format('instruction kind (layers and heads starred)')}{rows(kinds, 15)}</table>")
     pw = main["power"]
     basis = pw["basis"]  # each component's coefficient(s) and their status, from sim.energy
     power_rows = "".join(f"<tr><td>{k[:-2]}</td><td>{pw[k]:.1f}</td><td style='text-align:left'>"
                          f"{html.escape(basis[k])}</td></tr>"
                          for k in ("fpga_static_w", "fabric_dynamic_w", "hbm_w", "board_overhead_w"))
     power_table = f"<table><tr><th>component</th><th>W</th><th>basis</th></tr>{power_rows}</table>"
-    binds = (f"Decode is bound by <b>{main['bound_by']}</b>: every decoder layer's weight and KV stream "
-             f"takes {main['decode']['layer']['hbm_us']:.1f} µs at {main['hbm']['effective_gbps']:.0f} GB/s against "
-             f"{main['decode']['layer']['compute_us']:.1f} µs of engine cycles, so the estimate is "
-             f"{main['of_roofline']:.1%} of the 460 GB/s roofline ({main['hbm_roofline_tokens_per_s']:.1f} token/s), "
-             f"i.e. exactly the measured HBM efficiency. Prefill is bound by {main['prefill']['bound_by']}.")
+    c = dec["cycles_by_cause"]
+    lat = ", ".join(f"{v:.2f} token/s at latency {k}" for k, v in dec["tokens_per_s_by_latency"].items())
+    binds = (f"Decode is bound by <b>{main['bound_by']}</b>. Of the step's {tot:,} cycles "
+             f"({1e3 * dec['step_seconds']:.1f} ms at {target.clock_mhz:.0f} MHz), "
+             f"{c['memory_port'] / tot:.0%} are ENGINE streams waiting on their read port's words "
+             f"({main['memory']['port_gbps']:.1f} GB/s per port: one 512-bit word per cycle at most), "
+             f"{c['sfu'] / tot:.0%} the special-function units, {c['memory_ops'] / tot:.0%} LOAD/STORE/SCATTER/MARK, "
+             f"{c['engine'] / tot:.0%} the engine's own setup, activation loads and drain and {c['controller'] / tot:.0%} "
+             f"the controller's per-instruction overhead. The program moves {main['hbm_bytes_per_token'] / 1e9:.3f} GB "
+             f"per token (the artifact format {main['artifact_hbm_bytes_per_token'] / 1e9:.3f} GB): at 425 GB/s that "
+             f"is {1e3 * main['hbm']['seconds_per_token']:.2f} ms, so the HBM itself is "
+             f"{main['hbm']['seconds_per_token'] / dec['step_seconds']:.1%} busy. The estimate is "
+             f"{main['of_roofline']:.1%} of the 460 GB/s roofline of the program's bytes "
+             f"({main['hbm_roofline_tokens_per_s']:.1f} token/s). Memory latency (not measured): {lat}. "
+             f"Prefill is bound by {main['prefill']['bound_by']}.")
     sections = "".join(
         f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{b64}'>"
         f"<p>{html.escape(note)}</p><pre>$ {html.escape(c)}</pre>" for t, b64, c, note in figs)
@@ -242,7 +274,7 @@ and an HBM2 energy model, so tokens/J is a model of this engine on the board, no
 <p>Peer figures from ../shared/ANCHORS.md: AccLLM's are simulated, FlightLLM's measured on a U280 board.</p>
 {sections}
 <h2>Dense against 2:4: figures and perplexity</h2>{dense_sparse}
-<h2>Engine cycles by operation (decode, one layer)</h2>{ops_table}
+<h2>Cycles by cause, opcode, layer and instruction (decode)</h2>{ops_table}
 <h2>Power by component</h2>{power_table}<p>Coefficients and their sources: docs/estimate.md, "Energy model".</p>
 </body></html>
 """
@@ -250,8 +282,8 @@ and an HBM2 energy model, so tokens/J is a model of this engine on the board, no
 
 
 def write_report(out, p, target, m, recipe_arg, context, batch, *, hw_name, hw_arg, model_arg,
-                 json_out=None, load_recipe=None) -> Path:
-    doc, main = build(p, target, m, recipe_arg, context, batch, hw_name, hw_arg, model_arg, load_recipe)
+                 json_out=None, load_recipe=None, accel=None) -> Path:
+    doc, main = build(p, target, m, recipe_arg, context, batch, hw_name, hw_arg, model_arg, load_recipe, accel)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
