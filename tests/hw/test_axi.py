@@ -258,6 +258,7 @@ def test_memory_system_read_fault_and_write_error_reach_the_accelerator_side():
     assert mw.resps == [0, 2, 0]
 
 
+@pytest.mark.slow  # 69 s at load 15: compiles the tiny decoder
 def test_a_compiled_layers_weights_stream_from_every_port(tmp_path):
     """How the compiler's regions map onto ports (docs/isa.md, "Memory system"): the whole word space is
     striped, so every weight region of at least ports x stripe words has words on every port, each
@@ -287,10 +288,12 @@ def test_a_compiled_layers_weights_stream_from_every_port(tmp_path):
     assert len({stripe_map(a, N, S, C)[1] for a in range(n)}) == n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug, check, caught", [
     ("ar_ignores_4k", "read", "crosses a 4 KiB boundary"),
     ("ar_skips_a_beat", "read", "differs"),
-    ("req_taken_before_w", "write", "hang"),
+    # the hang case waits out a 60,000-cycle hang budget (most of this test's 1,000 s at load 15): heavy
+    pytest.param("req_taken_before_w", "write", "hang", marks=pytest.mark.heavy),
     ("aw_sent_twice", "write", ""),
     ("merge_drops_word", "memsys", ""),
     ("chunk_crosses_stripe", "memsys", ""),
