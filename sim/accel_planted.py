@@ -73,18 +73,23 @@ def _load_module(modname: str, path: Path):
     return mod
 
 
-def patched_controller(name: str, old: str, new: str, owner: str, tag: str):
-    """A copy of hw/controller.py with ``old`` (which must occur exactly once) replaced by ``new``,
+def patched_copy(filename: str, name: str, old: str, new: str, owner: str, tag: str):
+    """A copy of ``hw/<filename>`` with ``old`` (which must occur exactly once) replaced by ``new``,
     imported as its own module: (module, folder of the copy). ``owner`` names the file whose bug table
-    to update when the text is gone; ``tag`` keeps the module names of different users apart. Used by
-    ``load`` below and by sim/formal_accel.py."""
-    text = (HW / "controller.py").read_text()
+    to update when the text is gone; ``tag`` keeps the module names of different users apart."""
+    text = (HW / filename).read_text()
     if text.count(old) != 1:
         raise RuntimeError(f"planted bug {name!r}: the text it replaces occurs {text.count(old)} times in "
-                           f"hw/controller.py (expected once): update {owner} to the new RTL")
+                           f"hw/{filename} (expected once): update {owner} to the new RTL")
     folder = Path(tempfile.mkdtemp(prefix=f"{tag}-{name}-"))
-    (folder / "controller.py").write_text(text.replace(old, new).replace("from .", "from hw."))
-    return _load_module(f"_accllm_{tag.replace('-', '_')}_ctrl_{name}", folder / "controller.py"), folder
+    (folder / filename).write_text(text.replace(old, new).replace("from .", "from hw."))
+    stem = filename.removesuffix(".py")
+    return _load_module(f"_accllm_{tag.replace('-', '_')}_{stem}_{name}", folder / filename), folder
+
+
+def patched_controller(name: str, old: str, new: str, owner: str, tag: str):
+    """``patched_copy`` of hw/controller.py; used by ``load`` below and by sim/formal_accel.py."""
+    return patched_copy("controller.py", name, old, new, owner, tag)
 
 
 def load(name: str):

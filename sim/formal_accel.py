@@ -31,8 +31,6 @@ shows each makes its proof fail.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from amaranth.hdl import Assert, Assume, Cat, Const, Elaboratable, Module, Mux, Signal
 
 from hw.engine import Mode, max_reduction
@@ -725,19 +723,12 @@ _axi_loaded: dict[str, object] = {}
 def load_axi(name: str):
     """A copy of ``hw/axi.py`` with planted bug ``name`` (the module: ``.AxiReadAdapter`` etc.); a bug
     whose text is gone from the RTL fails loudly."""
-    import tempfile
-
-    from .accel_planted import HW, _load_module
+    from .accel_planted import patched_copy
     if name not in AXI_BUGS:
         raise ValueError(f"planted AXI bug {name!r}: choose from {', '.join(AXI_BUGS)}")
     if name in _axi_loaded:
         return _axi_loaded[name]
     _, _, old, new = AXI_BUGS[name]
-    text = (HW / "axi.py").read_text()
-    if text.count(old) != 1:
-        raise RuntimeError(f"planted AXI bug {name!r}: its text occurs {text.count(old)} times in hw/axi.py "
-                           f"(expected once): update sim/formal_accel.py AXI_BUGS to the new RTL")
-    folder = Path(tempfile.mkdtemp(prefix=f"formal-axi-{name}-"))
-    (folder / "axi.py").write_text(text.replace(old, new).replace("from .", "from hw."))
-    _axi_loaded[name] = mod = _load_module(f"_accllm_formal_axi_{name}", folder / "axi.py")
+    _axi_loaded[name] = mod = patched_copy("axi.py", name, old, new, "sim/formal_accel.py AXI_BUGS",
+                                           "formal-axi")[0]
     return mod
