@@ -2,8 +2,9 @@
 scratchpad, the engine, the controller's executors and one instance of each special-function unit.
 
 Ports (all ``amaranth.lib.wiring``): ``mem_rd0`` (instruction fetch, LOAD, SCATTER's reads and the
-engine's weight beats), ``mem_rd1`` (the engine's scale beats), ``mem_wr`` (STORE, SCATTER, MARK) —
-``hw.memory`` signatures; ``start`` (in, a pulse: run the program from mem word 0), ``done`` (out,
+engine's weight beats unless ``accel.weight_lanes`` > 1), ``mem_rd1`` (the engine's scale beats),
+``mem_wr`` (STORE, SCATTER, MARK), with ``weight_lanes`` > 1 ``mem_rdw`` (the engine's weight beats,
+up to ``weight_lanes`` words per cycle: ``hw.memory.MemWideReadSignature``) — ``hw.memory`` signatures; ``start`` (in, a pulse: run the program from mem word 0), ``done`` (out,
 held once HALT or an error stopped the machine), ``error`` (``hw.controller.AccelError``), ``cycles``
 (cycles since ``start``, stops at ``done``); diagnostics for the harness: ``pc``, ``op``, ``state``
 (``hw.controller.CTRL_STATES``), ``progress`` (a beat moved or the spad was accessed this cycle).
@@ -19,7 +20,7 @@ from amaranth.lib.wiring import In, Out
 from .controller import CTRL_STATES, AccelError, Controller, EngineStreamer, MemOps
 from .engine import Engine
 from .isa import UNIT_OPS, Op
-from .memory import MemReadSignature, MemWriteSignature
+from .memory import MemReadSignature, MemWideReadSignature, MemWriteSignature
 from .params import AccelParams, EngineParams
 from .sfu.base import SPAD_BITS
 from .sfu.registry import available_units, unit_class
@@ -166,6 +167,8 @@ class Accelerator(wiring.Component):
             "start": In(1), "done": Out(1), "error": Out(8), "cycles": Out(64),
             "pc": Out(32), "op": Out(8), "state": Out(range(len(CTRL_STATES))), "progress": Out(1),
         }
+        if accel.weight_lanes > 1:  # the engine's weights on their own wide read port
+            members["mem_rdw"] = Out(MemWideReadSignature(W, accel.weight_lanes))
         if read_fault:  # the AXI top: a pulse with every read beat answered SLVERR/DECERR
             members["mem_rd_fault"] = In(1)
         super().__init__(members)
@@ -229,13 +232,17 @@ class Accelerator(wiring.Component):
             wiring.connect(m, c.wr, getattr(mux, f"c{i}_wr"))
 
         # ---- memory: read port 0 shared by fetch, MemOps and the engine's weights ----
-        m.submodules.rd0mux = rmux = ReadPortMux(A.mem_word_bits, 3)
+        wide = A.weight_lanes > 1
+        m.submodules.rd0mux = rmux = ReadPortMux(A.mem_word_bits, 2 if wide else 3)
         owner = Signal(2)
-        m.d.comb += owner.eq(Mux(ctrl.fetching, 0, Mux(ctrl.sel == 0, 1, 2)))
+        m.d.comb += owner.eq(Mux(ctrl.fetching, 0, 1) if wide else Mux(ctrl.fetching, 0, Mux(ctrl.sel == 0, 1, 2)))
         m.d.comb += rmux.sel.eq(owner)
         wiring.connect(m, ctrl.mrd, rmux.m0)
         wiring.connect(m, memops.mrd, rmux.m1)
-        wiring.connect(m, streamer.wrd, rmux.m2)
+        if wide:
+            wiring.connect(m, streamer.wrd, wiring.flipped(self.mem_rdw))
+        else:
+            wiring.connect(m, streamer.wrd, rmux.m2)
         wiring.connect(m, rmux.port, wiring.flipped(self.mem_rd0))
         m.submodules.rd1arb = arb = ReadPortArbiter(A.mem_word_bits, 2)
         wiring.connect(m, ctrl.mpf, arb.m0)
@@ -254,8 +261,11 @@ class Accelerator(wiring.Component):
             m.d.sync += self.cycles.eq(0)
         with m.Elif(ctrl.running):
             m.d.sync += self.cycles.eq(self.cycles + 1)
-        fires = [p.valid & p.ready for p in (self.mem_rd0.req, self.mem_rd0.data, self.mem_rd1.req,
-                                             self.mem_rd1.data, self.mem_wr.req, self.mem_wr.resp)]
+        chans = [self.mem_rd0.req, self.mem_rd0.data, self.mem_rd1.req, self.mem_rd1.data, self.mem_wr.req,
+                 self.mem_wr.resp]
+        if wide:
+            chans += [self.mem_rdw.req, self.mem_rdw.data]
+        fires = [p.valid & p.ready for p in chans]
         fires += [getattr(engine, s).valid & getattr(engine, s).ready for s in ("cmd", "act", "weight",
                                                                                    "scale", "rq", "out")]
         fires += [mux.rd0.en, mux.rd1.en, mux.wr.en, ctrl.go]
@@ -299,6 +309,8 @@ class AxiAccelerator(Elaboratable):
         wiring.connect(m, core.mem_rd0, ms.rd0)
         wiring.connect(m, core.mem_rd1, ms.rd1)
         wiring.connect(m, core.mem_wr, ms.wr)
+        if self.accel.weight_lanes > 1:
+            wiring.connect(m, core.mem_rdw, ms.rdw)
         m.d.comb += [core.mem_rd_fault.eq(ms.read_fault), core.start.eq(self.start),
                      self.done.eq(core.done), self.error.eq(core.error), self.cycles.eq(core.cycles),
                      self.pc.eq(core.pc), self.op.eq(core.op), self.progress.eq(core.progress)]

@@ -16,6 +16,12 @@ item 3), each component with its behavioural model beside it:
   streams from every port at once; a read job becomes per-stripe chunks issued to their ports and the
   data merged back in job order; a write goes to its word's port and the responses come back in order.
   Model: ``stripe_chunks``.
+* ``WideReadStriper`` — a wide read port (``hw.memory.MemWideReadSignature``, the engine's weight
+  stream when ``AccelParams.weight_lanes`` > 1) over the ``mem_ports`` ports with one-word stripes: a job
+  becomes one contiguous job per port (its words on that port, ``wide_port_jobs``), each port's words
+  wait in their own small FIFO (per-port back-pressure: a stalled port holds only its own R channel),
+  and every cycle the next ``min(ports, beat left, job left)`` words leave together, in job order, one
+  from each port (``hw.memory.wide_transfers``).
 
 The flat AXI signal names (``<prefix>_araddr`` ...) are those Vivado's interface inference, Vitis'
 ``package_xo`` and cocotbext-axi's ``AxiBus.from_prefix`` expect; ``bitstream/axi.py`` imports
@@ -30,12 +36,13 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2, exact_log2
 
-from .memory import MemReadSignature, MemWriteSignature
+from .memory import MemReadSignature, MemWideReadSignature, MemWriteSignature
 
 __all__ = ["BOUNDARY", "AXI4_MAX_BURST", "RESP_OKAY", "RESP_SLVERR", "RESP_DECERR", "axi_master_ports",
            "MASTER_OUTPUTS", "read_bursts", "write_beats", "stripe_map", "stripe_chunks", "AxiReadAdapter",
            "AxiWriteAdapter", "ReadStriper", "WriteStriper", "idle_read_channels", "idle_write_channels",
-           "AxiMemorySystem", "memory_buses", "port_names"]
+           "AxiMemorySystem", "memory_buses", "port_names",
+           "wide_port_jobs", "WideReadStriper"]
 
 BOUNDARY = 4096          # bytes: no AXI4 burst crosses one (IHI 0022 E, A3.4.1)
 AXI4_MAX_BURST = 256     # beats of an AXI4 INCR burst (AxLEN is 8 bits, A3.4.1)
@@ -128,6 +135,21 @@ def stripe_chunks(word_addr: int, count: int, ports: int, stripe_words: int,
         p, w = stripe_map(a, ports, stripe_words, channel_words)
         out.append((p, w, n))
         a, left = a + n, left - n
+    return out
+
+
+def wide_port_jobs(word_addr: int, count: int, ports: int, channel_words: int) -> list[tuple[int, int, int]]:
+    """The per-port jobs ``WideReadStriper`` issues for one wide job (one-word stripes), by port:
+    (port, AXI word, words). Port p holds the job's words ``a + d, a + d + ports, ...`` with
+    ``d = (p - a) % ports``: local words ``(a + d) // ports ..``, contiguous; a port with none is left out."""
+    out = []
+    for p in range(ports):
+        d = (p - word_addr) % ports
+        n = (count + ports - 1 - d) // ports
+        if n:
+            first = word_addr + d
+            out.append((p, stripe_map(first, ports, 1, channel_words)[1], n))
+            stripe_map(first + (n - 1) * ports, ports, 1, channel_words)  # the last word fits the channel
     return out
 
 
@@ -310,6 +332,97 @@ class ReadStriper(wiring.Component):
         return m
 
 
+class WideReadStriper(wiring.Component):
+    """``mem`` (a wide read port, ``ports`` lanes) -> ``out0`` .. ``out{ports-1}`` (``hw.memory`` read
+    ports), one-word stripes (word a on port ``a % ports``, ``stripe_map`` with ``stripe_words`` 1).
+    A job is accepted once the previous one's port jobs are all issued and the job queue (``depth``) has
+    room; each port gets one job of its words (``wide_port_jobs``). Each port's data go into its own
+    FIFO (``skid`` words); a transfer of ``n = min(ports, beat left, job left)`` words leaves when the n
+    ports holding them (from port ``(a + j) % ports`` on) all have a word, lane i from port
+    ``(a + j + i) % ports``."""
+
+    def __init__(self, word_bits: int, ports: int, channel_words: int, depth: int = 4, skid: int = 2):
+        self.g = _StripeGeometry(ports, 1, channel_words)
+        if ports < 2:
+            raise ValueError(f"ports {ports}: a wide read over one port is that port (use hw.memory.BeatGather)")
+        self.W, self.depth, self.skid = word_bits, depth, skid
+        members = {"mem": In(MemWideReadSignature(word_bits, ports))}
+        for i in range(ports):
+            members[f"out{i}"] = Out(MemReadSignature(word_bits))
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        g, mem, W = self.g, self.mem, self.W
+        P, lgP = g.ports, g.lgN
+        outs = [getattr(self, f"out{i}") for i in range(P)]
+        # ---- issue: one job per port ----
+        a, c = Signal(32), Signal(32)
+        active = Signal()
+        sent = Signal(P)
+        m.submodules.order = order = SyncFIFO(width=lgP + 32 + 16, depth=self.depth)
+        m.d.comb += [mem.req.ready.eq(~active & order.w_rdy), order.w_en.eq(mem.req.valid & mem.req.ready),
+                     order.w_data.eq(Cat(mem.req.payload.addr[:lgP], mem.req.payload.count, mem.req.payload.beat))]
+        with m.If(mem.req.valid & mem.req.ready):
+            m.d.sync += [a.eq(mem.req.payload.addr), c.eq(mem.req.payload.count), sent.eq(0),
+                         active.eq(mem.req.payload.count != 0)]
+        done_p = []
+        for p, out in enumerate(outs):
+            d = Signal(lgP, name=f"d{p}")
+            n_p = Signal(32, name=f"n{p}")
+            first = Signal(32, name=f"first{p}")
+            m.d.comb += [d.eq(p - a[:lgP]), n_p.eq((c + (P - 1) - d) >> lgP), first.eq(a + d)]
+            m.d.comb += [out.req.valid.eq(active & ~sent[p] & (n_p != 0)),
+                         out.req.payload.addr.eq((first >> lgP) | (p << g.lgC)), out.req.payload.count.eq(n_p)]
+            with m.If(out.req.valid & out.req.ready):
+                m.d.sync += sent[p].eq(1)
+            done_p.append(sent[p] | (n_p == 0) | (out.req.valid & out.req.ready))
+        with m.If(active & Cat(*done_p).all()):
+            m.d.sync += active.eq(0)
+        # ---- per-port FIFOs ----
+        fifos = []
+        for p, out in enumerate(outs):
+            m.submodules[f"skid{p}"] = f = SyncFIFO(width=W, depth=self.skid)
+            m.d.comb += [f.w_en.eq(out.data.valid), f.w_data.eq(out.data.payload), out.data.ready.eq(f.w_rdy)]
+            fifos.append(f)
+        # ---- merge: the head job's next transfer ----
+        h0, cnt, beat = order.r_data[:lgP], order.r_data[lgP:lgP + 32], order.r_data[lgP + 32:]
+        j, k = Signal(32), Signal(16)
+        h = Signal(lgP)
+        m.d.comb += h.eq(h0 + j[:lgP])
+        n = Signal(range(P + 1))
+        left_b, left_j = Signal(16), Signal(32)
+        m.d.comb += [left_b.eq(beat - k), left_j.eq(cnt - j)]
+        m.d.comb += n.eq(Mux((left_b < P) & (left_b <= left_j), left_b, Mux(left_j < P, left_j, P)))
+        need, ok = [], []
+        for p, f in enumerate(fifos):
+            rel = Signal(lgP, name=f"rel{p}")
+            m.d.comb += rel.eq(p - h)
+            nd = Signal(name=f"need{p}")
+            m.d.comb += nd.eq(rel < n)
+            need.append(nd)
+            ok.append(~nd | f.r_rdy)
+        valid = Signal()
+        m.d.comb += valid.eq(order.r_rdy & Cat(*ok).all())
+        fire = valid & mem.data.ready
+        allw = Cat(*[f.r_data for f in fifos])
+        rot = Signal(W * P)
+        with m.Switch(h):
+            for r in range(P):
+                with m.Case(r):
+                    m.d.comb += rot.eq(Cat(allw[r * W:], allw[:r * W]) if r else allw)
+        m.d.comb += [mem.data.valid.eq(valid), mem.data.payload.words.eq(rot), mem.data.payload.n.eq(n)]
+        for p, f in enumerate(fifos):
+            m.d.comb += f.r_en.eq(fire & need[p])
+        with m.If(fire):
+            with m.If(j + n == cnt):
+                m.d.sync += [j.eq(0), k.eq(0)]
+            with m.Else():
+                m.d.sync += [j.eq(j + n), k.eq(Mux(k + n == beat, 0, k + n))]
+        m.d.comb += order.r_en.eq(fire & (j + n == cnt))
+        return m
+
+
 class WriteStriper(wiring.Component):
     """``mem`` (the accelerator's write port) -> ``out0`` .. ``out{ports-1}``: each write to its word's
     port (``stripe_map``), the responses returned in request order (a queue of ports, ``depth`` deep:
@@ -358,6 +471,14 @@ def memory_buses(accel, addr_width: int = 64) -> dict[str, dict[str, Signal]]:
     return {n: axi_master_ports(f"m_axi_{n}", accel.mem_word_bits, addr_width) for n in port_names(accel)}
 
 
+def _gated(m: Module, outer, inner, allow):
+    """``outer`` (a read port of the component, the accelerator side) to ``inner`` (a striper's), new
+    jobs passed only while ``allow``; data passed through."""
+    m.d.comb += [inner.req.valid.eq(outer.req.valid & allow), inner.req.payload.eq(outer.req.payload),
+                 outer.req.ready.eq(inner.req.ready & allow), outer.data.valid.eq(inner.data.valid),
+                 outer.data.payload.eq(inner.data.payload), inner.data.ready.eq(outer.data.ready)]
+
+
 class AxiMemorySystem(wiring.Component):
     """The accelerator's three ``hw.memory`` ports on AXI4 masters (``AccelParams``: ``mem_ports``,
     ``mem_stripe_words``, ``mem_channel_bytes``, ``axi_max_burst``, ``axi_outstanding``): ``rd0`` and
@@ -369,8 +490,16 @@ class AxiMemorySystem(wiring.Component):
         self.accel = accel
         W = accel.mem_word_bits
         self.buses = buses if buses is not None else memory_buses(accel, addr_width)
-        super().__init__({"rd0": In(MemReadSignature(W)), "rd1": In(MemReadSignature(W)),
-                          "wr": In(MemWriteSignature(W)), "read_fault": Out(1)})
+        members = {"rd0": In(MemReadSignature(W)), "rd1": In(MemReadSignature(W)),
+                   "wr": In(MemWriteSignature(W)), "read_fault": Out(1)}
+        if accel.weight_lanes > 1:
+            if accel.weight_lanes != accel.mem_ports or accel.mem_stripe_words != 1:
+                raise ValueError(f"AxiMemorySystem: weight_lanes {accel.weight_lanes} needs mem_ports = "
+                                 f"weight_lanes and mem_stripe_words 1 (got mem_ports {accel.mem_ports}, "
+                                 f"mem_stripe_words {accel.mem_stripe_words}): the wide weight read takes one "
+                                 f"word from each port per cycle")
+            members["rdw"] = In(MemWideReadSignature(W, accel.weight_lanes))
+        super().__init__(members)
 
     @property
     def bus_ports(self) -> list:
@@ -389,16 +518,41 @@ class AxiMemorySystem(wiring.Component):
         else:
             m.submodules.rd0_stripe = rs = ReadStriper(W, *geo, depth=max(8, 2 * N))
             m.submodules.wr_stripe = ws = WriteStriper(W, *geo, depth=max(16, 2 * A.axi_outstanding))
-            wiring.connect(m, wiring.flipped(self.rd0), rs.mem)
+            if A.weight_lanes > 1:
+                # rd0 and the wide read share every port's R channel in job order, and each merges its
+                # ports in its own order: both outstanding at once could deadlock (each waiting on a
+                # port whose next word is the other's), so a job is taken only while the other has
+                # none outstanding (the controller never overlaps them: no cycle is lost there)
+                m.submodules.rdw_stripe = wsr = WideReadStriper(W, N, A.mem_channel_words)
+                owed0, owedw = Signal(33), Signal(33)
+                rq0, rqw = self.rd0.req.valid & self.rd0.req.ready, self.rdw.req.valid & self.rdw.req.ready
+                d0, dw = self.rd0.data.valid & self.rd0.data.ready, self.rdw.data.valid & self.rdw.data.ready
+                m.d.sync += [owed0.eq(owed0 + Mux(rq0, self.rd0.req.payload.count, 0) - d0),
+                             owedw.eq(owedw + Mux(rqw, self.rdw.req.payload.count, 0)
+                                      - Mux(dw, self.rdw.data.payload.n, 0))]
+                _gated(m, self.rd0, rs.mem, owedw == 0)
+                _gated(m, self.rdw, wsr.mem, (owed0 == 0) & ~self.rd0.req.valid)
+            else:
+                wiring.connect(m, wiring.flipped(self.rd0), rs.mem)
             wiring.connect(m, wiring.flipped(self.wr), ws.mem)
             rd0 = [getattr(rs, f"out{p}") for p in range(N)]
             wr = [getattr(ws, f"out{p}") for p in range(N)]
+        if A.weight_lanes > 1:
+            # the wide weight read on the same ports: each port's jobs from rd0 and the wide striper
+            # through an arbiter (a queue of owners routes each R word back)
+            from .accel import ReadPortArbiter
         for p in range(N):
             bus = self.buses[f"mem{p}"]
             m.submodules[f"rd_mem{p}"] = ra = AxiReadAdapter(W, f"m_axi_mem{p}", max_burst=A.axi_max_burst,
                                                              bus=bus, **kw)
             m.submodules[f"wr_mem{p}"] = wa = AxiWriteAdapter(W, f"m_axi_mem{p}", bus=bus, **kw)
-            wiring.connect(m, rd0[p], ra.mem)
+            if A.weight_lanes > 1:
+                m.submodules[f"rd_arb{p}"] = arb = ReadPortArbiter(W, 2)
+                wiring.connect(m, rd0[p], arb.m0)
+                wiring.connect(m, getattr(wsr, f"out{p}"), arb.m1)
+                wiring.connect(m, arb.port, ra.mem)
+            else:
+                wiring.connect(m, rd0[p], ra.mem)
             wiring.connect(m, wr[p], wa.mem)
             faults.append(ra.error)
         # read port 1 on the auxiliary port, through the same address map

@@ -12,8 +12,9 @@ executors of the instructions it runs itself.
 * ``MemOps``: LOAD, STORE, SCATTER, MARK (spad port ``rd0``/``wr``, memory read port 0, the write
   port). It finishes an instruction only when every write it issued has been answered.
 * ``EngineStreamer``: ENGINE: the command beat, activations packed from the spad (zero fill), weight
-  beats from memory read port 0 (tile stride ``f``), scale beats from read port 1, output beats written
-  to ``spad[d + t*i0 + r]`` for rows ``g <= r < h``.
+  beats from memory read port 0 (tile stride ``f``) or, with ``AccelParams.weight_lanes`` > 1, from
+  its own wide read port (up to ``weight_lanes`` words per cycle, ``hw.memory.WideBeatGather``), scale
+  beats from read port 1, output beats written to ``spad[d + t*i0 + r]`` for rows ``g <= r < h``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from amaranth.lib.wiring import In, Out
 from .engine import Mode, layouts, max_reduction
 from .isa import ELEMENT_BITS, ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, INSTR_BITS, Op, \
     instr_layout
-from .memory import BeatGather, MemReadSignature, MemWriteSignature, words_for
+from .memory import BeatGather, MemReadSignature, MemWideReadSignature, MemWriteSignature, WideBeatGather, words_for
 from .params import AccelParams, EngineParams
 from .sfu.base import SPAD_BITS, SpadRead, SpadWrite
 
@@ -297,8 +298,10 @@ class EngineStreamer(wiring.Component):
         self.p, self.accel = engine, accel
         self.lay = layouts(engine)
         W = accel.mem_word_bits
+        # the weight stream: read port 0 (one word per cycle) or, with weight_lanes > 1, a wide read port
+        wrd = MemWideReadSignature(W, accel.weight_lanes) if accel.weight_lanes > 1 else MemReadSignature(W)
         super().__init__(client_signature(accel.spad_addr_bits, {
-            "wrd": Out(MemReadSignature(W)), "srd": Out(MemReadSignature(W)),
+            "wrd": Out(wrd), "srd": Out(MemReadSignature(W)),
             "cmd": Out(stream.Signature(self.lay["cmd"])), "act": Out(stream.Signature(self.lay["act"])),
             "weight": Out(stream.Signature(self.lay["weight"])),
             "scale": Out(stream.Signature(self.lay["scale"])), "rq": Out(stream.Signature(self.lay["rq"])),
@@ -371,7 +374,10 @@ class EngineStreamer(wiring.Component):
         o_tok = Signal(64)                   # t * i0
         o_rbase = Signal(32)                 # ti * pe_rows
 
-        m.submodules.wgather = wg = BeatGather(self.accel.mem_word_bits, data.Layout.cast(self.lay["weight"]).size)
+        wbits = data.Layout.cast(self.lay["weight"]).size
+        # the weight gather: a separately named sub-component (bitstream/ black-boxes it)
+        m.submodules.wgather = wg = (WideBeatGather(self.accel.mem_word_bits, self.accel.weight_lanes, wbits)
+                                     if self.accel.weight_lanes > 1 else BeatGather(self.accel.mem_word_bits, wbits))
         m.submodules.sgather = sg = BeatGather(self.accel.mem_word_bits, data.Layout.cast(self.lay["scale"]).size)
         wiring.connect(m, wiring.flipped(self.wrd.data), wg.words)
         wiring.connect(m, wiring.flipped(self.srd.data), sg.words)
@@ -454,6 +460,8 @@ class EngineStreamer(wiring.Component):
         # ---- weight requests: one job of n*WB words per tile ----
         m.d.comb += [self.wrd.req.valid.eq(running & (w_ti < ins.s)), self.wrd.req.payload.addr.eq(w_addr),
                      self.wrd.req.payload.count.eq(ins.n * WB)]
+        if self.accel.weight_lanes > 1:
+            m.d.comb += self.wrd.req.payload.beat.eq(WB)  # transfers end at every weight beat's last word
         with m.If(self.wrd.req.valid & self.wrd.req.ready):
             m.d.sync += [w_ti.eq(w_ti + 1), w_addr.eq(w_addr + w_stride)]
 

@@ -20,7 +20,8 @@ whole compiled programs to the RTL's MARK counts under Verilator):
   dirty word, a wait for every answer, a read of the word.
 * ENGINE: 18 cycles of checks and the restoring division of k_beats by group_beats, then the streams
   (``engine_run``): activations one spad element per cycle (``pe_lanes + 1`` cycles per beat), the
-  weight jobs (one per tile, at most ``QUEUE`` outstanding) and the scale job from memory, the
+  weight jobs (one per tile, at most ``QUEUE`` outstanding; with ``weight_lanes`` > 1 on the wide port,
+  a beat's ``ceil(words / weight_lanes)`` transfers in place of its words) and the scale job from memory, the
   engine's issue, pipeline and output bank as ``hw.engine_model`` states them, and the output beats
   written to the spad one row per cycle (``pe_rows + 1`` cycles per beat).
 * special-function units: their own ``cycles`` model (``hw.sfu.registry``).
@@ -101,7 +102,9 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
     p, W, Lat = engine, accel.mem_word_bits, mem.latency
     lay = layouts(p)
     from . import beats as B
-    WB = _words(B.width(lay["weight"]), W)
+    # a weight beat's words (read port 0) or, with weight_lanes > 1, its transfers on the wide port
+    # (hw.memory.wide_transfers: ceil(words / lanes) per beat, one per cycle at most)
+    WB = -(-_words(B.width(lay["weight"]), W) // accel.weight_lanes)
     SB = _words(B.width(lay["scale"]), W)
     R, Ln = p.pe_rows, p.pe_lanes
     mode = Mode(ins.flags & ENGINE_MODE_MASK)

@@ -21,16 +21,18 @@ payload, bit 0 of the payload at bit 0 of the first word, as ``bitstream/axi.py`
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 __all__ = ["ADDR_BITS", "COUNT_BITS", "read_request_layout", "write_request_layout", "MemReadSignature",
-           "MemWriteSignature", "BeatGather", "words_for"]
+           "MemWriteSignature", "BeatGather", "words_for", "BEAT_BITS", "wide_request_layout", "wide_data_layout",
+           "MemWideReadSignature", "wide_transfers", "WideBeatGather"]
 
 ADDR_BITS = 32
 COUNT_BITS = 32
 RESP_BITS = 2
+BEAT_BITS = 16
 
 
 def words_for(bits: int, word_bits: int) -> int:
@@ -64,6 +66,42 @@ class MemWriteSignature(wiring.Signature):
                           "resp": In(stream.Signature(RESP_BITS))})
 
 
+def wide_request_layout() -> data.StructLayout:
+    """A wide read job: ``count`` words from word ``addr``, delivered in transfers that never cross a
+    multiple of ``beat`` words counted from the job's first word (``wide_transfers``)."""
+    return data.StructLayout({"addr": ADDR_BITS, "count": COUNT_BITS, "beat": BEAT_BITS})
+
+
+def wide_data_layout(word_bits: int, lanes: int) -> data.StructLayout:
+    """One transfer of a wide read: ``n`` (1..lanes) words in job order, the first in ``words``' low bits."""
+    return data.StructLayout({"words": word_bits * lanes, "n": range(lanes + 1)})
+
+
+class MemWideReadSignature(wiring.Signature):
+    """A wide read port, from the master's side: ``req`` (out, ``wide_request_layout``), ``data`` (in,
+    ``wide_data_layout``): each accepted job's words in order, up to ``lanes`` per transfer, in the
+    transfers ``wide_transfers`` lists (a transfer ends at a beat boundary or the job's end). Jobs may be
+    issued before earlier data has arrived; the memory throttles with ``req.ready``."""
+
+    def __init__(self, word_bits: int, lanes: int):
+        self.word_bits, self.lanes = word_bits, lanes
+        super().__init__({"req": Out(stream.Signature(wide_request_layout())),
+                          "data": In(stream.Signature(wide_data_layout(word_bits, lanes)))})
+
+
+def wide_transfers(count: int, lanes: int, beat: int) -> list[int]:
+    """The behavioural model of a wide read job's transfers: the words of each, in order. Every
+    transfer takes ``min(lanes, words left in the beat, words left in the job)`` words."""
+    if count < 1 or lanes < 1 or beat < 1:
+        raise ValueError(f"wide read of {count} words, {lanes} lanes, beat {beat}: each must be >= 1")
+    out, j = [], 0
+    while j < count:
+        n = min(lanes, beat - j % beat, count - j)
+        out.append(n)
+        j += n
+    return out
+
+
 class BeatGather(wiring.Component):
     """``words`` (W-bit stream in) -> ``beats`` (``width``-bit stream out), ``ceil(width / W)`` words
     per beat, the first word in the low bits. With one word per beat it is a wire (no added cycle)."""
@@ -89,6 +127,46 @@ class BeatGather(wiring.Component):
             m.d.sync += [buf.eq((buf >> W) | (self.words.payload << (W * (n - 1)))), k.eq(k + 1)]
             with m.If(k == n - 1):
                 m.d.sync += [full.eq(1), k.eq(0)]
+        with m.If(self.beats.valid & self.beats.ready):
+            m.d.sync += full.eq(0)
+        return m
+
+
+class WideBeatGather(wiring.Component):
+    """``words`` (transfers of a ``MemWideReadSignature`` whose job's ``beat`` is this beat's word
+    count) -> ``beats`` (``width``-bit stream out): ``ceil(ceil(width / W) / lanes)`` transfers per beat,
+    transfer t's words at words ``t * lanes ..`` of the beat (every transfer but a beat's last is full,
+    ``wide_transfers``). One beat buffered, as ``BeatGather``: a beat's last transfer makes it valid
+    the next cycle and no transfer is taken while it waits. With one transfer per beat it is a wire."""
+
+    def __init__(self, word_bits: int, lanes: int, width: int):
+        self.word_bits, self.lanes, self.width = word_bits, lanes, width
+        self.n = words_for(width, word_bits)
+        self.transfers = -(-self.n // lanes)
+        super().__init__({"words": In(stream.Signature(wide_data_layout(word_bits, lanes))),
+                          "beats": Out(stream.Signature(width))})
+
+    def elaborate(self, platform):
+        m = Module()
+        W, L, X = self.word_bits, self.lanes, self.transfers
+        src = self.words.payload.words
+        if X == 1:
+            m.d.comb += [self.beats.valid.eq(self.words.valid), self.words.ready.eq(self.beats.ready),
+                         self.beats.payload.eq(src[:self.width])]
+            return m
+        slots = [Signal(W * L, name=f"slot{t}") for t in range(X)]
+        t = Signal(range(X + 1))
+        full = Signal()
+        m.d.comb += [self.beats.valid.eq(full), self.beats.payload.eq(Cat(*slots)[:self.width]),
+                     self.words.ready.eq(~full)]
+        with m.If(self.words.valid & ~full):
+            with m.Switch(t):
+                for i in range(X):
+                    with m.Case(i):
+                        m.d.sync += slots[i].eq(src)
+            m.d.sync += t.eq(t + 1)
+            with m.If(t == X - 1):
+                m.d.sync += [full.eq(1), t.eq(0)]
         with m.If(self.beats.valid & self.beats.ready):
             m.d.sync += full.eq(0)
         return m

@@ -106,6 +106,13 @@ class AccelParams:
     axi_max_burst: int = param(256, "longest AXI4 INCR burst in beats (256: AXI4; 16 for the HBM "
                                "controller's AXI3 ports, PG276)", min=1, max=256)
     axi_outstanding: int = param(8, "AXI bursts in flight per port and direction", min=1, max=64)
+    # the engine's weight stream (hw.controller.EngineStreamer, docs/isa.md "Memory system"): 1 = on read
+    # port 0, one word per cycle; L > 1 = its own wide read port (hw.memory.MemWideReadSignature, up to L
+    # words per cycle in order), on the AXI top one word from each of mem_ports = L ports per cycle
+    # (hw.axi.WideReadStriper: needs mem_stripe_words 1, so consecutive words lie on consecutive ports)
+    weight_lanes: int = param(1, "memory words per cycle the engine's weight stream reads (1: read port 0; "
+                              "L > 1: a wide read port, on the AXI top one word from each of L = mem_ports ports)",
+                              choices=[1, 2, 4, 8, 16, 32])
 
     @property
     def mem_channel_words(self) -> int:
@@ -124,4 +131,13 @@ class AccelParams:
         elif self.mem_channel_bytes < self.mem_stripe_words * self.mem_word_bits // 8:
             out.append(("mem_channel_bytes", f"{self.mem_channel_bytes} is smaller than one stripe "
                         f"(mem_stripe_words x mem_word_bits / 8 = {self.mem_stripe_words * self.mem_word_bits // 8})"))
+        if self.weight_lanes > 1 and self.mem_ports > 1:
+            if self.weight_lanes != self.mem_ports:
+                out.append(("weight_lanes", f"{self.weight_lanes} with mem_ports = {self.mem_ports}: the wide "
+                            f"weight read takes one word from each port per cycle, so set weight_lanes to "
+                            f"mem_ports (or 1)"))
+            if self.mem_stripe_words != 1:
+                out.append(("mem_stripe_words", f"{self.mem_stripe_words} with weight_lanes = {self.weight_lanes}: "
+                            f"the wide weight read needs consecutive words on consecutive ports "
+                            f"(mem_stripe_words 1)"))
         return out

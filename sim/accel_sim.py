@@ -9,7 +9,9 @@ The memory model (the same behaviour in both implementations; docs/isa.md, "Memo
 
 * each read port queues up to ``QUEUE`` jobs; a job accepted in cycle c delivers its first word no
   earlier than c + ``mem_latency``, then one word per cycle at most (``words_per_cycle`` <= 1 thins
-  that out with a credit counter), in job order;
+  that out with a credit counter), in job order; the wide weight port (``mem_rdw``, when
+  ``accel.weight_lanes`` > 1; Amaranth only) the same with one transfer of ``hw.memory.wide_transfers``
+  words in place of each word (its own stall chains ``rdw_req``/``rdw_data``);
 * a write is applied when accepted; its response comes ``mem_latency`` cycles later (in order);
 * every channel endpoint the memory drives stalls by a chain of ``sim.stalls`` (``stall_profile``):
   read port 0's ``req.ready`` by the profile's ``cmd`` chain, its ``data.valid`` by ``weight``, read
@@ -53,7 +55,7 @@ MIN_DEPTH_LOG2 = 16
 WATCHDOG = 5000
 #: memory channel -> the sim.stalls stream whose chain stalls it
 CHANNEL_CHAINS = {"rd0_req": "cmd", "rd0_data": "weight", "rd1_req": "rq", "rd1_data": "scale",
-                  "wr_req": "act", "wr_resp": "out"}
+                  "wr_req": "act", "wr_resp": "out", "rdw_req": "cmd", "rdw_data": "weight"}
 
 
 @dataclass
@@ -214,10 +216,16 @@ def _run_amaranth(engine, accel, words, stall_profile, seed, latency, wpc, watch
     depth = len(mem)
     out: dict = {}
 
+    wide = accel.weight_lanes > 1
+    W = accel.mem_word_bits
+    mask = (1 << W) - 1
+
     async def bench(ctx):
         rports = [dut.mem_rd0, dut.mem_rd1]
         queues = [deque(), deque()]        # (first cycle, addr, count)
         credit = [0.0, 0.0]
+        wq = deque()                       # wide port: [first cycle, addr, count, beat, word of the job]
+        wcredit = 0.0
         wresp = deque()                    # cycle the response may go
         cycle = 0
         idle = 0
@@ -239,6 +247,19 @@ def _run_amaranth(engine, accel, words, stall_profile, seed, latency, wpc, watch
                 if dvalid:
                     ctx.set(port.data.payload, mem[q[0][1]])
                 offers.append((req_ready, dvalid))
+            if wide:
+                wcredit = min(1.0, wcredit + wpc)
+                w_req_ready = (not ch["rdw_req"].step()) and len(wq) < QUEUE
+                w_dstall = ch["rdw_data"].step()
+                w_dvalid = bool(wq) and wq[0][0] <= cycle and not w_dstall and wcredit >= 1.0 - 1e-9
+                ctx.set(dut.mem_rdw.req.ready, w_req_ready)
+                ctx.set(dut.mem_rdw.data.valid, w_dvalid)
+                if w_dvalid:
+                    _, wa, wc, wb, wj = wq[0]
+                    wn = min(accel.weight_lanes, wb - wj % wb, wc - wj)
+                    ctx.set(dut.mem_rdw.data.payload.n, wn)
+                    ctx.set(dut.mem_rdw.data.payload.words,
+                            sum((mem[wa + i] & mask) << (W * i) for i in range(wn)))
             w_ready = not ch["wr_req"].step()
             rstall = ch["wr_resp"].step()
             r_valid = bool(wresp) and wresp[0] <= cycle and not rstall
@@ -265,6 +286,25 @@ def _run_amaranth(engine, accel, words, stall_profile, seed, latency, wpc, watch
                         q.popleft()
                         if q:
                             q[0][0] = max(q[0][0], cycle + 1)
+                    moved = True
+            if wide:
+                if w_req_ready and ctx.get(dut.mem_rdw.req.valid):
+                    addr, count = ctx.get(dut.mem_rdw.req.payload.addr), ctx.get(dut.mem_rdw.req.payload.count)
+                    beat = ctx.get(dut.mem_rdw.req.payload.beat)
+                    if count < 1 or beat < 1 or addr + count > depth:
+                        raise MemoryRangeError(
+                            f"wide read port: job of {count} words (beat {beat}) at word {addr} outside the "
+                            f"memory of {depth} words (pc {ctx.get(dut.pc)}, {_op_name(ctx.get(dut.op))})")
+                    wq.append([cycle + latency, addr, count, beat, 0])
+                    moved = True
+                if w_dvalid and ctx.get(dut.mem_rdw.data.ready):
+                    wcredit -= 1.0
+                    wq[0][1] += wn
+                    wq[0][4] += wn
+                    if wq[0][4] == wq[0][2]:
+                        wq.popleft()
+                        if wq:
+                            wq[0][0] = max(wq[0][0], cycle + 1)
                     moved = True
             if w_ready and ctx.get(dut.mem_wr.req.valid):
                 addr = ctx.get(dut.mem_wr.req.payload.addr)
@@ -729,6 +769,10 @@ def build_cache_dir() -> Path:
 
 def _run_verilog(engine, accel, image, simulator, stall_profile, seed, latency, wpc, run_dir, watchdog, units,
                  max_cycles, accel_factory) -> AccelRun:
+    if accel.weight_lanes > 1:
+        raise ValueError(f"simulator {simulator!r}: the Verilog memory model has no wide weight port "
+                         f"(accel.weight_lanes {accel.weight_lanes}); use simulator='amaranth', or the AXI top "
+                         f"(sim.axi_sim.run_axi_accelerator), or weight_lanes 1")
     W = accel.mem_word_bits
     n_words = image.size // (W // 8)
     # the model's depth is a build parameter: a power of two, at least MIN_DEPTH, so programs of

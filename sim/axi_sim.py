@@ -33,13 +33,20 @@ class AxiProtocolError(AssertionError):
 class AxiSlaveSim:
     def __init__(self, buses: dict[str, dict], word_bits: int, *, seed: int = 0, latency: int = 4,
                  stall: dict[str, float] | None = None, bad: set[int] = frozenset(),
-                 max_burst: int = AXI4_MAX_BURST):
+                 max_burst: int = AXI4_MAX_BURST, bus_stall: dict[str, dict] | None = None):
         self.buses, self.W, self.nb = buses, word_bits, word_bits // 8
         self.rng = np.random.default_rng(seed)
         self.latency, self.bad, self.max_burst = latency, set(bad), max_burst
         # asymmetric by default: each channel its own stall probability
         self.stall = {"ar": 0.3, "r": 0.45, "aw": 0.2, "w": 0.5, "b": 0.35}
         self.stall.update(stall or {})
+        # per bus overrides (asymmetric across ports): a probability, or (enter, stay) for bursty
+        # stalls (a two-state chain: stalled next cycle with probability stay once stalled)
+        self.bus_stall = {n: dict(v) for n, v in (bus_stall or {}).items()}
+        unknown = set(self.bus_stall) - set(buses)
+        if unknown:
+            raise ValueError(f"bus_stall: no bus {', '.join(sorted(unknown))} (buses: {', '.join(buses)})")
+        self._stalled: dict[tuple, bool] = {}
         self.mem: dict[int, int] = {}           # byte address of a word -> word value
         self.ars = {n: [] for n in buses}       # recorded (araddr, beats, arid)
         self.aws = {n: [] for n in buses}
@@ -50,6 +57,16 @@ class AxiSlaveSim:
         self._bq = {n: deque() for n in buses}  # [ready cycle, resp, id]
         self._r_offer = {n: None for n in buses}
         self._b_offer = {n: None for n in buses}
+
+    def _go(self, name: str, kind: str) -> bool:
+        """Whether channel ``kind`` of bus ``name`` is not stalled this cycle."""
+        p = self.bus_stall.get(name, {}).get(kind, self.stall[kind])
+        if isinstance(p, tuple):
+            enter, stay = p
+            st = self.rng.random() < (stay if self._stalled.get((name, kind)) else enter)
+            self._stalled[(name, kind)] = st
+            return not st
+        return self.rng.random() >= p
 
     # ---- memory ----
     def write_words(self, byte_addr: int, words):
@@ -73,12 +90,11 @@ class AxiSlaveSim:
             self._step_write(ctx, cycle, name, b)
 
     def _step_read(self, ctx, cycle, name, b):
-        rng = self.rng
-        arready = rng.random() >= self.stall["ar"]
+        arready = self._go(name, "ar")
         ctx.set(b["arready"], arready)
         q = self._rq[name]
         off = self._r_offer[name]
-        if off is None and q and q[0][0] <= cycle and rng.random() >= self.stall["r"]:
+        if off is None and q and q[0][0] <= cycle and self._go(name, "r"):
             addr = q[0][1]
             resp = RESP_SLVERR if addr in self.bad else RESP_OKAY
             off = (self.read_word(addr), int(q[0][2] == 1), resp, q[0][3])
@@ -106,14 +122,13 @@ class AxiSlaveSim:
                 q.popleft()
 
     def _step_write(self, ctx, cycle, name, b):
-        rng = self.rng
-        awready = rng.random() >= self.stall["aw"]
-        wready = rng.random() >= self.stall["w"]
+        awready = self._go(name, "aw")
+        wready = self._go(name, "w")
         ctx.set(b["awready"], awready)
         ctx.set(b["wready"], wready)
         bq = self._bq[name]
         off = self._b_offer[name]
-        if off is None and bq and bq[0][0] <= cycle and rng.random() >= self.stall["b"]:
+        if off is None and bq and bq[0][0] <= cycle and self._go(name, "b"):
             off = (bq[0][1], bq[0][2])
             self._b_offer[name] = off
         if off is not None:

@@ -715,6 +715,17 @@ AXI_BUGS = {
     "merge_drops_word": ("S3: the merge takes an output's word while the accelerator is not ready (lost)",
                          "stripe", "out.data.ready.eq(mem.data.ready), dfire.eq(out.data.valid & mem.data.ready)",
                          "out.data.ready.eq(1), dfire.eq(out.data.valid & mem.data.ready)"),
+    # WideReadStriper (the engine's wide weight read): caught in simulation by tests/hw/test_axi_wide.py
+    "wide_lanes_out_of_order": ("the lanes rotated by the job's first port, not the transfer's: after a "
+                                "beat's short transfer the words leave out of order across ports", "wide",
+                                "        with m.Switch(h):\n            for r in range(P):",
+                                "        with m.Switch(h0):\n            for r in range(P):"),
+    "wide_port_stall_ignored": ("the last port's empty FIFO taken as a word (its stall ignored)", "wide",
+                                "ok.append(~nd | f.r_rdy)", "ok.append(~nd | f.r_rdy | (p == P - 1))"),
+    "wide_skid_overflows": ("a port's R taken while its FIFO is full (back-pressure ignored: a word dropped)",
+                            "wide", "out.data.ready.eq(f.w_rdy)]", "out.data.ready.eq(1)]"),
+    "wide_port_job_short": ("each port's job one word short (the job's last words never read: a hang)",
+                            "wide", "n_p.eq((c + (P - 1) - d) >> lgP)", "n_p.eq((c + (P - 2) - d) >> lgP)"),
 }
 
 _axi_loaded: dict[str, object] = {}
