@@ -39,7 +39,7 @@ from .engine_model import PIPE_DRAIN
 from .isa import ENGINE_MODE_MASK, FLAG_INDEXED, INSTR_BITS, UNIT_OPS, Instr, Op
 from .params import AccelParams, EngineParams
 
-__all__ = ["MemTiming", "busy_cycles", "engine_run", "scatter_busy", "program_timeline", "Timeline", "timing_key",
+__all__ = ["MemTiming", "busy_cycles", "engine_run", "weight_transfers_per_beat", "scatter_busy", "program_timeline", "Timeline", "timing_key",
            "CycleModelError", "ENGINE_SETUP", "QUEUE"]
 
 #: jobs a read port of the memory model accepts before it throttles (``sim.accel_sim.QUEUE``)
@@ -96,15 +96,22 @@ class _ReadPort:
         return t
 
 
+def weight_transfers_per_beat(engine: EngineParams, accel: AccelParams) -> int:
+    """What the weight port moves per weight beat, one per cycle at most: the beat's words on read port 0,
+    or with ``weight_lanes`` > 1 its transfers on the wide port (``hw.memory.wide_transfers``:
+    ``ceil(words / weight_lanes)``)."""
+    from . import beats as B
+    words = _words(B.width(layouts(engine)["weight"]), accel.mem_word_bits)
+    return -(-words // accel.weight_lanes)
+
+
 def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTiming) -> int:
     """ENGINE's busy cycles: ``ENGINE_SETUP`` plus the RUN state (from the cycle the streams start to
     the one after the last output row is written)."""
     p, W, Lat = engine, accel.mem_word_bits, mem.latency
     lay = layouts(p)
     from . import beats as B
-    # a weight beat's words (read port 0) or, with weight_lanes > 1, its transfers on the wide port
-    # (hw.memory.wide_transfers: ceil(words / lanes) per beat, one per cycle at most)
-    WB = -(-_words(B.width(lay["weight"]), W) // accel.weight_lanes)
+    WB = weight_transfers_per_beat(p, accel)
     SB = _words(B.width(lay["scale"]), W)
     R, Ln = p.pe_rows, p.pe_lanes
     mode = Mode(ins.flags & ENGINE_MODE_MASK)

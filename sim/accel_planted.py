@@ -118,3 +118,62 @@ def factory(name: str):
         return mod.Accelerator(engine, accel, units)
     make.__name__ = f"planted_{name}"
     return make
+
+
+#: planted bugs of the wide weight path (``hw.memory.WideBeatGather``, the streamer's wide job):
+#: name -> (file in hw/, what the bug is, original text, replacement); tests/hw/test_engine_wide.py
+WIDE_BUGS = {
+    "gather_slot_order": ("memory.py", "a beat out of order: the gather's transfers land in reversed slots",
+                          "m.d.sync += slots[i].eq(src)", "m.d.sync += slots[X - 1 - i].eq(src)"),
+    "gather_beat_short": ("memory.py", "a dropped transfer: a beat is complete one transfer early",
+                          "            with m.If(t == X - 1):\n                m.d.sync += [full.eq(1), t.eq(0)]",
+                          "            with m.If(t == X - 2):\n                m.d.sync += [full.eq(1), t.eq(0)]"),
+    "job_beat_off_by_one": ("controller.py", "the wide job's beat one word long: transfers straddle beats",
+                            "self.wrd.req.payload.beat.eq(WB)", "self.wrd.req.payload.beat.eq(WB + 1)"),
+}
+_wide_loaded: dict[str, object] = {}
+
+
+def load_wide(name: str):
+    """A copy of hw/accel.py built on a copy of hw/memory.py or hw/controller.py with wide-path bug
+    ``name`` (``.Accelerator``); the copies import each other."""
+    if name not in WIDE_BUGS:
+        raise ValueError(f"planted wide-path bug {name!r}: choose from {', '.join(WIDE_BUGS)}")
+    if name in _wide_loaded:
+        return _wide_loaded[name]
+    filename, _, old, new = WIDE_BUGS[name]
+    tag = f"wide_{name}"
+    mem_mod = None
+    if filename == "memory.py":
+        mem_mod = patched_copy("memory.py", name, old, new, "sim/accel_planted.py WIDE_BUGS", "accel-wide")[0]
+    ctrl_text = (HW / "controller.py").read_text()
+    if filename == "controller.py":
+        if ctrl_text.count(old) != 1:
+            raise RuntimeError(f"planted bug {name!r}: its text occurs {ctrl_text.count(old)} times in "
+                               f"hw/controller.py (expected once): update sim/accel_planted.py WIDE_BUGS")
+        ctrl_text = ctrl_text.replace(old, new)
+    folder = Path(tempfile.mkdtemp(prefix=f"accel-wide-{name}-"))
+    if mem_mod is not None:
+        ctrl_text = ctrl_text.replace("from .memory import", f"from {mem_mod.__name__} import")
+    ctrl = _load_module(f"_accllm_{tag}_controller", _write(folder / "controller.py", ctrl_text))
+    atext = (HW / "accel.py").read_text().replace("from .controller import", f"from {ctrl.__name__} import")
+    if mem_mod is not None:
+        atext = atext.replace("from .memory import", f"from {mem_mod.__name__} import")
+    mod = _load_module(f"_accllm_{tag}_accel", _write(folder / "accel.py", atext.replace("from .", "from hw.")))
+    _wide_loaded[name] = mod
+    return mod
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text.replace("from .", "from hw."))
+    return path
+
+
+def wide_factory(name: str):
+    """An ``accel_factory`` building the accelerator with wide-path bug ``name``."""
+    mod = load_wide(name)
+
+    def make(engine, accel, units):
+        return mod.Accelerator(engine, accel, units)
+    make.__name__ = f"planted_wide_{name}"
+    return make

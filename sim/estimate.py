@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hw import engine_model
 from hw.compile import accesses
-from hw.controller_model import MemTiming, program_timeline
+from hw.controller_model import MemTiming, program_timeline, weight_transfers_per_beat
 from hw.engine import Mode
 from hw.engine_model import Op
 from hw.isa import ENGINE_MODE_MASK, UNIT_OPS
@@ -380,12 +380,13 @@ def part_timing(c, first: int, count: int, p: EngineParams, accel: AccelParams, 
     ``memory_ops``; every instruction's cycles beyond its busy ones (DECODE, GO, NEXT, the fetch)
     ``controller``. Bytes by part from ``Compiled.instr_bytes``."""
     tl = program_timeline(c.program, p, accel, mem)
+    wtb = weight_transfers_per_beat(p, accel)
     by_op: dict[str, int] = {}
     by_layer: dict[str, int] = {}
     by_kind: dict[str, list] = {}
     cause = dict.fromkeys(CAUSES, 0)
     parts: dict[str, int] = {}
-    read_words = engine_busy = 0
+    read_words = engine_busy = port_moves = 0
     layer0 = []
     for i in range(first, first + count):
         ins = c.program[i]
@@ -394,8 +395,11 @@ def part_timing(c, first: int, count: int, p: EngineParams, accel: AccelParams, 
         busy = tl.busy[i]
         acc = accesses(ins, p, accel)
         if op == IOp.ENGINE:
-            ports = [hi - lo for lo, hi in acc["mem_r"]]
+            # what each read port moves, one per cycle at most: the weight port a beat's words or, wide,
+            # its transfers (one per tile and k-beat); the scale port its words
+            ports = [ins.s * ins.n * wtb] + [hi - lo for lo, hi in acc["mem_r"][1:]]
             stream = min(busy, int(math.ceil(max(ports) / mem.words_per_cycle)))
+            port_moves += max(ports)
             cause["memory_port"] += stream
             cause["engine"] += busy - stream
             engine_busy += busy
@@ -403,6 +407,7 @@ def part_timing(c, first: int, count: int, p: EngineParams, accel: AccelParams, 
             cause["sfu"] += busy
         else:
             cause["memory_ops"] += busy
+            port_moves += sum(hi - lo for lo, hi in acc["mem_r"])
         cause["controller"] += cyc - busy
         read_words += sum(hi - lo for lo, hi in acc["mem_r"])
         by_op[op.name] = by_op.get(op.name, 0) + cyc
@@ -422,6 +427,7 @@ def part_timing(c, first: int, count: int, p: EngineParams, accel: AccelParams, 
             "by_kind": {k: {"op": v[0], "count": v[1], "cycles": v[2]}
                         for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][2])},
             "by_cause": cause, "bytes": sum(parts.values()), "bytes_by_part": parts, "read_words": read_words,
+            "port_moves": port_moves,
             "engine_busy_cycles": engine_busy, "layer0_instructions": layer0}
 
 
@@ -560,7 +566,7 @@ def estimate(p: EngineParams, target: TargetParams, m: ModelShape, fmt: Artifact
             "step_seconds": step_s, "cycles_per_token": dec["cycles"], "instructions": dec["instructions"],
             "position": context - 1, "visible_keys": fmt.visible(context), "spad_words_used": dec["spad_words_used"],
             "hbm_seconds": hbm_s, "port_read_words": dec["read_words"],
-            "port_floor_cycles": int(math.ceil(dec["read_words"] / wpc)),
+            "port_floor_cycles": int(math.ceil(dec["port_moves"] / wpc)),
             "macs_per_token": macs,
             "engine_utilisation": macs / (dec["cycles"] * p.macs_per_cycle),
             "engine_busy": busy,

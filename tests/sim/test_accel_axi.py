@@ -34,6 +34,9 @@ CFG = load_hw("ci-small")
 ENGINE = CFG.engine
 ACCEL = dataclasses.replace(CFG.accelerator, mem_ports=2, mem_stripe_words=4, mem_channel_bytes=1 << 22,
                             axi_max_burst=16, axi_outstanding=4)
+#: the engine's weights on the wide read (hw.axi.WideReadStriper): one word from each of the 2 ports per
+#: cycle; 64-bit words, so a ci-small weight beat (208 bits) is 4 words in 2 transfers
+WIDE = dataclasses.replace(ACCEL, mem_word_bits=64, mem_stripe_words=1, weight_lanes=2)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +46,18 @@ def compiled(tmp_path_factory):
     prompt = prompt_ids(4, seed=3)
     c = compile_generation(spec, ENGINE, ACCEL, prompt, 2)
     tokens, _ = golden_run(spec, prompt, 2)
-    return c, tokens
+    return c, tokens, spec, prompt
 
 
-def test_tiny_decoder_bit_exact_through_the_axi_ports(compiled, tmp_path):
+@pytest.mark.parametrize("wide", [False, True], ids=["striped", "wide weights"])
+def test_tiny_decoder_bit_exact_through_the_axi_ports(compiled, tmp_path, wide):
     from sim.axi_sim import run_axi_accelerator
-    c, golden_tokens = compiled
-    mrun = machine_run(c, ENGINE, ACCEL)
-    r = run_axi_accelerator(ENGINE, ACCEL, c.image, seed=5, run_dir=tmp_path / "run")
+    c, golden_tokens, spec, prompt = compiled
+    accel = WIDE if wide else ACCEL
+    if wide:
+        c = compile_generation(spec, ENGINE, accel, prompt, 2)
+    mrun = machine_run(c, ENGINE, accel)
+    r = run_axi_accelerator(ENGINE, accel, c.image, seed=5, run_dir=tmp_path / "run")
     assert r.error == 0, f"stopped with {r.error_name} at instruction {r.pc} ({c.program[r.pc]!r})"
     assert c.read_tokens(r.mem) == golden_tokens == c.read_tokens(mrun.mem)
     a, b = _without_marks(c, r.mem), _without_marks(c, mrun.mem)
@@ -60,7 +67,7 @@ def test_tiny_decoder_bit_exact_through_the_axi_ports(compiled, tmp_path):
 
 def test_an_slverr_stops_the_machine_with_a_memory_error(compiled, tmp_path):
     from sim.axi_sim import run_axi_accelerator
-    c, _ = compiled
+    c = compiled[0]
     W = ACCEL.mem_word_bits
     iw = INSTR_BITS // W  # words per instruction
     r = run_axi_accelerator(ENGINE, ACCEL, c.image, seed=6, run_dir=tmp_path / "rd", bad_read_words=[3 * iw])

@@ -1,0 +1,90 @@
+"""The engine's weights on the wide read port (AccelParams.weight_lanes > 1: hw.memory.WideBeatGather in
+the EngineStreamer, the accelerator's mem_rdw) in Amaranth simulation behind sim/accel_sim.py's memory
+model: ENGINE programs in every mode are bit-exact against quant.reference under asymmetric and bursty
+stalls, and without stalls the accelerator's cycle counter equals hw.controller_model's timeline exactly
+(at two latencies, one and two transfers per beat, and at half a transfer per cycle). Each planted bug of
+sim/accel_planted.WIDE_BUGS fails a program the clean RTL passes. The AXI side (WideReadStriper) is in
+tests/hw/test_axi_wide.py."""
+
+import dataclasses
+
+import pytest
+
+from hw import controller_model as CM
+from hw.params import AccelParams, EngineParams
+from sim import accel_planted
+from sim.accel_programs import check_memory, engine_program
+from sim.accel_sim import AccelHang, MemoryRangeError, run_accelerator
+
+P = EngineParams()  # ci-small: a weight beat is 208 bits = 4 words of 64
+A64 = AccelParams(mem_word_bits=64, spad_words=2048)
+WIDE2 = dataclasses.replace(A64, weight_lanes=2)  # 2 transfers per beat
+WIDE4 = dataclasses.replace(A64, weight_lanes=4)  # 1 transfer per beat: the gather is a wire
+CASES = {
+    "dense_mm": ("dense", dict(tokens=2, k_beats=3, n=6, group_beats=1, gap=3)),
+    "sparse_mv": ("sparse", dict(tokens=1, k_beats=2, n=8, group_beats=1, h=7, gap=2)),
+    "pv": ("pv", dict(tokens=2, k_beats=3, n=6, h=5, gap=1, i0=9)),
+    "qk": ("qk", dict(tokens=2, k_beats=2, n=7, g=2, b=13)),
+}
+
+
+def run(accel, img, **kw):
+    kw.setdefault("stall_profile", "asymmetric")
+    kw.setdefault("mem_latency", 7)
+    return run_accelerator(P, accel, img, simulator="amaranth", **kw)
+
+
+@pytest.mark.parametrize("accel", [WIDE2, WIDE4], ids=["2 lanes", "4 lanes"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_wide_weights_bit_exact_under_stalls(case, accel):
+    mode, kw = CASES[case]
+    img, checks, _ = engine_program(P, accel, mode, seed=len(case), count=2, **kw)
+    r = run(accel, img, stall_profile="bursty" if accel is WIDE2 else "asymmetric")
+    assert r.error == 0, r.error_name
+    bad = check_memory(r.mem, accel, checks)
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("accel,latency,wpc", [(WIDE2, 3, 1.0), (WIDE2, 9, 1.0), (WIDE4, 9, 1.0), (WIDE2, 5, 0.5),
+                                               (A64, 9, 1.0)],
+                         ids=["2 lanes L3", "2 lanes L9", "4 lanes L9", "2 lanes half rate", "narrow L9"])
+def test_wide_weights_cycles_equal_the_model(accel, latency, wpc):
+    for case, (mode, kw) in CASES.items():
+        img, checks, info = engine_program(P, accel, mode, seed=len(case), count=2, **kw)
+        r = run(accel, img, stall_profile="none", mem_latency=latency, words_per_cycle=wpc)
+        assert r.error == 0 and not check_memory(r.mem, accel, checks)
+        tl = CM.program_timeline(info["program"], P, accel, CM.MemTiming(latency, wpc))
+        if wpc == 1.0:
+            assert r.cycles == tl.total, f"{case}: RTL {r.cycles} cycles, model {tl.total}"
+        else:
+            # below one word per cycle the model is not exact, on read port 0 either (docs/estimate.md
+            # §3a): dense_mm here 537 RTL / 527 model cycles wide, 577 / 547 narrow; issue 14's 5 %
+            assert abs(r.cycles - tl.total) <= 0.05 * r.cycles, f"{case}: RTL {r.cycles} cycles, model {tl.total}"
+
+
+def test_wide_weights_are_faster():
+    """The same 2-tile dense program: fewer cycles with 2 and 4 lanes than on read port 0."""
+    cyc = {}
+    for accel in (A64, WIDE2, WIDE4):
+        img, _, info = engine_program(P, accel, "dense", seed=3, tokens=1, k_beats=8, n=8)
+        cyc[accel.weight_lanes] = CM.program_timeline(info["program"], P, accel, CM.MemTiming(9)).total
+    assert cyc[1] > cyc[2] > cyc[4], cyc
+
+
+def test_the_verilog_memory_model_refuses_a_wide_port():
+    img, _, _ = engine_program(P, WIDE2, "dense", seed=1)
+    with pytest.raises(ValueError, match="no wide weight port"):
+        run_accelerator(P, WIDE2, img, simulator="verilator")
+
+
+@pytest.mark.parametrize("bug", list(accel_planted.WIDE_BUGS))
+def test_planted_wide_bugs_are_caught(bug):
+    mode, kw = CASES["dense_mm"]
+    img, checks, _ = engine_program(P, WIDE2, mode, seed=5, count=2, **kw)
+    clean = run(WIDE2, img)
+    assert clean.error == 0 and not check_memory(clean.mem, WIDE2, checks)
+    try:
+        r = run(WIDE2, img, accel_factory=accel_planted.wide_factory(bug), watchdog_cycles=400)
+    except (AccelHang, MemoryRangeError):
+        return
+    assert r.error != 0 or check_memory(r.mem, WIDE2, checks), f"planted bug {bug} not caught"
