@@ -112,11 +112,13 @@ def load(name: str):
 
 def factory(name: str):
     """An ``accel_factory`` for ``sim.accel_sim.run_accelerator`` building the planted accelerator."""
-    mod = load(name)
+    return _factory(load(name), f"planted_{name}")
 
+
+def _factory(mod, label: str):
     def make(engine, accel, units):
         return mod.Accelerator(engine, accel, units)
-    make.__name__ = f"planted_{name}"
+    make.__name__ = label
     return make
 
 
@@ -171,9 +173,4 @@ def _write(path: Path, text: str) -> Path:
 
 def wide_factory(name: str):
     """An ``accel_factory`` building the accelerator with wide-path bug ``name``."""
-    mod = load_wide(name)
-
-    def make(engine, accel, units):
-        return mod.Accelerator(engine, accel, units)
-    make.__name__ = f"planted_wide_{name}"
-    return make
+    return _factory(load_wide(name), f"planted_wide_{name}")

@@ -134,7 +134,9 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
     figs.append(("Roofline with the design point", _png(fig), cmd,
                  "Decode does about one MAC per weight and reads each weight once per token: far left of the "
                  "ridge point. The design points lie far below the HBM roof: the compiled program streams its "
-                 "bytes through one controller read port (one HBM AXI port's 14.4 GB/s, not 460)."))
+                 f"weights through {main['accelerator']['weight_lanes']} HBM AXI port(s) at once and everything else through one "
+                 "(14.4 GB/s each, not 460), and its special functions and memory instructions run one at a "
+                 "time beside the engine's streams."))
 
     # 2. tokens/s and tokens/J against context, with and without Λ
     ctxs = [128, 512, 2048, 4096, 16384]  # each a compiled decode step (about 10 s each for a 7B)
@@ -241,7 +243,8 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
     binds = (f"Decode is bound by <b>{main['bound_by']}</b>. Of the step's {tot:,} cycles "
              f"({1e3 * dec['step_seconds']:.1f} ms at {target.clock_mhz:.0f} MHz), "
              f"{c['memory_port'] / tot:.0%} are ENGINE streams waiting on their read port's words "
-             f"({main['memory']['port_gbps']:.1f} GB/s per port: one 512-bit word per cycle at most), "
+             f"({main['memory']['port_gbps']:.1f} GB/s per port, one word per cycle at most; the weights on "
+             f"{main['accelerator']['weight_lanes']} port(s) at once), "
              f"{c['sfu'] / tot:.0%} the special-function units, {c['memory_ops'] / tot:.0%} LOAD/STORE/SCATTER/MARK, "
              f"{c['engine'] / tot:.0%} the engine's own setup, activation loads and drain and {c['controller'] / tot:.0%} "
              f"the controller's per-instruction overhead. The program moves {main['hbm_bytes_per_token'] / 1e9:.3f} GB "

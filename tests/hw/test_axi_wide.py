@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from amaranth.sim import Simulator
 
 import hw.axi as axi_mod
 from hw.axi import read_bursts, stripe_chunks, stripe_map, wide_port_jobs
@@ -20,7 +19,7 @@ from hw.memory import wide_transfers
 from hw.params import AccelParams
 from sim.axi_sim import AxiSlaveSim
 
-from test_axi import ReadMaster
+from test_axi import ReadMaster, run
 
 WIDE = AccelParams(mem_word_bits=64, spad_words=256, mem_ports=4, mem_stripe_words=1, mem_channel_bytes=1 << 14,
                    axi_max_burst=16, axi_outstanding=2, weight_lanes=4)
@@ -29,24 +28,18 @@ BUS_STALL = {"mem0": {"r": 0.05, "ar": 0.0}, "mem1": {"r": (0.2, 0.9)}, "mem2": 
              "aux": {"r": (0.1, 0.6)}}
 
 
-class WideMaster:
+class WideMaster(ReadMaster):
     """Drives a wide read port: jobs (addr, count, beat) one after another, data taken with a random
     ready; ``transfers`` collects (n, words) as they arrive."""
 
     def __init__(self, port, jobs, rng, lanes, W, p_ready=0.8):
-        self.port, self.jobs, self.rng, self.p, self.lanes, self.W = port, list(jobs), rng, p_ready, lanes, W
-        self.i, self.transfers, self.owed = 0, [], 0
+        super().__init__(port, [(a, n) for a, n, _ in jobs], rng, p_ready)
+        self.beats, self.lanes, self.W, self.transfers = [b for _, _, b in jobs], lanes, W, []
 
     def drive(self, ctx):
+        super().drive(ctx)
         if self.i < len(self.jobs):
-            a, n, b = self.jobs[self.i]
-            ctx.set(self.port.req.valid, 1)
-            ctx.set(self.port.req.payload.addr, a)
-            ctx.set(self.port.req.payload.count, n)
-            ctx.set(self.port.req.payload.beat, b)
-        else:
-            ctx.set(self.port.req.valid, 0)
-        ctx.set(self.port.data.ready, int(self.rng.random() < self.p))
+            ctx.set(self.port.req.payload.beat, self.beats[self.i])
 
     def sample(self, ctx):
         if ctx.get(self.port.req.valid) and ctx.get(self.port.req.ready):
@@ -56,33 +49,8 @@ class WideMaster:
             n = ctx.get(self.port.data.payload.n)
             assert 1 <= n <= min(self.owed, self.lanes), f"a transfer of {n} words with {self.owed} owed"
             self.owed -= n
-            w = ctx.get(self.port.data.payload.words)
-            m = (1 << self.W) - 1
+            w, m = ctx.get(self.port.data.payload.words), (1 << self.W) - 1
             self.transfers.append((n, [(w >> (self.W * i)) & m for i in range(n)]))
-
-    def done(self):
-        return self.i == len(self.jobs) and self.owed == 0
-
-
-def _run(dut, slave, masters, max_cycles=30000):
-    async def bench(ctx):
-        for cycle in range(max_cycles):
-            for mm in masters:
-                mm.drive(ctx)
-            slave.step(ctx, cycle)
-            for mm in masters:
-                mm.sample(ctx)
-            if all(mm.done() for mm in masters) and slave.idle():
-                return
-            await ctx.tick()
-        raise AssertionError(f"not done after {max_cycles} cycles (a hang): "
-                             + ", ".join(f"{type(mm).__name__} {mm.i}/{len(mm.jobs)} jobs, {mm.owed} words owed"
-                                         for mm in masters))
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
 
 
 def test_wide_models():
@@ -128,7 +96,7 @@ def test_wide_read_streams_in_order_from_every_port_with_per_port_stalls(mod=axi
     rd1 = [(int(rng.integers(0, 1000)), int(rng.integers(1, 12))) for _ in range(4)]
     mw = WideMaster(dut.rdw, wide, rng, N, W)
     m0, m1 = ReadMaster(dut.rd0, rd0, rng), ReadMaster(dut.rd1, rd1, rng)
-    _run(dut, slave, [mw, m0, m1])
+    run(dut, slave, [mw, m0, m1], max_cycles=30000)
     want_n = [n for a, c, b in wide for n in wide_transfers(c, N, b)]
     got_n = [n for n, _ in mw.transfers]
     assert got_n == want_n, "the transfers differ from hw.memory.wide_transfers"

@@ -95,14 +95,18 @@ def test_estimate_refuses_what_it_cannot_compile(art):
 
 def test_llama2_7b_on_u280_compiles_and_names_what_binds():
     """The target point's decode step, shape only (no weights): 17,879 instructions, the step's cycles
-    from the timeline; the one-word-per-cycle read port binds, not the HBM."""
+    from the timeline; with the weights on 16 ports at once (configs/hw/u280.yaml weight_lanes) the
+    special-function units bind, not the HBM; on one read port (weight_lanes 1) that port binds."""
     cfg = load_hw("u280")
     m = E.load_model("llama2-7b")
     fmt = E.ArtifactFormat.from_recipe(load_recipe("w2a8kv4-sparse24"))
     r = E.estimate(cfg.engine, cfg.target, m, fmt, 2048, accel=cfg.accelerator, hw_name="u280", prefill=False)
     dec = r["decode"]
     assert dec["visible_keys"] == 512 and dec["spad_words_used"] <= cfg.accelerator.spad_words
-    assert r["bound_by"] == "memory_port" == max(dec["cycles_by_cause"], key=dec["cycles_by_cause"].get)
+    assert r["bound_by"] == "sfu" == max(dec["cycles_by_cause"], key=dec["cycles_by_cause"].get)
+    one = dataclasses.replace(cfg.accelerator, mem_ports=1, mem_stripe_words=16, weight_lanes=1)
+    r1 = E.estimate(cfg.engine, cfg.target, m, fmt, 2048, accel=one, hw_name="u280", prefill=False)
+    assert r1["bound_by"] == "memory_port" and r1["decode"]["cycles_per_token"] > 2 * dec["cycles_per_token"]
     assert r["hbm"]["seconds_per_token"] < dec["step_seconds"]
     assert dec["port_floor_cycles"] <= dec["cycles_per_token"]
     assert set(dec["cycles_by_layer"]) == {f"layer {i}" for i in range(32)} | {"embed", "head", "marks"}
