@@ -120,11 +120,13 @@ def test_wide_read_streams_in_order_from_every_port_with_per_port_stalls(mod=axi
     assert all(max(bl for _, bl, _ in slave.ars[f"mem{p}"]) > 4 for p in range(N))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug, caught", [
     ("wide_lanes_out_of_order", "wide words differ"),
     ("wide_port_stall_ignored", ""),
     ("wide_skid_overflows", ""),
-    ("wide_port_job_short", "a hang"),
+    # waits out the bench's 30,000-cycle hang budget: heavy
+    pytest.param("wide_port_job_short", "a hang", marks=pytest.mark.heavy),
 ])
 def test_planted_wide_read_bugs_fail(bug, caught):
     from sim.formal_accel import load_axi

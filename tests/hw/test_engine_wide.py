@@ -34,8 +34,13 @@ def run(accel, img, **kw):
     return run_accelerator(P, accel, img, simulator="amaranth", **kw)
 
 
-@pytest.mark.parametrize("accel", [WIDE2, WIDE4], ids=["2 lanes", "4 lanes"])
-@pytest.mark.parametrize("case", list(CASES))
+# the full mode x lanes matrix is heavy (make test-heavy); by default each lane count meets two modes
+_HEAVY = {("qk", "2 lanes"), ("pv", "2 lanes"), ("dense_mm", "4 lanes"), ("sparse_mv", "4 lanes")}
+
+
+@pytest.mark.parametrize("case,accel", [
+    pytest.param(c, a, id=f"{c}-{i}", marks=[pytest.mark.heavy] if (c, i) in _HEAVY else [])
+    for a, i in ((WIDE2, "2 lanes"), (WIDE4, "4 lanes")) for c in CASES])
 def test_wide_weights_bit_exact_under_stalls(case, accel):
     mode, kw = CASES[case]
     img, checks, _ = engine_program(P, accel, mode, seed=len(case), count=2, **kw)
@@ -45,9 +50,10 @@ def test_wide_weights_bit_exact_under_stalls(case, accel):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("accel,latency,wpc", [(WIDE2, 3, 1.0), (WIDE2, 9, 1.0), (WIDE4, 9, 1.0), (WIDE2, 5, 0.5),
-                                               (A64, 9, 1.0)],
-                         ids=["2 lanes L3", "2 lanes L9", "4 lanes L9", "2 lanes half rate", "narrow L9"])
+@pytest.mark.parametrize("accel,latency,wpc", [
+    pytest.param(WIDE2, 3, 1.0, id="2 lanes L3", marks=pytest.mark.heavy), pytest.param(WIDE2, 9, 1.0, id="2 lanes L9"),
+    pytest.param(WIDE4, 9, 1.0, id="4 lanes L9"), pytest.param(WIDE2, 5, 0.5, id="2 lanes half rate", marks=pytest.mark.heavy),
+    pytest.param(A64, 9, 1.0, id="narrow L9", marks=pytest.mark.heavy)])
 def test_wide_weights_cycles_equal_the_model(accel, latency, wpc):
     for case, (mode, kw) in CASES.items():
         img, checks, info = engine_program(P, accel, mode, seed=len(case), count=2, **kw)
@@ -77,6 +83,7 @@ def test_the_verilog_memory_model_refuses_a_wide_port():
         run_accelerator(P, WIDE2, img, simulator="verilator")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", list(accel_planted.WIDE_BUGS))
 def test_planted_wide_bugs_are_caught(bug):
     mode, kw = CASES["dense_mm"]
