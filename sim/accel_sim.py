@@ -10,7 +10,7 @@ The memory model (the same behaviour in both implementations; docs/isa.md, "Memo
 * each read port queues up to ``QUEUE`` jobs; a job accepted in cycle c delivers its first word no
   earlier than c + ``mem_latency``, then one word per cycle at most (``words_per_cycle`` <= 1 thins
   that out with a credit counter), in job order; the wide weight port (``mem_rdw``, when
-  ``accel.weight_lanes`` > 1; Amaranth only) the same with one transfer of ``hw.memory.wide_transfers``
+  ``accel.weight_lanes`` > 1) the same with one transfer of ``hw.memory.wide_transfers``
   words in place of each word (its own stall chains ``rdw_req``/``rdw_data``);
 * a write is applied when accepted; its response comes ``mem_latency`` cycles later (in order);
 * every channel endpoint the memory drives stalls by a chain of ``sim.stalls`` (``stall_profile``):
@@ -545,6 +545,70 @@ RD_PORT = r"""
   end
 """
 
+RDW_PORT = r"""
+  // ---------------- wide weight port (accel.weight_lanes = L words per transfer) ----------------
+  localparam L = {lanes};
+  reg [63:0] qw_time [0:QD-1];
+  reg [31:0] qw_addr [0:QD-1];
+  reg [31:0] qw_cnt [0:QD-1];
+  reg [15:0] qw_beat [0:QD-1];
+  reg [15:0] qw_k [0:QD-1];
+  reg [2:0] qw_head, qw_tail, qw_n;
+  reg [17:0] crw;
+  integer jw;
+  wire rqw_fire = rdw_req_valid & rdw_req_ready;
+  wire rdw_fire = rdw_data_valid & rdw_data_ready;
+  wire [31:0] rqw_addr = rdw_req_payload[31:0];
+  wire [31:0] rqw_cnt = rdw_req_payload[63:32];
+  wire [15:0] rqw_beat = rdw_req_payload[79:64];
+  wire [1:0] hw_i = qw_head[1:0];
+  wire [31:0] hw_addr = qw_addr[hw_i];
+  wire [31:0] hw_cnt = qw_cnt[hw_i];
+  wire [31:0] hw_left_b = {16'd0, qw_beat[hw_i] - qw_k[hw_i]};
+  wire [31:0] hw_m = hw_left_b < hw_cnt ? hw_left_b : hw_cnt;
+  wire [31:0] hw_n = hw_m < L ? hw_m : L;
+  reg [L*W-1:0] hw_words;
+  always @* begin
+    for (jw = 0; jw < L; jw = jw + 1)
+      hw_words[jw * W +: W] = (jw < hw_n && hw_addr + jw < DEPTH) ? mem[hw_addr + jw] : {W{1'b0}};
+  end
+  assign rdw_req_ready = !st_rdw_req && (qw_n < QD) && !rst;
+  assign rdw_data_valid = (qw_n != 0) && (qw_time[hw_i] <= cyc) && !st_rdw_data && (crw >= 18'd65536) && !rst;
+  assign rdw_data_payload = {hw_n[{nbits}-1:0], hw_words};
+  always @(posedge clk) begin
+    if (rst) begin
+      qw_head <= 0; qw_tail <= 0; qw_n <= 0; crw <= 0;
+    end else begin
+      crw <= (crw - (rdw_fire ? 18'd65536 : 18'd0) + wpc[17:0] > 18'd65536) ? 18'd65536
+             : crw - (rdw_fire ? 18'd65536 : 18'd0) + wpc[17:0];
+      if (rqw_fire) begin
+        if (rqw_cnt == 0 || rqw_beat == 0 || {32'd0, rqw_addr} + rqw_cnt > nwords) begin
+          fh = $fopen(f_status, "w");
+          $fwrite(fh, "range read w %0d %0d %0d %0d %0d\n", rqw_addr, rqw_cnt, pc, op, nwords);
+          $fclose(fh);
+          $finish;
+        end
+        qw_time[qw_tail[1:0]] <= cyc + latency;
+        qw_addr[qw_tail[1:0]] <= rqw_addr;
+        qw_cnt[qw_tail[1:0]] <= rqw_cnt;
+        qw_beat[qw_tail[1:0]] <= rqw_beat;
+        qw_k[qw_tail[1:0]] <= 0;
+        qw_tail <= qw_tail + 1;
+      end
+      if (rdw_fire) begin
+        if (hw_cnt == hw_n) begin
+          qw_head <= qw_head + 1;
+        end else begin
+          qw_addr[hw_i] <= hw_addr + hw_n;
+          qw_cnt[hw_i] <= hw_cnt - hw_n;
+          qw_k[hw_i] <= (hw_n == hw_left_b) ? 16'd0 : qw_k[hw_i] + hw_n[15:0];
+        end
+      end
+      qw_n <= qw_n + (rqw_fire ? 1 : 0) - ((rdw_fire && hw_cnt == hw_n) ? 1 : 0);
+    end
+  end
+"""
+
 WR_PORT = r"""
   // ---------------- write port ----------------
   reg [63:0] b_time [0:RD-1];
@@ -626,6 +690,7 @@ int main(int argc, char** argv) {
 """
 
 CHANNELS = ("rd0_req", "rd0_data", "rd1_req", "rd1_data", "wr_req", "wr_resp")
+WIDE_CHANNELS = ("rdw_req", "rdw_data")  # only in a harness for accel.weight_lanes > 1
 
 
 def harness_verilog(accel: AccelParams, depth: int) -> str:
@@ -650,8 +715,20 @@ def harness_verilog(accel: AccelParams, depth: int) -> str:
                  ".mem_wr__req__payload(wr_req_payload),\n"
                  "            .mem_wr__resp__valid(wr_resp_valid), .mem_wr__resp__ready(wr_resp_ready), "
                  ".mem_wr__resp__payload(wr_resp_payload)")
+    wide = accel.weight_lanes > 1
+    channels = CHANNELS + (WIDE_CHANNELS if wide else ())
+    if wide:
+        from hw.memory import wide_data_layout, wide_request_layout
+        wq_w = data.Layout.cast(wide_request_layout()).size
+        wd_w = data.Layout.cast(wide_data_layout(W, accel.weight_lanes)).size
+        decls.append(f"  wire rdw_req_valid, rdw_req_ready, rdw_data_valid, rdw_data_ready;\n"
+                     f"  wire [{wq_w - 1}:0] rdw_req_payload;\n  wire [{wd_w - 1}:0] rdw_data_payload;")
+        conns.append("            .mem_rdw__req__valid(rdw_req_valid), .mem_rdw__req__ready(rdw_req_ready), "
+                     ".mem_rdw__req__payload(rdw_req_payload),\n"
+                     "            .mem_rdw__data__valid(rdw_data_valid), .mem_rdw__data__ready(rdw_data_ready), "
+                     ".mem_rdw__data__payload(rdw_data_payload)")
     args, logic = [], []
-    for ci, c in enumerate(CHANNELS):
+    for ci, c in enumerate(channels):
         args.append(f'    if (!$value$plusargs("st_{c}_enter=%d", en_{c})) en_{c} = 0;\n'
                     f'    if (!$value$plusargs("st_{c}_stay=%d", sy_{c})) sy_{c} = 0;')
         decls.append(CHAIN_DECL.replace("{c}", c))
@@ -660,6 +737,12 @@ def harness_verilog(accel: AccelParams, depth: int) -> str:
     fires = " || rq0_fire || rd0_fire || rq1_fire || rd1_fire || wr_fire || b_fire"
     hang = [f'      $fwrite(fh, "rd{p} %0d %0d %0d %0d %0d\\n", rd{p}_req_valid, rd{p}_req_ready, '
             f'rd{p}_data_valid, rd{p}_data_ready, q{p}_n);' for p in (0, 1)]
+    if wide:
+        logic.append(RDW_PORT.replace("{lanes}", str(accel.weight_lanes))
+                     .replace("{nbits}", str(wd_w - W * accel.weight_lanes)))
+        fires += " || rqw_fire || rdw_fire"
+        hang.append('      $fwrite(fh, "rdw %0d %0d %0d %0d %0d\\n", rdw_req_valid, rdw_req_ready, '
+                    'rdw_data_valid, rdw_data_ready, qw_n);')
     hang.append('      $fwrite(fh, "wr %0d %0d %0d %0d\\n", wr_req_valid, wr_req_ready, wr_resp_valid, b_n);')
     text = MEM_MODEL
     for key, val in {"{W}": str(W), "{depth}": str(depth), "{queue}": str(QUEUE),
@@ -769,10 +852,6 @@ def build_cache_dir() -> Path:
 
 def _run_verilog(engine, accel, image, simulator, stall_profile, seed, latency, wpc, run_dir, watchdog, units,
                  max_cycles, accel_factory) -> AccelRun:
-    if accel.weight_lanes > 1:
-        raise ValueError(f"simulator {simulator!r}: the Verilog memory model has no wide weight port "
-                         f"(accel.weight_lanes {accel.weight_lanes}); use simulator='amaranth', or the AXI top "
-                         f"(sim.axi_sim.run_axi_accelerator), or weight_lanes 1")
     W = accel.mem_word_bits
     n_words = image.size // (W // 8)
     # the model's depth is a build parameter: a power of two, at least MIN_DEPTH, so programs of
@@ -793,7 +872,7 @@ def _run_verilog(engine, accel, image, simulator, stall_profile, seed, latency, 
     plus = [f"+image={rdir / 'image.hex'}", f"+out={rdir / 'out.hex'}", f"+status={rdir / 'status.txt'}",
             f"+latency={latency}", f"+wpc={int(round(wpc * 65536))}", f"+watchdog={watchdog}",
             f"+budget={max_cycles}", f"+words={n_words}", f"+seed={(seed * 2654435761 + 12345) & 0x7FFFFFFF}"]
-    for c in CHANNELS:
+    for c in CHANNELS + (WIDE_CHANNELS if accel.weight_lanes > 1 else ()):
         ch = chains[CHANNEL_CHAINS[c]]
         plus += [f"+st_{c}_enter={threshold(ch.enter)}", f"+st_{c}_stay={threshold(ch.stay)}"]
     cmd = [str(binary)] + plus if simulator == "verilator" else ["vvp", "-n", str(binary)] + plus
@@ -812,8 +891,8 @@ def _run_verilog(engine, accel, image, simulator, stall_profile, seed, latency, 
     head = lines[0].split()
     if head[0] == "range":
         kind, port, addr, count, pc, op, dep = head[1], head[2], *map(int, head[3:])
-        where = f"read port {port}: job of {count} words at word {addr}" if kind == "read" else \
-            f"write port: word {addr}"
+        where = (f"{'wide read port' if port == 'w' else f'read port {port}'}: job of {count} words at word "
+                 f"{addr}") if kind == "read" else f"write port: word {addr}"
         raise MemoryRangeError(f"{where} outside the memory of {dep} words (pc {pc}, {_op_name(op)})")
     if head[0] == "hang":
         cyc, by_watchdog, pc, op, state, limit = map(int, head[1:7])

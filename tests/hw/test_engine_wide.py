@@ -1,7 +1,8 @@
 """The engine's weights on the wide read port (AccelParams.weight_lanes > 1: hw.memory.WideBeatGather in
 the EngineStreamer, the accelerator's mem_rdw) in Amaranth simulation behind sim/accel_sim.py's memory
 model: ENGINE programs in every mode are bit-exact against quant.reference under asymmetric and bursty
-stalls, and without stalls the accelerator's cycle counter equals hw.controller_model's timeline exactly
+stalls (Amaranth, and under Verilator behind the Verilog memory model), and without stalls the
+accelerator's cycle counter equals hw.controller_model's timeline exactly
 (at two latencies, one and two transfers per beat, and at half a transfer per cycle). Each planted bug of
 sim/accel_planted.WIDE_BUGS fails a program the clean RTL passes. The AXI side (WideReadStriper) is in
 tests/hw/test_axi_wide.py."""
@@ -77,10 +78,19 @@ def test_wide_weights_are_faster():
     assert cyc[1] > cyc[2] > cyc[4], cyc
 
 
-def test_the_verilog_memory_model_refuses_a_wide_port():
-    img, _, _ = engine_program(P, WIDE2, "dense", seed=1)
-    with pytest.raises(ValueError, match="no wide weight port"):
-        run_accelerator(P, WIDE2, img, simulator="verilator")
+@pytest.mark.slow  # one Verilator build of the accelerator without units (about a minute)
+def test_the_verilog_memory_model_serves_the_wide_port():
+    """sim/accel_sim.py's Verilog memory model (RDW_PORT) behind the accelerator's Verilog: bit-exact
+    under bursty stalls, and without stalls the cycle counter equals the model's and the Amaranth run's."""
+    for mode, kw in (CASES["dense_mm"], CASES["pv"]):
+        img, checks, info = engine_program(P, WIDE2, mode, seed=7, count=2, **kw)
+        r = run_accelerator(P, WIDE2, img, simulator="verilator", stall_profile="bursty", mem_latency=7, units=())
+        assert r.error == 0, r.error_name
+        assert not check_memory(r.mem, WIDE2, checks)
+        r = run_accelerator(P, WIDE2, img, simulator="verilator", stall_profile="none", mem_latency=9, units=())
+        tl = CM.program_timeline(info["program"], P, WIDE2, CM.MemTiming(9))
+        am = run(WIDE2, img, stall_profile="none", mem_latency=9, units=())
+        assert r.cycles == tl.total == am.cycles, (mode, r.cycles, tl.total, am.cycles)
 
 
 @pytest.mark.slow
