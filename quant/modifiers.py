@@ -44,13 +44,13 @@ import fnmatch
 
 import torch
 
-from . import algorithms, reference
+from . import algorithms, reference, rotation
 from .artifact import pack_embedding
 from .errors import QuantError
 from .model import ATTN, MLP_NAMES, FloatLinear, linear_name, rms_norm
 from .reconstruct import reconstruct_layer
 from .recipe import (AttentionWindow, Prune, QuantizeActivations, QuantizeEmbedding, QuantizeKV, QuantizeWeights,
-                     Reconstruct)
+                     Reconstruct, Rotate)
 
 #: q/k/v and gate/up read the same input: one Hessian each, kept under the first projection's name
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
@@ -164,6 +164,25 @@ class Modifier:
 
     def finalize(self, run):
         pass
+
+
+class RotateModifier(Modifier):
+    """The residual-stream rotation (and optionally V/O per head) folded into the float weights
+    (``quant/rotation.py``): at ``start``, listed first, it replaces the run's weight store with the rotated
+    model's, so that every later read (the embedding, each layer, the final norm, the lm_head) sees rotated
+    weights. The rotated model has its own lm_head (untied)."""
+
+    config = Rotate
+
+    def check(self, model_cfg, where):
+        probs = rotation.check(model_cfg, self.cfg.kind, self.cfg.vo)
+        if probs:
+            raise QuantError(f"recipe {self.recipe.name!r}: rotate cannot run on {where}: " + "; ".join(probs))
+
+    def start(self, run):
+        run.store = rotation.rotated_store(run.store, run.cfg, self.cfg.kind, self.cfg.seed, self.cfg.vo)
+        run.embed_f = run.embed_in = run.store.get(rotation.EMBED_W)
+        run.cfg.tie_word_embeddings = False  # E·Q and E·diag(γ)·Q: the head is its own tensor now
 
 
 class PruneModifier(Modifier):
@@ -363,7 +382,7 @@ class ReconstructModifier(Modifier):
 
 
 #: configuration class -> the modifier that does its work
-MODIFIER_CLASSES = {c.config: c for c in (PruneModifier, QuantizeWeightsModifier, QuantizeEmbeddingModifier,
+MODIFIER_CLASSES = {c.config: c for c in (RotateModifier, PruneModifier, QuantizeWeightsModifier, QuantizeEmbeddingModifier,
                                          QuantizeActivationsModifier, QuantizeKVModifier, AttentionWindowModifier,
                                          ReconstructModifier)}
 

@@ -41,6 +41,21 @@ class ModelConfig:
 
 
 @dataclass
+class Rotate:
+    """A rotation of the residual stream folded into the float weights before anything else reads them
+    (QuaRot / SpinQuant R1; ``quant/rotation.py``): the norms' weights are folded into the linears after
+    them, the embedding, every linear and the lm_head are rotated, the model computes the same function and
+    the hardware sees ordinary weights. With ``vo``, V and O are also rotated per head (R2)."""
+    kind: str = param("hadamard", "hadamard: a random Hadamard matrix (signs drawn from the seed); orthogonal: "
+                                  "a random orthogonal matrix", choices=["hadamard", "orthogonal"])
+    seed: int = param(0, "seed of the random signs / matrix (the V/O rotation uses seed + 1)", min=0)
+    vo: bool = param(False, "also rotate each value head (v_proj's rows) and undo it in o_proj's columns")
+
+    def must_follow(self) -> dict[str, str]:
+        return {}
+
+
+@dataclass
 class Prune:
     method: str = param("sparsegpt", "how to choose the pruned weights", choices=["sparsegpt", "wanda"])
     n: int = param(2, "kept weights per group of m", min=1, max=2)
@@ -182,6 +197,7 @@ class Reconstruct:
 
 #: The modifier names a recipe may list, in YAML as single-key mappings.
 MODIFIERS = {
+    "rotate": Rotate,
     "prune": Prune,
     "quantize_weights": QuantizeWeights,
     "quantize_embedding": QuantizeEmbedding,
@@ -190,7 +206,7 @@ MODIFIERS = {
     "attention_window": AttentionWindow,
     "reconstruct": Reconstruct,
 }
-Modifier = (Prune | QuantizeWeights | QuantizeEmbedding | QuantizeActivations | QuantizeKV | AttentionWindow
+Modifier = (Rotate | Prune | QuantizeWeights | QuantizeEmbedding | QuantizeActivations | QuantizeKV | AttentionWindow
             | Reconstruct)
 
 
@@ -225,6 +241,12 @@ class Recipe:
                     out.append((f"modifiers[{i}]", f"{tags[type(m)]} is listed before {name} "
                                                    f"(modifiers[{where[name]}]), an order that cannot run: "
                                                    f"{why}; list {name} before {tags[type(m)]}"))
+        rot = [i for i, m in enumerate(self.modifiers) if isinstance(m, Rotate)]
+        if rot and rot[0] != 0:
+            out.append((f"modifiers[{rot[0]}]", f"rotate is listed after {tags[type(self.modifiers[0])]} "
+                                                f"(modifiers[0]), an order that cannot run: rotate rewrites the "
+                                                f"float weights and the embedding every other modifier reads; "
+                                                f"list rotate first"))
         prune, qw = self.get(Prune), self.get(QuantizeWeights)
         if self.get(Reconstruct) and not qw:
             out.append(("modifiers", "reconstruct needs a quantize_weights modifier to tune"))

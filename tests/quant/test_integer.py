@@ -206,24 +206,32 @@ def dense_art(tmp_path_factory):
     return _integer_artifact(tmp_path_factory.mktemp("dense"))
 
 
-@pytest.mark.parametrize("sinks,window", [(3, 9), (0, 12), (4, None)])
-def test_golden_equals_torch_and_step_equals_batch(dense_art, sinks, window):
-    model, _ = _integer_model(dense_art, sinks, window)
+def assert_integer_route_exact(model, ids):
+    """The numpy golden prefill == the torch twin tensor for tensor, and one token at a time through the
+    cache == the prompt as one batch, exactly. Returns (golden logits, torch logits, caches, cache bytes per
+    step)."""
     spec = model.integer_spec()
-    ids = np.random.default_rng(5).integers(0, 300, 40)
     logits, nxt, _, gtrace = G.prefill(spec, ids)
     dec = model.integer_decoder()
     ttrace = {}
     tl = dec.forward(torch.from_numpy(ids), 0, dec.new_caches(), ttrace)
     assert set(gtrace) == set(ttrace)
     assert G.first_mismatch(gtrace, {k: v.numpy() for k, v in ttrace.items()}) is None
-    # the decode path: one token at a time through the cache == the prompt as one batch, exactly
     caches = dec.new_caches()
     sizes, steps = [], []
     for n, t in enumerate(ids):
         steps.append(dec.forward([int(t)], n, caches)[0])
         sizes.append(sum(c.nbytes() for c in caches))
     assert torch.equal(torch.stack(steps), tl)
+    return logits, tl, caches, sizes
+
+
+@pytest.mark.parametrize("sinks,window", [(3, 9), (0, 12), (4, None)])
+def test_golden_equals_torch_and_step_equals_batch(dense_art, sinks, window):
+    model, _ = _integer_model(dense_art, sinks, window)
+    spec = model.integer_spec()
+    ids = np.random.default_rng(5).integers(0, 300, 40)
+    logits, tl, caches, sizes = assert_integer_route_exact(model, ids)
     if window is not None:
         assert len(set(sizes)) == 1 and caches[0].k.shape[1] == sinks + window  # constant memory
         assert sorted(caches[0].pos.tolist()) == list(range(sinks)) + list(range(40 - window, 40))
