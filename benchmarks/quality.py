@@ -43,6 +43,14 @@ ROWS = {
     "sparse": ("W2A8KV4 + 2:4 SparseGPT (integer path)", "w2a8kv4-sparse24", "short", None),
     "rot": ("W2A8KV4 on the rotated model (Hadamard R1 + V/O R2 folded in; integer path)", "w2a8kv4-rot", "short",
             None),
+    "rot-novo": ("W2A8KV4 on the rotated model, R1 only (no V/O rotation; integer path)", "w2a8kv4-rot:novo",
+                 "short", None),
+    "rot-vo": ("W2A8KV4 with the V/O head rotation only (no residual rotation; integer path)", "w2a8kv4-rot:voonly",
+               "short", None),
+    "a8kv4": ("float weights, A8 + KV4 + Λ (simulated numerics, not the integer path)", "w2a8kv4:floatw", "short",
+              None),
+    "rot-a8kv4": ("rotated float weights, A8 + KV4 + Λ (simulated numerics, not the integer path)",
+                  "w2a8kv4-rot:floatw", "short", None),
     "rot-long-lambda": ("W2A8KV4 on the rotated model, long context, Λ 4 + 508", "w2a8kv4-rot", "long", (4, 508)),
     "gptq-noclip": ("W2A8KV4: GPTQ without the clipping search (integer path)", "w2a8kv4:noclip", "short", None),
     "float-long": ("as loaded, long context, full attention", None, "long", "off"),
@@ -57,6 +65,34 @@ ROWS = {
     "sparse-recon": ("W2A8KV4 + 2:4 + reconstruction stage (integer path)", "w2a8kv4-sparse24-recon", "short", None),
     "sparse-long-lambda": ("W2A8KV4 + 2:4, long context, Λ 4 + 508", "w2a8kv4-sparse24", "long", (4, 508)),
 }
+
+
+def _noclip(rec):  # a cheaper variant: GPTQ without the clip search
+    from quant.recipe import QuantizeWeights
+
+    rec.get(QuantizeWeights).clip_search = False
+
+
+def _novo(rec):  # the rotation of the residual stream only (R1), not the V/O heads'
+    from quant.recipe import Rotate
+
+    rec.get(Rotate).vo = False
+
+
+def _voonly(rec):  # the V/O heads' rotation only (R2): the residual stream, norms and head as they are
+    from quant.recipe import Rotate
+
+    rec.get(Rotate).residual = False
+
+
+def _floatw(rec):  # the recipe's activation, KV and Λ numerics on float weights: what A8 + KV4 alone cost
+    from quant.recipe import QuantizeEmbedding, QuantizeWeights
+
+    rec.modifiers = [m for m in rec.modifiers if not isinstance(m, (QuantizeWeights, QuantizeEmbedding))]
+
+
+#: recipe variants named after a colon in ROWS (w2a8kv4:noclip)
+VARIANTS = {"noclip": _noclip, "novo": _novo, "voonly": _voonly, "floatw": _floatw}
 
 # --- peer quantizers (optional extra `peers`: optimum-quanto, hqq) -- benchmarks/peers.py -------------
 # Rows quanto-w2, quanto-w4, hqq-w2, hqq-w4 (+ quanto-w2a16, quanto-w4a16, peers-float); run by the hook
@@ -254,17 +290,15 @@ def _main(argv=None) -> int:
                         qreport = json.loads((out / "report.json").read_text())
                     else:
                         rec = load_recipe(recipe.split(":")[0])
-                        if recipe.endswith(":noclip"):  # a cheaper variant: GPTQ without the clip search
-                            from quant.recipe import QuantizeWeights
-
-                            rec.get(QuantizeWeights).clip_search = False
-                            rec.name += "-noclip"
+                        if ":" in recipe:
+                            VARIANTS[recipe.split(":")[1]](rec)
+                            rec.name += "-" + recipe.split(":")[1]
                         qreport = quantize_model(args.model, rec, out,
                                                  calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
                                                  seed=args.seed, progress=True)
                     artifacts[recipe] = (load_artifact(out), qreport)
                 (model, tok), qreport = artifacts[recipe]
-                model.numerics.integer_path = True
+                model.numerics.integer_path = not recipe.endswith(":floatw")  # float weights: no integer path
             nm = model.numerics
             saved = (nm.sinks, nm.window)
             if lam == "off":

@@ -175,14 +175,16 @@ class RotateModifier(Modifier):
     config = Rotate
 
     def check(self, model_cfg, where):
-        probs = rotation.check(model_cfg, self.cfg.kind, self.cfg.vo)
+        probs = rotation.check(model_cfg, self.cfg.kind, self.cfg.vo, self.cfg.residual)
         if probs:
             raise QuantError(f"recipe {self.recipe.name!r}: rotate cannot run on {where}: " + "; ".join(probs))
 
     def start(self, run):
-        run.store = rotation.rotated_store(run.store, run.cfg, self.cfg.kind, self.cfg.seed, self.cfg.vo)
-        run.embed_f = run.embed_in = run.store.get(rotation.EMBED_W)
-        run.cfg.tie_word_embeddings = False  # E·Q and E·diag(γ)·Q: the head is its own tensor now
+        run.store = rotation.rotated_store(run.store, run.cfg, self.cfg.kind, self.cfg.seed, self.cfg.vo,
+                                           self.cfg.residual)
+        if self.cfg.residual:
+            run.embed_f = run.embed_in = run.store.get(rotation.EMBED_W)
+            run.cfg.tie_word_embeddings = False  # E·Q and E·diag(γ)·Q: the head is its own tensor now
 
 
 class PruneModifier(Modifier):

@@ -50,6 +50,12 @@ class Rotate:
                                   "a random orthogonal matrix", choices=["hadamard", "orthogonal"])
     seed: int = param(0, "seed of the random signs / matrix (the V/O rotation uses seed + 1)", min=0)
     vo: bool = param(False, "also rotate each value head (v_proj's rows) and undo it in o_proj's columns")
+    residual: bool = param(True, "rotate the residual stream (false: the V/O heads only, with vo: true)")
+
+    def problems(self):
+        if not (self.residual or self.vo):
+            return [("residual", "residual: false and vo: false rotate nothing; set one of them or drop rotate")]
+        return []
 
     def must_follow(self) -> dict[str, str]:
         return {}

@@ -19,7 +19,8 @@ config says ``tie_word_embeddings: false``; the built-in recipes quantize that h
 The head-wise V/O rotation (``vo``): the values of each KV head are rotated by an orthogonal H of size
 head_dim (v' = v·H: the rows of v_proj's head block ← H^T·W), and each query head's block of o_proj's
 inputs undoes it (columns ← W·H). Attention is linear in V, so every head's output o' = o·H and o_proj
-sees o' · H^T = o. What it changes is what the per-token, per-head KV4 quantizer sees.
+sees o' · H^T = o. What it changes is what the per-token, per-head KV4 quantizer sees. It can run alone
+(``residual: false``): then nothing else changes, and a tied model stays tied.
 
 Q is a random Hadamard matrix (``kind: hadamard``: diag(±1)·H_n/√n, H_n by Sylvester's doubling from
 Paley's construction for the orders q + 1, q a prime ≡ 3 mod 4: 576 = 8 · 72 for SmolLM2, 4096 = 2^12
@@ -134,10 +135,10 @@ class RotatedStore:
         return self.store.path
 
     def keys(self):
-        return list(dict.fromkeys(list(self.store.keys()) + ["lm_head.weight"]))
+        return list(dict.fromkeys(list(self.store.keys()) + (["lm_head.weight"] if self.q is not None else [])))
 
     def __contains__(self, name):
-        return name == "lm_head.weight" or name in self.store
+        return (name == "lm_head.weight" and self.q is not None) or name in self.store
 
     def source_hash(self) -> str:
         return self.store.source_hash()
@@ -146,6 +147,11 @@ class RotatedStore:
         return self.store.get(name).to(torch.float64)
 
     def get(self, name: str):
+        if self.q is None:  # V/O only: the residual stream, the norms, the embedding and the head as they are
+            if name.endswith(("v_proj.weight", "o_proj.weight")):
+                f = rotate_v if name.endswith("v_proj.weight") else rotate_o
+                return f(self._f64(name), self.h_vo, self.head_dim).to(torch.float32)
+            return self.store.get(name)
         if name == "lm_head.weight":
             return self.lm_head()
         if name == EMBED_W:
@@ -173,25 +179,30 @@ class RotatedStore:
         return self.store.get(name)
 
     def lm_head(self):
-        """The rotated head, untied: (W·diag(γ_final))·Q with W the head, or the embedding of a tied model."""
+        """The rotated head, untied: (W·diag(γ_final))·Q with W the head, or the embedding of a tied model
+        (without the residual rotation: the source's head, None if tied)."""
+        if self.q is None:
+            return self.store.lm_head()
         if self._head is None:
             w = self._f64(EMBED_W if self._tied else "lm_head.weight")
             self._head = fold_in(w, self._f64("model.norm.weight"), self.q).to(torch.float32)
         return self._head
 
 
-def rotated_store(store, cfg, kind: str, seed: int, vo: bool) -> RotatedStore:
-    q = orthogonal(cfg.hidden_size, kind, seed)
+def rotated_store(store, cfg, kind: str, seed: int, vo: bool, residual: bool = True) -> RotatedStore:
+    if not (residual or vo):
+        raise QuantError("rotate: residual: false and vo: false rotate nothing; set one of them or drop rotate")
+    q = orthogonal(cfg.hidden_size, kind, seed) if residual else None
     heads = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return RotatedStore(store, cfg, q, orthogonal(hd, kind, seed + 1) if vo else None)
 
 
-def check(cfg, kind: str, vo: bool) -> list[str]:
+def check(cfg, kind: str, vo: bool, residual: bool = True) -> list[str]:
     """What stops the rotation on this model shape (empty: nothing)."""
     heads = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    sizes = [("hidden_size", cfg.hidden_size)] + ([("head_dim", hd)] if vo else [])
+    sizes = ([("hidden_size", cfg.hidden_size)] if residual else []) + ([("head_dim", hd)] if vo else [])
     if kind != "hadamard":
         return []
     return [f"no Hadamard matrix of order {n} ({what}) from Sylvester's and Paley's constructions; use "

@@ -43,12 +43,12 @@ def tiny(request, tmp_path_factory):
     return _tiny(tmp_path_factory.mktemp("rot"), **request.param)
 
 
-def _gap(src, kind="hadamard", vo=True) -> float:
+def _gap(src, kind="hadamard", vo=True, residual=True) -> float:
     """max |logits(rotated) − logits(float)| over max |logits(float)|, both models in float."""
     cfg = load_config(src)
     store = WeightStore(src, cfg)
     want = LlamaLM.from_store(cfg, store).eval()(IDS)
-    got = LlamaLM.from_store(cfg, ROT.rotated_store(store, cfg, kind, 0, vo)).eval()(IDS)
+    got = LlamaLM.from_store(cfg, ROT.rotated_store(store, cfg, kind, 0, vo, residual)).eval()(IDS)
     return float((got - want).abs().max() / want.abs().max())
 
 
@@ -87,6 +87,21 @@ def test_rotated_float_model_gives_the_same_logits(tiny, kind, vo):
     assert torch.equal(rs.get("model.norm.weight"), torch.ones_like(store.get("model.norm.weight")))
 
 
+def test_vo_rotation_alone_keeps_the_logits_and_the_tie(tiny, tmp_path):
+    assert _gap(tiny, "hadamard", True, residual=False) < TOL
+    cfg = load_config(tiny)
+    store = WeightStore(tiny, cfg)
+    rs = ROT.rotated_store(store, cfg, "hadamard", 0, True, residual=False)
+    assert torch.equal(rs.get(ROT.EMBED_W), store.get(ROT.EMBED_W))
+    v = "model.layers.0.self_attn.v_proj.weight"
+    assert (rs.get(v) - store.get(v)).abs().max() > 0.1 * store.get(v).abs().max()
+    quantize_model(str(tiny), Recipe(name="vo", modifiers=[Rotate(vo=True, residual=False)]), tmp_path / "a",
+                   progress=False)
+    assert load_config(tmp_path / "a").tie_word_embeddings == cfg.tie_word_embeddings
+    with pytest.raises(ConfigError, match="rotate nothing"):
+        from_data({"recipe": {"name": "t", "modifiers": [{"rotate": {"vo": False, "residual": False}}]}}, "test")
+
+
 def _wrong_v(w, h, hd):
     return (h[None] @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape)  # H instead of H^T
 
@@ -105,6 +120,8 @@ def test_planted_wrong_rotations_change_the_logits(tiny, plant, monkeypatch):
     fn, bad = PLANTS[plant]
     monkeypatch.setattr(ROT, fn, bad)
     assert _gap(tiny, "hadamard", True) > 100 * TOL, f"planted bug ({plant}) went unnoticed"
+    if fn in ("rotate_v", "rotate_o"):  # the V/O rotation alone as well
+        assert _gap(tiny, "hadamard", True, residual=False) > 100 * TOL, f"planted bug ({plant}) went unnoticed"
 
 
 def test_rotate_only_artifact_is_the_float_model(tiny, tmp_path):
