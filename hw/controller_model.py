@@ -207,9 +207,10 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
                 last_accept = a
                 bank_free = a
             issue = last
-            # the beat is taken with its last token's op: a WB > 1 gather is free the next cycle
+            # the beat is taken with its last token's op: a WB > 1 gather is free the next cycle (the
+            # wide gather in that very cycle: hw.memory.WideBeatGather)
             if WB > 1:
-                w_gather_free = last + 1
+                w_gather_free = last + (0 if accel.weight_lanes > 1 else 1)
             else:
                 w_prev_word = max(w_prev_word, last)  # the word leaves the memory when taken
             if s_valid is not None:

@@ -136,8 +136,9 @@ class WideBeatGather(wiring.Component):
     """``words`` (transfers of a ``MemWideReadSignature`` whose job's ``beat`` is this beat's word
     count) -> ``beats`` (``width``-bit stream out): ``ceil(ceil(width / W) / lanes)`` transfers per beat,
     transfer t's words at words ``t * lanes ..`` of the beat (every transfer but a beat's last is full,
-    ``wide_transfers``). One beat buffered, as ``BeatGather``: a beat's last transfer makes it valid
-    the next cycle and no transfer is taken while it waits. With one transfer per beat it is a wire."""
+    ``wide_transfers``). One beat buffered: a beat's last transfer makes it valid the next cycle; while it
+    waits no transfer is taken, except in the cycle it leaves (the next beat's first transfer goes into
+    slot 0 as the full beat is read out). With one transfer per beat it is a wire."""
 
     def __init__(self, word_bits: int, lanes: int, width: int):
         self.word_bits, self.lanes, self.width = word_bits, lanes, width
@@ -157,9 +158,10 @@ class WideBeatGather(wiring.Component):
         slots = [Signal(W * L, name=f"slot{t}") for t in range(X)]
         t = Signal(range(X + 1))
         full = Signal()
+        # a transfer is taken in the cycle the full beat leaves too (unlike BeatGather: no bubble)
         m.d.comb += [self.beats.valid.eq(full), self.beats.payload.eq(Cat(*slots)[:self.width]),
-                     self.words.ready.eq(~full)]
-        with m.If(self.words.valid & ~full):
+                     self.words.ready.eq(~full | self.beats.ready)]
+        with m.If(self.words.valid & self.words.ready):
             with m.Switch(t):
                 for i in range(X):
                     with m.Case(i):

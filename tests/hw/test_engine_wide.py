@@ -96,8 +96,10 @@ def test_the_verilog_memory_model_serves_the_wide_port():
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", list(accel_planted.WIDE_BUGS))
 def test_planted_wide_bugs_are_caught(bug):
-    mode, kw = CASES["dense_mm"]
-    img, checks, _ = engine_program(P, WIDE2, mode, seed=5, count=2, **kw)
+    # 2:4 mode: its meta fills the beat's upper words (in dense mode they hold zeros, so a bug that loses
+    # a beat's second transfer, gather_beat_short, goes unseen there once the gather has no bubble)
+    img, checks, _ = engine_program(P, WIDE2, "sparse", seed=5, count=2, tokens=2, k_beats=3, n=6, group_beats=1,
+                                    gap=3)
     clean = run(WIDE2, img)
     assert clean.error == 0 and not check_memory(clean.mem, WIDE2, checks)
     try:
