@@ -6,8 +6,9 @@ class that owns its work. ``quant.pipeline.quantize_model`` fires these events, 
 calls the modifiers in the recipe's order:
 
 =============  ==============================================================================================
-``start``      before any layer, before calibration: ``quantize_embedding`` quantizes the table (cheap, and it
-               may refuse it), so calibration starts from the table the artifact stores
+``start``      before any layer, before calibration: ``rotate`` (listed first) replaces the weight store with the
+               rotated model's; ``quantize_embedding`` quantizes the table (cheap, and it may refuse it), so
+               calibration starts from the table the artifact stores
 ``observe``    per layer, on the float layer: hooks for the calibration pass (``Layer.want_stats`` for the
                Hessian and input norms of the linears a modifier compresses, ``Layer.hook`` for anything else)
 ``prepare``    per layer, after the calibration pass, before compression: ``quantize_kv`` folds its key
