@@ -47,6 +47,8 @@ ROWS = {
                  "short", None),
     "rot-vo": ("W2A8KV4 with the V/O head rotation only (no residual rotation; integer path)", "w2a8kv4-rot:voonly",
                "short", None),
+    "fold": ("W2A8KV4 with the norms folded into the linears, no rotation (integer path)", "w2a8kv4-rot:fold",
+             "short", None),
     "a8kv4": ("float weights, A8 + KV4 + Λ (simulated numerics, not the integer path)", "w2a8kv4:floatw", "short",
               None),
     "rot-a8kv4": ("rotated float weights, A8 + KV4 + Λ (simulated numerics, not the integer path)",
@@ -85,6 +87,12 @@ def _voonly(rec):  # the V/O heads' rotation only (R2): the residual stream, nor
     rec.get(Rotate).residual = False
 
 
+def _fold(rec):  # the rotation's fold of the norm weights into the linears, with Q = I and no V/O rotation
+    from quant.recipe import Rotate
+
+    rec.get(Rotate).kind, rec.get(Rotate).vo = "identity", False
+
+
 def _floatw(rec):  # the recipe's activation, KV and Λ numerics on float weights: what A8 + KV4 alone cost
     from quant.recipe import QuantizeEmbedding, QuantizeWeights
 
@@ -92,7 +100,7 @@ def _floatw(rec):  # the recipe's activation, KV and Λ numerics on float weight
 
 
 #: recipe variants named after a colon in ROWS (w2a8kv4:noclip)
-VARIANTS = {"noclip": _noclip, "novo": _novo, "voonly": _voonly, "floatw": _floatw}
+VARIANTS = {"noclip": _noclip, "novo": _novo, "voonly": _voonly, "fold": _fold, "floatw": _floatw}
 
 # --- peer quantizers (optional extra `peers`: optimum-quanto, hqq) -- benchmarks/peers.py -------------
 # Rows quanto-w2, quanto-w4, hqq-w2, hqq-w4 (+ quanto-w2a16, quanto-w4a16, peers-float); run by the hook

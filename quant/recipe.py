@@ -47,7 +47,8 @@ class Rotate:
     them, the embedding, every linear and the lm_head are rotated, the model computes the same function and
     the hardware sees ordinary weights. With ``vo``, V and O are also rotated per head (R2)."""
     kind: str = param("hadamard", "hadamard: a random Hadamard matrix (signs drawn from the seed); orthogonal: "
-                                  "a random orthogonal matrix", choices=["hadamard", "orthogonal"])
+                                  "a random orthogonal matrix; identity: no rotation, the norms' fold alone (a "
+                                  "diagnostic)", choices=["hadamard", "orthogonal", "identity"])
     seed: int = param(0, "seed of the random signs / matrix (the V/O rotation uses seed + 1)", min=0)
     vo: bool = param(False, "also rotate each value head (v_proj's rows) and undo it in o_proj's columns")
     residual: bool = param(True, "rotate the residual stream (false: the V/O heads only, with vo: true)")

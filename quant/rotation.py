@@ -90,10 +90,12 @@ def orthogonal(n: int, kind: str, seed: int) -> torch.Tensor:
                              f"use rotate: {{kind: orthogonal}}")
         signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1
         return signs.to(torch.float64)[:, None] * torch.from_numpy(h).to(torch.float64) / np.sqrt(n)
+    if kind == "identity":  # the norms' fold alone, no rotation: a diagnostic (what the fold itself costs)
+        return torch.eye(n, dtype=torch.float64)
     if kind == "orthogonal":
         q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r))[None, :]
-    raise QuantError(f"rotate: unknown kind {kind!r}; choose hadamard or orthogonal")
+    raise QuantError(f"rotate: unknown kind {kind!r}; choose hadamard, orthogonal or identity")
 
 
 # -- the folds (module-level so that the planted-bug tests can replace one side) ---------------------------

@@ -102,6 +102,20 @@ def test_vo_rotation_alone_keeps_the_logits_and_the_tie(tiny, tmp_path):
         from_data({"recipe": {"name": "t", "modifiers": [{"rotate": {"vo": False, "residual": False}}]}}, "test")
 
 
+def test_identity_kind_folds_the_norms_only(tiny, monkeypatch):
+    """kind: identity (a diagnostic): the norms' weights folded into the linears, nothing rotated."""
+    assert _gap(tiny, "identity", False) < TOL
+    cfg = load_config(tiny)
+    store = WeightStore(tiny, cfg)
+    rs = ROT.rotated_store(store, cfg, "identity", 0, False)
+    assert torch.equal(rs.get(ROT.EMBED_W), store.get(ROT.EMBED_W).to(torch.float32))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(rs.get(q), store.get(q) * store.get("model.layers.0.input_layernorm.weight")[None, :])
+    assert ROT.check(SimpleNamespace(hidden_size=92, num_attention_heads=2), "identity", False) == []
+    monkeypatch.setattr(ROT, "fold_in", lambda w, g, q: w @ q)  # planted: the norm weight not folded
+    assert _gap(tiny, "identity", False) > 100 * TOL
+
+
 def _wrong_v(w, h, hd):
     return (h[None] @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape)  # H instead of H^T
 
