@@ -55,7 +55,7 @@ from quant.formats import ACT, ACT_QMAX, SPARSE_META_BITS, SPARSE_PATTERNS, W_CO
 
 __all__ = ["DSP_MULT_A_BITS", "DSP_B_BITS", "FIELD_BITS", "OFFSET", "ROWS_PER_DSP", "LATENCY",
            "PackingError", "W2x3", "W2x2x2", "Expand24", "w2x3_model", "w2x2x2_model",
-           "expand24_model", "group_correction", "check_packable"]
+           "expand24_model", "expand_group", "group_correction", "check_packable"]
 
 #: DSP48E2 multiplier operands (UG579): 27 bits from the A:D path, 18 from B, both signed.
 DSP_MULT_A_BITS = 27
@@ -253,11 +253,24 @@ class Expand24(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        for pos in range(4):
-            out = Const(0, CODE_BITS)
-            for meta, pat in enumerate(SPARSE_PATTERNS):
-                if pos in pat:
-                    out = Mux(self.meta == meta, self.kept[pat.index(pos)], out)
-            m.d.comb += self.codes[pos].eq(out)
+        codes, _ = expand_group([self.kept[0], self.kept[1]], self.meta)
+        m.d.comb += [self.codes[pos].eq(codes[pos]) for pos in range(4)]
         m.d.comb += self.invalid.eq(self.meta >= len(SPARSE_PATTERNS))
         return m
+
+
+def expand_group(kept: list, meta) -> tuple[list, list]:
+    """The logic of :class:`Expand24` as expressions, for callers that build many groups inline (the
+    engine's ``DspRows``): the four position codes (0 where pruned or ``meta`` is invalid) and the
+    four kept flags (1 where a kept code sits, so ``sum(a * kept)`` is the sum of the kept
+    activations)."""
+    codes, mask = [], []
+    for pos in range(4):
+        out, hit = Const(0, CODE_BITS), Const(0, 1)
+        for mt, pat in enumerate(SPARSE_PATTERNS):
+            if pos in pat:
+                out = Mux(meta == mt, kept[pat.index(pos)], out)
+                hit = hit | (meta == mt)
+        codes.append(out)
+        mask.append(hit)
+    return codes, mask

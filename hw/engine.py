@@ -36,14 +36,15 @@ from quant.formats import W_MIN, W_SCALE
 from .array_slice import ArraySlice
 from .engine_parts import (CODE_BITS, META_BITS, MULT_BITS, SHIFT_BITS, TILE_BITS, AccRow, ActBuffer,
                            ArrayRow, Candidates, EngineConfigError, GroupRow, Mode, OutputBank, Requantizer,
-                           Sequencer, check_params, layouts, max_reduction, pair_candidates, partial_bits,
-                           pe_pair, tag_layout)
+                           Sequencer, beat_ops, check_params, layouts, max_reduction, pair_candidates,
+                           partial_bits, pe_pair, tag_layout)
+from .engine_dsp import DspCandidates, DspRows, dsp_row_groups
 from .params import EngineParams
 
 __all__ = ["Mode", "Engine", "Requantizer", "EngineConfigError", "check_params", "layouts", "CODE_BITS",
            "ArraySlice", "Sequencer", "ActBuffer", "Candidates", "ArrayRow", "GroupRow", "AccRow", "OutputBank",
            "META_BITS", "SHIFT_BITS", "MULT_BITS", "TILE_BITS", "max_reduction", "partial_bits",
-           "pair_candidates", "pe_pair"]
+           "pair_candidates", "pe_pair", "DspCandidates", "DspRows", "beat_ops"]
 
 
 class Engine(wiring.Component):
@@ -115,14 +116,40 @@ class Engine(wiring.Component):
         # ---------------- S1: candidates, products, adder trees (registered into S2) ----------------
         is_sparse = cmd.mode == Mode.SPARSE
         is_pv = cmd.mode == Mode.PV
-        cand = m.submodules.candidates = Candidates(p)
         # Fields of the weight beat as slices of the registered signal itself: indexing the payload
         # view (a slice of the beat) per row re-emits the whole beat in Amaranth's netlist builder.
         w_bits, sc_bits = s1_w.as_value(), s1_sc.as_value()
         codes_at, meta_at, zero_at = wl["codes"].offset, wl["meta"].offset, wl["zero"].offset
-        m.d.comb += [cand.d0.eq(buf.r_data0), cand.d1.eq(buf.r_data1), cand.parity.eq(s1_parity),
-                     cand.is_sparse.eq(is_sparse),
-                     cand.zero.as_value().eq(w_bits[zero_at:zero_at + CODE_BITS * L])]
+
+        def row_codes(r, n=1):
+            return w_bits[codes_at + CODE_BITS * L * r:codes_at + CODE_BITS * L * (r + n)]
+
+        def row_meta(r, n=1):
+            return w_bits[meta_at + META_BITS * (L // 2) * r:][:META_BITS * (L // 2) * n]
+
+        # the array: each row's registered sums (p, a) into S2
+        row_sums = []
+        if p.multiplier_style == "dsp":  # hw/engine_dsp.py: three rows per DSP48E2 column
+            cand = m.submodules.candidates = DspCandidates(p)
+            m.d.comb += [cand.d0.eq(buf.r_data0), cand.d1.eq(buf.r_data1), cand.parity.eq(s1_parity),
+                         cand.is_pv.eq(is_pv), cand.zero.as_value().eq(w_bits[zero_at:zero_at + CODE_BITS * L])]
+            for gi, (r0, n) in enumerate(dsp_row_groups(p)):
+                rows = m.submodules[f"dsprows{gi}"] = DspRows(p, n)
+                m.d.comb += [rows.act.eq(cand.act), rows.act3.eq(cand.act3), rows.a_shared.eq(cand.a_shared),
+                             rows.codes.as_value().eq(row_codes(r0, n)), rows.meta.as_value().eq(row_meta(r0, n)),
+                             rows.is_sparse.eq(is_sparse), rows.half.eq(s1.half), rows.en.eq(~stall)]
+                row_sums += [(rows.p[i], rows.a[i]) for i in range(n)]
+        else:
+            cand = m.submodules.candidates = Candidates(p)
+            m.d.comb += [cand.d0.eq(buf.r_data0), cand.d1.eq(buf.r_data1), cand.parity.eq(s1_parity),
+                         cand.is_sparse.eq(is_sparse),
+                         cand.zero.as_value().eq(w_bits[zero_at:zero_at + CODE_BITS * L])]
+            for r in range(R):
+                row = m.submodules[f"row{r}"] = ArrayRow(p)
+                m.d.comb += [row.cand_a.eq(cand.a), row.cand_a3.eq(cand.a3), row.zsum.eq(cand.zsum),
+                             row.codes.as_value().eq(row_codes(r)), row.meta.as_value().eq(row_meta(r)),
+                             row.is_sparse.eq(is_sparse), row.is_pv.eq(is_pv), row.en.eq(~stall)]
+                row_sums.append((row.p, row.a))
         s2 = Signal(tags)
         with m.If(~stall):
             m.d.sync += [s2_valid.eq(s1_valid), s2.eq(s1)]
@@ -133,22 +160,16 @@ class Engine(wiring.Component):
         bank = m.submodules.output_bank = OutputBank(p)
         accs = []
         for r in range(R):
-            row = m.submodules[f"row{r}"] = ArrayRow(p)
             grp = m.submodules[f"group{r}"] = GroupRow(p)
             acc = m.submodules[f"acc{r}"] = AccRow(p)
             rq = m.submodules[f"rq{r}"] = self.requantizers[r]
             accs.append(acc)
             m.d.comb += [
-                # S1 -> S2: the row's products and sums
-                row.cand_a.eq(cand.a), row.cand_a3.eq(cand.a3), row.zsum.eq(cand.zsum),
-                row.codes.as_value().eq(w_bits[codes_at + CODE_BITS * L * r:codes_at + CODE_BITS * L * (r + 1)]),
-                row.meta.as_value().eq(w_bits[meta_at + META_BITS * (L // 2) * r:][:META_BITS * (L // 2)]),
-                row.is_sparse.eq(is_sparse), row.is_pv.eq(is_pv), row.en.eq(~stall),
                 # S2 -> S3: the group stage
                 grp.load.eq(~stall), grp.is_pv.eq(is_pv),
                 grp.s_in.eq(sc_bits[sl["s"].offset + W_SCALE.bits * r:][:W_SCALE.bits]),
                 grp.m_in.eq(sc_bits[sl["m"].offset + W_MIN.bits * r:][:W_MIN.bits].as_signed()),
-                grp.p.eq(row.p), grp.a.eq(row.a),
+                grp.p.eq(row_sums[r][0]), grp.a.eq(row_sums[r][1]),
                 grp.valid.eq(s2_valid), grp.hold.eq(stall), grp.first_gb.eq(s2.first_gb), grp.t.eq(s2.t),
                 # S3: accumulators and the output bank
                 acc.write.eq(s3_valid & ~stall), acc.first_group.eq(s3.first_group),

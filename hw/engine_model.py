@@ -9,7 +9,9 @@ The rules, read off the RTL (docs/engine.md, "Cycle behaviour"):
 * a command is accepted when the engine is idle and its pipeline empty: at cycle 0 for the first, one
   cycle after the previous command's last tile entered the output bank for the next;
 * the activation load takes one cycle per word (``tokens x words_per_token``, 2 x k_beats words per
-  token in 2:4 mode), then one op (token, weight beat) issues per cycle, ``tiles x k_beats x tokens``;
+  token in 2:4 mode), then one op (token, weight beat) issues per cycle, ``tiles x k_beats x tokens``
+  (x 2 for a 2:4 command in ``multiplier_style: dsp``, whose beats run as two half-beat ops:
+  ``hw.engine_parts.beat_ops``);
 * an op reaches S3 three cycles after its issue; a tile's last-beat ops enter the output bank there.
   The last token arms the bank once the old tile's last beat leaves (this cycle or before); until
   then the whole pipeline stalls (the only stall when no stream stalls: a tile of more tokens than
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine_parts import TILE_BITS, Mode, max_reduction
+from .engine_parts import TILE_BITS, Mode, beat_ops, max_reduction
 from .params import EngineParams
 
 __all__ = ["Command", "CommandTiming", "EngineCommandError", "Op", "MODES", "timeline", "command_cycles",
@@ -105,13 +107,13 @@ def timeline(p: EngineParams, commands: list[Command], from_reset: bool = False)
     bank_arm, bank_tokens = None, 0  # the tile in the output bank: the cycle it was armed, its tokens
     for i, c in enumerate(commands):
         check_command(p, c, f"command {i}")
-        T, kb = c.tokens, c.k_beats
+        T, kb, h = c.tokens, c.k_beats, beat_ops(p, c.mode)
         first_issue = accept + CMD_CYCLES + T * c.words_per_token()  # after the cmd beat and the load
         delay = 0  # stall cycles so far in this command
         beats = []
         for tile in range(c.tiles):
-            # nominal S3 cycle of the tile's last-beat op for token 0, after the stalls so far
-            s3 = first_issue + ((tile * kb + kb - 1) * T) + PIPE_DRAIN + delay
+            # nominal S3 cycle of the tile's last-beat (last-half) op for token 0, after the stalls so far
+            s3 = first_issue + (tile * kb + kb - 1) * T * h + (h - 1) * T + PIPE_DRAIN + delay
             # The tile's tokens reach S3 on consecutive cycles; the last arms the bank once the old
             # tile's last beat leaves (this cycle or before). Token t < T - 1 must also wait for the
             # old token t, but never does here: within a command the old tile has the same tokens and
@@ -120,10 +122,10 @@ def timeline(p: EngineParams, commands: list[Command], from_reset: bool = False)
             arm = s3 + T - 1
             if bank_arm is not None:
                 arm = max(arm, bank_arm + bank_tokens)
-            delay = arm - (first_issue + ((tile * kb + kb - 1) * T) + PIPE_DRAIN + T - 1)
+            delay = arm - (first_issue + (tile * kb + kb - 1) * T * h + (h - 1) * T + PIPE_DRAIN + T - 1)
             beats += [arm + 1 + t for t in range(T)]
             bank_arm, bank_tokens = arm, T
-        last_issue = first_issue + c.tiles * kb * T - 1 + delay
+        last_issue = first_issue + c.tiles * kb * T * h - 1 + delay
         out.append(CommandTiming(accept, first_issue, last_issue, tuple(beats), delay))
         accept = bank_arm + 1  # idle with an empty pipeline once the last tile entered the bank
     return out

@@ -121,12 +121,20 @@ def layouts(p: EngineParams) -> dict[str, data.StructLayout | data.ArrayLayout]:
     }
 
 
+def beat_ops(p: EngineParams, mode) -> int:
+    """Ops issued per weight beat and token: 2 for a 2:4 beat in ``multiplier_style: dsp`` (its
+    ``2 * pe_lanes`` expanded positions run through the ``pe_lanes`` DSP columns in two halves,
+    ``hw.engine_dsp``), else 1. The cycle models (``hw.engine_model``, ``hw.controller_model``) read it."""
+    return 2 if p.multiplier_style == "dsp" and int(mode) == Mode.SPARSE else 1
+
+
 def tag_layout(p: EngineParams) -> data.StructLayout:
     """What travels with an op down the pipeline: its token and where its beat sits in the group, the
-    tile and the tokens."""
+    tile and the tokens; ``half``: which half of a 2:4 beat the op is (``multiplier_style: dsp`` runs a
+    2:4 beat as two ops, ``beat_ops``; always 0 otherwise)."""
     return data.StructLayout({
         "t": range(p.mm_tokens), "first_gb": 1, "last_gb": 1, "first_group": 1, "last_beat": 1,
-        "last_tok": 1,
+        "last_tok": 1, "half": 1,
     })
 
 
@@ -242,17 +250,25 @@ class Sequencer(wiring.Component):
         tok_base = Signal(wb)
         b_word = Signal(wb)
 
+        # a 2:4 beat in dsp style is two ops per token (beat_ops): half 0 for every token, then half 1,
+        # reading the pair's word 2b + half; the beat's tags (group start/end, tile end) go with its
+        # halves' first and last op, and the beats are taken with the last
+        split = Signal()
+        half = Signal()
+        m.d.comb += split.eq((cmd.mode == Mode.SPARSE) if p.multiplier_style == "dsp" else 0)
+        half_last = ~split | half
         last_tok = t == cmd.tokens - 1
         last_gb = gb == cmd.group_beats - 1
         last_beat = b == cmd.k_beats - 1
         need_scale = (cmd.mode != Mode.PV) & last_gb
         m.d.comb += [
             self.load_word.eq(lw),
-            self.word.eq(tok_base + b_word),
-            self.tags.t.eq(t), self.tags.first_gb.eq(gb == 0), self.tags.last_gb.eq(last_gb),
-            self.tags.first_group.eq(g_first), self.tags.last_beat.eq(last_beat),
-            self.tags.last_tok.eq(last_tok),
-            self.w_ready.eq(self.issue & last_tok), self.sc_ready.eq(self.issue & need_scale & last_tok),
+            self.word.eq(tok_base + b_word + half),
+            self.tags.t.eq(t), self.tags.first_gb.eq((gb == 0) & ~half), self.tags.last_gb.eq(last_gb & half_last),
+            self.tags.first_group.eq(g_first), self.tags.last_beat.eq(last_beat & half_last),
+            self.tags.last_tok.eq(last_tok), self.tags.half.eq(half),
+            self.w_ready.eq(self.issue & last_tok & half_last),
+            self.sc_ready.eq(self.issue & need_scale & last_tok & half_last),
         ]
 
         with m.FSM(name="state") as fsm:
@@ -269,13 +285,15 @@ class Sequencer(wiring.Component):
                         m.d.sync += [lword.eq(0), ltok.eq(ltok + 1)]
                         with m.If(ltok == cmd.tokens - 1):
                             m.d.sync += [t.eq(0), b.eq(0), gb.eq(0), g_first.eq(1), tile.eq(0),
-                                         tok_base.eq(0), b_word.eq(0)]
+                                         tok_base.eq(0), b_word.eq(0), half.eq(0)]
                             m.next = "COMPUTE"
             with m.State("COMPUTE"):
                 m.d.comb += self.issue.eq(self.w_valid & (~need_scale | self.sc_valid) & ~self.stall)
                 with m.If(self.issue):
-                    with m.If(last_tok):
-                        m.d.sync += [t.eq(0), tok_base.eq(0), b.eq(b + 1), gb.eq(gb + 1),
+                    with m.If(last_tok & ~half_last):  # the beat's second half
+                        m.d.sync += [t.eq(0), tok_base.eq(0), half.eq(1)]
+                    with m.Elif(last_tok):
+                        m.d.sync += [t.eq(0), tok_base.eq(0), b.eq(b + 1), gb.eq(gb + 1), half.eq(0),
                                      b_word.eq(b_word + Mux(cmd.mode == Mode.SPARSE, 2, 1))]
                         with m.If(last_gb):
                             m.d.sync += [gb.eq(0), g_first.eq(0)]

@@ -58,10 +58,13 @@ class EngineParams:
                                             f"= {2 * self.pe_lanes} (two banks of pe_lanes bytes)"))
         if self.max_keys % self.pe_lanes:
             out.append(("max_keys", f"{self.max_keys} is not a multiple of pe_lanes = {self.pe_lanes}"))
-        if self.multiplier_style != "lut":
-            out.append(("multiplier_style", f"{self.multiplier_style!r} is not built by the engine RTL yet: "
-                        f"only 'lut' is (hw/engine.py; docs/arithmetic.md says why 'dsp' packing does "
-                        f"not carry over to the 2:4 mode's per-row activations)"))
+        if self.multiplier_style not in ("lut", "dsp"):
+            out.append(("multiplier_style", f"{self.multiplier_style!r}: the engine builds 'lut' "
+                        f"(hw/engine_parts.py) or 'dsp' (hw/engine_dsp.py; docs/arithmetic.md)"))
+        if self.multiplier_style == "dsp" and self.pe_lanes % 4:
+            out.append(("pe_lanes", f"multiplier_style 'dsp' runs a 2:4 beat as two halves of pe_lanes / 4 "
+                                    f"whole groups of four (hw/engine_dsp.py): pe_lanes must be a multiple "
+                                    f"of 4, got {self.pe_lanes}"))
         if self.max_head_dim > self.max_reduction_len:
             out.append(("max_head_dim", f"{self.max_head_dim} exceeds max_reduction_len "
                                         f"= {self.max_reduction_len}"))

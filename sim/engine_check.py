@@ -134,8 +134,9 @@ def _vals(rng, lo, hi, shape, edge: str | None):
 def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str | None = None,
               k_beats: int | None = None, n: int | None = None, tokens: int | None = None,
               group_beats: int | None = None, requant: bool | None = None, max_k_beats: int = 6,
-              max_tiles: int = 3, per_row: bool | None = None) -> Case:
+              max_tiles: int = 3, per_row: bool | None = None, code_bits: int = 2) -> Case:
     """One random case of ``mode``. Shapes are random unless given (k_beats: weight beats per tile).
+    ``code_bits`` 4: a dense case with 4-bit weight codes (the W4 lm_head's linear).
     A requantized case has one multiplier and shift per operation (sent to every row) or, with
     ``per_row`` (random if None), one per output row; either way one ``rq`` beat per row tile."""
     R, L = p.pe_rows, p.pe_lanes
@@ -176,8 +177,10 @@ def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str
     s = np.zeros((Np, max(1, K // G)), np.int64)
     mn = np.zeros_like(s)
     inputs = {"a": a}
+    if code_bits != 2 and not mode.startswith("dense"):
+        raise ValueError(f"code_bits {code_bits}: only dense cases take 4-bit weight codes")
     if mode.startswith("dense") or sparse:
-        q = _vals(rng, 0, 3, (n, K), a_edge)
+        q = _vals(rng, 0, (1 << code_bits) - 1, (n, K), a_edge)
         sh = _vals(rng, 0, 255, (n, K // G), a_edge)
         mh = _vals(rng, -128, 127, (n, K // G), a_edge)
         if edge == "pruned" or (edge is None and rng.random() < 0.2):
@@ -202,8 +205,8 @@ def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str
             meta[:n] = md
             macs = T * n * K // 2
         else:
-            acc = ref.w2a8_linear(a, q, sh, mh, G)
-            inputs.update(codes=q, scales=sh, mins=mh, group_size=G)
+            acc = ref.w2a8_linear(a, q, sh, mh, G, code_bits=code_bits)
+            inputs.update(codes=q, scales=sh, mins=mh, group_size=G, code_bits=code_bits)
             codes[:n] = q
             macs = T * n * K
         s[:n], mn[:n] = sh, mh

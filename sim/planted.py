@@ -19,7 +19,7 @@ from pathlib import Path
 HW = Path(__file__).resolve().parent.parent / "hw"
 ENGINE_SOURCE = HW / "engine.py"
 #: the engine's RTL files: copied together, relative imports between them kept, others made absolute
-ENGINE_FILES = ("engine.py", "engine_parts.py", "array_slice.py")
+ENGINE_FILES = ("engine.py", "engine_parts.py", "array_slice.py", "engine_dsp.py")
 
 #: name -> (what the bug is, original text, replacement, the file under hw/ it is planted in)
 BUGS = {
@@ -65,6 +65,31 @@ BUGS = {
         'acc = Array(Signal(signed(ACC), name=f"acc_t{tk}")',
         'acc = Array(Signal(signed(24), name=f"acc_t{tk}")',
         "engine_parts.py",
+    ),
+    # multiplier_style: dsp (hw/engine_dsp.py; tests/hw/test_engine_dsp.py catches each)
+    "dsp_field_offset": (
+        "the dsp array packs the rows' codes 9 bits apart while it reads the fields 10 bits apart",
+        "slots = [Cat(lo[r][lane], Const(0, FIELD_BITS - DIGIT_BITS))",
+        "slots = [Cat(lo[r][lane], Const(0, FIELD_BITS - DIGIT_BITS - 1))",
+        "engine_dsp.py",
+    ),
+    "dsp_no_correction": (
+        "the dsp array leaves out the -128 * sum(c) correction of the offset packing",
+        "m.d.comb += corr.eq(ls - (lc << OFFSET_SHIFT))",
+        "m.d.comb += corr.eq(ls)",
+        "engine_dsp.py",
+    ),
+    "dsp_no_hi_digit": (
+        "the dsp array drops a 4-bit code's high digit (KV4, W4)",
+        "self.p[r].eq(Mux(self.is_sparse, corr, corr + (hs << DIGIT_BITS)))",
+        "self.p[r].eq(corr)",
+        "engine_dsp.py",
+    ),
+    "dsp_half_swapped": (
+        "the dsp array expands the other half of a 2:4 beat than the activations the op reads",
+        "m.d.comb += hsel.eq(self.half)",
+        "m.d.comb += hsel.eq(~self.half)",
+        "engine_dsp.py",
     ),
 }
 

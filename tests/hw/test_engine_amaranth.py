@@ -82,7 +82,8 @@ def test_simulate_engine_reports(params, tmp_path):
     (dict(max_reduction_len=4100), "max_reduction_len"),
     (dict(acc_bits=16), "acc_bits"),
     (dict(act_buffer_bytes=1000), "act_buffer_bytes"),
-    (dict(multiplier_style="dsp"), "multiplier_style"),
+    (dict(multiplier_style="mul"), "multiplier_style"),
+    (dict(multiplier_style="dsp", pe_lanes=2), "pe_lanes"),
 ])
 def test_bad_config_refused_with_parameter(params, change, param):
     bad = dataclasses.replace(params, **change)

@@ -1,0 +1,194 @@
+"""The engine's array in ``multiplier_style: dsp`` (docs/arithmetic.md, "The dsp engine"): the W2 x A8
+products packed three rows to a DSP48E2 with one activation shared down each lane column
+(``hw.dsp.W2x3``'s layout: codes at bits 0/10/20, ``B = a + 128``, the correction ``-128 * sum(c)`` per
+row), in every mode:
+
+* dense and QK/PV: lane column l multiplies the op's activation ``l``; a 4-bit code (W4, KV4) is its
+  low 2-bit digit in the DSP and its high digit as a LUT row (``a * hi``, a 4:1 select among the
+  column's ``0, a, 2a, 3a``), combined after the trees: ``p = lo - 128 * sum(lo) + 4 * hi``;
+* 2:4: the weights are expanded on the weight side (``hw.dsp.expand_group``, ``Expand24``'s logic) so
+  the same column-shared DSPs serve them: a beat's ``pe_lanes`` kept codes cover ``2 * pe_lanes``
+  positions, run as two half-beat ops (the ``half`` tag of the sequencer), half h taking positions
+  ``h * pe_lanes ..`` against the activation word ``2b + h``; the high-digit row, unused by W2 codes,
+  multiplies the kept flags and so gives each row's sum of its kept activations;
+* ``sum(a)``, the same in every row in dense and QK mode, is formed once (``DspCandidates``), not per
+  row.
+
+``DspCandidates`` (1) and ``DspRows`` (ceil(pe_rows / 3): ``DspRows3``, and ``DspRows1``/``DspRows2``
+for the rest) replace ``Candidates`` and ``ArrayRow``; their outputs ``p``, ``a`` per row are what
+``ArrayRow`` registers into S2, so the group stage, accumulators and output bank are shared with the
+``lut`` style. The products are combinational between the S1 registers and the S2 register, as the
+``lut`` array is (the DSP's A/B/M/P registers are not used yet: issue 10, the 225 MHz pipeline).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from quant.formats import ACT
+
+from .dsp import FIELD_BITS, OFFSET, ROWS_PER_DSP, expand_group
+from .engine_parts import CODE_BITS, META_BITS, MULTIPLE_BITS, multiples_of, partial_bits, tree_sum
+from .mult import lut_digit, split_product
+from .params import EngineParams
+
+__all__ = ["DspCandidates", "DspRows", "dsp_row_groups"]
+
+#: bits of a code's low digit (the DSP field's code) and of its high digit (the LUT row)
+DIGIT_BITS = 2
+#: the correction 128 * sum(lo) is a shift: OFFSET (hw.dsp, -ACT.min) is a power of two
+OFFSET_SHIFT = OFFSET.bit_length() - 1
+assert OFFSET == 1 << OFFSET_SHIFT
+
+
+def adder_tree(m: Module, values: list, name: str):
+    """``tree_sum`` with every node a named wire Yosys must keep: an adder tree of two-input adders on
+    carry chains, one per node, instead of the one multi-operand ``$macc`` Yosys' ``alumacc`` would
+    merge the tree into (mapped to full adders in LUTs: more LUTs, measured in docs/arithmetic.md)."""
+    vals, level = list(values), 0
+    while len(vals) > 1:
+        nxt = []
+        for i in range(0, len(vals) - 1, 2):
+            # exactly wide enough: a signed node one bit above its wider operand (unsigned ones counted
+            # with their sign bit)
+            w = max(len(v) + (0 if v.shape().signed else 1) for v in (vals[i], vals[i + 1])) + 1
+            s = Signal(signed(w), name=f"{name}_t{level}_{i // 2}", attrs={"keep": 1})
+            m.d.comb += s.eq(vals[i] + vals[i + 1])
+            nxt.append(s)
+        if len(vals) % 2:
+            nxt.append(vals[-1])
+        vals, level = nxt, level + 1
+    return vals[0]
+
+
+def dsp_row_groups(p: EngineParams) -> list[tuple[int, int]]:
+    """(first row, rows) of each ``DspRows``: three rows per DSP48E2, the last group what is left."""
+    return [(r, min(ROWS_PER_DSP, p.pe_rows - r)) for r in range(0, p.pe_rows, ROWS_PER_DSP)]
+
+
+class DspCandidates(wiring.Component):
+    """The activation side of the dsp array, shared by every row: lane l's activation of the op's
+    buffer word (``parity`` picks ``d1`` over ``d0``: the word's parity, in 2:4 mode the beat's half),
+    its ``3a`` (the high digit's multiples), and ``a_shared``: the P·V zero row
+    ``sum_l a_l * zero_l`` in P·V mode, else ``sum_l a_l`` (the rows' sum of activations in dense and
+    QK mode, formed once). Combinational."""
+
+    def __init__(self, p: EngineParams):
+        self.params = p
+        L = p.pe_lanes
+        super().__init__({
+            "d0": In(8 * L), "d1": In(8 * L), "parity": In(1), "is_pv": In(1),
+            "zero": In(data.ArrayLayout(unsigned(CODE_BITS), L)),
+            "act": Out(data.ArrayLayout(signed(ACT.bits), L)),
+            "act3": Out(data.ArrayLayout(signed(MULTIPLE_BITS), L)),
+            "a_shared": Out(signed(partial_bits(p))),
+        })
+
+    def elaborate(self, platform):
+        L = self.params.pe_lanes
+        m = Module()
+        word = Signal(8 * L)
+        m.d.comb += word.eq(Mux(self.parity, self.d1, self.d0))
+        zero = self.zero.as_value()
+        acts, zprods = [], []
+        for lane in range(L):
+            a = word.word_select(lane, 8).as_signed()
+            mult = multiples_of(m, a, (a << 1) + a, f"lane{lane}")
+            m.d.comb += [self.act[lane].eq(mult[0]), self.act3[lane].eq(mult[2])]
+            acts.append(mult[0])
+            zprods.append(split_product(m, mult, mult, zero[CODE_BITS * lane:CODE_BITS * (lane + 1)],
+                                        Const(1), f"zp{lane}"))
+        m.d.comb += self.a_shared.eq(Mux(self.is_pv, tree_sum(zprods), tree_sum(acts)))
+        return m
+
+
+class DspRows(wiring.Component):
+    """``rows`` (1..3) rows of the dsp array: per lane one packed DSP product of the rows' low digits
+    and the lane's shared activation, per row a high-digit LUT row and three adder trees (the fields,
+    the low digits for the ``-128 * sum(lo)`` correction, the high products). ``p``, ``a`` per row are
+    ``ArrayRow``'s: registered while ``en`` (S1 -> S2). ``codes``/``meta``: the rows' slices of the
+    weight beat; ``half``: which half of a 2:4 beat the op is."""
+
+    def __init__(self, p: EngineParams, rows: int):
+        if not 1 <= rows <= ROWS_PER_DSP:
+            raise ValueError(f"DspRows: rows = {rows}, must be 1..{ROWS_PER_DSP} (rows per DSP48E2)")
+        self.params, self.rows = p, rows
+        #: the name bitstream/engine_resources.py counts it under (instances differ by row count)
+        self.part_name = f"DspRows{rows}"
+        L, WP = p.pe_lanes, partial_bits(p)
+        super().__init__({
+            "act": In(data.ArrayLayout(signed(ACT.bits), L)),
+            "act3": In(data.ArrayLayout(signed(MULTIPLE_BITS), L)),
+            "a_shared": In(signed(WP)),
+            "codes": In(data.ArrayLayout(unsigned(CODE_BITS), rows * L)),   # [row * lanes + lane]
+            "meta": In(data.ArrayLayout(unsigned(META_BITS), rows * L // 2)),
+            "is_sparse": In(1), "half": In(1), "en": In(1),
+            "p": Out(data.ArrayLayout(signed(WP), rows)), "a": Out(data.ArrayLayout(signed(WP), rows)),
+        })
+
+    def elaborate(self, platform):
+        p, n = self.params, self.rows
+        L, WP, Q = p.pe_lanes, partial_bits(p), p.pe_lanes // 4
+        m = Module()
+        codes, meta = self.codes.as_value(), self.meta.as_value()
+        act, act3 = self.act.as_value(), self.act3.as_value()
+        A8, AM = ACT.bits, MULTIPLE_BITS
+        hsel = Signal()
+        m.d.comb += hsel.eq(self.half)
+
+        def code(r, lane):
+            return codes[CODE_BITS * (r * L + lane):][:CODE_BITS]
+
+        def meta_of(r, group):
+            return meta[META_BITS * (r * L // 2 + group):][:META_BITS]
+
+        # each lane's low digit (into the DSP) and high digit (the LUT row), per row
+        lo = [[None] * L for _ in range(n)]
+        hi = [[None] * L for _ in range(n)]
+        for r in range(n):
+            for q in range(Q):
+                # 2:4: this half's group q is the beat's group half * Q + q (kept lanes 2g, 2g + 1)
+                k0, k1 = Signal(DIGIT_BITS, name=f"k0_r{r}_g{q}"), Signal(DIGIT_BITS, name=f"k1_r{r}_g{q}")
+                mt = Signal(META_BITS, name=f"meta_r{r}_g{q}")
+                m.d.comb += [k0.eq(Mux(hsel, code(r, 2 * (Q + q)), code(r, 2 * q))[:DIGIT_BITS]),
+                             k1.eq(Mux(hsel, code(r, 2 * (Q + q) + 1), code(r, 2 * q + 1))[:DIGIT_BITS]),
+                             mt.eq(Mux(hsel, meta_of(r, Q + q), meta_of(r, q)))]
+                ecodes, emask = expand_group([k0, k1], mt)
+                for i in range(4):
+                    lane = 4 * q + i
+                    c = code(r, lane)
+                    lo[r][lane] = Signal(DIGIT_BITS, name=f"lo_r{r}_l{lane}")
+                    hi[r][lane] = Signal(DIGIT_BITS, name=f"hi_r{r}_l{lane}")
+                    m.d.comb += [lo[r][lane].eq(Mux(self.is_sparse, ecodes[i], c[:DIGIT_BITS])),
+                                 hi[r][lane].eq(Mux(self.is_sparse, emask[i], c[DIGIT_BITS:]))]
+
+        # one DSP48E2 per lane: A = the rows' low digits at bits 0/10/20, B = a + 128 (top bit
+        # inverted); every field (a + 128) * lo <= 765 < 2**10, so field r is row r's offset product
+        fields = [[] for _ in range(n)]
+        for lane in range(L):
+            slots = [Cat(lo[r][lane], Const(0, FIELD_BITS - DIGIT_BITS)) for r in range(n - 1)] + [lo[n - 1][lane]]
+            packed = Signal(FIELD_BITS * (n - 1) + DIGIT_BITS, name=f"dsp{lane}_a")
+            b = Signal(unsigned(A8), name=f"dsp{lane}_b")
+            prod = Signal(FIELD_BITS * n, name=f"dsp{lane}_p")
+            a = act[A8 * lane:A8 * (lane + 1)]
+            m.d.comb += [packed.eq(Cat(*slots)), b.eq(Cat(a[:A8 - 1], ~a[A8 - 1])), prod.eq(packed * b)]
+            for r in range(n):
+                fields[r].append(prod[FIELD_BITS * r:FIELD_BITS * (r + 1)])
+
+        mults = []
+        for lane in range(L):
+            a = act[A8 * lane:A8 * (lane + 1)].as_signed()
+            mults.append(multiples_of(m, a, act3[AM * lane:AM * (lane + 1)].as_signed(), f"l{lane}"))
+        for r in range(n):
+            ls, lc, hs = (Signal(signed(WP), name=f"{k}_r{r}") for k in ("lo_sum", "lo_codes", "hi_sum"))
+            corr = Signal(signed(WP), name=f"corr_r{r}")
+            hprods = [lut_digit(m, mults[lane], hi[r][lane], f"hp_r{r}_l{lane}") for lane in range(L)]
+            m.d.comb += [ls.eq(adder_tree(m, fields[r], f"lo_r{r}")), lc.eq(adder_tree(m, lo[r], f"lc_r{r}")),
+                         hs.eq(adder_tree(m, hprods, f"hi_r{r}"))]
+            m.d.comb += corr.eq(ls - (lc << OFFSET_SHIFT))  # a * c = (a + 128) * c - 128 * c
+            with m.If(self.en):
+                m.d.sync += [self.p[r].eq(Mux(self.is_sparse, corr, corr + (hs << DIGIT_BITS))),
+                             self.a[r].eq(Mux(self.is_sparse, hs, self.a_shared))]
+        return m
