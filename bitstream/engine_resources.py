@@ -20,13 +20,15 @@ from .blackbox import rtlil_with_black_boxes, silence
 from .partsum import KEYS, Part, counts, sum_parts
 from .yosys import estimate
 
-__all__ = ["engine_instances", "top_with_black_boxes", "engine_parts", "engine_estimate", "flat_check", "KEYS"]
+__all__ = ["engine_instances", "top_with_black_boxes", "engine_parts", "engine_estimate", "flat_check", "KEYS",
+           "lut_mapper"]
 
 
 def engine_instances(p: EngineParams) -> dict[str, dict]:
-    """The engine's direct sub-components, read from its real top: class name -> {"count", "what",
-    "design" (one instance, for synthesis)}. Instances of one class are built from the same
-    parameters, so one synthesis stands for all of them."""
+    """The engine's direct sub-components, read from its real top: part name (the class name, or its
+    ``part_name`` where one class has variants) -> {"count", "what", "design" (one instance, for
+    synthesis)}. Instances of one part are built from the same parameters, so one synthesis stands for
+    all of them."""
     from hw.engine import Engine
 
     engine = Engine(p)
@@ -37,8 +39,10 @@ def engine_instances(p: EngineParams) -> dict[str, dict]:
     # only the top builds no array, so this is cheap even at the u280 size.
     for sub, _src_loc in top._named_submodules.values():
         cls = type(sub)
-        entry = out.setdefault(cls.__name__, {"count": 0, "what": f"{cls.__module__}.{cls.__qualname__}",
-                                              "design": sub})
+        # a class built at different parameters within one engine (hw.engine_dsp.DspRows: 3 rows per
+        # DSP column, the last group fewer) names each variant by ``part_name`` (DspRows3, DspRows1)
+        entry = out.setdefault(getattr(sub, "part_name", cls.__name__),
+                               {"count": 0, "what": f"{cls.__module__}.{cls.__qualname__}", "design": sub})
         entry["count"] += 1
         silence(sub)  # only one of each is converted, and only when synthesized
     return out
@@ -55,14 +59,24 @@ def top_with_black_boxes(p: EngineParams) -> str:
     return rtlil_with_black_boxes(Engine(p), {type(d["design"]) for d in parts.values()})
 
 
+def lut_mapper(p: EngineParams) -> str:
+    """Yosys' LUT mapper for an engine's parts and its flat run: synth_xilinx's own ``abc9``, except
+    for ``multiplier_style: dsp``, whose array rows (``hw.engine_dsp.DspRows``) Yosys 0.70's abc9
+    cannot map (it fails ``count_id(wire->name) == 0`` in rtlil.cc during ABC_OPS_REINTEGRATE, at the
+    u280 lane width): that engine is mapped with ``abc`` throughout (``bitstream.yosys.MAP_LUTS_ABC``),
+    every part and the flat cross-check alike, so that the two stay comparable."""
+    return "abc" if p.multiplier_style == "dsp" else "abc9"
+
+
 def engine_parts(p: EngineParams, prefix: str = "", category: str = "") -> list[Part]:
     """The engine as ``sum_parts`` counts it: each distinct sub-component once with its instance count,
     and the top's own logic (``top_with_black_boxes``, converted only when synthesized)."""
-    parts = [Part(prefix + name, inst["count"], inst["what"], design=inst["design"], category=category)
+    parts = [Part(prefix + name, inst["count"], inst["what"], design=inst["design"], category=category,
+                  lut_mapper=lut_mapper(p))
              for name, inst in engine_instances(p).items()]
     parts.append(Part(prefix + "top", 1, "hw.engine.Engine's own logic (sub-components as black boxes): "
                                          "pipeline registers S1-S3, the stall, the stream wiring",
-                      design=lambda: top_with_black_boxes(p), category=category))
+                      design=lambda: top_with_black_boxes(p), category=category, lut_mapper=lut_mapper(p)))
     return parts
 
 
@@ -83,7 +97,7 @@ def flat_check(p: EngineParams, *, timeout_s: float = 3600, log=None) -> dict:
 
     text = rtlil.convert(Engine(p), name="top", emit_src=False)
     summed = engine_estimate(p, timeout_s=timeout_s, log=log)
-    res = estimate(text, top="top", timeout_s=timeout_s)
+    res = estimate(text, top="top", timeout_s=timeout_s, lut_mapper=lut_mapper(p))
     flat = counts(res)
     if log:
         log("  flat: " + ", ".join(f"{k} {flat[k]:g}" for k in KEYS) + f" ({res['seconds']:.0f} s)")

@@ -25,7 +25,7 @@ KEYS = ("lut", "ff", "dsp", "bram36", "uram")
 class Part:
     """One distinct design and how many times the whole holds it. ``design``: an elaboratable, RTLIL
     text, or a callable returning one (built only when synthesized: the black-boxed tops take seconds
-    to convert)."""
+    to convert). ``lut_mapper``: Yosys' LUT mapping for this part (``bitstream.yosys.script_for``)."""
     name: str
     count: int
     what: str
@@ -33,6 +33,7 @@ class Part:
     ports: list | None = None
     category: str = ""
     extra: dict = field(default_factory=dict)
+    lut_mapper: str = "abc9"
 
     def get_design(self):
         return self.design() if callable(self.design) and not hasattr(self.design, "elaborate") else self.design
@@ -71,14 +72,16 @@ def sum_parts(parts: list[Part], *, limit: dict | None = None, cached_only: bool
         tc = time.monotonic()
         design = part.get_design()
         convert_s = time.monotonic() - tc
-        res = estimate(design, top="top", ports=part.ports, timeout_s=timeout_s, cached_only=cached_only)
+        res = estimate(design, top="top", ports=part.ports, timeout_s=timeout_s, cached_only=cached_only,
+                       lut_mapper=part.lut_mapper)
         if res is None:
             skipped.append(part.name)
             continue
         each = counts(res)
         by[part.name] = {"count": part.count, "what": part.what, "category": part.category, "each": each,
                          "total": {k: each[k] * part.count for k in KEYS}, "carry": res["carry"],
-                         "seconds": res["seconds"], "cached": res["cached"], "key": res["key"], **part.extra}
+                         "seconds": res["seconds"], "cached": res["cached"], "key": res["key"],
+                         "lut_mapper": part.lut_mapper, **part.extra}
         if convert_s > 5:
             by[part.name]["rtlil_convert_seconds"] = round(convert_s, 1)
         for k in KEYS:

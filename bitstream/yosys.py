@@ -117,8 +117,20 @@ def yosys_version() -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
+#: synth_xilinx's map_luts step (Yosys 0.70 ``help synth_xilinx``, LUT6 families) with ``abc`` in place
+#: of ``abc9``: Yosys 0.70's abc9 fails an assertion on some designs (``count_id(wire->name) == 0`` in
+#: rtlil.cc, in ABC_OPS_REINTEGRATE; hw.engine_dsp.DspRows at the u280 lane width), so those are mapped
+#: with the older ``abc`` (``lut_mapper="abc"``; the result's script says which)
+MAP_LUTS_ABC = ("opt_expr -mux_undef -noclkinv; abc -luts 2:2,3,6:5,10,20; clean; xilinx_srl -fixed -minlen 3; "
+                "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; xilinx_dffopt; "
+                "opt_lut_ins -tech xilinx")
+LUT_MAPPERS = ("abc9", "abc")
+
+
 def script_for(top: str, family: str = "xcup", uram: bool = True, nodsp: bool = False,
-               flatten: bool = True) -> str:
+               flatten: bool = True, lut_mapper: str = "abc9") -> str:
+    if lut_mapper not in LUT_MAPPERS:
+        raise ValueError(f"lut_mapper {lut_mapper!r}: one of {', '.join(LUT_MAPPERS)}")
     synth = f"synth_xilinx -family {family} -top {top} -noiopad"
     if uram:
         synth += " -uram"
@@ -126,24 +138,27 @@ def script_for(top: str, family: str = "xcup", uram: bool = True, nodsp: bool = 
         synth += " -nodsp"
     if flatten:
         synth += " -flatten"
+    if lut_mapper == "abc":  # the same passes, map_luts done by MAP_LUTS_ABC
+        synth = f"{synth} -run :map_luts; {MAP_LUTS_ABC}; {synth} -run finalize:"
     return f"read_rtlil design.il; {synth}; tee -q -o stat.json stat -json"
 
 
 def estimate(design: Any, top: str = "top", family: str = "xcup", uram: bool = True,
              workdir: str | os.PathLike | None = None, *, ports: list | None = None,
              nodsp: bool = False, flatten: bool = True, cache: bool = True,
-             timeout_s: float = 3600, cached_only: bool = False) -> dict | None:
+             timeout_s: float = 3600, cached_only: bool = False, lut_mapper: str = "abc9") -> dict | None:
     """Synthesize ``design`` (Amaranth elaboratable or RTLIL text) with Yosys for ``family`` and return
     the resource counts (module docstring). ``workdir``: where to run (default: a content-addressed
     folder under the cache, or a temporary folder when ``cache`` is False). ``nodsp``: forbid DSP
     inference. ``flatten=False`` (synth_xilinx's own default) keeps the hierarchy and adds
     ``modules``: the same counts for each module's own cells (Amaranth names submodules
     ``top.<name>``), so one run can measure several designs side by side. ``timeout_s``: a longer
-    run raises ``YosysError``. ``cached_only``: return the cached result or None, never run Yosys."""
+    run raises ``YosysError``. ``cached_only``: return the cached result or None, never run Yosys.
+    ``lut_mapper``: ``"abc9"`` (synth_xilinx's own) or ``"abc"`` (``MAP_LUTS_ABC``)."""
     text = to_rtlil(design, top=top, ports=ports)
     if cached_only and (not cache or workdir is not None):
         return None
-    script = script_for(top, family=family, uram=uram, nodsp=nodsp, flatten=flatten)
+    script = script_for(top, family=family, uram=uram, nodsp=nodsp, flatten=flatten, lut_mapper=lut_mapper)
     key = hashlib.sha256(f"{RESULT_VERSION}\n{_package_version()}\n{script}\n{text}"
                          .encode()).hexdigest()[:20]
     cache_root = Path(os.environ.get("ACCLLM_YOSYS_CACHE", DEFAULT_CACHE))
