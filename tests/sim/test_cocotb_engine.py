@@ -72,3 +72,14 @@ def test_missing_simulator_is_named(monkeypatch):
     with pytest.raises(SimulatorMissing) as e:
         find_simulator("icarus")
     assert str(e.value) == "iverilog not found: apt-get install iverilog"
+
+
+@pytest.mark.slow
+def test_verilator_dsp_style_all_modes(tmp_path):
+    """multiplier_style dsp (hw/engine_dsp.py) under Verilator: every mode, asymmetric stalls."""
+    _require("verilator")
+    p = dataclasses.replace(load_hw("ci-small").engine, multiplier_style="dsp")
+    res = simulate_engine(p, "verilator", 36, seed=21, stall_probability=0.3, build_dir=tmp_path,
+                          stall_profile="asymmetric")
+    assert res["bit_exact"], res.get("first_mismatch")
+    assert res["cases"] == 36 and set(res["modes"]) == set(MODES)
