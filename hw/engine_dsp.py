@@ -30,7 +30,8 @@ from amaranth.lib.wiring import In, Out
 from quant.formats import ACT
 
 from .dsp import FIELD_BITS, OFFSET, ROWS_PER_DSP, expand_group
-from .engine_parts import CODE_BITS, META_BITS, MULTIPLE_BITS, multiples_of, partial_bits, tree_sum
+from .engine_parts import (CODE_BITS, META_BITS, MULTIPLE_BITS, candidate_inputs, multiples_of, partial_bits,
+                           tree_sum)
 from .mult import lut_digit, split_product
 from .params import EngineParams
 
@@ -79,8 +80,7 @@ class DspCandidates(wiring.Component):
         self.params = p
         L = p.pe_lanes
         super().__init__({
-            "d0": In(8 * L), "d1": In(8 * L), "parity": In(1), "is_pv": In(1),
-            "zero": In(data.ArrayLayout(unsigned(CODE_BITS), L)),
+            **candidate_inputs(p), "is_pv": In(1),
             "act": Out(data.ArrayLayout(signed(ACT.bits), L)),
             "act3": Out(data.ArrayLayout(signed(MULTIPLE_BITS), L)),
             "a_shared": Out(signed(partial_bits(p))),

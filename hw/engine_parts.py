@@ -336,6 +336,13 @@ class ActBuffer(wiring.Component):
         return m
 
 
+def candidate_inputs(p: EngineParams) -> dict:
+    """The input ports every array's activation side takes (``Candidates``, ``hw.engine_dsp.DspCandidates``):
+    the two buffer words, the op's word parity and the P·V zero-points of the lanes."""
+    L = p.pe_lanes
+    return {"d0": In(8 * L), "d1": In(8 * L), "parity": In(1), "zero": In(data.ArrayLayout(unsigned(CODE_BITS), L))}
+
+
 class Candidates(wiring.Component):
     """The activation side of the array, shared by every row: from the two buffer words (``d0``,
     ``d1``) and the op's word parity, each lane pair's four candidate activations ``a`` and their
@@ -347,8 +354,7 @@ class Candidates(wiring.Component):
         self.params = p
         L = p.pe_lanes
         super().__init__({
-            "d0": In(8 * L), "d1": In(8 * L), "parity": In(1), "is_sparse": In(1),
-            "zero": In(data.ArrayLayout(unsigned(CODE_BITS), L)),
+            **candidate_inputs(p), "is_sparse": In(1),
             "a": Out(data.ArrayLayout(signed(ACT.bits), 2 * L)),      # [4 * pair + i]
             "a3": Out(data.ArrayLayout(signed(MULTIPLE_BITS), 2 * L)),
             "zsum": Out(signed(partial_bits(p))),
