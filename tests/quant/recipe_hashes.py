@@ -7,6 +7,17 @@ fixture, leaving the others as they are). The committed file was generated *befo
 rewritten as a loop over modifiers (issue 11 item 3); ``test_recipe_hashes.py`` re-quantizes and requires
 the same digests, so the refactor provably changed no byte of any artifact.
 
+Some recipes' bytes depend on the CPU, not on the pipeline: float reductions run in another order on
+another CPU's vector kernels, and where a result is rounded to a 2-bit code or drives an Adam step
+(SparseGPT's updates, the reconstruction) one ulp becomes a different artifact. Measured: on an AMD EPYC
+(torch's AVX512 kernels), 5 of the 26 recipes gave other bytes than the fixture made on the machine of the
+pre-refactor run, on both models (the three reconstruction recipes and the SparseGPT variants
+x-prune-sparsegpt-only and x-partial-targets), the same bytes at each run there. So the fixture
+keeps, per model and recipe, the digests of each further CPU it was run on (``cpu_variants``, each labelled with
+``cpu_label()``): ``--cpu-variant`` re-quantizes every recipe with the current pipeline and records the
+digests that differ from every recorded set, under this machine's label. The test accepts a recorded set
+only: a pipeline change still gives bytes that no CPU recorded.
+
 What is hashed: ``model.safetensors`` (every tensor), ``recipe.yaml``, ``config.json`` and the manifest's
 deterministic part (runtime numerics, calibration windows and the text's file name, the key-smoothing and reconstruction logs
 without their seconds); not timings, paths, tool versions or RSS. The tiny checkpoint's own digest is
@@ -122,6 +133,45 @@ def generate() -> dict:
     return res
 
 
+def cpu_label() -> str:
+    """What the float reduction order depends on: the CPU model and torch's vector kernels."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}; torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def recorded(res: dict, model: str, recipe: str) -> list[dict]:
+    """Every digest set the fixture accepts for ``model`` / ``recipe``: the pre-refactor one, then one per
+    further CPU (``{"digests": ..., "recorded_on": cpu_label()}``)."""
+    return [res["models"][model]["recipes"][recipe]] + [
+        v["digests"] for v in res.get("cpu_variants", {}).get(model, {}).get(recipe, [])]
+
+
+def add_cpu_variant(res: dict) -> dict:
+    """Re-quantize every recipe here and record, under this CPU's label, the digests no recorded set has."""
+    label = cpu_label()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MODELS:
+            d = make_model(name, Path(tmp) / name)
+            assert checkpoint_digest(d) == res["models"][name]["checkpoint"], f"the tiny checkpoint {name} changed"
+            for r in recipes():
+                got = quantize(d, r, Path(tmp) / f"{name}-{r}")
+                new = got not in recorded(res, name, r)
+                if new:
+                    res.setdefault("cpu_variants", {}).setdefault(name, {}).setdefault(r, []).append(
+                        {"digests": got, "recorded_on": label})
+                print(name, r, "new on this CPU" if new else "as recorded", flush=True)
+    return res
+
+
 def add(names: list[str], res: dict) -> dict:
     """Digests of recipes the committed fixture lacks (newer than the pre-refactor pipeline), added with the
     current pipeline; the existing digests are left as they are and must still reproduce."""
@@ -140,7 +190,9 @@ def add(names: list[str], res: dict) -> dict:
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(ROOT))
-    if sys.argv[1:2] == ["--add"]:  # python tests/quant/recipe_hashes.py --add RECIPE [RECIPE ...]
+    if sys.argv[1:2] == ["--cpu-variant"]:  # python tests/quant/recipe_hashes.py --cpu-variant
+        res = add_cpu_variant(json.loads(FIXTURE.read_text()))
+    elif sys.argv[1:2] == ["--add"]:  # python tests/quant/recipe_hashes.py --add RECIPE [RECIPE ...]
         res = add(sys.argv[2:], json.loads(FIXTURE.read_text()))
     else:
         res = generate()
