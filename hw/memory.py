@@ -124,7 +124,10 @@ class BeatGather(wiring.Component):
         m.d.comb += [self.beats.valid.eq(full), self.beats.payload.eq(buf[:self.width]),
                      self.words.ready.eq(~full)]
         with m.If(self.words.valid & ~full):
-            m.d.sync += [buf.eq((buf >> W) | (self.words.payload << (W * (n - 1)))), k.eq(k + 1)]
+            # the new word enters at the top, the older ones move down one word: a Cat, not
+            # ``payload << (W * (n - 1))``, whose shift by a Python int Amaranth widens by 2**16 - 1 bits
+            # for a shift amount of 16 bits (a cell over its 65,536-bit limit at the u280's 89 words)
+            m.d.sync += [buf.eq(Cat(buf[W:], self.words.payload)), k.eq(k + 1)]
             with m.If(k == n - 1):
                 m.d.sync += [full.eq(1), k.eq(0)]
         with m.If(self.beats.valid & self.beats.ready):
