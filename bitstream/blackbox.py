@@ -46,8 +46,9 @@ def _component_ports(comp) -> list[tuple[str, object, bool]]:
     return out
 
 
-def rtlil_with_black_boxes(design, classes, name: str = "top") -> str:
-    """RTLIL of ``design`` with every instance of ``classes`` a black box (module docstring)."""
+def rtlil_with_black_boxes(design, classes, name: str = "top", ports: list | None = None) -> str:
+    """RTLIL of ``design`` with every instance of ``classes`` a black box (module docstring);
+    ``ports``: the top's ports when it is not a ``wiring.Component`` (``AxiAccelerator.ports``)."""
     from amaranth.back import rtlil
     from amaranth.hdl import Instance, Module
     from amaranth.lib.memory import Memory
@@ -56,15 +57,20 @@ def rtlil_with_black_boxes(design, classes, name: str = "top") -> str:
     stubs: dict[str, list[str]] = {}
 
     def black_box(self, platform):
-        # instances of one class with different ports (hw.engine_dsp.DspRows of 3 and of 1 row) name
-        # themselves by ``part_name``: one black box per distinct port list
-        bb = f"bb_{getattr(self, 'part_name', type(self).__name__)}"
         silence(self)
         ports, wires = {}, []
         listed = _memory_ports(self) if isinstance(self, Memory) else _component_ports(self)
         for i, (pname, v, inp) in enumerate(listed):
             ports[("i_" if inp else "o_") + pname] = v
             wires.append(f"  wire width {len(v)} {'input' if inp else 'output'} {i + 1} \\{pname}")
+        # instances of one class with different ports name themselves by ``part_name`` when they have
+        # one (hw.engine_dsp.DspRows of 3 and of 1 row); others with other port widths (the streamer's
+        # two gathers) are black boxes of their own all the same: bb_<name>, bb_<name>_1, ...
+        bb = base = f"bb_{getattr(self, 'part_name', type(self).__name__)}"
+        n = 0
+        while stubs.get(bb, wires) != wires:
+            n += 1
+            bb = f"{base}_{n}"
         stubs.setdefault(bb, wires)
         m = Module()
         m.submodules.bb = Instance(bb, **ports)
@@ -74,7 +80,8 @@ def rtlil_with_black_boxes(design, classes, name: str = "top") -> str:
     try:
         for cls in classes:
             cls.elaborate = black_box
-        text = rtlil.convert(design, name=name, emit_src=False)  # location-free: cacheable
+        kw = {} if ports is None else {"ports": list(ports)}
+        text = rtlil.convert(design, name=name, emit_src=False, **kw)  # location-free: cacheable
     finally:
         for cls, fn in saved.items():
             if fn is None:

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .yosys import estimate
+from .yosys import estimate, to_rtlil
 
-__all__ = ["KEYS", "Part", "DoesNotFit", "sum_parts", "counts"]
+__all__ = ["KEYS", "Part", "DoesNotFit", "PartFailed", "sum_parts", "counts"]
 
 KEYS = ("lut", "ff", "dsp", "bram36", "uram")
 
@@ -52,6 +52,15 @@ class DoesNotFit(RuntimeError):
                          f"{', '.join(self.counted)} ({len(remaining)} parts not yet counted)")
 
 
+class PartFailed(RuntimeError):
+    """A part could not be converted to RTLIL or synthesized; the message names the part."""
+
+    def __init__(self, part: "Part", stage: str, cause: BaseException):
+        self.part, self.stage, self.cause = part, stage, cause
+        super().__init__(f"{part.name} ({part.what}): {stage} failed: {type(cause).__name__}: "
+                         f"{str(cause).strip()[:1500] or '(no message)'}")
+
+
 def counts(res: dict) -> dict:
     return {k: res[k] for k in KEYS}
 
@@ -70,10 +79,16 @@ def sum_parts(parts: list[Part], *, limit: dict | None = None, cached_only: bool
     res = None
     for i, part in enumerate(order):
         tc = time.monotonic()
-        design = part.get_design()
+        try:
+            design = to_rtlil(part.get_design(), top="top", ports=part.ports)
+        except Exception as e:  # Amaranth asserts on some designs (a cell over 65,536 bits): name the part
+            raise PartFailed(part, "conversion to RTLIL (Amaranth)", e) from e
         convert_s = time.monotonic() - tc
-        res = estimate(design, top="top", ports=part.ports, timeout_s=timeout_s, cached_only=cached_only,
-                       lut_mapper=part.lut_mapper)
+        try:
+            res = estimate(design, top="top", timeout_s=timeout_s, cached_only=cached_only,
+                           lut_mapper=part.lut_mapper)
+        except Exception as e:
+            raise PartFailed(part, "Yosys synthesis", e) from e
         if res is None:
             skipped.append(part.name)
             continue

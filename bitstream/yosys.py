@@ -181,8 +181,35 @@ def estimate(design: Any, top: str = "top", family: str = "xcup", uram: bool = T
         return _run(find_yosys(), text, script, top, Path(tmp), timeout_s, key, save=False)
 
 
+# Yosys 0.70 asserts in ABC9's reintegration (``ERROR: Assert `count_id(wire->name) == 0' failed``,
+# kernel/rtlil.cc) on some designs (hw.controller.EngineStreamer at every size): a new wire's name
+# collides with an existing public one. Hiding the public wire names of the flattened design first
+# (``rename -hide``; names do not change what is built) lets the same synthesis finish. Applied only
+# after the plain script failed so, and recorded in the result (``workaround``).
+NAME_CLASH = "count_id(wire->name) == 0"
+NAME_CLASH_PREP = "hierarchy -top {top}; flatten; rename -hide w:*; "
+
+
 def _run(exe: str, text: str, script: str, top: str, run_dir: Path, timeout_s: float, key: str,
          save: bool) -> dict:
+    try:
+        return _run_once(exe, text, script, top, run_dir, timeout_s, key, save)
+    except YosysError as e:
+        log = run_dir / "yosys.log"
+        said = str(e) + (log.read_text(errors="replace")[-4000:] if log.exists() else "")
+        if NAME_CLASH not in said or not script.startswith("read_rtlil design.il; "):
+            raise
+    alt = script.replace("read_rtlil design.il; ", "read_rtlil design.il; " + NAME_CLASH_PREP.format(top=top), 1)
+    res = _run_once(exe, text, alt, top, run_dir, timeout_s, key, save=False)
+    res["workaround"] = (f"the plain script hit Yosys' ABC9 name-clash assert ({NAME_CLASH}); rerun with "
+                         f"'{NAME_CLASH_PREP.format(top=top).strip('; ')}' first")
+    if save:
+        (run_dir / "result.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def _run_once(exe: str, text: str, script: str, top: str, run_dir: Path, timeout_s: float, key: str,
+              save: bool) -> dict:
     (run_dir / "design.il").write_text(text)
     (run_dir / "script.ys").write_text(script.replace("; ", "\n") + "\n")
     stat = run_dir / "stat.json"
