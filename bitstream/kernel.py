@@ -23,7 +23,8 @@ from hw.params import EngineParams
 
 from .axi import AxiLiteControl, AxiReader, AxiWriter, Pack, Unpack, arg_offsets, words_for
 
-__all__ = ["AccelKernel", "IN_STREAMS", "OUT_STREAMS", "STREAMS", "ARGS", "stream_widths"]
+__all__ = ["AccelKernel", "AcceleratorKernel", "accel_args", "IN_STREAMS", "OUT_STREAMS", "STREAMS", "ARGS",
+           "stream_widths"]
 
 OUT_STREAMS = ("out",)
 #: the engine's input streams, in ``hw.engine.layouts`` order (the one definition: today cmd, act, weight,
@@ -123,4 +124,100 @@ class AccelKernel(Elaboratable):
             with m.If(armed & ~busy_any):
                 m.d.sync += running.eq(0)
         m.d.comb += ctl.done.eq(running & armed & ~busy_any)
+        return m
+
+
+# ---------------------------------------------------------------------------------------------------
+# The kernel around the whole accelerator (hw.accel.AxiAccelerator)
+# ---------------------------------------------------------------------------------------------------
+def accel_args(accel) -> list[tuple[str, int]]:
+    """The accelerator kernel's arguments: a 64-bit buffer address per striped port's channel
+    (``mem<p>_ptr``, in ``hw.axi.port_names`` order)."""
+    from hw.axi import port_names
+    return [(f"{n}_ptr", 64) for n in port_names(accel) if n != "aux"]
+
+
+class AcceleratorKernel(Elaboratable):
+    """The whole accelerator (``hw.accel.AxiAccelerator``: engine, special-function units, controller,
+    scratchpad, AXI memory system) as an XRT RTL kernel (UG1393 "RTL Kernels"): ``ap_clk``,
+    ``ap_rst_n``, ``interrupt``, the AXI4-Lite slave ``s_axi_control_*`` (``AxiLiteControl``, the
+    ``ap_ctrl_hs`` map, arguments ``accel_args`` from 0x10) and the accelerator's own AXI4 masters
+    ``m_axi_mem<p>_*`` and ``m_axi_aux_*`` (``hw.axi.memory_buses``), ``accel.mem_word_bits`` wide.
+
+    Addresses: the accelerator's flat AXI space puts channel ``q`` at byte ``q * mem_channel_bytes``
+    (``hw.axi.stripe_map``: port ``mem<q>`` only ever addresses channel ``q``, ``aux`` any channel);
+    the kernel sends an address ``a`` of channel ``q = a // mem_channel_bytes`` to ``mem<q>_ptr + a %
+    mem_channel_bytes``, so the host gives each channel a buffer of its own (one per HBM
+    pseudo-channel: ``bitstream.vitis.link_config``) holding that channel's words of the compiled image
+    (``hw.compile``'s memory image through ``stripe_map``). ap_start pulses the accelerator's
+    ``start`` (the program runs from word 0); ap_done rises when it stops (HALT or an error); a nonzero
+    ``AccelError`` sets bit 4 of the control register (the code itself is the accelerator's ``error``
+    output, for a debug core)."""
+
+    def __init__(self, engine: EngineParams, accel, units=None, addr_width: int = 64, own_domain: bool = True):
+        from hw.accel import AxiAccelerator
+        from hw.axi import memory_buses
+        problems = accel.problems()
+        if problems:
+            raise ValueError("accelerator: " + "; ".join(f"{k}: {v}" for k, v in problems))
+        self.own_domain = own_domain
+        self.p, self.accel, self.aw = engine, accel, addr_width
+        self.dw = accel.mem_word_bits
+        self.core = AxiAccelerator(engine, accel, units, addr_width=addr_width)
+        self.args = accel_args(accel)
+        self.control = AxiLiteControl(self.args)
+        self.buses = memory_buses(accel, addr_width)  # the kernel's own ports, same names as the core's
+        self.port_names = list(self.buses)
+        self.ap_clk = Signal(name="ap_clk")
+        self.ap_rst_n = Signal(name="ap_rst_n")
+        self.interrupt = Signal(name="interrupt")
+
+    @property
+    def ports(self) -> list[Signal]:
+        out = [self.ap_clk, self.ap_rst_n, self.interrupt, *self.control.bus.values()]
+        for n in self.port_names:
+            out += list(self.buses[n].values())
+        return out
+
+    def elaborate(self, platform):
+        from hw.axi import MASTER_OUTPUTS
+        m = Module()
+        if self.own_domain:
+            cd = ClockDomain("sync", local=True)
+            m.domains.sync = cd
+            m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(~self.ap_rst_n)]
+        m.submodules.control = ctl = self.control
+        m.submodules.accel = core = self.core
+        A = self.accel
+        cbits = A.mem_channel_bytes.bit_length() - 1
+        ptrs = [ctl.args[name] for name, _ in self.args]
+        for n in self.port_names:
+            inner, outer = core.buses[n], self.buses[n]
+            for k, sig in inner.items():
+                if k in ("araddr", "awaddr"):
+                    q = sig[cbits:]
+                    base = Signal(self.aw, name=f"{n}_{k}_base")
+                    with m.Switch(q):
+                        for c, ptr in enumerate(ptrs):
+                            with m.Case(c):
+                                m.d.comb += base.eq(ptr)
+                    m.d.comb += outer[k].eq(base + sig[:cbits])
+                elif k in MASTER_OUTPUTS:
+                    m.d.comb += outer[k].eq(sig)
+                else:
+                    m.d.comb += sig.eq(outer[k])
+        # ap_start -> one start pulse; ap_done once the accelerator's held ``done`` has fallen after it
+        # (a restart from DONE may wait for a prefetch in flight to drain) and risen again
+        running, left = Signal(), Signal()
+        finished = Signal()
+        m.d.comb += [core.start.eq(ctl.start), ctl.idle.eq(~running), self.interrupt.eq(ctl.interrupt),
+                     finished.eq(running & left & core.done),
+                     ctl.done.eq(finished), ctl.error.eq(finished & (core.error != 0))]
+        with m.If(ctl.start):
+            m.d.sync += [running.eq(1), left.eq(0)]
+        with m.Elif(running):
+            with m.If(~core.done):
+                m.d.sync += left.eq(1)
+            with m.If(finished):
+                m.d.sync += running.eq(0)
         return m

@@ -1,51 +1,61 @@
-"""The ``vitis`` target: the accelerator kernel (``bitstream.kernel.AccelKernel``) as an RTL kernel for
-the Alveo U280 XRT shell — Verilog, ``kernel.xml``, the ``package_xo`` Tcl, the ``v++ --link``
-configuration and a build script.
+"""The ``vitis`` target: the whole accelerator (``bitstream.kernel.AcceleratorKernel`` around
+``hw.accel.AxiAccelerator``) as an RTL kernel for the Alveo U280 XRT shell — Verilog, ``kernel.xml``,
+the ``package_xo`` Tcl, the ``v++ --link`` configuration, a build script and ``memory.json`` (how a
+host lays the compiled image out over the buffers).
 
 Conventions followed (UG1393, "RTL Kernels"): clock ``ap_clk``, active-low reset ``ap_rst_n``,
 ``interrupt``, one AXI4-Lite slave ``s_axi_control`` with the ``ap_ctrl_hs`` register map (ap_ctrl at
-0x00, GIE 0x04, IER 0x08, ISR 0x0C, arguments from 0x10: ``bitstream.kernel.OFFSETS``) and one AXI4
-master per buffer argument. Each master goes to its own HBM pseudo-channel (``HBM_MAP``), so the five
-streams never contend for one channel.
+0x00, GIE 0x04, IER 0x08, ISR 0x0C, arguments from 0x10: one 64-bit buffer pointer per striped
+channel, ``bitstream.kernel.accel_args``) and the accelerator's AXI4 masters: ``m_axi_mem<p>`` (channel
+``p`` of the striped word space, ``hw.axi.stripe_map``) to HBM pseudo-channel ``p``, ``m_axi_aux`` (the
+prefetch and the scales, which read every channel) to all of them (``hbm_map``).
 
 Nothing here was run through Vivado or v++ on this machine (neither is installed); the generated text
-is checked by tests/bitstream/test_targets.py.
+is checked by tests/bitstream/test_targets.py and the kernel's behaviour in Amaranth simulation by
+tests/bitstream/test_accel_kernel.py.
 """
 
 from __future__ import annotations
 
-from hw.params import EngineParams, TargetParams
+from hw.params import AccelParams, EngineParams, TargetParams
 
 from .axi import REG_AP_CTRL, REG_GIE, REG_IER, REG_ISR
-from .kernel import IN_STREAMS, OFFSETS, STREAMS, AccelKernel
+from .kernel import AcceleratorKernel
 from .platform import PART
 
-__all__ = ["KERNEL_NAME", "INSTANCE", "XRT_PLATFORM", "HBM_MAP", "kernel_xml", "package_tcl",
+__all__ = ["KERNEL_NAME", "INSTANCE", "XRT_PLATFORM", "hbm_map", "kernel_xml", "package_tcl",
            "link_config", "files"]
 
 KERNEL_NAME = "accllm_kernel"
 INSTANCE = "accllm_1"
 # The U280's current XRT platform (shell); a user with another one passes PLATFORM=... to build.sh.
 XRT_PLATFORM = "xilinx_u280_gen3x16_xdma_1_202211_1"
-HBM_MAP = {s: i for i, s in enumerate(STREAMS)}  # stream -> HBM pseudo-channel
 VENDOR, LIBRARY, VERSION = "accllm", "kernel", "1.0"
 
 
-def kernel_xml(k: AccelKernel) -> str:
+def hbm_map(k: AcceleratorKernel) -> dict[str, str]:
+    """m_axi port -> the HBM pseudo-channels it reaches, in v++ ``sp=`` syntax: ``mem<p>`` its own
+    channel ``p``, ``aux`` every striped channel."""
+    n = k.accel.mem_ports
+    out = {f"m_axi_mem{p}": f"HBM[{p}]" for p in range(n)}
+    out["m_axi_aux"] = "HBM[0]" if n == 1 else f"HBM[0:{n - 1}]"
+    return out
+
+
+def _arg_port(name: str) -> str:
+    return "m_axi_" + name.removesuffix("_ptr")
+
+
+def kernel_xml(k: AcceleratorKernel) -> str:
     ports = ['      <port name="s_axi_control" mode="slave" range="0x1000" dataWidth="32" '
              'portType="addressable" base="0x0"/>']
-    for s in STREAMS:
-        ports.append(f'      <port name="m_axi_{s}" mode="master" range="0xFFFFFFFFFFFFFFFF" '
+    for n in k.port_names:
+        ports.append(f'      <port name="m_axi_{n}" mode="master" range="0xFFFFFFFFFFFFFFFF" '
                      f'dataWidth="{k.dw}" portType="addressable" base="0x0"/>')
     args = []
-    for i, (name, (off, bits)) in enumerate(OFFSETS.items()):
-        s, what = name.rsplit("_", 1)
-        if what == "ptr":
-            args.append(f'      <arg name="{name}" addressQualifier="1" id="{i}" port="m_axi_{s}" '
-                        f'size="0x8" offset="0x{off:03X}" type="void*" hostOffset="0x0" hostSize="0x8"/>')
-        else:
-            args.append(f'      <arg name="{name}" addressQualifier="0" id="{i}" port="s_axi_control" '
-                        f'size="0x4" offset="0x{off:03X}" type="uint" hostOffset="0x0" hostSize="0x4"/>')
+    for i, (name, (off, bits)) in enumerate(k.control.offsets.items()):
+        args.append(f'      <arg name="{name}" addressQualifier="1" id="{i}" port="{_arg_port(name)}" '
+                    f'size="0x8" offset="0x{off:03X}" type="void*" hostOffset="0x0" hostSize="0x8"/>')
     return "\n".join([
         '<?xml version="1.0" encoding="UTF-8"?>',
         '<root versionMajor="1" versionMinor="6">',
@@ -58,15 +68,14 @@ def kernel_xml(k: AccelKernel) -> str:
         "</root>", ""])
 
 
-def package_tcl() -> str:
+def package_tcl(k: AcceleratorKernel) -> str:
     """Vivado Tcl: package the Verilog as an IP with the kernel's interfaces and register map, then
     ``package_xo``."""
-    assoc = "\n".join(f"ipx::associate_bus_interfaces -busif m_axi_{s} -clock ap_clk $core" for s in STREAMS)
+    assoc = "\n".join(f"ipx::associate_bus_interfaces -busif m_axi_{n} -clock ap_clk $core" for n in k.port_names)
     regs = [("CTRL", REG_AP_CTRL, 32, None), ("GIER", REG_GIE, 32, None), ("IP_IER", REG_IER, 32, None),
             ("IP_ISR", REG_ISR, 32, None)]
-    for name, (off, bits) in OFFSETS.items():
-        s, what = name.rsplit("_", 1)
-        regs.append((name, off, bits, f"m_axi_{s}" if what == "ptr" else None))
+    for name, (off, bits) in k.control.offsets.items():
+        regs.append((name, off, bits, _arg_port(name)))
     reg_lines = []
     for name, off, bits, busif in regs:
         reg_lines.append(f"set reg [ipx::add_register {name} $block]")
@@ -91,11 +100,11 @@ set_property sdx_kernel true $core
 set_property sdx_kernel_type rtl $core
 set_property vitis_drc {{ctrl_protocol ap_ctrl_hs}} $core
 set_property ipi_drc {{ignore_freq_hz true}} $core
-# interfaces (inferred from the port names m_axi_<stream>_* and s_axi_control_*) and their clock
+# interfaces (inferred from the port names m_axi_<port>_* and s_axi_control_*) and their clock
 ipx::associate_bus_interfaces -busif s_axi_control -clock ap_clk $core
 {assoc}
 ipx::associate_bus_interfaces -clock ap_clk -reset ap_rst_n $core
-# the control register map (the same offsets as kernel.xml and bitstream.kernel.OFFSETS)
+# the control register map (the same offsets as kernel.xml and bitstream.kernel.accel_args)
 set mm [ipx::add_memory_map -quiet s_axi_control $core]
 set_property slave_memory_map_ref s_axi_control [ipx::get_bus_interfaces s_axi_control -of_objects $core]
 set block [ipx::add_address_block -quiet reg0 $mm]
@@ -110,10 +119,11 @@ package_xo -force -xo_path ./{KERNEL_NAME}.xo -kernel_name {KERNEL_NAME} -ip_dir
 """
 
 
-def link_config(target: TargetParams) -> str:
-    lines = ["# accllm: v++ --link configuration (bitstream/vitis.py): one HBM pseudo-channel per master",
+def link_config(target: TargetParams, k: AcceleratorKernel) -> str:
+    lines = ["# accllm: v++ --link configuration (bitstream/vitis.py): m_axi_mem<p> to HBM pseudo-channel p,",
+             "# m_axi_aux (the prefetch and the scales) to every striped channel",
              "[connectivity]", f"nk={KERNEL_NAME}:1:{INSTANCE}"]
-    lines += [f"sp={INSTANCE}.m_axi_{s}:HBM[{pc}]" for s, pc in HBM_MAP.items()]
+    lines += [f"sp={INSTANCE}.{port}:{banks}" for port, banks in hbm_map(k).items()]
     lines += ["", "[clock]", f"freqHz={int(round(target.clock_mhz * 1e6))}:{INSTANCE}.ap_clk", ""]
     return "\n".join(lines)
 
@@ -129,26 +139,33 @@ v++ --link --target hw --platform "$PLATFORM" --config connectivity.cfg -o {KERN
 """
 
 
-def files(params: EngineParams, target: TargetParams | None = None) -> tuple[dict[str, str], AccelKernel]:
+def files(params: EngineParams, target: TargetParams | None = None,
+          accel: AccelParams | None = None) -> tuple[dict[str, str], AcceleratorKernel]:
     """The ``vitis`` target's files (name -> text) and the kernel they were made from."""
     from amaranth.back import verilog
 
     target = target or TargetParams()
-    if len(STREAMS) > target.hbm_channels:
-        raise ValueError(f"target.hbm_channels = {target.hbm_channels}: the kernel needs one pseudo-channel "
-                         f"per stream, {len(STREAMS)}")
-    k = AccelKernel(params)
+    accel = accel or AccelParams()
+    if accel.mem_ports > target.hbm_channels:
+        raise ValueError(f"accelerator.mem_ports = {accel.mem_ports} needs as many HBM pseudo-channels, but "
+                         f"target.hbm_channels = {target.hbm_channels}")
+    k = AcceleratorKernel(params, accel)
     text = verilog.convert(k, name=KERNEL_NAME, ports=k.ports)
-    return {f"{KERNEL_NAME}.v": text, "kernel.xml": kernel_xml(k), "package_kernel.tcl": package_tcl(),
-            "connectivity.cfg": link_config(target), "build.sh": build_sh(),
-            "streams.json": _streams_json(k)}, k
+    return {f"{KERNEL_NAME}.v": text, "kernel.xml": kernel_xml(k), "package_kernel.tcl": package_tcl(k),
+            "connectivity.cfg": link_config(target, k), "build.sh": build_sh(),
+            "memory.json": memory_json(k)}, k
 
 
-def _streams_json(k: AccelKernel) -> str:
+def memory_json(k: AcceleratorKernel) -> str:
+    """What a host needs to place the compiled memory image (``hw.compile``) in the buffers: word ``w``
+    is on channel ``p`` at local word ``l`` (``hw.axi.stripe_map(w, ...)`` = (p, p * channel_words +
+    l)), i.e. at byte ``l * word_bits / 8`` of the buffer whose address is argument ``mem<p>_ptr``."""
     import json
 
-    return json.dumps({"data_width": k.dw, "streams": {
-        s: {"direction": "in" if s in IN_STREAMS else "out", "payload_bits": k.widths[s],
-            "words_per_beat": k.words[s], "hbm_pc": HBM_MAP[s],
-            "ptr_offset": OFFSETS[f"{s}_ptr"][0], "beats_offset": OFFSETS[f"{s}_beats"][0]}
-        for s in STREAMS}}, indent=1) + "\n"
+    A = k.accel
+    return json.dumps({
+        "word_bits": A.mem_word_bits, "mem_ports": A.mem_ports, "stripe_words": A.mem_stripe_words,
+        "channel_bytes": A.mem_channel_bytes, "axi_max_burst": A.axi_max_burst,
+        "args": {name: {"offset": off, "bits": bits, "port": _arg_port(name)}
+                 for name, (off, bits) in k.control.offsets.items()},
+        "hbm": hbm_map(k)}, indent=1) + "\n"

@@ -49,9 +49,20 @@ def vivado_files():
 
 
 @pytest.fixture(scope="module")
-def vitis_files():
-    files, _ = VT.files(CI_SMALL, TargetParams())
-    return files
+def vitis_kernel():
+    """The ci-small accelerator with two striped ports (configs/hw/ci-small.yaml has one), so the
+    per-channel pointers and the HBM map are seen with more than one channel."""
+    import dataclasses
+
+    from accllm.config import load_hw
+    cfg = load_hw("ci-small")
+    accel = dataclasses.replace(cfg.accelerator, mem_ports=2)
+    return VT.files(cfg.engine, TargetParams(), accel)
+
+
+@pytest.fixture(scope="module")
+def vitis_files(vitis_kernel):
+    return vitis_kernel[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,18 +157,21 @@ def test_mmcm_settings():
 
 
 # ---------------------------------------------------------------------------------------------------
-def test_vitis_kernel_ports(vitis_files):
+def test_vitis_kernel_ports(vitis_kernel):
+    vitis_files, k = vitis_kernel
     ports = module_ports(vitis_files[f"{VT.KERNEL_NAME}.v"], VT.KERNEL_NAME)
     outs = {"awvalid", "awaddr", "awlen", "awsize", "awburst", "wvalid", "wdata", "wstrb", "wlast", "bready",
             "arvalid", "araddr", "arlen", "arsize", "arburst", "rready"}
-    for s in STREAMS:
+    assert k.port_names == ["mem0", "mem1", "aux"]
+    for n in k.port_names:
         for sig in AXI4:
-            d, w = ports[f"m_axi_{s}_{sig}"]
-            assert d == ("output" if sig in outs else "input"), (s, sig, d)
+            d, w = ports[f"m_axi_{n}_{sig}"]
+            assert d == ("output" if sig in outs else "input"), (n, sig, d)
             if sig in ("awaddr", "araddr"):
                 assert w == 64
             if sig in ("wdata", "rdata"):
-                assert w == 256
+                assert w == k.accel.mem_word_bits == 256
+    assert not [p for p in ports if p.startswith("m_axi_") and p.split("_")[2] not in k.port_names]
     lite_out = {"awready", "wready", "bvalid", "bresp", "arready", "rvalid", "rdata", "rresp"}
     for sig in LITE:
         d, w = ports[f"s_axi_control_{sig}"]
@@ -165,31 +179,40 @@ def test_vitis_kernel_ports(vitis_files):
     assert ports["s_axi_control_awaddr"][1] == 12 and ports["s_axi_control_wdata"][1] == 32
     assert ports["ap_clk"] == ("input", 1) and ports["ap_rst_n"] == ("input", 1)
     assert ports["interrupt"] == ("output", 1)
+    # the whole accelerator is inside: the engine, the controller, the units, the AXI adapters
+    v = vitis_files[f"{VT.KERNEL_NAME}.v"]
+    for mod in ("engine", "ctrl", "unit_rmsnorm", "unit_argmax", "memsys", "streamer"):
+        assert re.search(rf"^module \\{VT.KERNEL_NAME}\.accel\.\S*\b{mod}\s", v, re.M), mod
 
 
-def test_vitis_kernel_xml(vitis_files):
+def test_vitis_kernel_xml(vitis_kernel):
+    vitis_files, kern = vitis_kernel
+    offsets = kern.control.offsets
     root = ET.fromstring(vitis_files["kernel.xml"])
     k = root.find("kernel")
     assert k.get("name") == VT.KERNEL_NAME and k.get("hwControlProtocol") == "ap_ctrl_hs"
     ports = {p.get("name"): p for p in k.find("ports")}
     assert ports["s_axi_control"].get("mode") == "slave" and ports["s_axi_control"].get("range") == "0x1000"
-    for s in STREAMS:
-        p = ports[f"m_axi_{s}"]
+    assert set(ports) == {"s_axi_control", "m_axi_mem0", "m_axi_mem1", "m_axi_aux"}
+    for n in kern.port_names:
+        p = ports[f"m_axi_{n}"]
         assert p.get("mode") == "master" and p.get("dataWidth") == "256"
     args = [a for a in k.find("args")]
+    assert [a.get("name") for a in args] == ["mem0_ptr", "mem1_ptr"]
     offs = sorted(int(a.get("offset"), 16) for a in args)
     assert offs[0] == 0x10 and len(set(offs)) == len(offs)
     for a in args:
         off, size = int(a.get("offset"), 16), int(a.get("size"), 16)
-        assert (off, size * 8) == tuple(OFFSETS[a.get("name")]) and off % size == 0
-        assert a.get("port") in ports
-        if a.get("addressQualifier") == "1":
-            assert a.get("port") == "m_axi_" + a.get("name")[:-4] and a.get("type") == "void*"
-    # the package Tcl declares the same register map
+        assert (off, size * 8) == tuple(offsets[a.get("name")]) and off % size == 0
+        assert a.get("addressQualifier") == "1" and a.get("type") == "void*"
+        assert a.get("port") == "m_axi_" + a.get("name")[:-4]
+    # the package Tcl declares the same register map and every master's clock
     tcl = vitis_files["package_kernel.tcl"]
     regs = dict(re.findall(r"ipx::add_register (\w+) \$block\]\nset_property address_offset (0x[0-9A-F]+)", tcl))
-    assert {n: int(o, 16) for n, o in regs.items() if n in OFFSETS} == {n: o for n, (o, _) in OFFSETS.items()}
+    assert {n: int(o, 16) for n, o in regs.items() if n in offsets} == {n: o for n, (o, _) in offsets.items()}
     assert regs["CTRL"] == "0x000"
+    for n in kern.port_names:
+        assert f"ipx::associate_bus_interfaces -busif m_axi_{n} -clock ap_clk $core" in tcl
     assert f"package_xo -force -xo_path ./{VT.KERNEL_NAME}.xo -kernel_name {VT.KERNEL_NAME}" in tcl
     assert f"-part {PART}" in tcl or f"set part {PART}" in tcl
 
@@ -197,11 +220,14 @@ def test_vitis_kernel_xml(vitis_files):
 def test_vitis_link_config(vitis_files):
     cfg = vitis_files["connectivity.cfg"]
     assert "[connectivity]" in cfg and f"nk={VT.KERNEL_NAME}:1:{VT.INSTANCE}" in cfg
-    sp = dict(re.findall(rf"^sp={VT.INSTANCE}\.(\w+):HBM\[(\d+)\]$", cfg, re.M))
-    assert set(sp) == {f"m_axi_{s}" for s in STREAMS}
-    assert len(set(sp.values())) == len(sp) and all(int(v) < 32 for v in sp.values())
+    sp = dict(re.findall(rf"^sp={VT.INSTANCE}\.(\w+):(HBM\[[\d:]+\])$", cfg, re.M))
+    # channel p of the striped space on pseudo-channel p (hw.axi.stripe_map), the aux port on both
+    assert sp == {"m_axi_mem0": "HBM[0]", "m_axi_mem1": "HBM[1]", "m_axi_aux": "HBM[0:1]"}
     assert f"freqHz=225000000:{VT.INSTANCE}.ap_clk" in cfg
     assert "--config connectivity.cfg" in vitis_files["build.sh"] and "v++ --link" in vitis_files["build.sh"]
+    mem = json.loads(vitis_files["memory.json"])
+    assert mem["mem_ports"] == 2 and mem["word_bits"] == 256 and mem["hbm"] == sp
+    assert {n: a["port"] for n, a in mem["args"].items()} == {"mem0_ptr": "m_axi_mem0", "mem1_ptr": "m_axi_mem1"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,7 +293,7 @@ def test_cli_build_vitis_plan_and_run_error(tmp_path, capsys, monkeypatch):
     summary = json.loads(capsys.readouterr().out)
     assert summary["target"] == "vitis" and not summary["cached"]
     assert set(summary["files"]) == {"accllm_kernel.v", "kernel.xml", "package_kernel.tcl", "connectivity.cfg",
-                                     "build.sh", "streams.json"}
+                                     "build.sh", "memory.json"}
     man = json.loads((out / "vitis" / "manifest.json").read_text())
     assert man["key"] == summary["key"] and "amaranth" in man["tools"]
     # --run without v++: a clear error, exit status 2, before anything is written
