@@ -40,6 +40,22 @@ def stream_widths(p: EngineParams) -> dict[str, int]:
     return {name: layout.size for name, layout in layouts(p).items()}
 
 
+def _xrt_ports(k, buses: list[dict]) -> list[Signal]:
+    """An XRT kernel's ports: clock, reset, interrupt, the control slave, then every master's bus."""
+    out = [k.ap_clk, k.ap_rst_n, k.interrupt, *k.control.bus.values()]
+    for bus in buses:
+        out += list(bus.values())
+    return out
+
+
+def _xrt_domain(m: Module, k) -> None:
+    """``own_domain``: the kernel's ``sync`` domain from ``ap_clk`` and the active-low ``ap_rst_n``."""
+    if k.own_domain:
+        cd = ClockDomain("sync", local=True)
+        m.domains.sync = cd
+        m.d.comb += [cd.clk.eq(k.ap_clk), cd.rst.eq(~k.ap_rst_n)]
+
+
 class AccelKernel(Elaboratable):
     """See the module docstring. ``engine``: an already built ``Engine`` (default: one from
     ``params``). ``own_domain``: the kernel makes its ``sync`` domain from ``ap_clk``/``ap_rst_n``
@@ -67,17 +83,11 @@ class AccelKernel(Elaboratable):
 
     @property
     def ports(self) -> list[Signal]:
-        out = [self.ap_clk, self.ap_rst_n, self.interrupt, *self.control.bus.values()]
-        for master in self.masters.values():
-            out += list(master.bus.values())
-        return out
+        return _xrt_ports(self, [master.bus for master in self.masters.values()])
 
     def elaborate(self, platform):
         m = Module()
-        if self.own_domain:
-            cd = ClockDomain("sync", local=True)
-            m.domains.sync = cd
-            m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(~self.ap_rst_n)]
+        _xrt_domain(m, self)
         m.submodules.control = ctl = self.control
         m.submodules.engine = eng = self.engine
         m.d.comb += self.interrupt.eq(ctl.interrupt)
@@ -174,18 +184,12 @@ class AcceleratorKernel(Elaboratable):
 
     @property
     def ports(self) -> list[Signal]:
-        out = [self.ap_clk, self.ap_rst_n, self.interrupt, *self.control.bus.values()]
-        for n in self.port_names:
-            out += list(self.buses[n].values())
-        return out
+        return _xrt_ports(self, [self.buses[n] for n in self.port_names])
 
     def elaborate(self, platform):
         from hw.axi import MASTER_OUTPUTS
         m = Module()
-        if self.own_domain:
-            cd = ClockDomain("sync", local=True)
-            m.domains.sync = cd
-            m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(~self.ap_rst_n)]
+        _xrt_domain(m, self)
         m.submodules.control = ctl = self.control
         m.submodules.accel = core = self.core
         A = self.accel
