@@ -316,8 +316,8 @@ def cmd_build(args) -> int:
 
     cfg = load_hw(args.hw)
     summary = build(cfg.engine, cfg.target, out=args.out, target=args.target, run=args.run,
-                    estimate=not args.no_estimate, flat_check=args.flat_check,
-                    log=(lambda *_: None) if args.json else print)
+                    estimate=not args.no_estimate, flat_check=args.flat_check, accel=cfg.accelerator,
+                    depth=args.depth, log=(lambda *_: None) if args.json else print)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -326,6 +326,9 @@ def cmd_build(args) -> int:
             print("estimate: " + ", ".join(f"{k} {u[k]:,} ({u['percent'][k]:.2f} %)"
                                            for k in ("lut", "ff", "dsp", "bram36", "uram"))
                   + f"; fits the U280: {'yes' if u['fits_u280'] else 'NO'}")
+            for b in u["binding"]:
+                print(f"over the budget: {b['resource']} {b['percent']:.1f} % > {b['budget_percent']:.0f} %, "
+                      f"{b['component_share_percent']:.0f} % of it in {b['component']}")
     return 0
 
 
@@ -334,8 +337,8 @@ def add_build_parser(sub) -> None:
                                      "Yosys resource estimate",
                        description="Writes OUT/<target>/ (the generated Tcl, XDC/XML, Verilog and scripts, "
                                    "with manifest.json) and OUT/utilization.json (Yosys synth_xilinx "
-                                   "-family xcup, each distinct component once, summed by instance "
-                                   "count). An unchanged design is not rewritten; --run executes Vivado "
+                                   "-family xcup: the whole accelerator, each distinct component "
+                                   "once, summed by instance count). An unchanged design is not rewritten; --run executes Vivado "
                                    "or v++ when found on PATH. README, 'bitstream/'.")
     b.add_argument("--hw", default="ci-small", help="engine config: ci-small, u280 or a YAML path")
     b.add_argument("--out", required=True, metavar="DIR")
@@ -343,7 +346,10 @@ def add_build_parser(sub) -> None:
     b.add_argument("--run", action="store_true", help="run Vivado (vivado) or package_xo + v++ (vitis)")
     b.add_argument("--no-estimate", action="store_true", help="only write the plan, no Yosys run")
     b.add_argument("--flat-check", action="store_true",
-                   help="also synthesize the whole kernel flat and record how close the per-component sum is")
+                   help="also synthesize the whole accelerator flat and record how close the sum of its "
+                        "parts is (affordable at ci-small)")
+    b.add_argument("--depth", action="store_true",
+                   help="also walk the logic depth of every part (utilization.json logic_levels_max)")
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
     b.set_defaults(func=cmd_build)
 # `accllm build` -- end

