@@ -11,7 +11,7 @@ The parts, read from the real tops (``Module._named_submodules``, Amaranth 0.5):
 * ``engine.*`` — the engine by its own parts (``bitstream.engine_resources.engine_parts``);
 * one part per special-function unit class (``hw/sfu/``, one instance of each in the top);
 * ``Controller``, ``MemOps``, ``EngineStreamer`` (its beat gathers as black boxes) and each of the
-  streamer's ``BeatGather`` instances, one part per distinct width;
+  streamer's gathers (``BeatGather``, ``WideBeatGather``), one part per class and width;
 * ``SpadMux`` and the scratchpad ``Memory`` synthesized alone (its two read and one write ports; Yosys
   maps it to BRAM or, with ``-uram``, URAM288);
 * ``ReadPortMux``, ``ReadPortArbiter`` (read ports 0 and 1 shared) and ``AxiMemorySystem`` (the AXI4
@@ -44,7 +44,7 @@ __all__ = ["CATEGORIES", "TOLERANCE_PERCENT", "accel_parts", "accel_estimate", "
 #: system, and the glue; the scratchpad and its port multiplexer apart, since they are its own memory)
 CATEGORIES = ("engine", "special_functions", "controller", "scratchpad", "memory_system", "glue")
 _CATEGORY = {"Controller": "controller", "MemOps": "controller", "EngineStreamer": "controller",
-             "BeatGather": "controller", "SpadMux": "scratchpad", "Memory": "scratchpad",
+             "SpadMux": "scratchpad", "Memory": "scratchpad",
              "ReadPortMux": "memory_system", "ReadPortArbiter": "memory_system", "AxiMemorySystem": "memory_system"}
 #: how far the sum of parts may be from the flat run (``cross_check``), in percent of the flat count,
 #: (below, above). Below: a part synthesized alone keeps all its logic, so the sum cannot be much under
@@ -129,7 +129,8 @@ def accel_parts(engine: EngineParams, accel: AccelParams, units=None) -> list[Pa
     from hw.axi import AxiMemorySystem
     from hw.controller import EngineStreamer
     from hw.engine import Engine
-    from hw.memory import BeatGather
+    from hw.memory import BeatGather, WideBeatGather
+    gather_classes = (BeatGather, WideBeatGather)
 
     top = AxiAccelerator(engine, accel, units)
     silence(top)
@@ -146,9 +147,10 @@ def accel_parts(engine: EngineParams, accel: AccelParams, units=None) -> list[Pa
     others = [s for s in core_subs if not isinstance(s, Engine)]
     streamers = [s for s in others if isinstance(s, EngineStreamer)]
     grouped = _group(others, category)
-    for g in (g for s in streamers for g in _submodules(s) if isinstance(g, BeatGather)):
-        entry = grouped.setdefault(f"BeatGather.{g.width}", {"count": 0, "what": _what(BeatGather), "design": g,
-                                                               "category": category(BeatGather)})
+    for g in (g for s in streamers for g in _submodules(s) if isinstance(g, gather_classes)):
+        cls = type(g)
+        entry = grouped.setdefault(f"{cls.__name__}.{g.width}", {"count": 0, "what": _what(cls), "design": g,
+                                                                   "category": "controller"})
         entry["count"] += 1
 
     parts = engine_parts(engine, prefix="engine.", category="engine")
@@ -160,11 +162,12 @@ def accel_parts(engine: EngineParams, accel: AccelParams, units=None) -> list[Pa
                    f"{len(d.read_ports)} read + {len(d.write_ports)} write ports, alone"
             parts.append(Part(name, e["count"], what, design=design, ports=design.ports, category=e["category"]))
         elif isinstance(d, EngineStreamer):
-            parts.append(Part(name, e["count"], e["what"] + " (its BeatGathers as black boxes)",
-                              design=lambda d=d: rtlil_with_black_boxes(d, [BeatGather]), category=e["category"]))
-        elif isinstance(d, BeatGather):
-            parts.append(Part(name, e["count"], f"{e['what']}: {d.n} words of {d.word_bits} "
-                              f"bits -> a {d.width}-bit beat", design=d, category=e["category"]))
+            parts.append(Part(name, e["count"], e["what"] + " (its beat gathers as black boxes)",
+                              design=lambda d=d: rtlil_with_black_boxes(d, gather_classes), category=e["category"]))
+        elif isinstance(d, gather_classes):
+            lanes = f" in transfers of {d.lanes}" if isinstance(d, WideBeatGather) else ""
+            parts.append(Part(name, e["count"], f"{e['what']}: {d.n} words of {d.word_bits} bits{lanes} "
+                              f"-> a {d.width}-bit beat", design=d, category=e["category"]))
         else:
             parts.append(Part(name, e["count"], e["what"], design=d, category=e["category"]))
 

@@ -35,8 +35,9 @@ def test_parts_from_the_real_tops(hw):
                  "AxiMemorySystem", "Accelerator.top", "AxiAccelerator.top"):
         assert parts[name].count == 1, name
     # the streamer's two gathers, one part per payload width (weight and scale beats)
-    widths = {layouts(cfg.engine)[s].size for s in ("weight", "scale")}
-    assert {n for n in parts if n.startswith("BeatGather.")} == {f"BeatGather.{w}" for w in widths}
+    wide = "WideBeatGather" if cfg.accelerator.weight_lanes > 1 else "BeatGather"
+    want = {f"{wide}.{layouts(cfg.engine)['weight'].size}", f"BeatGather.{layouts(cfg.engine)['scale'].size}"}
+    assert {n for n in parts if "BeatGather." in n} == want
     assert {p.category for p in parts.values()} == set(AR.CATEGORIES)
     mem = parts["Memory"].design.sub
     assert mem.depth == cfg.accelerator.spad_words and len(mem.read_ports) == 2 and len(mem.write_ports) == 1
