@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 
-_count = [0]
-
-
 def _name(base: str) -> str:
-    _count[0] += 1
-    return f"{base}_{_count[0]}"
+    """The signal's name: ``base`` itself (Amaranth makes names unique within a module). A process-wide
+    counter here once numbered them, so the same unit converted twice in one process gave different
+    RTLIL, and bitstream/'s content-addressed Yosys cache and build plans missed."""
+    return base
 
 
 def shift_round(m: Module, x, sh, width: int, name: str = "sr") -> Signal:
