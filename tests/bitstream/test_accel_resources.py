@@ -131,6 +131,26 @@ def test_planted_counting_bug_fails_the_cross_check(bug):
     assert not res["within_tolerance"], (bug, res["difference_percent"])
 
 
+def test_recorded_u280_utilization_is_its_parts_summed():
+    util = _recorded(U280_RESULT)
+    assert util["engine"]["pe_rows"] == 256 and util["accelerator"]["spad_words"] == 1 << 20
+    by = _by_part(util)
+    assert by["engine.ArrayRow"]["count"] == 256
+    for k in KEYS:
+        tot = sum(d["each"][k] * d["count"] for d in by.values())
+        assert util[k] == pytest.approx(tot, abs=0.5), k
+        assert util["percent"][k] == pytest.approx(100 * tot / U280_RESOURCES[k], abs=1e-3)
+        assert sum(c[k] for c in util["by_component"].values()) == pytest.approx(tot, abs=len(AR.CATEGORIES))
+    # the budget is reported as it is, met or not, and what binds is named
+    for k, limit in util["budget"].items():
+        assert util["within_budget"][k] == (util["percent"][k] <= limit)
+    assert {b["resource"] for b in util["binding"]} == {k for k, ok in util["within_budget"].items() if not ok}
+    for b in util["binding"]:
+        comp = util["by_component"][b["component"]]
+        assert comp[b["resource"]] == max(c[b["resource"]] for c in util["by_component"].values())
+    assert util["command"].startswith("OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/accel_utilization.py")
+
+
 @pytest.mark.slow
 @pytest.mark.heavy  # a flat synthesis of the accelerator and its parts; the recorded one is checked above
 def test_flat_check(tmp_path, monkeypatch):
