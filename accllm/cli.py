@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report.json.")
     q.add_argument("model")
     q.add_argument("--recipe", required=True, help="built-in name (fp16, rtn-w2a8kv4, w2a8kv4, "
-                                                   "w2a8kv4-sparse24, w2a8kv4-recon, w2a8kv4-sparse24-recon) "
+                                                   "w2a8kv4-sparse24, w2a8kv4-recon, w2a8kv4-sparse24-recon, "
+                                                   "w2a8kv4-rot) "
                                                    "or a YAML path")
     q.add_argument("--out", required=True, metavar="DIR")
     q.add_argument("--calib-text", default=None, metavar="FILE", help="calibration text (default: built-in)")
