@@ -155,33 +155,35 @@ def recorded(res: dict, model: str, recipe: str) -> list[dict]:
         v["digests"] for v in res.get("cpu_variants", {}).get(model, {}).get(recipe, [])]
 
 
-def add_cpu_variant(res: dict) -> dict:
-    """Re-quantize every recipe here and record, under this CPU's label, the digests no recorded set has."""
-    label = cpu_label()
+def requantized(res: dict, names: list[str]):
+    """(model, recipe, digests) for ``names`` on each tiny model, quantized by the current pipeline after
+    checking that the tiny checkpoint is still the fixture's."""
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODELS:
             d = make_model(name, Path(tmp) / name)
             assert checkpoint_digest(d) == res["models"][name]["checkpoint"], f"the tiny checkpoint {name} changed"
-            for r in recipes():
-                got = quantize(d, r, Path(tmp) / f"{name}-{r}")
-                new = got not in recorded(res, name, r)
-                if new:
-                    res.setdefault("cpu_variants", {}).setdefault(name, {}).setdefault(r, []).append(
-                        {"digests": got, "recorded_on": label})
-                print(name, r, "new on this CPU" if new else "as recorded", flush=True)
+            for r in names:
+                yield name, r, quantize(d, r, Path(tmp) / f"{name}-{r}")
+
+
+def add_cpu_variant(res: dict) -> dict:
+    """Re-quantize every recipe here and record, under this CPU's label, the digests no recorded set has."""
+    label = cpu_label()
+    for name, r, got in requantized(res, recipes()):
+        new = got not in recorded(res, name, r)
+        if new:
+            res.setdefault("cpu_variants", {}).setdefault(name, {}).setdefault(r, []).append(
+                {"digests": got, "recorded_on": label})
+        print(name, r, "new on this CPU" if new else "as recorded", flush=True)
     return res
 
 
 def add(names: list[str], res: dict) -> dict:
     """Digests of recipes the committed fixture lacks (newer than the pre-refactor pipeline), added with the
     current pipeline; the existing digests are left as they are and must still reproduce."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in MODELS:
-            d = make_model(name, Path(tmp) / name)
-            assert checkpoint_digest(d) == res["models"][name]["checkpoint"], f"the tiny checkpoint {name} changed"
-            for r in names:
-                res["models"][name]["recipes"][r] = quantize(d, r, Path(tmp) / f"{name}-{r}")
-                print(name, r, res["models"][name]["recipes"][r]["model.safetensors"][:16], flush=True)
+    for name, r, got in requantized(res, names):
+        res["models"][name]["recipes"][r] = got
+        print(name, r, got["model.safetensors"][:16], flush=True)
     res["generated_with"].setdefault("added_later", {}).update(
         {r: "by the modifier loop (the recipe is newer than the pre-refactor pipeline)" for r in names})
     return res
