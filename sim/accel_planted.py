@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import tempfile
 from pathlib import Path
+
+from .planted import scratch_dir
 
 HW = Path(__file__).resolve().parent.parent / "hw"
 
@@ -81,7 +82,7 @@ def patched_copy(filename: str, name: str, old: str, new: str, owner: str, tag: 
     if text.count(old) != 1:
         raise RuntimeError(f"planted bug {name!r}: the text it replaces occurs {text.count(old)} times in "
                            f"hw/{filename} (expected once): update {owner} to the new RTL")
-    folder = Path(tempfile.mkdtemp(prefix=f"{tag}-{name}-"))
+    folder = scratch_dir(f"{tag}-{name}-")
     (folder / filename).write_text(text.replace(old, new).replace("from .", "from hw."))
     stem = filename.removesuffix(".py")
     return _load_module(f"_accllm_{tag.replace('-', '_')}_{stem}_{name}", folder / filename), folder
@@ -154,7 +155,7 @@ def load_wide(name: str):
             raise RuntimeError(f"planted bug {name!r}: its text occurs {ctrl_text.count(old)} times in "
                                f"hw/controller.py (expected once): update sim/accel_planted.py WIDE_BUGS")
         ctrl_text = ctrl_text.replace(old, new)
-    folder = Path(tempfile.mkdtemp(prefix=f"accel-wide-{name}-"))
+    folder = scratch_dir(f"accel-wide-{name}-")
     if mem_mod is not None:
         ctrl_text = ctrl_text.replace("from .memory import", f"from {mem_mod.__name__} import")
     ctrl = _load_module(f"_accllm_{tag}_controller", _write(folder / "controller.py", ctrl_text))

@@ -10,8 +10,10 @@ fails loudly instead of silently testing the unmodified engine.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -121,6 +123,14 @@ def source(name: str) -> str:
     return text.replace(old, new)
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A fresh folder for a planted copy's source files, removed when the process exits (the copies are
+    imported once and not read again; without this every test run left its folders in the temp dir)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def load(name: str):
     """The ``engine`` module of a copy of the engine's files with bug ``name`` planted (``.Engine``,
     ``.Requantizer`` and the sub-components, all from the copy)."""
@@ -128,7 +138,7 @@ def load(name: str):
         return _loaded[name]
     planted_text = source(name)
     file = BUGS[name][3]
-    folder = Path(tempfile.mkdtemp(prefix=f"planted-{name}-"))
+    folder = scratch_dir(f"planted-{name}-")
     pkg = f"_accllm_planted_{name}"
     (folder / pkg).mkdir()
     (folder / pkg / "__init__.py").write_text("")
