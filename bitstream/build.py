@@ -310,9 +310,8 @@ def write_plan(out: Path, target: str, files: dict[str, str], tools: dict) -> di
 
 def _plan_files(target: str, params: EngineParams, tp: TargetParams, accel: AccelParams) -> dict[str, str]:
     if target == "vivado":
-        from .vivado import plan
-        p, _top = plan(params, tp)
-        return {n: (c if isinstance(c, str) else c.decode()) for n, c in p.files.items()}
+        from .vivado import files as vivado_files
+        return vivado_files(params, tp, accel)[0]
     from .vitis import files as vitis_files
     return vitis_files(params, tp, accel)[0]
 

@@ -23,7 +23,7 @@ from hw.params import EngineParams
 
 from .axi import AxiLiteControl, AxiReader, AxiWriter, Pack, Unpack, arg_offsets, words_for
 
-__all__ = ["AccelKernel", "AcceleratorKernel", "accel_args", "IN_STREAMS", "OUT_STREAMS", "STREAMS", "ARGS",
+__all__ = ["AccelKernel", "AcceleratorKernel", "accel_args", "hbm_channels", "IN_STREAMS", "OUT_STREAMS", "STREAMS", "ARGS",
            "stream_widths"]
 
 OUT_STREAMS = ("out",)
@@ -145,6 +145,17 @@ def accel_args(accel) -> list[tuple[str, int]]:
     (``mem<p>_ptr``, in ``hw.axi.port_names`` order)."""
     from hw.axi import port_names
     return [(f"{n}_ptr", 64) for n in port_names(accel) if n != "aux"]
+
+
+def hbm_channels(accel) -> dict[str, list[int]]:
+    """Accelerator master -> the HBM pseudo-channels it reaches, the one definition both targets use
+    (``bitstream.vitis.hbm_map``, ``bitstream.vivado.hbm_saxi``): ``mem<p>`` its own channel ``p`` of
+    the striped word space (``hw.axi.stripe_map``: port p only ever addresses channel p), ``aux``
+    every striped channel."""
+    from hw.axi import port_names
+    n = accel.mem_ports
+    return {name: (list(range(n)) if name == "aux" else [int(name.removeprefix("mem"))])
+            for name in port_names(accel)}
 
 
 class AcceleratorKernel(Elaboratable):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from hw.params import AccelParams, EngineParams, TargetParams
 
 from .axi import REG_AP_CTRL, REG_GIE, REG_IER, REG_ISR
-from .kernel import AcceleratorKernel
+from .kernel import AcceleratorKernel, hbm_channels
 from .platform import PART
 
 __all__ = ["KERNEL_NAME", "INSTANCE", "XRT_PLATFORM", "hbm_map", "kernel_xml", "package_tcl",
@@ -34,11 +34,11 @@ VENDOR, LIBRARY, VERSION = "accllm", "kernel", "1.0"
 
 
 def hbm_map(k: AcceleratorKernel) -> dict[str, str]:
-    """m_axi port -> the HBM pseudo-channels it reaches, in v++ ``sp=`` syntax: ``mem<p>`` its own
-    channel ``p``, ``aux`` every striped channel."""
-    n = k.accel.mem_ports
-    out = {f"m_axi_mem{p}": f"HBM[{p}]" for p in range(n)}
-    out["m_axi_aux"] = "HBM[0]" if n == 1 else f"HBM[0:{n - 1}]"
+    """m_axi port -> the HBM pseudo-channels it reaches (``bitstream.kernel.hbm_channels``), in v++
+    ``sp=`` syntax: ``mem<p>`` its own channel ``HBM[p]``, ``aux`` every striped channel."""
+    out = {}
+    for name, pcs in hbm_channels(k.accel).items():
+        out[f"m_axi_{name}"] = f"HBM[{pcs[0]}]" if len(pcs) == 1 else f"HBM[{pcs[0]}:{pcs[-1]}]"
     return out
 
 
