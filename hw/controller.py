@@ -125,6 +125,11 @@ class MemOps(wiring.Component):
         cache_addr = Signal(64 - lgW)
         cache_valid = Signal()
         dirty = Signal(W // 8)
+        row_lo = Signal(64 - lgW)   # the row's first word not already cached (its read job's first word)
+        row_hi = Signal(64 - lgW)   # the word of the row's last field (the job's last word)
+        saddr = Signal(64 - lgW)    # the word the row's read stream delivers next
+        wr_hi = Signal(64 - lgW)    # the highest word written back in this instruction
+        wr_any = Signal()           # ... once one has been
         err = Signal(8)
         m.d.comb += self.error.eq(err)
         # MARK's word: the counter in the first cycle the write is offered, latched so the payload holds
@@ -138,7 +143,7 @@ class MemOps(wiring.Component):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [err.eq(0), i.eq(0), ci.eq(0), j.eq(0), o.eq(0), left.eq(0), acc.eq(0),
-                                 fill.eq(0), flush.eq(0), pend.eq(0), cache_valid.eq(0), dirty.eq(0),
+                                 fill.eq(0), flush.eq(0), pend.eq(0), cache_valid.eq(0), dirty.eq(0), wr_any.eq(0),
                                  maddr.eq(ins.a), rowaddr.eq(ins.a),
                                  prow.eq((ins.d << lgW) + ins.e), pos.eq((ins.d << lgW) + ins.e),
                                  mark.eq(self.cycles + 1)]
@@ -151,7 +156,7 @@ class MemOps(wiring.Component):
                             with m.If((ins.m == 0) | (ins.n == 0)):
                                 m.next = "DRAIN"
                             with m.Else():
-                                m.next = "X_RD"
+                                m.next = "X_ROW"
                         with m.Case(Op.MARK):
                             m.next = "M_WR"
 
@@ -220,9 +225,46 @@ class MemOps(wiring.Component):
                     m.next = "DRAIN"
 
             # ---------------- SCATTER ----------------
+            # Row by row (o): the row's fields lie at nondecreasing positions (k >= 0), so its words are
+            # the run row_lo..row_hi, each visited once. One read job streams the run while the fields are
+            # patched into the cached word; a word left is written back at once (byte strobes) and never
+            # read again in this row. The job waits for every write answered unless all its words lie
+            # above every word written back so far (a read never overtakes a write of its word).
             word_of = pos >> lgW
             off = Signal(range(W))
             m.d.comb += off.eq(pos[:lgW])
+            row_span = Signal(64)      # bits from the row's first field to its last
+            m.d.comb += row_span.eq((ins.n - 1) * ins.k)
+
+            def write_back(then):
+                m.d.comb += [mwr.req.valid.eq(1), mwr.req.payload.addr.eq(cache_addr),
+                             mwr.req.payload.data.eq(cache), mwr.req.payload.strb.eq(dirty)]
+                with m.If(mwr.req.ready):
+                    m.d.sync += [cache_valid.eq(0), dirty.eq(0), wr_any.eq(1),
+                                 wr_hi.eq(Mux(wr_any & (wr_hi > cache_addr), wr_hi, cache_addr))]
+                    m.next = then
+
+            with m.State("X_ROW"):
+                keep = Signal()
+                m.d.comb += keep.eq(cache_valid & (cache_addr == (prow >> lgW)))
+                m.d.sync += [row_lo.eq((prow >> lgW) + keep), row_hi.eq((prow + row_span) >> lgW),
+                             saddr.eq((prow >> lgW) + keep)]
+                with m.If(cache_valid & ~keep & dirty.any()):
+                    write_back("X_JOB")
+                with m.Else():
+                    with m.If(~keep):
+                        m.d.sync += [cache_valid.eq(0), dirty.eq(0)]
+                    m.next = "X_JOB"
+            with m.State("X_JOB"):
+                safe = Signal()
+                m.d.comb += safe.eq(drained | (wr_any & (row_lo > wr_hi)))
+                with m.If(row_lo > row_hi):   # the whole row lies in the cached word
+                    m.next = "X_RD"
+                with m.Else():
+                    m.d.comb += [mrd.req.valid.eq(safe), mrd.req.payload.addr.eq(row_lo),
+                                 mrd.req.payload.count.eq(row_hi - row_lo + 1)]
+                    with m.If(safe & mrd.req.ready):
+                        m.next = "X_RD"
             with m.State("X_RD"):
                 m.d.comb += [rd.en.eq(1), rd.addr.eq(rowaddr + i)]
                 m.next = "X_CHK"
@@ -235,7 +277,7 @@ class MemOps(wiring.Component):
                 m.d.comb += bytes_hit.eq(Cat(*[fmask[8 * b:8 * b + 8].any() for b in range(W // 8)]))
                 with m.If(off + wbits > W):
                     m.d.sync += err.eq(AccelError.SCATTER_STRADDLE)
-                    m.next = "IDLE"
+                    m.next = "X_ERR"
                 with m.Elif(cache_valid & (cache_addr == word_of)):
                     m.d.sync += [cache.eq((cache & ~fmask) | ((v & mask) << off)), dirty.eq(dirty | bytes_hit)]
                     with m.If(i == ins.n - 1):
@@ -244,32 +286,33 @@ class MemOps(wiring.Component):
                         with m.If(o == ins.m - 1):
                             m.next = "X_FLUSH"
                         with m.Else():
-                            m.next = "X_RD"
+                            m.next = "X_ROW"
                     with m.Else():
                         m.d.sync += [i.eq(i + 1), pos.eq(pos + ins.k)]
                         m.next = "X_RD"
                 with m.Elif(cache_valid & dirty.any()):
                     m.next = "X_WB"
                 with m.Else():
-                    m.next = "X_FILL"
+                    m.next = "X_SDATA"
             with m.State("X_WB"):
-                m.d.comb += [mwr.req.valid.eq(1), mwr.req.payload.addr.eq(cache_addr),
-                             mwr.req.payload.data.eq(cache), mwr.req.payload.strb.eq(dirty)]
-                with m.If(mwr.req.ready):
-                    m.d.sync += [cache_valid.eq(0), dirty.eq(0)]
-                    m.next = "X_FILL"
-            with m.State("X_FILL"):
-                # a read never overtakes a write: wait until every write is answered
-                m.d.comb += [mrd.req.valid.eq(drained), mrd.req.payload.addr.eq(word_of),
-                             mrd.req.payload.count.eq(1)]
-                with m.If(drained & mrd.req.ready):
-                    m.next = "X_FDATA"
-            with m.State("X_FDATA"):
+                write_back("X_SDATA")
+            with m.State("X_SDATA"):
+                # the row's stream: words before the field's are passed over, the field's is cached
                 m.d.comb += mrd.data.ready.eq(1)
                 with m.If(mrd.data.valid):
-                    m.d.sync += [cache.eq(mrd.data.payload), cache_addr.eq(word_of), cache_valid.eq(1),
-                                 dirty.eq(0)]
-                    m.next = "X_CHK"
+                    m.d.sync += saddr.eq(saddr + 1)
+                    with m.If(saddr == word_of):
+                        m.d.sync += [cache.eq(mrd.data.payload), cache_addr.eq(word_of), cache_valid.eq(1),
+                                     dirty.eq(0)]
+                        m.next = "X_CHK"
+            with m.State("X_ERR"):
+                # stopped by a straddling field: take the rest of the row's stream, wait for the writes
+                with m.If(saddr > row_hi):
+                    m.next = "DRAIN"
+                with m.Else():
+                    m.d.comb += mrd.data.ready.eq(1)
+                    with m.If(mrd.data.valid):
+                        m.d.sync += saddr.eq(saddr + 1)
             with m.State("X_FLUSH"):
                 m.d.comb += [mwr.req.valid.eq(cache_valid & dirty.any()), mwr.req.payload.addr.eq(cache_addr),
                              mwr.req.payload.data.eq(cache), mwr.req.payload.strb.eq(dirty)]

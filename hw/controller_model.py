@@ -16,8 +16,8 @@ whole compiled programs to the RTL's MARK counts under Verilator):
 * MemOps (``busy_cycles``): LOAD ``2 + latency + n`` (+1 indexed; the words' arrival with
   ``words_per_cycle`` < 1), STORE ``n + words + latency + 2`` (one element per cycle, one bubble per
   word written, then the last write's answer), MARK ``latency + 2`` (the counter it stores is the
-  value at DECODE + 2), SCATTER field by field: read, check, and on a word miss a write-back of the
-  dirty word, a wait for every answer, a read of the word.
+  value at DECODE + 2), SCATTER row by row (``scatter_busy``): one read job per row streaming the
+  row's words, two cycles per field, a write-back per word left.
 * ENGINE: 18 cycles of checks and the restoring division of k_beats by group_beats, then the streams
   (``engine_run``): activations one spad element per cycle (``pe_lanes + 1`` cycles per beat), the
   weight jobs (one per tile, at most ``QUEUE`` outstanding; with ``weight_lanes`` > 1 on the wide port,
@@ -227,36 +227,69 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
 
 
 def scatter_busy(ins: Instr, accel: AccelParams, mem: MemTiming) -> int:
-    """SCATTER's busy cycles: per field a spad read and a check; a field in another word than the
-    cached one writes the dirty word back, waits for every answer and reads its word."""
+    """SCATTER's busy cycles (``hw.controller.MemOps``, states X_*), row by row: X_ROW writes back a
+    cached word the row does not start in; X_JOB issues one read job for the row's words not cached
+    (the run from its first field's word to its last's), once every write is answered unless all
+    those words lie above every word written back so far; then per field a spad read (X_RD) and a check
+    (X_CHK): a field in the cached word is patched, one in a later word writes the dirty word back (X_WB)
+    and takes the stream's words up to its own (X_SDATA, one per cycle, the first ``latency`` cycles
+    after the job). At the end the last word is written back and its answer awaited."""
     W, Lat = accel.mem_word_bits, mem.latency
     if ins.m == 0 or ins.n == 0:
         return 2  # DRAIN only (nothing outstanding)
     lgW = W.bit_length() - 1
-    t = 0                 # the cycle of the next X_RD (busy starts at 0)
+    span = (ins.n - 1) * ins.k
     cache, dirty = None, False
     drained = 0           # cycle from which no write is outstanding
-    prow = (ins.d << lgW) + ins.e
+    wr_hi = None          # highest word written back so far
+    t = 0                 # the cycle of the row's X_ROW (busy starts at 0)
+
+    def write_back(c: int):
+        nonlocal drained, wr_hi, cache, dirty
+        drained = c + Lat + 1
+        wr_hi = cache if wr_hi is None else max(wr_hi, cache)
+        cache, dirty = None, False
+
     for o in range(ins.m):
-        pos = prow + o * ins.f
+        prow = (ins.d << lgW) + ins.e + o * ins.f
+        wf, wl = prow >> lgW, (prow + span) >> lgW
+        keep = cache == wf
+        if cache is not None and not keep:
+            if dirty:
+                write_back(t)           # X_ROW: accepted at once
+            cache, dirty = None, False
+        lo = wf + (1 if keep else 0)
+        tj = t + 1                      # X_JOB
+        if lo > wl:
+            t = tj + 1
+            job = None
+        else:
+            a = tj if (wr_hi is not None and lo > wr_hi) else max(tj, drained)
+            job = (a, lo)               # accepted at a, its first word lo
+            t = a + 1
+        sword, prev = lo, None          # the stream's next word, the cycle the last one was taken
         for i in range(ins.n):
-            word = (pos + i * ins.k) >> lgW
-            chk = t + 1
-            if cache is not None and cache == word:
-                t = chk + 1
-            else:
+            word = (prow + i * ins.k) >> lgW
+            chk = t + 1                 # X_RD at t, X_CHK at chk
+            if cache != word:
+                s = chk + 1
                 if cache is not None and dirty:
-                    wb = chk + 1                 # X_WB: the write is accepted at once
-                    drained = wb + Lat + 1
-                    fill = max(wb + 1, drained)  # X_FILL waits for every answer
-                else:
-                    fill = max(chk + 1, drained)
-                chk2 = fill + Lat + 1            # X_FDATA: the word arrives latency cycles on
+                    write_back(s)       # X_WB
+                    s += 1
+                a, lo0 = job
+                while True:             # X_SDATA
+                    avail = a + Lat + mem.gap(sword - lo0)
+                    taken = max(s, avail, prev + 1 if prev is not None else 0)
+                    prev, s = taken, taken + 1
+                    sword += 1
+                    if sword - 1 == word:
+                        break
                 cache = word
-                t = chk2 + 1
+                chk = s                 # X_CHK again, now a hit
             dirty = True
+            t = chk + 1
     # X_FLUSH at t: the dirty word written back, then DRAIN until answered
-    drained = t + Lat + 1
+    write_back(t)
     return max(t + 1, drained) + 1
 
 

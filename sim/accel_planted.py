@@ -56,6 +56,17 @@ BUGS = {
         "m.d.comb += v.eq(Mux((ins.flags & FLAG_NEG).any(), -rd.data, rd.data))",
         "m.d.comb += v.eq(rd.data)",
     ),
+    "scatter_skip_unchecked": (
+        "a stale word written back: SCATTER caches the row stream's next word for a field in a later word "
+        "without checking it is the field's (the word before it patched and written in its place)",
+        "                    with m.If(saddr == word_of):",
+        "                    with m.If(1):",
+    ),
+    "scatter_strobe_last_field": (
+        "a field lost when two fields share a word: SCATTER's strobes cover only the last field patched",
+        "dirty.eq(dirty | bytes_hit)",
+        "dirty.eq(bytes_hit)",
+    ),
     "prefetch_not_awaited": (
         "the controller decodes the prefetch buffer while the prefetched words are still arriving",
         "                with m.Elif(pf_valid):",

@@ -114,13 +114,9 @@ def load_store_program(accel: AccelParams, seed: int, widths=(4, 8, 16, 32, 64),
     return ib.image(lay.next + 2), checks, {"mark": mark, "program": prog}
 
 
-def scatter_program(accel: AccelParams, seed: int):
-    """SCATTER cases: nibbles with a stride, FLAG_NEG, a 2-D pattern (rows of fields f bits apart),
-    fields at the word's low and high edges, 8/16/32/64-bit fields; the rest of every word keeps its
-    (random) bits. Expected from the ISA text, on a copy of the memory in Python."""
-    rng = np.random.default_rng(seed)
-    W = accel.mem_word_bits
-    cases = [  # (w, m, n, e, f, k, neg)
+def scatter_cases(W: int) -> list[tuple]:
+    """The default SCATTER cases of ``scatter_program`` (w, m, n, e, f, k, neg) for W-bit words."""
+    return [
         (4, 1, 2 * W // 4, 0, 0, 4, False),           # every nibble of two words
         (4, 3, 5, 8, 2 * W + 4, 12, True),            # 2-D, nibbles 12 bits apart, negated, rows 2W+4 apart
         (4, 2, 3, W - 4, W, W, False),                # the top nibble of successive words (word edge)
@@ -129,6 +125,16 @@ def scatter_program(accel: AccelParams, seed: int):
         (32, 1, 4, 32, 0, W, True),
         (64, 2, 2, W - 64, 2 * W, W, False),
     ]
+
+
+def scatter_program(accel: AccelParams, seed: int, cases: list[tuple] | None = None):
+    """SCATTER cases: nibbles with a stride, FLAG_NEG, a 2-D pattern (rows of fields f bits apart),
+    fields at the word's low and high edges, 8/16/32/64-bit fields; the rest of every word keeps its
+    (random) bits. Expected from the ISA text, on a copy of the memory in Python. ``cases``: (w, m, n,
+    e, f, k, neg) tuples in place of ``scatter_cases``."""
+    rng = np.random.default_rng(seed)
+    W = accel.mem_word_bits
+    cases = scatter_cases(W) if cases is None else cases
     lay = Layout(accel, 3 * len(cases) + 1)
     prog, data, checks = [], [], []
     spad_at = 0

@@ -190,9 +190,9 @@ class MemOpsSpec(Elaboratable):
                 m.d.comb += [lo.eq(ins.d * W + ins.e),
                              hi.eq(lo + Mux(ins.m == 3, ins.f * 2, Mux(ins.m == 2, ins.f, 0))
                                    + Mux(ins.n == 3, ins.k * 2, Mux(ins.n == 2, ins.k, 0)) + ins.w)]  # m, n < 4
-                with m.If(rq.valid):
-                    m.d.comb += [Assert(rq.payload.count == 1), Assert(rq.payload.addr >= (lo >> lgW)),
-                                 Assert(rq.payload.addr < ((hi + W - 1) >> lgW))]
+                with m.If(rq.valid):   # one job per row: a run of words inside the range
+                    m.d.comb += [Assert(rq.payload.count >= 1), Assert(rq.payload.addr >= (lo >> lgW)),
+                                 Assert(rq.payload.addr + rq.payload.count <= ((hi + W - 1) >> lgW))]
                 with m.If(wq.valid):
                     m.d.comb += [Assert(wq.payload.addr >= (lo >> lgW)),
                                  Assert(wq.payload.addr < ((hi + W - 1) >> lgW)),
@@ -438,8 +438,8 @@ BUGS = {
         "with m.If(mwr.req.ready):\n                    m.next = \"DRAIN\"",
         "with m.If(mwr.req.ready):\n                    m.next = \"IDLE\""),
     "scatter_word_off_by_one": (
-        "P3: SCATTER fills the word after the field's (an address outside the instruction's range)",
-        "mrd.req.payload.addr.eq(word_of),", "mrd.req.payload.addr.eq(word_of + 1),"),
+        "P3: SCATTER's row job starts one word late (its last word outside the instruction's range)",
+        "mrd.req.payload.addr.eq(row_lo),", "mrd.req.payload.addr.eq(row_lo + 1),"),
     "fetch_one_word_short": (
         "P2: the fetch decodes after IW-1 words (a word left owed, the instruction's top half stale)",
         "with m.If(k == IW - 1):", "with m.If(k == IW - 2):"),

@@ -191,6 +191,8 @@ PLANTED = {
     "store_strobe_top_byte": lambda: load_store_program(A256, seed=11),
     "load_ignores_valid": lambda: load_store_program(A256, seed=11),
     "scatter_neg_ignored": lambda: scatter_program(A256, seed=5),
+    "scatter_skip_unchecked": lambda: scatter_program(A256, seed=5),
+    "scatter_strobe_last_field": lambda: scatter_program(A256, seed=5),
     "row_filter_off_by_one": lambda: engine_program(P, A256, "dense", seed=1, tokens=1, k_beats=2, n=9, g=1, h=7),
     "out_beat_dropped": lambda: engine_program(P, A256, "dense", seed=1, tokens=2, k_beats=1, n=8),
     "tile_stride_ignored": lambda: engine_program(P, A256, "pv", seed=1, tokens=1, k_beats=2, n=8, gap=2),

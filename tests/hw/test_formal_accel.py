@@ -74,7 +74,7 @@ def test_memops_handshakes_counts_and_addresses(tmp_path, op):
     ("store_same_word_twice", Op.STORE, "Assert(wq.payload.addr == (ins.d + writes)"),  # P2: written twice
     ("mark_no_drain", Op.MARK, "Assert(wowed == 0)"),                      # P2: finished, write unanswered
     ("load_count_plus_one", Op.LOAD, "Assert(rq.payload.count == nwords)"),  # P3: burst count off by one
-    ("scatter_word_off_by_one", Op.SCATTER, "Assert(rq.payload.addr < ((hi + W - 1) >> lgW))"),  # P3
+    ("scatter_word_off_by_one", Op.SCATTER, "Assert(rq.payload.addr + rq.payload.count <= ((hi + W - 1) >> lgW))"),  # P3
 ])
 def test_memops_proofs_find_planted_bugs(tmp_path, bug, op, line):
     require_tools()
