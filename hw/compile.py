@@ -38,7 +38,7 @@ from quant import reference as R
 
 from . import beats as B
 from .engine import Mode, TILE_BITS, layouts
-from .isa import (FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, INSTR_BITS, ISAError, Instr, Op, encode, encode_program)
+from .isa import (FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, FLAG_W4, INSTR_BITS, ISAError, Instr, Op, encode, encode_program)
 from .params import AccelParams, EngineParams
 
 __all__ = ["CompileError", "Compiled", "compile_generation", "compile_decode_step", "compile_prefill_chunk",
@@ -207,6 +207,12 @@ class LoweredLinear:
     tiles: int
     weight: np.ndarray | None  # (tiles * k_beats, beat bytes) little-endian beats; None: shape only
     scale: np.ndarray | None  # (tiles * groups, beat bytes)
+    bits: int = 2  # weight code bits (4: the W4 lm_head, a DENSE command with FLAG_W4)
+
+    @property
+    def flags(self) -> int:
+        """The ENGINE instruction's flags: the mode, and FLAG_W4 for 4-bit codes."""
+        return int(self.mode) | (FLAG_W4 if self.bits == 4 else 0)
 
     @property
     def scale_beats(self) -> int:
@@ -284,7 +290,7 @@ def lower_linear(lin: G.Linear, engine: EngineParams, accel: AccelParams, where:
         raise CompileError(where, f"{n} rows need {tiles} row tiles, beyond the command's {TILE_BITS}-bit field")
     mode = Mode.SPARSE if sparse else Mode.DENSE
     if not pack:
-        return LoweredLinear(mode, n, k, kb, gb, tiles, None, None)
+        return LoweredLinear(mode, n, k, kb, gb, tiles, None, None, lin.bits)
     lay = layouts(engine)
     bw = {s: -(-B.width(lay[s]) // accel.mem_word_bits) * accel.mem_word_bits // 8 for s in ("weight", "scale")}
     if sparse:
@@ -295,7 +301,7 @@ def lower_linear(lin: G.Linear, engine: EngineParams, accel: AccelParams, where:
     weight = B.pack_le(lay["weight"], wf, tiles * kb, bw["weight"])
     sc = scale_beat_fields(engine, lin.scales, lin.mins)
     scale = B.pack_le(lay["scale"], sc, len(sc["s"]), bw["scale"])
-    return LoweredLinear(mode, n, k, kb, gb, tiles, weight, scale)
+    return LoweredLinear(mode, n, k, kb, gb, tiles, weight, scale, lin.bits)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,6 +434,8 @@ def check_program(program: list[Instr], engine: EngineParams, accel: AccelParams
                 raise CompileError(where, f"{ins.n * per} inputs exceed engine.{what} = {limit}")
             if ins.b > ins.n * per:
                 raise CompileError(where, f"{ins.b} inputs per token exceed the {ins.n * per} of {ins.n} beats")
+            if ins.flags & FLAG_W4 and mode != Mode.DENSE:
+                raise CompileError(where, f"FLAG_W4 (4-bit weight codes) in {mode.name} mode: DENSE only")
             if mode != Mode.PV and (ins.k < 1 or ins.n % ins.k):
                 raise CompileError(where, f"group of {ins.k} beats does not divide {ins.n} beats")
             if not 0 <= ins.g <= ins.h <= ins.s * p.pe_rows:
@@ -780,7 +788,7 @@ class _Compiler:
         """ENGINE + RESCALE of a linear whose input codes and amax are already in the spad."""
         lw = self.lowered[key]
         b = self.b
-        self.I(Op.ENGINE, f"{step} {where}", flags=int(lw.mode), a=inp_codes, b=lw.k, m=T, n=lw.k_beats,
+        self.I(Op.ENGINE, f"{step} {where}", flags=lw.flags, a=inp_codes, b=lw.k, m=T, n=lw.k_beats,
                k=lw.group_beats, s=lw.tiles, c=self.R(f"{name}.weight"), e=self.R(f"{name}.scale"), d=b["acc"],
                i0=lw.n, g=0, h=lw.n)
         self.I(Op.LOAD, f"{step} {where} row_mult", flags=FLAG_SIGNED, a=self.R(f"{name}.row_mult"), d=b["rm"],
@@ -966,7 +974,7 @@ class _Compiler:
             rows = min(self.head_rows, V - r0)
             t0 = r0 // self.p.pe_rows
             note = f"{step} lm_head" + (f" rows {r0}..{r0 + rows - 1}" if rows < V else "")
-            self.I(Op.ENGINE, note, flags=int(lw.mode), a=b["a"], b=lw.k, m=1, n=lw.k_beats, k=lw.group_beats,
+            self.I(Op.ENGINE, note, flags=lw.flags, a=b["a"], b=lw.k, m=1, n=lw.k_beats, k=lw.group_beats,
                    s=-(-rows // self.p.pe_rows), c=self.R("lm_head.weight") + t0 * lw.k_beats * self.wbw,
                    e=self.R("lm_head.scale") + t0 * ng * self.sbw, d=b["acc"], i0=rows, g=0, h=rows)
             w0 = r0 * 32 // self.W

@@ -26,7 +26,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .engine import Mode, layouts, max_reduction
-from .isa import ELEMENT_BITS, ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, INSTR_BITS, Op, \
+from .isa import ELEMENT_BITS, ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, FLAG_W4, INSTR_BITS, Op, \
     instr_layout
 from .memory import BeatGather, MemReadSignature, MemWideReadSignature, MemWriteSignature, WideBeatGather, words_for
 from .params import AccelParams, EngineParams
@@ -473,7 +473,8 @@ class EngineStreamer(wiring.Component):
         # ---- cmd ----
         cp = self.cmd.payload
         m.d.comb += [self.cmd.valid.eq(running & ~cmd_sent), cp.mode.eq(mode), cp.tokens.eq(ins.m),
-                     cp.k_beats.eq(ins.n), cp.group_beats.eq(ins.k), cp.tiles.eq(ins.s), cp.requant.eq(0)]
+                     cp.k_beats.eq(ins.n), cp.group_beats.eq(ins.k), cp.tiles.eq(ins.s), cp.requant.eq(0),
+                     cp.wide.eq((ins.flags & FLAG_W4).any())]
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += cmd_sent.eq(1)
 

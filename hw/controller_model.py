@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from .engine import Mode, beat_ops, layouts
 from .engine_model import PIPE_DRAIN
-from .isa import ENGINE_MODE_MASK, FLAG_INDEXED, INSTR_BITS, UNIT_OPS, Instr, Op
+from .isa import ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_W4, INSTR_BITS, UNIT_OPS, Instr, Op
 from .params import AccelParams, EngineParams
 
 __all__ = ["MemTiming", "busy_cycles", "engine_run", "weight_transfers_per_beat", "scatter_busy", "program_timeline", "Timeline", "timing_key",
@@ -189,10 +189,10 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
                 s_prev_word = deliver_beat(SB, s_word_index, s_job_first, s_prev_word, s_gather_free if SB > 1 else 0)
                 s_word_index += SB
                 s_valid = s_prev_word + 1 if SB > 1 else s_prev_word
-            # T ops (x beat_ops: two half-beats of 2:4 in dsp style) issue on consecutive cycles once
-            # the beats are valid
+            # T ops (x beat_ops: two ops of a 2:4 or 4-bit beat in dsp style) issue on consecutive
+            # cycles once the beats are valid
             t0 = max(issue + 1, w_valid, s_valid if s_valid is not None else 0)
-            last = t0 + T * beat_ops(p, mode) - 1
+            last = t0 + T * beat_ops(p, mode, ins.flags & FLAG_W4) - 1
             if b == kb - 1:
                 arm = last + PIPE_DRAIN
                 if bank_free is not None and arm < bank_free:

@@ -135,7 +135,7 @@ class Engine(wiring.Component):
                          cand.is_pv.eq(is_pv), cand.zero.as_value().eq(w_bits[zero_at:zero_at + CODE_BITS * L])]
             for gi, (r0, n) in enumerate(dsp_row_groups(p)):
                 rows = m.submodules[f"dsprows{gi}"] = DspRows(p, n)
-                m.d.comb += [rows.act.eq(cand.act), rows.act3.eq(cand.act3), rows.a_shared.eq(cand.a_shared),
+                m.d.comb += [rows.act.eq(cand.act), rows.pair_sums.eq(cand.pair_sums), rows.a_shared.eq(cand.a_shared),
                              rows.codes.as_value().eq(row_codes(r0, n)), rows.meta.as_value().eq(row_meta(r0, n)),
                              rows.is_sparse.eq(is_sparse), rows.half.eq(s1.half), rows.en.eq(~stall)]
                 row_sums += [(rows.p[i], rows.a[i]) for i in range(n)]

@@ -1,16 +1,20 @@
 """The engine's array in ``multiplier_style: dsp`` (docs/arithmetic.md, "The dsp engine"): the W2 x A8
 products packed three rows to a DSP48E2 with one activation shared down each lane column
 (``hw.dsp.W2x3``'s layout: codes at bits 0/10/20, ``B = a + 128``, the correction ``-128 * sum(c)`` per
-row), in every mode:
+row), in every mode, with no multiplier outside the DSPs:
 
-* dense and QK/PV: lane column l multiplies the op's activation ``l``; a 4-bit code (W4, KV4) is its
-  low 2-bit digit in the DSP and its high digit as a LUT row (``a * hi``, a 4:1 select among the
-  column's ``0, a, 2a, 3a``), combined after the trees: ``p = lo - 128 * sum(lo) + 4 * hi``;
+* dense W2: lane column l multiplies the op's activation ``l``, one op per beat;
+* 4-bit codes (KV4 in QK/PV, the W4 lm_head in dense with the command's ``wide``): each beat runs as
+  two ops through the same DSPs (``hw.engine_parts.beat_ops``; the sequencer's ``half`` tag is the
+  digit): op 0 the low 2-bit digits, op 1 the high digits, whose partial ``lo - 128 * sum(lo)`` is
+  shifted by 2 (``4 * a * hi``); the group stage sums the two ops as it sums beats. ``sum(a)`` (or the
+  P·V zero row) goes with op 0 only, so it is counted once;
 * 2:4: the weights are expanded on the weight side (``hw.dsp.expand_group``, ``Expand24``'s logic) so
   the same column-shared DSPs serve them: a beat's ``pe_lanes`` kept codes cover ``2 * pe_lanes``
-  positions, run as two half-beat ops (the ``half`` tag of the sequencer), half h taking positions
-  ``h * pe_lanes ..`` against the activation word ``2b + h``; the high-digit row, unused by W2 codes,
-  multiplies the kept flags and so gives each row's sum of its kept activations;
+  positions, run as two half-beat ops (the ``half`` tag), half h taking positions
+  ``h * pe_lanes ..`` against the activation word ``2b + h``; each row's sum of its kept activations
+  is a 6:1 select per group among the group's six pair sums (``DspCandidates.pair_sums``, formed once
+  for all rows) and one adder tree;
 * ``sum(a)``, the same in every row in dense and QK mode, is formed once (``DspCandidates``), not per
   row.
 
@@ -27,18 +31,19 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.formats import ACT
+from quant.formats import ACT, SPARSE_PATTERNS
 
 from .dsp import FIELD_BITS, OFFSET, ROWS_PER_DSP, expand_group
-from .engine_parts import (CODE_BITS, META_BITS, MULTIPLE_BITS, candidate_inputs, multiples_of, partial_bits,
-                           tree_sum)
-from .mult import lut_digit, split_product
+from .engine_parts import (CODE_BITS, META_BITS, candidate_inputs, multiples_of, partial_bits, tree_sum)
+from .mult import split_product
 from .params import EngineParams
 
 __all__ = ["DspCandidates", "DspRows", "dsp_row_groups"]
 
-#: bits of a code's low digit (the DSP field's code) and of its high digit (the LUT row)
+#: bits of a code digit (the DSP field's code): a 4-bit code is two digits, run as two ops
 DIGIT_BITS = 2
+#: a 2:4 group's sum of its two kept activations (one of the six pair sums)
+PAIR_SUM_BITS = ACT.bits + 1
 #: the correction 128 * sum(lo) is a shift: OFFSET (hw.dsp, -ACT.min) is a power of two
 OFFSET_SHIFT = OFFSET.bit_length() - 1
 assert OFFSET == 1 << OFFSET_SHIFT
@@ -72,9 +77,10 @@ def dsp_row_groups(p: EngineParams) -> list[tuple[int, int]]:
 class DspCandidates(wiring.Component):
     """The activation side of the dsp array, shared by every row: lane l's activation of the op's
     buffer word (``parity`` picks ``d1`` over ``d0``: the word's parity, in 2:4 mode the beat's half),
-    its ``3a`` (the high digit's multiples), and ``a_shared``: the P·V zero row
-    ``sum_l a_l * zero_l`` in P·V mode, else ``sum_l a_l`` (the rows' sum of activations in dense and
-    QK mode, formed once). Combinational."""
+    ``pair_sums``: for each group of four lanes the sums of its activation pairs in
+    ``SPARSE_PATTERNS`` order (2:4: a row's group sum of kept activations is the one its pattern
+    names), and ``a_shared``: the P·V zero row ``sum_l a_l * zero_l`` in P·V mode, else
+    ``sum_l a_l`` (the rows' sum of activations in dense and QK mode, formed once). Combinational."""
 
     def __init__(self, p: EngineParams):
         self.params = p
@@ -82,7 +88,7 @@ class DspCandidates(wiring.Component):
         super().__init__({
             **candidate_inputs(p), "is_pv": In(1),
             "act": Out(data.ArrayLayout(signed(ACT.bits), L)),
-            "act3": Out(data.ArrayLayout(signed(MULTIPLE_BITS), L)),
+            "pair_sums": Out(data.ArrayLayout(signed(PAIR_SUM_BITS), L // 4 * len(SPARSE_PATTERNS))),
             "a_shared": Out(signed(partial_bits(p))),
         })
 
@@ -96,20 +102,24 @@ class DspCandidates(wiring.Component):
         for lane in range(L):
             a = word.word_select(lane, 8).as_signed()
             mult = multiples_of(m, a, (a << 1) + a, f"lane{lane}")
-            m.d.comb += [self.act[lane].eq(mult[0]), self.act3[lane].eq(mult[2])]
+            m.d.comb += self.act[lane].eq(mult[0])
             acts.append(mult[0])
             zprods.append(split_product(m, mult, mult, zero[CODE_BITS * lane:CODE_BITS * (lane + 1)],
                                         Const(1), f"zp{lane}"))
+        for q in range(L // 4):
+            for k, (i, j) in enumerate(SPARSE_PATTERNS):
+                m.d.comb += self.pair_sums[q * len(SPARSE_PATTERNS) + k].eq(acts[4 * q + i] + acts[4 * q + j])
         m.d.comb += self.a_shared.eq(Mux(self.is_pv, tree_sum(zprods), tree_sum(acts)))
         return m
 
 
 class DspRows(wiring.Component):
-    """``rows`` (1..3) rows of the dsp array: per lane one packed DSP product of the rows' low digits
-    and the lane's shared activation, per row a high-digit LUT row and three adder trees (the fields,
-    the low digits for the ``-128 * sum(lo)`` correction, the high products). ``p``, ``a`` per row are
-    ``ArrayRow``'s: registered while ``en`` (S1 -> S2). ``codes``/``meta``: the rows' slices of the
-    weight beat; ``half``: which half of a 2:4 beat the op is."""
+    """``rows`` (1..3) rows of the dsp array: per lane one packed DSP product of the rows' digits and
+    the lane's shared activation, per row two adder trees (the fields, the digits for the
+    ``-128 * sum(c)`` correction) and, for 2:4, a 6:1 select per group of the group's kept-activation
+    sum and its tree. ``p``, ``a`` per row are ``ArrayRow``'s: registered while ``en`` (S1 -> S2).
+    ``codes``/``meta``: the rows' slices of the weight beat; ``half``: which of the beat's two ops
+    this is (2:4: the half; otherwise the digit, 1 = the codes' high digits, partial shifted by 2)."""
 
     def __init__(self, p: EngineParams, rows: int):
         if not 1 <= rows <= ROWS_PER_DSP:
@@ -120,7 +130,7 @@ class DspRows(wiring.Component):
         L, WP = p.pe_lanes, partial_bits(p)
         super().__init__({
             "act": In(data.ArrayLayout(signed(ACT.bits), L)),
-            "act3": In(data.ArrayLayout(signed(MULTIPLE_BITS), L)),
+            "pair_sums": In(data.ArrayLayout(signed(PAIR_SUM_BITS), L // 4 * len(SPARSE_PATTERNS))),
             "a_shared": In(signed(WP)),
             "codes": In(data.ArrayLayout(unsigned(CODE_BITS), rows * L)),   # [row * lanes + lane]
             "meta": In(data.ArrayLayout(unsigned(META_BITS), rows * L // 2)),
@@ -131,12 +141,15 @@ class DspRows(wiring.Component):
     def elaborate(self, platform):
         p, n = self.params, self.rows
         L, WP, Q = p.pe_lanes, partial_bits(p), p.pe_lanes // 4
+        NP = len(SPARSE_PATTERNS)
         m = Module()
         codes, meta = self.codes.as_value(), self.meta.as_value()
-        act, act3 = self.act.as_value(), self.act3.as_value()
-        A8, AM = ACT.bits, MULTIPLE_BITS
+        act, psums = self.act.as_value(), self.pair_sums.as_value()
+        A8 = ACT.bits
         hsel = Signal()
         m.d.comb += hsel.eq(self.half)
+        digit = Signal()  # op 1 of a 4-bit beat: the high digits
+        m.d.comb += digit.eq(self.half & ~self.is_sparse)
 
         def code(r, lane):
             return codes[CODE_BITS * (r * L + lane):][:CODE_BITS]
@@ -144,9 +157,9 @@ class DspRows(wiring.Component):
         def meta_of(r, group):
             return meta[META_BITS * (r * L // 2 + group):][:META_BITS]
 
-        # each lane's low digit (into the DSP) and high digit (the LUT row), per row
-        lo = [[None] * L for _ in range(n)]
-        hi = [[None] * L for _ in range(n)]
+        # each lane's digit into the DSP, per row; per row and group the 2:4 kept-activation sum
+        dig = [[None] * L for _ in range(n)]
+        ksums = [[] for _ in range(n)]
         for r in range(n):
             for q in range(Q):
                 # 2:4: this half's group q is the beat's group half * Q + q (kept lanes 2g, 2g + 1)
@@ -155,20 +168,26 @@ class DspRows(wiring.Component):
                 m.d.comb += [k0.eq(Mux(hsel, code(r, 2 * (Q + q)), code(r, 2 * q))[:DIGIT_BITS]),
                              k1.eq(Mux(hsel, code(r, 2 * (Q + q) + 1), code(r, 2 * q + 1))[:DIGIT_BITS]),
                              mt.eq(Mux(hsel, meta_of(r, Q + q), meta_of(r, q)))]
-                ecodes, emask = expand_group([k0, k1], mt)
+                ecodes, _ = expand_group([k0, k1], mt)
                 for i in range(4):
                     lane = 4 * q + i
                     c = code(r, lane)
-                    lo[r][lane] = Signal(DIGIT_BITS, name=f"lo_r{r}_l{lane}")
-                    hi[r][lane] = Signal(DIGIT_BITS, name=f"hi_r{r}_l{lane}")
-                    m.d.comb += [lo[r][lane].eq(Mux(self.is_sparse, ecodes[i], c[:DIGIT_BITS])),
-                                 hi[r][lane].eq(Mux(self.is_sparse, emask[i], c[DIGIT_BITS:]))]
+                    dig[r][lane] = Signal(DIGIT_BITS, name=f"dg_r{r}_l{lane}")
+                    m.d.comb += dig[r][lane].eq(Mux(self.is_sparse, ecodes[i],
+                                                    Mux(digit, c[DIGIT_BITS:], c[:DIGIT_BITS])))
+                # the group's sum of kept activations: the pair sum its pattern names (0 for 6, 7)
+                ks = Signal(signed(PAIR_SUM_BITS), name=f"ks_r{r}_g{q}")
+                sel = Const(0, signed(PAIR_SUM_BITS))
+                for k in range(NP):
+                    sel = Mux(mt == k, psums[PAIR_SUM_BITS * (q * NP + k):][:PAIR_SUM_BITS].as_signed(), sel)
+                m.d.comb += ks.eq(sel)
+                ksums[r].append(ks)
 
-        # one DSP48E2 per lane: A = the rows' low digits at bits 0/10/20, B = a + 128 (top bit
-        # inverted); every field (a + 128) * lo <= 765 < 2**10, so field r is row r's offset product
+        # one DSP48E2 per lane: A = the rows' digits at bits 0/10/20, B = a + 128 (top bit
+        # inverted); every field (a + 128) * d <= 765 < 2**10, so field r is row r's offset product
         fields = [[] for _ in range(n)]
         for lane in range(L):
-            slots = [Cat(lo[r][lane], Const(0, FIELD_BITS - DIGIT_BITS)) for r in range(n - 1)] + [lo[n - 1][lane]]
+            slots = [Cat(dig[r][lane], Const(0, FIELD_BITS - DIGIT_BITS)) for r in range(n - 1)] + [dig[n - 1][lane]]
             packed = Signal(FIELD_BITS * (n - 1) + DIGIT_BITS, name=f"dsp{lane}_a")
             b = Signal(unsigned(A8), name=f"dsp{lane}_b")
             prod = Signal(FIELD_BITS * n, name=f"dsp{lane}_p")
@@ -177,18 +196,13 @@ class DspRows(wiring.Component):
             for r in range(n):
                 fields[r].append(prod[FIELD_BITS * r:FIELD_BITS * (r + 1)])
 
-        mults = []
-        for lane in range(L):
-            a = act[A8 * lane:A8 * (lane + 1)].as_signed()
-            mults.append(multiples_of(m, a, act3[AM * lane:AM * (lane + 1)].as_signed(), f"l{lane}"))
         for r in range(n):
-            ls, lc, hs = (Signal(signed(WP), name=f"{k}_r{r}") for k in ("lo_sum", "lo_codes", "hi_sum"))
+            ls, lc, ks = (Signal(signed(WP), name=f"{k}_r{r}") for k in ("lo_sum", "lo_codes", "kept_sum"))
             corr = Signal(signed(WP), name=f"corr_r{r}")
-            hprods = [lut_digit(m, mults[lane], hi[r][lane], f"hp_r{r}_l{lane}") for lane in range(L)]
-            m.d.comb += [ls.eq(adder_tree(m, fields[r], f"lo_r{r}")), lc.eq(adder_tree(m, lo[r], f"lc_r{r}")),
-                         hs.eq(adder_tree(m, hprods, f"hi_r{r}"))]
+            m.d.comb += [ls.eq(adder_tree(m, fields[r], f"lo_r{r}")), lc.eq(adder_tree(m, dig[r], f"lc_r{r}")),
+                         ks.eq(adder_tree(m, ksums[r], f"ks_r{r}"))]
             m.d.comb += corr.eq(ls - (lc << OFFSET_SHIFT))  # a * c = (a + 128) * c - 128 * c
             with m.If(self.en):
-                m.d.sync += [self.p[r].eq(Mux(self.is_sparse, corr, corr + (hs << DIGIT_BITS))),
-                             self.a[r].eq(Mux(self.is_sparse, hs, self.a_shared))]
+                m.d.sync += [self.p[r].eq(Mux(digit, corr << DIGIT_BITS, corr)),
+                             self.a[r].eq(Mux(self.is_sparse, ks, Mux(digit, 0, self.a_shared)))]
         return m

@@ -10,7 +10,8 @@ The rules, read off the RTL (docs/engine.md, "Cycle behaviour"):
   cycle after the previous command's last tile entered the output bank for the next;
 * the activation load takes one cycle per word (``tokens x words_per_token``, 2 x k_beats words per
   token in 2:4 mode), then one op (token, weight beat) issues per cycle, ``tiles x k_beats x tokens``
-  (x 2 for a 2:4 command in ``multiplier_style: dsp``, whose beats run as two half-beat ops:
+  (x 2 in ``multiplier_style: dsp`` for a 2:4 command, whose beats run as two half-beat ops, and for
+  4-bit codes, QK, PV and a ``wide`` DENSE command, whose beats run as two digit ops:
   ``hw.engine_parts.beat_ops``);
 * an op reaches S3 three cycles after its issue; a tile's last-beat ops enter the output bank there.
   The last token arms the bank once the old tile's last beat leaves (this cycle or before); until
@@ -49,7 +50,7 @@ class EngineCommandError(ValueError):
 class Command:
     """One ``cmd`` beat: ``mode`` (``Mode`` or its value), ``tokens``, ``k_beats`` (weight beats per row
     tile per token), ``group_beats`` (weight beats per scale group), ``tiles`` (row tiles of pe_rows
-    outputs), ``requant`` (one ``rq`` beat per tile follows)."""
+    outputs), ``requant`` (one ``rq`` beat per tile follows), ``wide`` (DENSE: 4-bit weight codes)."""
 
     mode: int
     tokens: int
@@ -57,6 +58,7 @@ class Command:
     group_beats: int
     tiles: int
     requant: bool = False
+    wide: bool = False
 
     def words_per_token(self) -> int:
         return 2 * self.k_beats if self.mode == Mode.SPARSE else self.k_beats
@@ -94,6 +96,9 @@ def check_command(p: EngineParams, c: Command, where: str = "") -> None:
         raise EngineCommandError(f"{at}group_beats = {c.group_beats} must divide k_beats = {c.k_beats}")
     if not 1 <= c.tiles < 1 << TILE_BITS:
         raise EngineCommandError(f"{at}tiles = {c.tiles}: must be 1..{(1 << TILE_BITS) - 1}")
+    if c.wide and c.mode != Mode.DENSE:
+        raise EngineCommandError(f"{at}wide (4-bit weight codes) is a DENSE field: {Mode(c.mode).name} codes "
+                                 f"are 2-bit (SPARSE) or always 4-bit (QK, PV)")
     words = c.tokens * c.words_per_token()
     if words * p.pe_lanes > p.act_buffer_bytes:
         raise EngineCommandError(f"{at}{c.tokens} tokens x {c.words_per_token()} words of {p.pe_lanes} bytes "
@@ -107,7 +112,7 @@ def timeline(p: EngineParams, commands: list[Command], from_reset: bool = False)
     bank_arm, bank_tokens = None, 0  # the tile in the output bank: the cycle it was armed, its tokens
     for i, c in enumerate(commands):
         check_command(p, c, f"command {i}")
-        T, kb, h = c.tokens, c.k_beats, beat_ops(p, c.mode)
+        T, kb, h = c.tokens, c.k_beats, beat_ops(p, c.mode, c.wide)
         first_issue = accept + CMD_CYCLES + T * c.words_per_token()  # after the cmd beat and the load
         delay = 0  # stall cycles so far in this command
         beats = []
@@ -150,7 +155,7 @@ def command_cycles(p: EngineParams, commands: list[Command], from_reset: bool = 
 class Op:
     """One engine command by its shape: ``mode``, ``tokens`` (1..mm_tokens), reduction length ``k`` in
     dense positions (keys for pv), ``n`` output rows (keys for qk, value channels for pv), ``group``
-    inputs per scale."""
+    inputs per scale, ``code_bits`` of the dense weight codes (4: the W4 lm_head)."""
 
     mode: str
     tokens: int
@@ -158,6 +163,7 @@ class Op:
     n: int
     group: int = 0
     name: str = ""
+    code_bits: int = 2
 
 
 def op_beats(p: EngineParams, op: Op) -> tuple[int, int, int]:
@@ -192,7 +198,7 @@ def op_command(p: EngineParams, op: Op, requant: bool = False) -> Command:
     kb, tiles, _ = op_beats(p, op)
     mode = Mode[op.mode.upper()]
     gb = kb if op.mode in ("qk", "pv") else op.group // (2 * p.pe_lanes if op.mode == "sparse" else p.pe_lanes)
-    return Command(mode, op.tokens, kb, gb, tiles, requant)
+    return Command(mode, op.tokens, kb, gb, tiles, requant, wide=op.mode == "dense" and op.code_bits == 4)
 
 
 def op_cycles(p: EngineParams, op: Op) -> int:

@@ -102,6 +102,7 @@ def layouts(p: EngineParams) -> dict[str, data.StructLayout | data.ArrayLayout]:
             "group_beats": range(kb + 1),  # weight beats per scale group
             "tiles": TILE_BITS,            # row tiles of pe_rows outputs
             "requant": 1,                  # requantize: one ``rq`` beat per row tile follows
+            "wide": 1,                     # DENSE: the weight codes are 4-bit (W4), else 2-bit (beat_ops)
         }),
         "act": data.ArrayLayout(signed(ACT.bits), p.pe_lanes),
         "weight": data.StructLayout({
@@ -121,17 +122,23 @@ def layouts(p: EngineParams) -> dict[str, data.StructLayout | data.ArrayLayout]:
     }
 
 
-def beat_ops(p: EngineParams, mode) -> int:
-    """Ops issued per weight beat and token: 2 for a 2:4 beat in ``multiplier_style: dsp`` (its
-    ``2 * pe_lanes`` expanded positions run through the ``pe_lanes`` DSP columns in two halves,
-    ``hw.engine_dsp``), else 1. The cycle models (``hw.engine_model``, ``hw.controller_model``) read it."""
-    return 2 if p.multiplier_style == "dsp" and int(mode) == Mode.SPARSE else 1
+def beat_ops(p: EngineParams, mode, wide=False) -> int:
+    """Ops issued per weight beat and token. ``multiplier_style: dsp`` (``hw.engine_dsp``) runs a beat
+    as two ops when its codes do not fit the DSPs' 2-bit digit in one: a 2:4 beat (its ``2 * pe_lanes``
+    expanded positions through the ``pe_lanes`` DSP columns in two halves) and a beat of 4-bit codes
+    (QK and PV always, KV4; DENSE with the command's ``wide``, the W4 lm_head: the low digits, then the
+    high digits); W2 DENSE is one op. ``lut`` style: always 1. The cycle models (``hw.engine_model``,
+    ``hw.controller_model``) read it."""
+    if p.multiplier_style != "dsp":
+        return 1
+    return 2 if int(mode) != Mode.DENSE or bool(wide) else 1
 
 
 def tag_layout(p: EngineParams) -> data.StructLayout:
     """What travels with an op down the pipeline: its token and where its beat sits in the group, the
-    tile and the tokens; ``half``: which half of a 2:4 beat the op is (``multiplier_style: dsp`` runs a
-    2:4 beat as two ops, ``beat_ops``; always 0 otherwise)."""
+    tile and the tokens; ``half``: which of a beat's two ops it is when ``beat_ops`` is 2
+    (``multiplier_style: dsp``: the half of a 2:4 beat, or the digit of a 4-bit beat, 1 = the high
+    digits); always 0 otherwise."""
     return data.StructLayout({
         "t": range(p.mm_tokens), "first_gb": 1, "last_gb": 1, "first_group": 1, "last_beat": 1,
         "last_tok": 1, "half": 1,
@@ -250,12 +257,13 @@ class Sequencer(wiring.Component):
         tok_base = Signal(wb)
         b_word = Signal(wb)
 
-        # a 2:4 beat in dsp style is two ops per token (beat_ops): half 0 for every token, then half 1,
-        # reading the pair's word 2b + half; the beat's tags (group start/end, tile end) go with its
-        # halves' first and last op, and the beats are taken with the last
+        # a beat of two ops per token in dsp style (beat_ops: 2:4, QK/PV, wide DENSE): op 0 (``half``)
+        # for every token, then op 1; a 2:4 beat's halves read the pair's word 2b + half, a 4-bit beat's
+        # two digits the same word; the beat's tags (group start/end, tile end) go with its first and
+        # last op, and the beats are taken with the last
         split = Signal()
         half = Signal()
-        m.d.comb += split.eq((cmd.mode == Mode.SPARSE) if p.multiplier_style == "dsp" else 0)
+        m.d.comb += split.eq(((cmd.mode != Mode.DENSE) | cmd.wide) if p.multiplier_style == "dsp" else 0)
         half_last = ~split | half
         last_tok = t == cmd.tokens - 1
         last_gb = gb == cmd.group_beats - 1
@@ -263,7 +271,7 @@ class Sequencer(wiring.Component):
         need_scale = (cmd.mode != Mode.PV) & last_gb
         m.d.comb += [
             self.load_word.eq(lw),
-            self.word.eq(tok_base + b_word + half),
+            self.word.eq(tok_base + b_word + (half & (cmd.mode == Mode.SPARSE))),
             self.tags.t.eq(t), self.tags.first_gb.eq((gb == 0) & ~half), self.tags.last_gb.eq(last_gb & half_last),
             self.tags.first_group.eq(g_first), self.tags.last_beat.eq(last_beat & half_last),
             self.tags.last_tok.eq(last_tok), self.tags.half.eq(half),

@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields as dc_fields
 from enum import IntEnum
 
 __all__ = ["Op", "Instr", "FIELDS", "INSTR_BITS", "ENGINE_MODE_MASK", "FLAG_SIGNED", "FLAG_INDEXED",
-           "FLAG_NEG", "ELEMENT_BITS", "encode", "decode", "encode_program", "decode_program",
+           "FLAG_NEG", "FLAG_W4", "ELEMENT_BITS", "encode", "decode", "encode_program", "decode_program",
            "instr_layout", "UNIT_OPS", "ISAError"]
 
 INSTR_BITS = 512
@@ -57,6 +57,7 @@ FLAG_SIGNED = 1 << 0    # LOAD: sign-extend elements
 FLAG_INDEXED = 1 << 1   # LOAD: the mem address is a + spad[b] * s
 FLAG_NEG = 1 << 2       # SCATTER: store -v instead of v
 ENGINE_MODE_MASK = 0b11  # ENGINE: flags[1:0] = hw.engine.Mode (DENSE, SPARSE, QK, PV)
+FLAG_W4 = 1 << 2        # ENGINE, DENSE only: the weight codes are 4-bit (the W4 lm_head); else 2-bit
 
 
 class ISAError(ValueError):
@@ -101,7 +102,9 @@ _DOCS = {
     Op.SCATTER: "Read-modify-write of packed fields: for o < m, i < n: v = spad[a + o*b + i] (negated with "
                 "FLAG_NEG), its low ``w`` bits written at bit position d*W + e + o*f + i*k of mem (W = "
                 "mem_word_bits; a field never straddles a word). Every other bit of mem is unchanged.",
-    Op.ENGINE: "One engine command (hw/engine.py, docs/engine.md), mode = flags[1:0], no requantization. "
+    Op.ENGINE: "One engine command (hw/engine.py, docs/engine.md), mode = flags[1:0], no requantization; "
+               "DENSE weight codes are 4-bit with FLAG_W4 (the command's ``wide``), else 2-bit (a code above 3 is "
+               "refused); FLAG_W4 is refused in the other modes (SPARSE codes are 2-bit, QK/PV codes 4-bit). "
                "tokens T = m, k_beats = n, group_beats = k, tiles = s. Activations: token t's K_tok inputs "
                "(K_tok = n*pe_lanes, or 2*n*pe_lanes in SPARSE) are spad[a + t*b + j] for j < b and 0 for "
                "b <= j < K_tok. Weight beats: tile ti, beat bi from mem word c + ti*F + bi*WB where WB = "

@@ -26,7 +26,8 @@ def tables() -> str:
             f"| `FLAG_INDEXED` | {isa.FLAG_INDEXED} | LOAD | mem address = a + spad[b] * s |",
             f"| `FLAG_NEG` | {isa.FLAG_NEG} | SCATTER | store -v |",
             f"| `ENGINE_MODE_MASK` | {isa.ENGINE_MODE_MASK} | ENGINE | flags[1:0] = mode (DENSE 0, SPARSE 1, QK 2, "
-            f"PV 3) |", "",
+            f"PV 3) |",
+            f"| `FLAG_W4` | {isa.FLAG_W4} | ENGINE | DENSE weight codes are 4-bit (else 2-bit) |", "",
             "### Opcodes", "", "| opcode | value | executed by | meaning |", "|---|---:|---|---|"]
     for op in isa.Op:
         who = "unit" if op in isa.UNIT_OPS else "controller"

@@ -32,7 +32,7 @@ from quant.formats import ACT, FX, SPARSE_PATTERNS
 
 from . import beats as B
 from .engine import Mode, layouts
-from .isa import (ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, INSTR_BITS, ISAError, Instr, Op, UNIT_OPS,
+from .isa import (ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_NEG, FLAG_SIGNED, FLAG_W4, INSTR_BITS, ISAError, Instr, Op, UNIT_OPS,
                   decode)
 from .params import AccelParams, EngineParams
 from . import controller_model as CM
@@ -207,6 +207,11 @@ class Machine:
         wwords = (ins.c + np.arange(tiles)[:, None] * F + np.arange(n)[None, :] * wbw).reshape(-1)
         wb = self._beats("weight", wwords)
         codes = wb["codes"].reshape(tiles, n, Rr, L)
+        if ins.flags & FLAG_W4 and mode != Mode.DENSE:
+            self._err(f"ENGINE: FLAG_W4 (4-bit weight codes) in {mode.name} mode: DENSE only")
+        if mode == Mode.DENSE and not ins.flags & FLAG_W4 and codes.size and codes.max() > 3:
+            self._err("ENGINE: a DENSE weight code above 3 without FLAG_W4 (2-bit codes): set FLAG_W4 for "
+                      "4-bit codes")
         if mode == Mode.PV:
             zero = wb["zero"].reshape(tiles, n, L)
             x = act.reshape(T, n, L)

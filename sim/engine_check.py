@@ -244,7 +244,7 @@ def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str
     mode_code = {"dense": Mode.DENSE, "sparse": Mode.SPARSE, "qk": Mode.QK, "pv": Mode.PV}[
         mode.split("_")[0]]
     cmd = dict(mode=[[int(mode_code)]], tokens=[[T]], k_beats=[[kb]], group_beats=[[group_beats]],
-               tiles=[[tiles]], requant=[[int(requant)]])
+               tiles=[[tiles]], requant=[[int(requant)]], wide=[[int(mode.startswith("dense") and code_bits == 4)]])
     words = a.reshape(T * K // L, L)  # token-major, pe_lanes inputs per word
     # tiling, padding and the scale-group transpose: the compiler's own lowering (hw.compile)
     wf = weight_beat_fields(p, codes, kb, meta=meta if sparse else None, zero=zero_lane if mode == "pv" else None)
@@ -260,6 +260,15 @@ def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str
     else:
         beats["scale"] = {"s": np.zeros((0, R), np.int64), "m": np.zeros((0, R), np.int64)}
     return Case(mode, inputs, expected, beats, tokens=T, rows=n, tiles=tiles, macs=macs)
+
+
+def case_command(case: Case):
+    """The case's ``cmd`` beat as the cycle model's ``hw.engine_model.Command``."""
+    from hw.engine_model import Command
+
+    c = {k: int(np.asarray(v).reshape(-1)[0]) for k, v in case.beats["cmd"].items()}
+    return Command(Mode(c["mode"]), c["tokens"], c["k_beats"], c["group_beats"], c["tiles"], bool(c["requant"]),
+                   bool(c["wide"]))
 
 
 def hazard_cases(p: EngineParams, seed: int, modes=MODES) -> list[Case]:

@@ -71,8 +71,8 @@ BUGS = {
     # multiplier_style: dsp (hw/engine_dsp.py; tests/hw/test_engine_dsp.py catches each)
     "dsp_field_offset": (
         "the dsp array packs the rows' codes 9 bits apart while it reads the fields 10 bits apart",
-        "slots = [Cat(lo[r][lane], Const(0, FIELD_BITS - DIGIT_BITS))",
-        "slots = [Cat(lo[r][lane], Const(0, FIELD_BITS - DIGIT_BITS - 1))",
+        "slots = [Cat(dig[r][lane], Const(0, FIELD_BITS - DIGIT_BITS))",
+        "slots = [Cat(dig[r][lane], Const(0, FIELD_BITS - DIGIT_BITS - 1))",
         "engine_dsp.py",
     ),
     "dsp_no_correction": (
@@ -81,10 +81,28 @@ BUGS = {
         "m.d.comb += corr.eq(ls)",
         "engine_dsp.py",
     ),
-    "dsp_no_hi_digit": (
-        "the dsp array drops a 4-bit code's high digit (KV4, W4)",
-        "self.p[r].eq(Mux(self.is_sparse, corr, corr + (hs << DIGIT_BITS)))",
+    "dsp_pass1_unshifted": (
+        "the dsp array adds a 4-bit beat's high-digit pass (op 1) without its shift by 2 (KV4, W4)",
+        "self.p[r].eq(Mux(digit, corr << DIGIT_BITS, corr))",
         "self.p[r].eq(corr)",
+        "engine_dsp.py",
+    ),
+    "dsp_sum_a_twice": (
+        "the dsp array sends sum(a) (P·V: the zero row) with both ops of a 4-bit beat, counting it twice",
+        "Mux(digit, 0, self.a_shared)",
+        "self.a_shared",
+        "engine_dsp.py",
+    ),
+    "dsp_w4_one_pass": (
+        "the sequencer ignores the command's wide bit: a W4 dense beat runs one op, its high digits dropped",
+        "split.eq(((cmd.mode != Mode.DENSE) | cmd.wide) if",
+        "split.eq((cmd.mode != Mode.DENSE) if",
+        "engine_parts.py",
+    ),
+    "dsp_kept_sum_pair": (
+        "the dsp array's 2:4 pair sums add a group's first kept activation twice (sum of kept activations wrong)",
+        "acts[4 * q + i] + acts[4 * q + j]",
+        "acts[4 * q + i] + acts[4 * q + i]",
         "engine_dsp.py",
     ),
     "dsp_half_swapped": (

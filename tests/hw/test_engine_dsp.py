@@ -22,9 +22,9 @@ def params():
     return dataclasses.replace(load_hw("ci-small").engine, multiplier_style="dsp")
 
 
-def _w4_cases(p, count, seed):
+def _w4_cases(p, count, seed, **kw):
     rng = np.random.default_rng(seed)
-    return [ec.make_case(p, "dense_mm" if i % 2 else "dense_mv", rng, code_bits=4) for i in range(count)]
+    return [ec.make_case(p, "dense_mm" if i % 2 else "dense_mv", rng, code_bits=4, **kw) for i in range(count)]
 
 
 @pytest.mark.parametrize("mode", ec.MODES)
@@ -37,7 +37,7 @@ def test_mode_bit_exact_with_stalls(params, mode, profile):
 
 
 def test_w4_dense_bit_exact(params):
-    """4-bit weight codes in dense mode (the W4 lm_head): the high digit's LUT row counts."""
+    """4-bit weight codes in dense mode (the W4 lm_head, the command's ``wide``): two digit ops per beat."""
     cases = _w4_cases(params, 6, seed=2)
     assert max(int(c.inputs["codes"].max()) for c in cases) > 3
     actual, _ = ec.run_amaranth(params, cases, seed=3, stall_probability=0.2, stall_profile="asymmetric")
@@ -65,23 +65,23 @@ def test_hazard_full_size_and_per_row_requant(params):
 
 
 def test_every_beat_on_the_predicted_cycle(params):
-    """The cycle model with 2:4 beats as two half-beat ops (hw.engine_parts.beat_ops) equals the RTL
-    beat for beat, every mode, random shapes, no stalls."""
-    cases = ec.make_cases(params, 18, seed=13, max_k_beats=6, max_tiles=3)
+    """The cycle model with 2:4 and 4-bit beats as two ops (hw.engine_parts.beat_ops) equals the RTL
+    beat for beat, every mode and W4 dense, random shapes, no stalls."""
+    cases = ec.make_cases(params, 18, seed=13, max_k_beats=6, max_tiles=3) + _w4_cases(params, 3, seed=14)
     actual, _ = ec.run_amaranth(params, cases, seed=0, stall_probability=0.0, stall_profile="none")
     bad, first = ec.check(cases, actual)
     assert bad == 0, first
-    cmds = [M.Command(Mode(int(c.beats["cmd"]["mode"][0][0])), int(c.beats["cmd"]["tokens"][0][0]),
-                      int(c.beats["cmd"]["k_beats"][0][0]), int(c.beats["cmd"]["group_beats"][0][0]),
-                      int(c.beats["cmd"]["tiles"][0][0]), bool(c.beats["cmd"]["requant"][0][0])) for c in cases]
-    assert any(c.mode == Mode.SPARSE for c in cmds)
+    cmds = [ec.case_command(c) for c in cases]
+    assert any(c.mode == Mode.SPARSE for c in cmds) and any(c.wide for c in cmds)
     model = [b for ct in M.timeline(params, cmds, from_reset=True) for b in ct.out]
     assert list(ec.LAST_STAMPS) == model
-    # and a 2:4 beat really costs two issue slots in this style, one in lut
-    c = next(c for c in cmds if c.mode == Mode.SPARSE)
+    # and a 2:4, QK, PV or W4 beat really costs two issue slots in this style, one in lut; W2 dense one
     lut = dataclasses.replace(params, multiplier_style="lut")
-    issue = lambda p: M.timeline(p, [c])[0].last_issue - M.timeline(p, [c])[0].first_issue + 1
-    assert issue(params) == 2 * issue(lut) == 2 * c.tiles * c.k_beats * c.tokens
+    issue = lambda p, c: M.timeline(p, [c])[0].last_issue - M.timeline(p, [c])[0].first_issue + 1
+    for kind in (Mode.SPARSE, Mode.QK, Mode.PV, Mode.DENSE):
+        for c in (c for c in cmds if c.mode == kind):
+            ops = 2 if kind != Mode.DENSE or c.wide else 1
+            assert issue(params, c) == ops * issue(lut, c) == ops * c.tiles * c.k_beats * c.tokens
 
 
 def test_u280_lane_width_slice():
@@ -94,12 +94,15 @@ def test_u280_lane_width_slice():
     assert bad == 0, first
 
 
-#: each planted dsp bug and the cases that must catch it
+#: each planted dsp bug and the cases that must catch it, each set on its own ("w4": dense W4 cases)
 PLANTED = {
-    "dsp_field_offset": ("dense_mv",),
-    "dsp_no_correction": ("dense_mv",),
-    "dsp_no_hi_digit": ("qk",),
-    "dsp_half_swapped": ("sparse_mv",),
+    "dsp_field_offset": (("dense_mv",),),
+    "dsp_no_correction": (("dense_mv",),),
+    "dsp_pass1_unshifted": (("qk",), ("pv",), ("w4",)),
+    "dsp_sum_a_twice": (("qk",), ("pv",), ("w4",)),
+    "dsp_w4_one_pass": (("w4",),),
+    "dsp_half_swapped": (("sparse_mv",),),
+    "dsp_kept_sum_pair": (("sparse_mv",),),
 }
 
 
@@ -109,12 +112,11 @@ def test_every_dsp_bug_is_listed():
 
 @pytest.mark.parametrize("bug", sorted(PLANTED))
 def test_planted_bug_is_caught(params, bug):
-    cases = ec.make_cases(params, 3, seed=41, modes=PLANTED[bug])
     engine = planted.load(bug).Engine
-    actual, _ = ec.run_amaranth(params, cases, seed=5, stall_probability=0.2, engine_factory=engine)
-    bad, first = ec.check(cases, actual)
-    assert bad > 0, f"planted {bug} ({planted.BUGS[bug][0]}) passed"
-    if bug == "dsp_no_hi_digit":  # and the W4 case catches it too
-        cases = _w4_cases(params, 2, seed=8)
-        actual, _ = ec.run_amaranth(params, cases, seed=5, stall_probability=0.0, engine_factory=engine)
-        assert ec.check(cases, actual)[0] > 0
+    for modes in PLANTED[bug]:
+        # unrequantized: a requantized case's rounding and saturation can hide a small error
+        cases = (_w4_cases(params, 2, seed=8, requant=False) if modes == ("w4",) else
+                 ec.make_cases(params, 3, seed=41, modes=modes, requant=False))
+        actual, _ = ec.run_amaranth(params, cases, seed=5, stall_probability=0.2, engine_factory=engine)
+        bad, first = ec.check(cases, actual)
+        assert bad > 0, f"planted {bug} ({planted.BUGS[bug][0]}) passed on {modes}"

@@ -17,10 +17,7 @@ from sim import engine_check as ec
 from sim import estimate as E
 
 
-def _command(case) -> M.Command:
-    c = case.beats["cmd"]
-    return M.Command(Mode(int(c["mode"][0][0])), int(c["tokens"][0][0]), int(c["k_beats"][0][0]),
-                     int(c["group_beats"][0][0]), int(c["tiles"][0][0]), bool(c["requant"][0][0]))
+_command = ec.case_command
 
 
 def _rtl_beats(p, cases):
@@ -83,6 +80,7 @@ def test_estimate_uses_the_model():
     (M.Command(Mode.DENSE, 1, 1, 1, 0), "tiles"),
     (M.Command(7, 1, 1, 1, 1), "mode"),
     (M.Command(Mode.SPARSE, 2, 512, 512, 1), "act_buffer_bytes"),
+    (M.Command(Mode.QK, 1, 1, 1, 1, wide=True), "wide"),
 ])
 def test_bad_command_named(cmd, field):
     p = load_hw("ci-small").engine

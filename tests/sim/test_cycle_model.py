@@ -2,7 +2,8 @@
 whole compiled programs of a tiny Llama (prefill of 6 tokens, then decode steps) under Verilator with a
 memory that never stalls, the MARK counters the RTL writes (prefill, each decode step) and its cycle
 counter at ``done`` held to the model's — on ``ci-small``, on a larger engine (8 rows x 16 lanes,
-mm_tokens 4; also with its weights on the wide port, weight_lanes 2) and on a slice of the ``u280``
+mm_tokens 4; also with its weights on the wide port, weight_lanes 2), on ``ci-small`` in
+``multiplier_style: dsp`` and on a slice of the ``u280``
 engine (its 32 lanes and mm_tokens 4, 4 rows, a tiny Llama with head_dim 32), each at two memory latencies. The test asks for exact agreement (the model is meant to be
 the RTL's own rules) and reports the worst relative error; issue 14 asks for 5 %.
 
@@ -36,6 +37,9 @@ U280 = load_hw("u280")
 
 CONFIGS = {
     "ci-small": (CI.engine, CI.accelerator, 64, (8, 40)),
+    # multiplier_style dsp (hw/engine_dsp.py): 2:4, QK/PV and the W4 lm_head (FLAG_W4) as two ops per
+    # beat (hw.engine_parts.beat_ops), which hw.controller_model charges
+    "ci-small-dsp": (dataclasses.replace(CI.engine, multiplier_style="dsp"), CI.accelerator, 64, (8, 40)),
     "8x16-mm4": (dataclasses.replace(CI.engine, pe_rows=8, pe_lanes=16, mm_tokens=4, act_buffer_bytes=16384),
                  CI.accelerator, 64, (8, 40)),
     "u280-slice": (dataclasses.replace(U280.engine, pe_rows=4, max_reduction_len=4096, act_buffer_bytes=16384),
