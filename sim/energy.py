@@ -80,6 +80,18 @@ COEFFICIENTS: dict[str, Coefficient] = {
         "the source does not say which clock those BRAMs run at: divided by an assumed 250 MHz (the design's "
         "XDMA AXI clock) = 20.0 uW/MHz; at 70 MHz it would be 71 uW/MHz. 0.07 W on the u280 engine either way "
         "within 0.2 W"),
+    "uram_uw_per_mhz": Coefficient(
+        1e6 * 0.407 / 81.5 / 250 / 8, "uW/MHz per URAM288 of the design (an average over a cascade, of which "
+        "one block is enabled per access)",
+        "no UltraScale+ figure for URAM288 power found (searched the docs, pages and code corpora for UG440/XPE "
+        "URAM tables and report_power outputs with a URAM row: only utilization tables turned up); UG440 "
+        "(2020.2, 'UltraRAM support for UltraScale+ Devices'): 'URAM blocks support cascading to create larger "
+        "memory arrays while reducing the overall power by enabling only one URAM of a cascade at a time'; "
+        "UG949 (2023.2, 'Mapping Memories to UltraRAM Blocks'): 'The current default threshold for UltraRAM "
+        "column height is 8'", "unverified",
+        "the RAMB36E2 placeholder above (20.0 uW/MHz per block, itself unverified) taken per enabled URAM288, "
+        "one in each cascade of 8 (UG949's default height): 20.0 / 8 = 2.5 uW/MHz per URAM of the design, at "
+        "full activity (the spad is read or written by every instruction)"),
     "fpga_static_w": Coefficient(
         0.850 * 1.679, "W, VCCINT (0.85 V core rail) static",
         f"{FSA_U280}: 'Vccint 0.850V: 8.591 A total (6.912 A dynamic + 1.679 A static)'; 'Device Static "
@@ -127,23 +139,83 @@ def engine_resources(p, hw_name: str = "", path: Path = RESOURCES_JSON) -> dict:
                       f"benchmarks/resources.py for this configuration")
 
 
+RESULTS_DIR = REPO / "benchmarks" / "results"
+RESOURCE_KEYS = ("lut", "ff", "dsp", "bram36", "uram")
+
+
+def accelerator_resources(p, accel=None, hw_name: str = "", results: Path = RESULTS_DIR) -> dict:
+    """Yosys counts of the whole accelerator (engine, units, controller, scratchpad, memory system) for
+    engine ``p`` and accelerator ``accel``, from the ``benchmarks/accel_utilization.py`` result in
+    ``results`` whose recorded ``engine`` and ``accelerator`` equal them field by field
+    (``u280_utilization.json``, ``utilization-ci-small.json``, ...); the engine's share is kept apart
+    (``engine_part``) because only the engine's activity is modelled. Without such a file: the engine
+    alone (``engine_resources``), its ``source`` saying so."""
+    from dataclasses import MISSING, fields
+
+    def same(recorded, obj) -> bool:
+        """Every field of ``obj`` equals the recorded one; a field the file predates must hold its
+        default (the hardware it describes is then the same)."""
+        if obj is None or not isinstance(recorded, dict):
+            return False
+        for fl in fields(obj):
+            default = fl.default if fl.default is not MISSING else MISSING
+            if recorded.get(fl.name, default) != getattr(obj, fl.name):
+                return False
+        return True
+
+    for path in sorted(Path(results).glob("*utilization*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(d, dict) or "by_component" not in d or "accelerator" not in d:
+            continue   # engine-only counts (u280_engine_utilization*.json) are not the whole accelerator
+        if not (same(d.get("engine"), p) and same(d.get("accelerator"), accel)):
+            continue
+        eng = d["by_component"].get("engine", {})
+        units = d["by_component"].get("special_functions", {})
+        rel = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        return {k: float(d.get(k, 0)) for k in RESOURCE_KEYS} | {
+            "engine_part": {k: float(eng.get(k, 0)) for k in RESOURCE_KEYS},
+            "units_part": {k: float(units.get(k, 0)) for k in RESOURCE_KEYS},
+            "source": f"{rel} (hw {d.get('hw')}: the whole accelerator counted by parts with Yosys, "
+                      f"{d.get('date_utc', 'undated')}; its recorded engine and accelerator parameters equal "
+                      f"this estimate's; made by `{d.get('command', 'benchmarks/accel_utilization.py')}`)"}
+    res = engine_resources(p, hw_name)
+    return res | {"uram": 0.0, "engine_part": {k: res.get(k, 0.0) for k in RESOURCE_KEYS},
+                  "source": f"FALLBACK, the engine alone: no whole-accelerator count in "
+                            f"{Path(results).relative_to(REPO) if Path(results).is_relative_to(REPO) else results} has this "
+                            f"engine and accelerator (run `benchmarks/accel_utilization.py --hw "
+                            f"{hw_name or 'HW'}`); {res['source']}"}
+
+
 FABRIC_TERMS = (("lut", "lut_uw_per_mhz"), ("ff", "ff_uw_per_mhz"), ("dsp", "dsp_uw_per_mhz"),
-                ("bram36", "bram_uw_per_mhz"))
+                ("bram36", "bram_uw_per_mhz"), ("uram", "uram_uw_per_mhz"))
 # which coefficient each component of the total rests on (the fabric rests on all four of FABRIC_TERMS)
 PART_COEFFICIENT = {"fpga_static_w": "fpga_static_w", "hbm_w": "hbm_pj_per_bit",
                     "board_overhead_w": "board_overhead_w"}
 
 
 def power(p, target, *, hw_name: str = "", resources: dict | None = None, hbm_bytes_per_s: float,
-          engine_busy: float, coefficients: dict[str, Coefficient] | None = None) -> dict:
-    """Watts by component. ``engine_busy``: fraction of the time the engine computes (the rest it waits
-    on HBM); fabric dynamic power scales with it. ``coefficients`` replaces the table (tests)."""
+          engine_busy: float, units_busy: float = 1.0, coefficients: dict[str, Coefficient] | None = None,
+          accel=None) -> dict:
+    """Watts by component. Fabric power scales with activity: the engine's part of ``resources``
+    (``engine_part``) with ``engine_busy`` (the fraction of the time an ENGINE instruction runs), the
+    special-function units' (``units_part``) with ``units_busy`` (the fraction a unit runs), the rest
+    (controller, scratchpad, memory system, glue) at full activity, an upper bound (they serve every
+    instruction). ``resources``: counts (``accelerator_resources`` when None; without ``engine_part``
+    all of them are the engine's). ``coefficients`` replaces the table (tests)."""
     table = COEFFICIENTS if coefficients is None else coefficients
     c = {k: v.value for k, v in table.items()}
-    res = resources if resources is not None else engine_resources(p, hw_name)
+    res = resources if resources is not None else accelerator_resources(p, accel, hw_name)
     f = target.clock_mhz
     act = max(0.0, min(1.0, engine_busy))
-    by_res = {r: 1e-6 * f * act * res[r] * c[k] for r, k in FABRIC_TERMS}
+    u_act = max(0.0, min(1.0, units_busy))
+    eng = res.get("engine_part") or {r: res.get(r, 0.0) for r, _ in FABRIC_TERMS}
+    units = res.get("units_part") or {}
+    rest = {r: max(0.0, res.get(r, 0.0) - eng.get(r, 0.0) - units.get(r, 0.0)) for r, _ in FABRIC_TERMS}
+    by_res = {r: 1e-6 * f * (act * eng.get(r, 0.0) + u_act * units.get(r, 0.0) + rest[r]) * c[k]
+              for r, k in FABRIC_TERMS}
     fabric = sum(by_res.values())
     hbm = hbm_bytes_per_s * 8 * c["hbm_pj_per_bit"] * 1e-12
     parts = {"fpga_static_w": c["fpga_static_w"], "fabric_dynamic_w": fabric, "hbm_w": hbm,
@@ -159,6 +231,7 @@ def power(p, target, *, hw_name: str = "", resources: dict | None = None, hbm_by
     return {**parts, "total_w": total, "engine_busy": act,
             "fabric_by_resource_w": by_res,
             "resources": {k: v for k, v in res.items()},
+            "activity": {"engine": act, "special_functions": u_act, "rest_of_accelerator": 1.0},
             "unverified_coefficients": unverified,
             "unverified_w": unverified_w,
             "unverified_share": unverified_w / total,

@@ -43,7 +43,7 @@ from .hbm import HBM, port_words_per_cycle
 __all__ = ["SCOPE", "EstimateError", "ModelShape", "ArtifactFormat", "load_model", "known_models", "bytes_per_token",
            "linear_bytes", "artifact_weight_bytes", "bits_per_weight", "model_spec", "mem_timing", "part_timing",
            "decode_timing", "prefill_timing", "estimate", "Op", "op_beats", "op_cycles", "sequence_cycles",
-           "CAUSES", "MEM_LATENCY_CYCLES"]
+           "CAUSES", "MEM_LATENCY_CYCLES", "LATENCY_SWEEP"]
 
 SCOPE = ("the compiled program (hw.compile, shape only) timed by the cycle model of the controller "
          "(hw.controller_model) against stall-free HBM ports; batch 1")
@@ -292,10 +292,15 @@ def check_inputs(p: EngineParams, m: ModelShape, fmt: ArtifactFormat, context: i
 
 
 #: the memory's read latency in cycles (``MemTiming.latency``). No measured read latency of the U280's
-#: HBM was found to cite (docs/estimate.md, "Memory timing"): 40 is the larger of the two latencies at
-#: which the cycle model was measured equal to the RTL (tests/sim/test_cycle_model.py); the report gives
-#: decode at 8 and 100 beside it (the step is bound by the port's words, so latency moves it little)
+#: HBM was found to cite (docs/estimate.md, "Memory timing", lists the searches): 40 is the larger of the
+#: two latencies at which the cycle model was measured equal to the RTL (tests/sim/test_cycle_model.py);
+#: the report gives decode at every latency of ``LATENCY_SWEEP`` beside it
 MEM_LATENCY_CYCLES = 40
+#: the latencies (cycles at the engine clock) the report times decode at: 8 and 40, the two the cycle
+#: model was held to the RTL at; 300, the m_axi ``latency`` Xilinx's own HBM random-access example sets
+#: for its HLS kernels (Vitis_Accel_Examples host/hbm_bandwidth_pseudo_random: a tuning hint, not a
+#: measurement); the others between
+LATENCY_SWEEP = (8, 24, 40, 64, 100, 150, 300)
 
 
 def mem_timing(target: TargetParams, accel: AccelParams, latency: int | None = None) -> MemTiming:
@@ -522,8 +527,9 @@ def estimate(p: EngineParams, target: TargetParams, m: ModelShape, fmt: Artifact
     bound_by = _bound(dec["by_cause"], dec["cycles"], hbm_s * f)
     macs = decode_macs(m, fmt, context)
     busy = dec["engine_busy_cycles"] / dec["cycles"]
-    pw = energy_model.power(p, target, hw_name=hw_name, resources=resources,
-                            hbm_bytes_per_s=nbytes * decode_tps, engine_busy=busy)
+    pw = energy_model.power(p, target, hw_name=hw_name, resources=resources, accel=accel,
+                            hbm_bytes_per_s=nbytes * decode_tps, engine_busy=busy,
+                            units_busy=dec["by_cause"]["sfu"] / dec["cycles"])
     out_prefill = None
     if prefill:
         pre = prefill_timing(p, accel, m, fmt, context, mem)

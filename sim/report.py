@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .estimate import SCOPE, ArtifactFormat, EstimateError, estimate
+from .estimate import LATENCY_SWEEP, SCOPE, ArtifactFormat, EstimateError, estimate
 from .hbm import SHUHAI_SEQUENTIAL_GBPS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,7 +96,9 @@ def build(p, target, m, recipe_arg: str, context: int, batch: int, hw_name: str,
     main = estimate(p, target, m, fmt, context, batch, hw_name=hw_name, accel=accel)
     # the memory latency is not a measured figure (sim.estimate.MEM_LATENCY_CYCLES): decode beside it
     lat = {main["memory"]["latency_cycles"]: main["decode_tokens_per_s"]}
-    for L in (8, 100):
+    for L in LATENCY_SWEEP:
+        if L in lat:
+            continue
         lat[L] = estimate(p, target, m, fmt, context, batch, hw_name=hw_name, accel=accel, latency=L,
                           prefill=False)["decode_tokens_per_s"]
     main["decode"]["tokens_per_s_by_latency"] = {str(k): lat[k] for k in sorted(lat)}
@@ -278,7 +280,9 @@ and an HBM2 energy model, so tokens/J is a model of this engine on the board, no
 {sections}
 <h2>Dense against 2:4: figures and perplexity</h2>{dense_sparse}
 <h2>Cycles by cause, opcode, layer and instruction (decode)</h2>{ops_table}
-<h2>Power by component</h2>{power_table}<p>Coefficients and their sources: docs/estimate.md, "Energy model".</p>
+<h2>Power by component</h2>{power_table}<p>Resources: {html.escape(pw['resources']['source'])}; activity: engine
+{pw['activity']['engine']:.3f}, special-function units {pw['activity']['special_functions']:.3f}, the rest of the
+accelerator 1 (an upper bound). Coefficients and their sources: docs/estimate.md, "Energy model".</p>
 </body></html>
 """
     return doc, main

@@ -322,3 +322,31 @@ def test_cycle_model_matches_rtl_on_a_u280_slice(tmp_path):
     measured = ec.case_cycles(cases, list(ec.LAST_STAMPS))
     for op, m_rtl, m_mod in zip(ops, measured, E.sequence_cycles(p, ops, from_reset=True)):
         assert abs(m_mod - m_rtl) <= 0.05 * m_rtl, (op, m_rtl, m_mod)
+
+
+def test_power_uses_the_whole_accelerator_count_of_the_same_config():
+    """u280: the counts of benchmarks/results/u280_utilization.json (its engine and accelerator equal the
+    config's), URAM included, the engine's share apart; a config no file records (another multiplier
+    style, another spad size) falls back to the engine alone and says so."""
+    import dataclasses
+
+    from sim import energy as EN
+    cfg = load_hw("u280")
+    util = json.loads((EN.RESULTS_DIR / "u280_utilization.json").read_text())
+    r = EN.accelerator_resources(cfg.engine, cfg.accelerator, "u280")
+    assert {k: r[k] for k in EN.RESOURCE_KEYS} == {k: float(util[k]) for k in EN.RESOURCE_KEYS}
+    assert r["engine_part"]["lut"] == util["by_component"]["engine"]["lut"]
+    assert r["source"].startswith("benchmarks/results/u280_utilization.json (hw u280")
+    for other in (dataclasses.replace(cfg.engine, multiplier_style="dsp"),):
+        fb = EN.accelerator_resources(other, cfg.accelerator, "u280")
+        assert fb["source"].startswith("FALLBACK, the engine alone") and fb["uram"] == 0
+    fb = EN.accelerator_resources(cfg.engine, dataclasses.replace(cfg.accelerator, spad_words=1 << 19), "u280")
+    assert fb["source"].startswith("FALLBACK")
+    # the power of those counts: the engine's part at the engine's activity, the rest at full activity
+    pw = EN.power(cfg.engine, cfg.target, resources=r, hbm_bytes_per_s=0.0, engine_busy=0.25)
+    c = {k: v.value for k, v in COEFFICIENTS.items()}
+    lut = 1e-6 * 225.0 * (0.25 * util["by_component"]["engine"]["lut"]
+                          + util["lut"] - util["by_component"]["engine"]["lut"]) * c["lut_uw_per_mhz"]
+    assert pw["fabric_by_resource_w"]["lut"] == pytest.approx(lut)
+    assert pw["fabric_by_resource_w"]["uram"] == pytest.approx(1e-6 * 225.0 * 456 * c["uram_uw_per_mhz"])
+    assert "uram_uw_per_mhz" in pw["unverified_coefficients"]
