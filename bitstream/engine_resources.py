@@ -60,12 +60,14 @@ def top_with_black_boxes(p: EngineParams) -> str:
 
 
 def lut_mapper(p: EngineParams) -> str:
-    """Yosys' LUT mapper for an engine's parts and its flat run: synth_xilinx's own ``abc9``, except
-    for ``multiplier_style: dsp``, whose array rows (``hw.engine_dsp.DspRows``) Yosys 0.70's abc9
-    cannot map (it fails ``count_id(wire->name) == 0`` in rtlil.cc during ABC_OPS_REINTEGRATE, at the
-    u280 lane width): that engine is mapped with ``abc`` throughout (``bitstream.yosys.MAP_LUTS_ABC``),
-    every part and the flat cross-check alike, so that the two stay comparable."""
-    return "abc" if p.multiplier_style == "dsp" else "abc9"
+    """Yosys' LUT mapper for an engine's parts and its flat run: synth_xilinx's own ``abc9``, for both
+    multiplier styles. (The first dsp array, with a high-digit LUT row per row, made Yosys 0.70's
+    abc9 fail ``count_id(wire->name) == 0`` in rtlil.cc during ABC_OPS_REINTEGRATE and was mapped with
+    ``abc``, ``bitstream.yosys.MAP_LUTS_ABC``; the two-pass array of ``hw/engine_dsp.py`` maps with
+    abc9: docs/arithmetic.md, "The dsp engine".) One mapper for every part and the flat cross-check,
+    so that the two stay comparable."""
+    del p
+    return "abc9"
 
 
 def engine_parts(p: EngineParams, prefix: str = "", category: str = "") -> list[Part]:

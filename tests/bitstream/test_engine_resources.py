@@ -89,7 +89,7 @@ RESULT_DSP = REPO / "benchmarks/results/u280_engine_utilization_dsp.json"
                                         ("u280", {"DspRows3": 85, "DspRows1": 1})])
 def test_dsp_style_parts_by_variant(hw, groups):
     """multiplier_style dsp: the rows come in DspRows3 (and one smaller group), each its own part and
-    black box; every part mapped with abc (R.lut_mapper)."""
+    black box; every part mapped with abc9 (R.lut_mapper), as the lut engine's are."""
     import dataclasses
 
     p = dataclasses.replace(load_hw(hw).engine, multiplier_style="dsp")
@@ -97,7 +97,7 @@ def test_dsp_style_parts_by_variant(hw, groups):
     assert {n: inst[n]["count"] for n in groups} == groups
     assert "ArrayRow" not in inst and "Candidates" not in inst and inst["DspCandidates"]["count"] == 1
     assert all(inst[n]["count"] == p.pe_rows for n in ("GroupRow", "AccRow", "Requantizer"))
-    assert {part.lut_mapper for part in R.engine_parts(p)} == {"abc"}
+    assert {part.lut_mapper for part in R.engine_parts(p)} == {"abc9"}
     if hw == "ci-small":
         text = R.top_with_black_boxes(p)
         for name in groups:
@@ -106,16 +106,18 @@ def test_dsp_style_parts_by_variant(hw, groups):
 
 def test_recorded_dsp_count_is_its_parts_summed():
     res = json.loads(RESULT_DSP.read_text())
-    assert res["engine"]["multiplier_style"] == "dsp" and res["tools"]["lut_mapper"] == "abc"
+    assert res["engine"]["multiplier_style"] == "dsp" and res["tools"]["lut_mapper"] == "abc9"
     by = res["by_part"]
     assert by["DspRows3"]["count"] == 85 and by["DspRows1"]["count"] == 1
-    assert all(d["lut_mapper"] == "abc" for d in by.values())
+    assert all(d["lut_mapper"] == "abc9" for d in by.values())
     tot = _resummed(by)
     for k in KEYS:
         assert res["totals"][k] == pytest.approx(tot[k], abs=0.5)
     assert res["totals"]["dsp"] == 86 * 32 + 256 * 4  # the array's columns + group/requant multipliers
     for k, limit in res["target_percent"].items():
         assert res["meets_target"][k] == (res["percent_of_u280"][k] <= limit)
+    assert res["meets_target"] == {"lut": True, "dsp": True}  # issue 10's budget for the engine alone
+    assert res["flat_check"]["within_tolerance"]
     assert "--style dsp" in res["command"]
     assert _resummed(by, skip=("DspRows1",))["dsp"] != res["totals"]["dsp"]  # a part left out shows
     fc = res["flat_check"]  # reported as measured, inside the tolerance or not
