@@ -235,6 +235,10 @@ class MemOps(wiring.Component):
             m.d.comb += off.eq(pos[:lgW])
             row_span = Signal(64)      # bits from the row's first field to its last
             m.d.comb += row_span.eq((ins.n - 1) * ins.k)
+            # whole bytes only (w >= 8, every field at a byte boundary): the strobes keep every other
+            # byte, so no word is read at all
+            wonly = Signal()
+            m.d.comb += wonly.eq((wbits >= 8) & (ins.e[:3] == 0) & (ins.k[:3] == 0) & (ins.f[:3] == 0))
 
             def write_back(then):
                 m.d.comb += [mwr.req.valid.eq(1), mwr.req.payload.addr.eq(cache_addr),
@@ -258,7 +262,7 @@ class MemOps(wiring.Component):
             with m.State("X_JOB"):
                 safe = Signal()
                 m.d.comb += safe.eq(drained | (wr_any & (row_lo > wr_hi)))
-                with m.If(row_lo > row_hi):   # the whole row lies in the cached word
+                with m.If(wonly | (row_lo > row_hi)):   # nothing to read: bytes only, or all cached
                     m.next = "X_RD"
                 with m.Else():
                     m.d.comb += [mrd.req.valid.eq(safe), mrd.req.payload.addr.eq(row_lo),
@@ -298,8 +302,12 @@ class MemOps(wiring.Component):
                 write_back("X_SDATA")
             with m.State("X_SDATA"):
                 # the row's stream: words before the field's are passed over, the field's is cached
-                m.d.comb += mrd.data.ready.eq(1)
-                with m.If(mrd.data.valid):
+                # (bytes only: the field's word starts empty, its strobes clear)
+                m.d.comb += mrd.data.ready.eq(~wonly)
+                with m.If(wonly):
+                    m.d.sync += [cache.eq(0), cache_addr.eq(word_of), cache_valid.eq(1), dirty.eq(0)]
+                    m.next = "X_CHK"
+                with m.Elif(mrd.data.valid):
                     m.d.sync += saddr.eq(saddr + 1)
                     with m.If(saddr == word_of):
                         m.d.sync += [cache.eq(mrd.data.payload), cache_addr.eq(word_of), cache_valid.eq(1),
@@ -307,7 +315,7 @@ class MemOps(wiring.Component):
                         m.next = "X_CHK"
             with m.State("X_ERR"):
                 # stopped by a straddling field: take the rest of the row's stream, wait for the writes
-                with m.If(saddr > row_hi):
+                with m.If(wonly | (saddr > row_hi)):
                     m.next = "DRAIN"
                 with m.Else():
                     m.d.comb += mrd.data.ready.eq(1)

@@ -233,12 +233,15 @@ def scatter_busy(ins: Instr, accel: AccelParams, mem: MemTiming) -> int:
     those words lie above every word written back so far; then per field a spad read (X_RD) and a check
     (X_CHK): a field in the cached word is patched, one in a later word writes the dirty word back (X_WB)
     and takes the stream's words up to its own (X_SDATA, one per cycle, the first ``latency`` cycles
-    after the job). At the end the last word is written back and its answer awaited."""
+    after the job). Fields of whole bytes at byte boundaries read nothing: their word starts empty and
+    the strobes keep every other byte. At the end the last word is written back and its answer awaited."""
     W, Lat = accel.mem_word_bits, mem.latency
     if ins.m == 0 or ins.n == 0:
         return 2  # DRAIN only (nothing outstanding)
     lgW = W.bit_length() - 1
     span = (ins.n - 1) * ins.k
+    # whole bytes only: no word is read (the strobes keep every other byte)
+    wonly = ins.w >= 8 and ins.e % 8 == 0 and ins.k % 8 == 0 and ins.f % 8 == 0
     cache, dirty = None, False
     drained = 0           # cycle from which no write is outstanding
     wr_hi = None          # highest word written back so far
@@ -260,7 +263,7 @@ def scatter_busy(ins: Instr, accel: AccelParams, mem: MemTiming) -> int:
             cache, dirty = None, False
         lo = wf + (1 if keep else 0)
         tj = t + 1                      # X_JOB
-        if lo > wl:
+        if wonly or lo > wl:
             t = tj + 1
             job = None
         else:
@@ -276,8 +279,11 @@ def scatter_busy(ins: Instr, accel: AccelParams, mem: MemTiming) -> int:
                 if cache is not None and dirty:
                     write_back(s)       # X_WB
                     s += 1
-                a, lo0 = job
-                while True:             # X_SDATA
+                if wonly:               # X_SDATA: the word starts empty, one cycle
+                    s += 1
+                    job = None
+                a, lo0 = job if job is not None else (None, None)
+                while job is not None:  # X_SDATA
                     avail = a + Lat + mem.gap(sword - lo0)
                     taken = max(s, avail, prev + 1 if prev is not None else 0)
                     prev, s = taken, taken + 1

@@ -67,6 +67,12 @@ BUGS = {
         "dirty.eq(dirty | bytes_hit)",
         "dirty.eq(bytes_hit)",
     ),
+    "scatter_bytes_unaligned": (
+        "a field's neighbour lost: SCATTER writes byte-wide fields without reading their word even off the "
+        "byte boundary (the bits beside them in their bytes zeroed)",
+        "(wbits >= 8) & (ins.e[:3] == 0) & ",
+        "(wbits >= 8) & ",
+    ),
     "prefetch_not_awaited": (
         "the controller decodes the prefetch buffer while the prefetched words are still arriving",
         "                with m.Elif(pf_valid):",

@@ -127,6 +127,22 @@ def scatter_cases(W: int) -> list[tuple]:
     ]
 
 
+def scatter_stream_cases(W: int) -> list[tuple]:
+    """SCATTER cases for its row streams (tests/hw/test_scatter_cycles.py), beyond ``scatter_cases``."""
+    return [
+        (4, 1, 16, 4, 0, W // 4, False),        # V codes: 4 fields per word, 4 words in one stream
+        (4, 3, 6, 8, 3 * W, 4, False),          # K codes: a short row per word, rows words apart
+        (8, 2, 12, 0, 96, 8, True),             # row 1 starts in row 0's last word (kept cached)
+        (8, 3, 4, 8, 16, W, False),             # rows interleave the same words (read waits for writes)
+        (16, 1, 3, 16, 0, 3 * W, False),        # fields three words apart (two stream words passed over)
+        (4, 2, 5, 0, 8, 0, False),              # k = 0: every field of a row in one place (the last wins)
+        (4, 1, 2, W - 8, 0, 4, True),           # the word's two top nibbles, negated
+        (8, 2, 3, 4, 32, 16, False),            # bytes off the byte boundary (e): read, not write-only
+        (4, 1, 3, 4, 0, 2 * W + 8, False),      # nibbles two words apart (stream words passed over)
+        (16, 2, 2, 12, W + 4, 24, True),        # the same for 16-bit fields, rows W + 4 apart
+    ]
+
+
 def scatter_program(accel: AccelParams, seed: int, cases: list[tuple] | None = None):
     """SCATTER cases: nibbles with a stride, FLAG_NEG, a 2-D pattern (rows of fields f bits apart),
     fields at the word's low and high edges, 8/16/32/64-bit fields; the rest of every word keeps its

@@ -9,7 +9,7 @@ from hw.isa import FLAG_SIGNED, Instr, Op, encode
 from hw.params import AccelParams, EngineParams
 from sim import accel_planted
 from sim.accel_programs import (ImageBuilder, check_memory, engine_program, load_store_program, resid_program,
-                                scatter_program, short_instrs_program)
+                                scatter_program, scatter_stream_cases, short_instrs_program)
 from sim.accel_sim import AccelHang, MemoryRangeError, read_elements, run_accelerator
 
 P = EngineParams()  # ci-small: 4 rows x 8 lanes, mm_tokens 2
@@ -191,8 +191,9 @@ PLANTED = {
     "store_strobe_top_byte": lambda: load_store_program(A256, seed=11),
     "load_ignores_valid": lambda: load_store_program(A256, seed=11),
     "scatter_neg_ignored": lambda: scatter_program(A256, seed=5),
-    "scatter_skip_unchecked": lambda: scatter_program(A256, seed=5),
+    "scatter_skip_unchecked": lambda: scatter_program(A256, seed=5, cases=scatter_stream_cases(256)),
     "scatter_strobe_last_field": lambda: scatter_program(A256, seed=5),
+    "scatter_bytes_unaligned": lambda: scatter_program(A256, seed=5, cases=scatter_stream_cases(256)),
     "row_filter_off_by_one": lambda: engine_program(P, A256, "dense", seed=1, tokens=1, k_beats=2, n=9, g=1, h=7),
     "out_beat_dropped": lambda: engine_program(P, A256, "dense", seed=1, tokens=2, k_beats=1, n=8),
     "tile_stride_ignored": lambda: engine_program(P, A256, "pv", seed=1, tokens=1, k_beats=2, n=8, gap=2),
