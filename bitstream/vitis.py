@@ -142,7 +142,7 @@ v++ --link --target hw --platform "$PLATFORM" --config connectivity.cfg -o {KERN
 def files(params: EngineParams, target: TargetParams | None = None,
           accel: AccelParams | None = None) -> tuple[dict[str, str], AcceleratorKernel]:
     """The ``vitis`` target's files (name -> text) and the kernel they were made from."""
-    from amaranth.back import verilog
+    from .hier import hierarchical_verilog, repeated_engine_classes
 
     target = target or TargetParams()
     accel = accel or AccelParams()
@@ -150,7 +150,9 @@ def files(params: EngineParams, target: TargetParams | None = None,
         raise ValueError(f"accelerator.mem_ports = {accel.mem_ports} needs as many HBM pseudo-channels, but "
                          f"target.hbm_channels = {target.hbm_channels}")
     k = AcceleratorKernel(params, accel)
-    text = verilog.convert(k, name=KERNEL_NAME, ports=k.ports)
+    # the engine's repeated rows as modules written once (bitstream/hier.py): a flat conversion of the
+    # u280 accelerator builds 256 copies of each and ran 46 minutes without output
+    text = hierarchical_verilog(k, KERNEL_NAME, k.ports, repeated_engine_classes(params))
     return {f"{KERNEL_NAME}.v": text, "kernel.xml": kernel_xml(k), "package_kernel.tcl": package_tcl(k),
             "connectivity.cfg": link_config(target, k), "build.sh": build_sh(),
             "memory.json": memory_json(k)}, k
