@@ -179,6 +179,12 @@ def _depth_by_part(engine: EngineParams, accel: AccelParams, units, timeout_s: f
     return out
 
 
+#: why ``logic_levels_max`` is null without ``depth``, and what fills it (README "Building for the U280")
+LOGIC_LEVELS_NOT_RUN = (
+    "null: the logic-depth walk was not run. It synthesizes every distinct part once more and walks its "
+    "netlist (bitstream/depth.py); at u280 size that is hours of Yosys (the engine's top alone took 620 s "
+    "to synthesize). Fill it with the same command and --depth: `accllm build --hw HW --out DIR --depth`, "
+    "or `benchmarks/accel_utilization.py --hw HW --depth`")
 BINDING_NOTE = ("a resource over its budget, the component holding most of it, and how much the whole "
                 "is over the budget")
 
@@ -221,6 +227,8 @@ def utilization(est: dict, precheck_result: dict, engine: EngineParams, accel: A
         out["logic_levels_by_part"] = depth
         out["logic_levels_note"] = ("the deepest path inside each distinct part (bitstream/depth.py); paths "
                                     "that cross a part's boundary are not walked")
+    else:
+        out["logic_levels_note"] = LOGIC_LEVELS_NOT_RUN
     if binding:
         out["binding_note"] = BINDING_NOTE
     if "flat_check" in est:

@@ -31,6 +31,7 @@ def test_ci_small_utilization(tmp_path, monkeypatch):
     assert {"lut", "ff", "dsp", "bram36", "uram", "fits_u280", "percent", "by_component", "logic_levels_max",
             "tools"} <= set(util)
     assert util["logic_levels_max"] is None  # only with depth=True (accllm build --depth)
+    assert util["logic_levels_note"] == B.LOGIC_LEVELS_NOT_RUN
     by = util["by_component"]
     assert set(by) == set(AR.CATEGORIES)
     parts = {n: d for c in by.values() for n, d in c["parts"].items()}
@@ -73,3 +74,18 @@ def test_partial_sum_over_the_part_is_refused_naming_resource_and_percent(monkey
     with pytest.raises(B.BuildError, match=r"does not fit the U280: lut 2,000,000 = 153 % of 1,303,680 already "
                                            r"from 2 of its parts \(engine.ArrayRow: 1,900,000\), 1 parts not counted"):
         B.estimate_accelerator(EngineParams(), AccelParams())
+
+
+def test_logic_levels_null_says_why_and_what_fills_it():
+    """Without the depth walk utilization.json says why logic_levels_max is null and which command
+    fills it; with it, the maximum over the parts."""
+    part = {"count": 2, "what": "x", "each": {k: 1.0 for k in KEYS}, "total": {k: 2.0 for k in KEYS}}
+    est = {"totals": {k: 2.0 for k in KEYS}, "by_part": {"engine.ArrayRow": part},
+           "by_component": {"engine": {**{k: 2.0 for k in KEYS}, "parts": ["engine.ArrayRow"]}},
+           "tools": {"yosys": "Yosys 0.70"}, "seconds": 1.0}
+    util = B.utilization(est, {}, EngineParams(), AccelParams(), "vitis")
+    assert util["logic_levels_max"] is None
+    assert "not run" in util["logic_levels_note"] and "accllm build --hw HW --out DIR --depth" in util["logic_levels_note"]
+    util = B.utilization({**est, "depth": {"engine.ArrayRow": 7, "engine.top": 9}}, {}, EngineParams(), AccelParams(),
+                         "vitis")
+    assert util["logic_levels_max"] == 9 and "not run" not in util["logic_levels_note"]
