@@ -16,7 +16,7 @@ write response has come back. Buffers hold one payload per ``words_for(width, da
 
 from __future__ import annotations
 
-from amaranth.hdl import ClockDomain, Elaboratable, Module, Signal
+from amaranth.hdl import ClockDomain, Elaboratable, Module, Mux, Signal
 
 from hw.engine import Engine, layouts
 from hw.params import EngineParams
@@ -142,9 +142,11 @@ class AccelKernel(Elaboratable):
 # ---------------------------------------------------------------------------------------------------
 def accel_args(accel) -> list[tuple[str, int]]:
     """The accelerator kernel's arguments: a 64-bit buffer address per striped port's channel
-    (``mem<p>_ptr``, in ``hw.axi.port_names`` order)."""
+    (``mem<p>_ptr``, in ``hw.axi.port_names`` order), then ``aux_ptr`` (64 bits), the argument of
+    ``m_axi_aux`` (``AcceleratorKernel``: 0 = aux reads through the channel pointers, else the base of
+    one buffer holding the channels end to end)."""
     from hw.axi import port_names
-    return [(f"{n}_ptr", 64) for n in port_names(accel) if n != "aux"]
+    return [(f"{n}_ptr", 64) for n in port_names(accel) if n != "aux"] + [("aux_ptr", 64)]
 
 
 def hbm_channels(accel) -> dict[str, list[int]]:
@@ -170,7 +172,11 @@ class AcceleratorKernel(Elaboratable):
     the kernel sends an address ``a`` of channel ``q = a // mem_channel_bytes`` to ``mem<q>_ptr + a %
     mem_channel_bytes``, so the host gives each channel a buffer of its own (one per HBM
     pseudo-channel: ``bitstream.vitis.link_config``) holding that channel's words of the compiled image
-    (``hw.compile``'s memory image through ``stripe_map``). ap_start pulses the accelerator's
+    (``hw.compile``'s memory image through ``stripe_map``). ``m_axi_aux`` (the instruction prefetch
+    and the scales) has its own argument ``aux_ptr``: 0 (the default) sends its accesses through the
+    same per-channel pointers; nonzero, to ``aux_ptr + a`` (``a`` its flat address: channel ``q`` at
+    ``aux_ptr + q * mem_channel_bytes``), for a host that keeps one buffer with every channel end to
+    end for the prefetch and the scales (the Vivado project: 0, the HBM's global map). ap_start pulses the accelerator's
     ``start`` (the program runs from word 0); ap_done rises when it stops (HALT or an error); a nonzero
     ``AccelError`` sets bit 4 of the control register (the code itself is the accelerator's ``error``
     output, for a debug core)."""
@@ -205,7 +211,8 @@ class AcceleratorKernel(Elaboratable):
         m.submodules.accel = core = self.core
         A = self.accel
         cbits = A.mem_channel_bytes.bit_length() - 1
-        ptrs = [ctl.args[name] for name, _ in self.args]
+        ptrs = [ctl.args[name] for name, _ in self.args if name != "aux_ptr"]
+        aux_ptr = ctl.args["aux_ptr"]
         for n in self.port_names:
             inner, outer = core.buses[n], self.buses[n]
             for k, sig in inner.items():
@@ -216,7 +223,11 @@ class AcceleratorKernel(Elaboratable):
                         for c, ptr in enumerate(ptrs):
                             with m.Case(c):
                                 m.d.comb += base.eq(ptr)
-                    m.d.comb += outer[k].eq(base + sig[:cbits])
+                    through_channels = base + sig[:cbits]
+                    if n == "aux":  # its own buffer when aux_ptr is set (class docstring)
+                        m.d.comb += outer[k].eq(Mux(aux_ptr.any(), aux_ptr + sig, through_channels))
+                    else:
+                        m.d.comb += outer[k].eq(through_channels)
                 elif k in MASTER_OUTPUTS:
                     m.d.comb += outer[k].eq(sig)
                 else:

@@ -135,8 +135,8 @@ def address_map(accel: AccelParams) -> dict[str, dict]:
     for n, pcs in ch.items():
         out[n] = {"pseudo_channels": pcs, "saxi": hbm_saxi(accel)[n],
                   "windows": [[q * HBM_PC_BYTES, q * HBM_PC_BYTES + accel.mem_channel_bytes] for q in pcs]}
-        if n != "aux":
-            out[n]["ptr_arg"], out[n]["ptr"] = f"{n}_ptr", pcs[0] * HBM_PC_BYTES
+        # mem<p>_ptr: its pseudo-channel's base; aux_ptr 0: aux through those same pointers
+        out[n]["ptr_arg"], out[n]["ptr"] = f"{n}_ptr", (0 if n == "aux" else pcs[0] * HBM_PC_BYTES)
     return out
 
 
@@ -409,13 +409,18 @@ def plan(params: EngineParams, target: TargetParams | None = None, accel: AccelP
          units=None):
     """The Amaranth build plan (``amaranth.build.run.BuildPlan``) of the ``vivado`` target plus
     ``ip.tcl``, ``run_hw.tcl`` and ``memory.json``; nothing is run."""
+    from .hier import Hierarchy, repeated_engine_classes
     from .vitis import memory_json
     target = target or TargetParams()
     top = U280Top(params, target, accel, units)
     platform = U280Platform()
-    p = platform.build(top, name=TOP_NAME, do_build=False,
-                       script_after_read="source {ip.tcl}",
-                       add_constraints=extra_xdc())
+    # the engine's repeated rows as modules written once, appended to the top's Verilog (bitstream/hier.py)
+    with Hierarchy(repeated_engine_classes(params)) as h:
+        p = platform.build(top, name=TOP_NAME, do_build=False,
+                           script_after_read="source {ip.tcl}",
+                           add_constraints=extra_xdc())
+    for name in (f"{TOP_NAME}.v", f"{TOP_NAME}.debug.v"):  # the project reads the first
+        p.files[name] = p.files[name] + h.text()
     p.add_file("ip.tcl", ip_tcl(target, top.accel))
     p.add_file("run_hw.tcl", run_hw_tcl(top.kernel))
     mem = json.loads(memory_json(top.kernel))

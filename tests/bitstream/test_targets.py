@@ -214,14 +214,14 @@ def vivado_problems(f: dict[str, str], accel) -> list[str]:
         want = [[q * VV.HBM_PC_BYTES, q * VV.HBM_PC_BYTES + accel.mem_channel_bytes] for q in pcs]
         if a.get("windows") != want:
             probs.append(f"m_axi_{n}: windows {a.get('windows')}, want {want}")
-        if n != "aux":
-            base = pcs[0] * VV.HBM_PC_BYTES
-            off = json.loads(f["memory.json"])["args"][f"{n}_ptr"]["offset"]
-            lo = re.search(rf"^wr {n}_ptr_lo ([0-9a-f]+) ([0-9a-f]+)$", f["run_hw.tcl"], re.M)
-            hi = re.search(rf"^wr {n}_ptr_hi ([0-9a-f]+) ([0-9a-f]+)$", f["run_hw.tcl"], re.M)
-            if not (lo and hi and int(lo.group(1), 16) == off and int(hi.group(1), 16) == off + 4
-                    and int(lo.group(2), 16) | int(hi.group(2), 16) << 32 == base == a.get("ptr")):
-                probs.append(f"run_hw.tcl: {n}_ptr not written with {base:#x} at {off:#x}")
+        # mem<p>_ptr: its pseudo-channel's base; aux_ptr 0 (aux through the channel pointers)
+        base = 0 if n == "aux" else pcs[0] * VV.HBM_PC_BYTES
+        off = json.loads(f["memory.json"])["args"][f"{n}_ptr"]["offset"]
+        lo = re.search(rf"^wr {n}_ptr_lo ([0-9a-f]+) ([0-9a-f]+)$", f["run_hw.tcl"], re.M)
+        hi = re.search(rf"^wr {n}_ptr_hi ([0-9a-f]+) ([0-9a-f]+)$", f["run_hw.tcl"], re.M)
+        if not (lo and hi and int(lo.group(1), 16) == off and int(hi.group(1), 16) == off + 4
+                and int(lo.group(2), 16) | int(hi.group(2), 16) << 32 == base == a.get("ptr")):
+            probs.append(f"run_hw.tcl: {n}_ptr not written with {base:#x} at {off:#x}")
     if used != saxi_on:
         probs.append(f"HBM ports wired {sorted(used)}, enabled in ip.tcl {sorted(saxi_on)}")
     if "CONFIG.USER_SWITCH_ENABLE_00 {TRUE}" not in f["ip.tcl"] or "CONFIG.USER_SWITCH_ENABLE_01 {TRUE}" not in f["ip.tcl"]:
@@ -451,7 +451,7 @@ def test_vitis_kernel_xml(vitis_kernel):
         p = ports[f"m_axi_{n}"]
         assert p.get("mode") == "master" and p.get("dataWidth") == "512"
     args = [a for a in k.find("args")]
-    assert [a.get("name") for a in args] == ["mem0_ptr", "mem1_ptr"]
+    assert [a.get("name") for a in args] == ["mem0_ptr", "mem1_ptr", "aux_ptr"]
     offs = sorted(int(a.get("offset"), 16) for a in args)
     assert offs[0] == 0x10 and len(set(offs)) == len(offs)
     for a in args:
@@ -480,7 +480,8 @@ def test_vitis_link_config(vitis_files):
     assert "--config connectivity.cfg" in vitis_files["build.sh"] and "v++ --link" in vitis_files["build.sh"]
     mem = json.loads(vitis_files["memory.json"])
     assert mem["mem_ports"] == 2 and mem["word_bits"] == 512 and mem["hbm"] == sp
-    assert {n: a["port"] for n, a in mem["args"].items()} == {"mem0_ptr": "m_axi_mem0", "mem1_ptr": "m_axi_mem1"}
+    assert {n: a["port"] for n, a in mem["args"].items()} == {"mem0_ptr": "m_axi_mem0", "mem1_ptr": "m_axi_mem1",
+                                                                      "aux_ptr": "m_axi_aux"}
 
 
 # ---------------------------------------------------------------------------------------------------
