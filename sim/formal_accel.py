@@ -34,7 +34,7 @@ from __future__ import annotations
 from amaranth.hdl import Assert, Assume, Cat, Const, Elaboratable, Module, Mux, Signal
 
 from hw.engine import Mode, max_reduction
-from hw.isa import ELEMENT_BITS, ENGINE_MODE_MASK, FLAG_INDEXED, INSTR_BITS, Op, instr_layout
+from hw.isa import ELEMENT_BITS, ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_W4, INSTR_BITS, Op, instr_layout
 
 from .accel_planted import patched_controller
 
@@ -366,7 +366,7 @@ class StreamerSpec(Elaboratable):
         with m.If(u.cmd.valid):
             m.d.comb += [Assert(cmds == 0), Assert(cp.mode == mode), Assert(cp.tokens == h.m),
                          Assert(cp.k_beats == h.n), Assert(cp.group_beats == h.k), Assert(cp.tiles == h.s),
-                         Assert(cp.requant == 0)]
+                         Assert(cp.requant == 0), Assert(cp.wide == (h.flags & FLAG_W4).any())]
         m.d.comb += Assert(acts <= h.m * wpt)
         # every word taken from memory goes to the engine (WB words a beat), none dropped or duplicated
         m.d.comb += [Assert(win >= wout * WB), Assert(win - wout * WB <= WB),
@@ -459,6 +459,9 @@ BUGS = {
     "weight_drop_on_stall": (
         "P4: a weight word taken from memory while the engine stalls the weight stream (beat dropped)",
         "wg.beats.ready.eq(self.weight.ready & running)", "wg.beats.ready.eq(running)"),
+    "w4_flag_dropped": (
+        "P4: the command beat's wide bit not taken from FLAG_W4 (the W4 lm_head run as 2-bit codes in dsp style)",
+        "cp.wide.eq((ins.flags & FLAG_W4).any())]", "cp.wide.eq(0)]"),
     "out_beat_dropped": (
         "P4: the output capture takes a new engine beat while the previous is still being written",
         "m.d.comb += self.out.ready.eq(running & ~o_full)",

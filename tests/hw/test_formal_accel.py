@@ -115,6 +115,7 @@ def test_streamer_engine_streams(tmp_path):
 @pytest.mark.parametrize("bug, line", [
     ("tile_stride_ignored", "Assert(u.wrd.req.payload.addr == (h.c + wjobs * F)"),   # P3: step 20, 45 s
     ("weight_drop_on_stall", "Assert(stream.valid)"),     # P1/P4: weight beat replaced while stalled, 117 s
+    ("w4_flag_dropped", "Assert(cp.wide == (h.flags & FLAG_W4).any())"),  # P4: the command's wide bit
 ])
 def test_streamer_proofs_find_planted_bugs(tmp_path, bug, line):
     """act_ignores_ready and out_beat_dropped (sim/formal_accel.BUGS) are not reached by depth 22:
