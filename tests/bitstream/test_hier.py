@@ -2,8 +2,8 @@
 """bitstream.hier: the engine's repeated rows written as modules once (what makes the u280 plans
 convertible) give the same design as the flat conversion. At ci-small both are converted to RTLIL,
 flattened by Yosys, checked (``check -assert``: no undriven or multiply driven net), cleaned
-(``setundef -undriven -zero; opt -purge``) and their cell and memory statistics compared; the only difference allowed is the instances' port wires, which flattening keeps as public
-wires. Planted bugs seen failing it: the rows' reset left unconnected, and a row's output port left
+(``setundef -undriven -zero; opt -purge``) and their cell and memory statistics compared; the differences allowed are the instances' port wires, which flattening keeps as public
+wires, and the all-zero memory inits the hierarchical text leaves out (``omit_zero_init``). Planted bugs seen failing it: the rows' reset left unconnected, and a row's output port left
 off the instance."""
 
 import re
@@ -63,7 +63,47 @@ def test_hierarchical_equals_flat(ci_small, tmp_path):
     k = _kernel(ci_small)
     hier = hierarchical_verilog(k, "top", k.ports, repeated_engine_classes(ci_small.engine), backend="rtlil")
     a, b = _stats(flat, tmp_path, "flat"), _stats(hier, tmp_path, "hier")
+    # the hierarchical text leaves out all-zero memory inits (omit_zero_init): fewer $meminit_v2 cells,
+    # everything else the same
+    ma, mb = a.pop("$meminit_v2", 0), b.pop("$meminit_v2", 0)
+    assert mb < ma and a.pop("cells") - ma == b.pop("cells") - mb
     assert a == b
+
+
+def test_zero_inits_left_out_others_kept():
+    """Under omit_zero_init an all-zero memory is written without an initial block, a memory with
+    contents (the units' tables) keeps all of it."""
+    from amaranth.back import verilog
+    from amaranth.hdl import Elaboratable, Module
+    from amaranth.lib.memory import Memory
+
+    from bitstream.hier import omit_zero_init
+
+    class Two(Elaboratable):
+        def __init__(self):
+            self.zero = Memory(shape=8, depth=64, init=[])
+            self.table = Memory(shape=8, depth=64, init=[(3 * i + 1) % 256 for i in range(64)])
+            self.ports = []
+            for mem in (self.zero, self.table):
+                r = mem.read_port()
+                self.ports += [r.addr, r.data, r.en]
+            w = self.zero.write_port()
+            self.ports += [w.addr, w.data, w.en]
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.zero, m.submodules.rom = self.zero, self.table
+            return m
+
+    with omit_zero_init():
+        d = Two()
+        v = verilog.convert(d, name="two", ports=d.ports)
+    inits = re.findall(r"^\s*(\S+)\[(\d+)\] = 8'h([0-9a-f]+);", v, re.M)
+    assert {n for n, _, _ in inits} == {"rom"}, sorted({n for n, _, _ in inits})
+    assert [int(x, 16) for _, _, x in inits] == [(3 * i + 1) % 256 for i in range(64)]
+    d = Two()  # outside the context: Amaranth's own behaviour, both written
+    assert {n for n, _, _ in re.findall(r"^\s*(\S+)\[(\d+)\] = 8'h([0-9a-f]+);",
+                                        verilog.convert(d, name="two", ports=d.ports), re.M)} == {"zero", "rom"}
 
 
 def test_other_clock_domain_refused():
