@@ -5,11 +5,13 @@ bitstream/depth.py), walk every register-to-register / port path, and record the
 unregistered DSPs and memories, and what breaks the budget (``bitstream.depth.BUDGET``: 8 LUT levels,
 225 MHz). Estimates only: Vivado has the last word on timing.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/depth.py                  # ci-small and u280-2rows
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/depth.py                  # every configuration below
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/depth.py ci-small
 
-Configurations: ``ci-small`` (configs/hw/ci-small.yaml) and ``u280-2rows`` (configs/hw/u280.yaml with
-``pe_rows = 2``: the u280 lane width and widths, two rows). Writes benchmarks/results/depth.json
+Configurations: ``ci-small`` (configs/hw/ci-small.yaml), ``u280-2rows`` and ``u280-1row``
+(configs/hw/u280.yaml with ``pe_rows = 2`` / ``1``: the u280 lane width and widths; the one-row slice is
+the depth test's, tests/bitstream/test_engine_depth.py) and ``u280-dsp-3rows`` (``multiplier_style:
+dsp``, one ``DspRows3``). Writes benchmarks/results/depth.json
 (merging with what is there; written to a temporary name and moved into place).
 """
 
@@ -31,7 +33,10 @@ from accllm.config import load_hw  # noqa: E402
 from bitstream.depth import BUDGET, check_budget, logic_depth  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "depth.json"
-CONFIGS = {"ci-small": ("ci-small", {}), "u280-2rows": ("u280", {"pe_rows": 2})}
+CONFIGS = {"ci-small": ("ci-small", {}), "u280-2rows": ("u280", {"pe_rows": 2}),
+           # tests/bitstream/test_engine_depth.py's slice; the dsp style's smallest (one DspRows3)
+           "u280-1row": ("u280", {"pe_rows": 1}),
+           "u280-dsp-3rows": ("u280", {"pe_rows": 3, "multiplier_style": "dsp"})}
 
 
 def _engine_params(name: str):
@@ -66,6 +71,7 @@ def measure(name: str, timeout_s: float) -> dict:
         "path_levels": res["path_levels"], "path_carry": res["path_carry"], "path_dsp": res["path_dsp"],
         "path": res["path"], "levels_path": res["levels_path"],
         "unregistered": _summarize_unregistered(res["unregistered"]),
+        "fabric_registered": _summarize_unregistered(res["fabric_registered"]),
         "flip_flops": res["flip_flops"], "ends": res["ends"],
         "within_budget": not problems, "problems": problems[:20], "problem_count": len(problems),
         "script": res["script"], "yosys_seconds": res["seconds"], "cached": res["cached"],

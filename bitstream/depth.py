@@ -27,6 +27,15 @@ Registered or not (``unregistered`` in the result, one entry per cell, naming wh
   whose DOA_REG/DOB_REG is 0 leaves the memory array's latch, whose clock-to-out is several times a
   flip-flop's: it starts a path with ``bram_co`` set, counted in the estimate, and the memory is listed.
 * URAM288: the same with OREG_A/OREG_B.
+* Registered in fabric (``fabric_registered`` in the result, not a budget problem): a DSP48E2 missing
+  its internal registers whose every live data input is driven directly by a flip-flop and whose
+  every used output (P, no cascade) drives only flip-flop D inputs, and a block RAM / UltraRAM
+  without its output register whose every used output drives only flip-flop D inputs. Yosys 0.70
+  does not pack stage registers into DSP48E2 or output registers into RAMB for ``-family xcup``
+  (docs/arithmetic.md, "What Yosys does with them"); the flip-flops are there, adjacent, with nothing
+  between, which is the form Vivado's inference absorbs (UG901: DSP and block RAM register
+  inference). The paths through them are still walked and timed as they stand: FF -> DSP -> FF
+  costs one ``dsp`` stage, RAM -> FF its ``bram_co``.
 
 The budget (:data:`BUDGET`, :func:`check_budget`) turns counts into nanoseconds with per-level delays
 for a -2 UltraScale+ part. These are *estimates*: routing dominates on UltraScale+ and depends on
@@ -206,6 +215,53 @@ class _Node:
     outs: list = field(default_factory=list)
 
 
+def _fabric_registered(mod: dict, unregistered: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Split ``unregistered`` into the cells still unregistered and those registered in fabric (see the
+    module docstring): flip-flops straight on every live data input (DSP48E2 only) and only
+    flip-flop D inputs on every used output."""
+    cells = mod.get("cells", {})
+    ff_q: set = set()          # bits driven by a flip-flop's Q
+    loads: dict = {}           # bit -> [(cell type, port)] of everything it feeds
+    for pname, port in mod.get("ports", {}).items():
+        if port["direction"] != "input":
+            for b in port["bits"]:
+                loads.setdefault(b, []).append(("port", pname))
+    for cname, cell in cells.items():
+        t = cell["type"]
+        if t == "$scopeinfo":
+            continue
+        dirs = _directions(cell)
+        for p, bits in cell["connections"].items():
+            for b in bits:
+                if isinstance(b, str):
+                    continue
+                if dirs.get(p) == "output":
+                    if _FF.match(t) and p == "Q":
+                        ff_q.add(b)
+                else:
+                    loads.setdefault(b, []).append((t, p))
+
+    def only_ffs(bits) -> bool:
+        return all(all(_FF.match(t) and p == "D" for t, p in loads.get(b, [])) for b in bits)
+
+    still, fabric = [], []
+    for u in unregistered:
+        cell = cells[u["cell"]]
+        dirs = _directions(cell)
+        outs = {p: [b for b in bits if not isinstance(b, str) and loads.get(b)]
+                for p, bits in cell["connections"].items() if dirs.get(p) == "output"}
+        used = [b for bits in outs.values() for b in bits]
+        ok = bool(used) and only_ffs(used)
+        if u["type"] == "DSP48E2":
+            ok = ok and all(not bits for p, bits in outs.items() if p != "P")  # no cascade out
+            for p, bits in cell["connections"].items():
+                if dirs.get(p) == "output" or p in _CLOCKS or _DSP_CTRL.match(p):
+                    continue
+                ok = ok and all(b in ff_q for b in bits if not isinstance(b, str))
+        (fabric if ok else still).append(u)
+    return still, fabric
+
+
 def walk(netlist: dict, top: str, budget: Budget = BUDGET) -> dict:
     """Walk module ``top`` of a Yosys JSON netlist (``write_json`` after ``synth_xilinx -flatten``)
     and return the depth summary (see :func:`logic_depth`)."""
@@ -218,6 +274,12 @@ def walk(netlist: dict, top: str, budget: Budget = BUDGET) -> dict:
     ends: list[tuple[Any, str]] = []   # (bit, label) path ends
     unregistered = []
     unknown = set()
+    # a readable name for each bit (the netname with the fewest generated parts), for flip-flop labels
+    bit_name: dict = {}
+    for nname, net in mod.get("netnames", {}).items():
+        for i, b in enumerate(net.get("bits", [])):
+            if not isinstance(b, str) and (b not in bit_name or nname.count("$") < bit_name[b][0].count("$")):
+                bit_name[b] = (nname, i)
 
     for pname, port in mod.get("ports", {}).items():
         for b in port["bits"]:
@@ -237,9 +299,11 @@ def walk(netlist: dict, top: str, budget: Budget = BUDGET) -> dict:
         in_bits = [b for p, bits in ins.items() if p not in _CLOCKS for b in bits if not isinstance(b, str)]
         out_bits = [b for bits in outs.values() for b in bits if not isinstance(b, str)]
         if _FF.match(t) or t in _CONST:
+            q = bit_name.get(out_bits[0]) if out_bits else None
+            label = f"{t} {cname}" + (f" ({q[0]}[{q[1]}])" if q and "$" not in q[0] else "")
             for b in out_bits:
-                starts[b] = (f"{t} {cname}", 0, 0, 0, 0)
-            ends.extend((b, f"{t} {cname}") for b in in_bits)
+                starts[b] = (label, 0, 0, 0, 0)
+            ends.extend((b, label) for b in in_bits)
         elif _LEVEL.match(t) or _LUTRAM.match(t):
             if _LUTRAM.match(t):  # write side (data, write enable, write address) ends at the RAM
                 ends.extend((b, f"{t} {cname}") for b in in_bits)
@@ -326,6 +390,7 @@ def walk(netlist: dict, top: str, budget: Budget = BUDGET) -> dict:
     if unknown:
         raise DepthError(f"cell types the depth walk does not know: {', '.join(sorted(unknown))} "
                          f"(module {top}); add them to bitstream/depth.py with their timing role")
+    unregistered, fabric_registered = _fabric_registered(mod, unregistered)
 
     memo: dict[Any, _Arrival] = {}
     on_stack: set = set()
@@ -398,6 +463,7 @@ def walk(netlist: dict, top: str, budget: Budget = BUDGET) -> dict:
     n_ff = sum(1 for c in mod.get("cells", {}).values() if _FF.match(c["type"]))
     if worst_ns is None:
         return {"max_levels": 0, "max_carry": 0, "path": [], "levels_path": [], "unregistered": unregistered,
+                "fabric_registered": fabric_registered,
                 "estimate_ns": budget.overhead_ns, "path_levels": 0, "path_carry": 0, "path_dsp": 0,
                 "ends": 0, "flip_flops": n_ff}
     ns, b, label, a = worst_ns
@@ -416,6 +482,7 @@ def walk(netlist: dict, top: str, budget: Budget = BUDGET) -> dict:
         "levels_path": levels_path,
         "levels_path_carry": worst_lv[3].lv_carry,
         "unregistered": unregistered,
+        "fabric_registered": fabric_registered,
         "ends": len(ends),
         "flip_flops": n_ff,
     }
@@ -481,6 +548,7 @@ def logic_depth(design: Any, top: str = "top", *, ports: list | None = None, bud
          "path_levels", "path_carry", "path_dsp": its counts,
          "levels_path": [cells...],  # the path with the most LUT levels
          "unregistered": [{"cell", "type", "missing": [...]}, ...],  # DSPs/memories missing registers
+         "fabric_registered": [...],  # the same shape: missing inside, flip-flops right outside
          "ends": int, "flip_flops": int, "script": str, "seconds": float, "cached": bool}
     """
     net, info = synthesize_netlist(design, top, ports=ports, cache=cache, timeout_s=timeout_s)

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .engine import Mode, beat_ops, layouts
-from .engine_model import PIPE_DRAIN
+from .engine_model import out_latency, pipe_drain
 from .isa import ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_W4, INSTR_BITS, UNIT_OPS, Instr, Op
 from .params import AccelParams, EngineParams
 
@@ -161,7 +161,8 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
 
     issue = first_issue - 1  # the cycle of the previous op's issue
     delay_from = 0           # extra cycles stalls added so far (part of ``issue``)
-    bank_free = None         # the cycle the bank's tile's last beat left
+    bank_free = None         # the cycle the bank's tile's last beat left (into the output register)
+    pops: list[int] = []     # the cycle each output beat was taken
     out_free = 0             # the streamer takes an output beat from this cycle
     last_accept = 0
     n_groups = kb // gb if need_scale else 0
@@ -194,19 +195,23 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
             t0 = max(issue + 1, w_valid, s_valid if s_valid is not None else 0)
             last = t0 + T * beat_ops(p, mode, ins.flags & FLAG_W4) - 1
             if b == kb - 1:
-                arm = last + PIPE_DRAIN
+                arm = last + pipe_drain(p)
                 if bank_free is not None and arm < bank_free:
                     stall = bank_free - arm
                     arm = bank_free
                     last += stall  # the pipeline stalls: every later op issues that much later
                     delay_from += stall
-                # output beats: one per token, each taken when the streamer is free
-                a = arm
+                # output beats: one per token leaves the bank into the output register (two entries:
+                # room while beat n - 2 has gone out before this cycle) and is taken from it, one
+                # out_latency later at the earliest, when the streamer is free
+                q = arm
                 for t in range(T):
-                    a = max(a + 1, out_free)
+                    q = max(q + 1, pops[-2] + 1 if len(pops) >= 2 else 0)
+                    a = max(q + out_latency(p), out_free, pops[-1] + 1 if pops else 0)
+                    pops.append(a)
                     out_free = a + R + 1
                 last_accept = a
-                bank_free = a
+                bank_free = q
             issue = last
             # the beat is taken with its last token's op: a WB > 1 gather is free the next cycle (the
             # wide gather in that very cycle: hw.memory.WideBeatGather)

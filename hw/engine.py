@@ -27,7 +27,7 @@ tile, taken when the tile enters the output bank (per-operation scalars: the sam
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -35,9 +35,9 @@ from quant.formats import W_MIN, W_SCALE
 
 from .array_slice import ArraySlice
 from .engine_parts import (CODE_BITS, META_BITS, MULT_BITS, SHIFT_BITS, TILE_BITS, AccRow, ActBuffer,
-                           ArrayRow, Candidates, EngineConfigError, GroupRow, Mode, OutputBank, Requantizer,
+                           ArrayRow, Candidates, EngineConfigError, GroupRow, Mode, OutputBank, OutputSkid, Requantizer,
                            Sequencer, beat_ops, check_params, layouts, max_reduction, pair_candidates,
-                           partial_bits, pe_pair, tag_layout)
+                           partial_bits, pe_pair, stages, tag_layout)
 from .engine_dsp import DspCandidates, DspRows, dsp_row_groups
 from .params import EngineParams
 
@@ -72,9 +72,9 @@ class Engine(wiring.Component):
         #: the pipeline's global stall (the output bank cannot take a finished tile): not a port, an
         #: observation point for testbenches that measure how often their stalls reach it
         self.stall = Signal()
-        #: the output's requantizers, one per row (combinational; their inputs are registers of the
-        #: output bank, so the formal output-stream check can assert on them: sim/formal.py)
-        self.requantizers = [Requantizer(params.acc_bits) for _ in range(params.pe_rows)]
+        #: the requantizers, one per row, pipelined (``stages(p).requant``) between the accumulators
+        #: and the output bank
+        self.requantizers = [Requantizer(params.acc_bits, pipelined=True) for _ in range(params.pe_rows)]
 
     def elaborate(self, platform):
         p = self.p
@@ -89,10 +89,25 @@ class Engine(wiring.Component):
         buf = m.submodules.act_buffer = ActBuffer(p)
         wiring.connect(m, wiring.flipped(self.cmd), seq.cmd)
         cmd = seq.command
-        s1_valid, s2_valid, s3_valid = Signal(), Signal(), Signal()
+        st = stages(p)
+        D = st.drain
+        tags = tag_layout(p)
+        # the pipeline's stage registers, index k = cycles after the op's issue (k = 0: the issue
+        # itself), all held by the stall: valid[k], tag[k]; the weight beat up to the array
+        # (k = st.buffer), the scale beat up to the group stage's input (k = st.buffer + st.array - 1)
+        valid = [seq.issue] + [Signal(name=f"v{k}") for k in range(1, D + 1)]
+        tag = [seq.tags] + [Signal(tags, name=f"tag{k}") for k in range(1, D + 1)]
+        w_st = [self.weight.payload] + [Signal(wl, name=f"w{k}") for k in range(1, st.buffer + st.codes + 1)]
+        sc_st = [self.scale.payload] + [Signal(sl, name=f"sc{k}") for k in range(1, st.buffer + st.array)]
+        parity = [seq.word[0]] + [Signal(name=f"par{k}") for k in range(1, st.buffer + 1)]
+        with m.If(~stall):
+            for k in range(1, D + 1):
+                m.d.sync += [valid[k].eq(valid[k - 1]), tag[k].eq(tag[k - 1])]
+            for chain in (w_st, sc_st, parity):
+                for k in range(1, len(chain)):
+                    m.d.sync += chain[k].eq(chain[k - 1])
         m.d.comb += [
-            seq.pipe_empty.eq(~(s1_valid | s2_valid | s3_valid)), seq.stall.eq(stall),
-            self.busy.eq(seq.busy),
+            seq.pipe_empty.eq(~Cat(*valid[1:]).any()), seq.stall.eq(stall),
             seq.act_valid.eq(self.act.valid), self.act.ready.eq(seq.act_ready),
             buf.w_en.eq(seq.load_en), buf.w_word.eq(seq.load_word), buf.w_data.eq(self.act.payload.as_value()),
             seq.w_valid.eq(self.weight.valid), self.weight.ready.eq(seq.w_ready),
@@ -101,24 +116,12 @@ class Engine(wiring.Component):
         ]
         m.d.comb += buf.r_en.eq(~stall)
 
-        # S1 registers: the op's tags, its buffer word's parity, its weight and scale beats
-        tags = tag_layout(p)
-        s1 = Signal(tags)
-        s1_parity = Signal()
-        s1_w = Signal(wl)
-        s1_sc = Signal(sl)
-        with m.If(~stall):
-            m.d.sync += [
-                s1_valid.eq(seq.issue),
-                s1.eq(seq.tags), s1_parity.eq(seq.word[0]), s1_w.eq(self.weight.payload), s1_sc.eq(self.scale.payload),
-            ]
-
-        # ---------------- S1: candidates, products, adder trees (registered into S2) ----------------
-        is_sparse = cmd.mode == Mode.SPARSE
-        is_pv = cmd.mode == Mode.PV
+        # ---------------- the array: candidates, products, adder trees (registered into S2) ----------------
+        is_sparse, is_pv = seq.is_sparse, seq.is_pv  # registered with the command
         # Fields of the weight beat as slices of the registered signal itself: indexing the payload
         # view (a slice of the beat) per row re-emits the whole beat in Amaranth's netlist builder.
-        w_bits, sc_bits = s1_w.as_value(), s1_sc.as_value()
+        B, S2 = st.buffer, st.buffer + st.array
+        w_bits, sc_bits = w_st[B + st.codes].as_value(), sc_st[S2 - 1].as_value()
         codes_at, meta_at, zero_at = wl["codes"].offset, wl["meta"].offset, wl["zero"].offset
 
         def row_codes(r, n=1):
@@ -131,18 +134,18 @@ class Engine(wiring.Component):
         row_sums = []
         if p.multiplier_style == "dsp":  # hw/engine_dsp.py: three rows per DSP48E2 column
             cand = m.submodules.candidates = DspCandidates(p)
-            m.d.comb += [cand.d0.eq(buf.r_data0), cand.d1.eq(buf.r_data1), cand.parity.eq(s1_parity),
+            m.d.comb += [cand.d0.eq(buf.r_data0), cand.d1.eq(buf.r_data1), cand.parity.eq(parity[B]),
                          cand.is_pv.eq(is_pv), cand.zero.as_value().eq(w_bits[zero_at:zero_at + CODE_BITS * L])]
             for gi, (r0, n) in enumerate(dsp_row_groups(p)):
                 rows = m.submodules[f"dsprows{gi}"] = DspRows(p, n)
                 m.d.comb += [rows.act.eq(cand.act), rows.pair_sums.eq(cand.pair_sums), rows.a_shared.eq(cand.a_shared),
                              rows.codes.as_value().eq(row_codes(r0, n)), rows.meta.as_value().eq(row_meta(r0, n)),
-                             rows.is_sparse.eq(is_sparse), rows.half.eq(s1.half), rows.en.eq(~stall)]
+                             rows.is_sparse.eq(is_sparse), rows.half.eq(tag[B].half), rows.en.eq(~stall)]
                 row_sums += [(rows.p[i], rows.a[i]) for i in range(n)]
         else:
             cand = m.submodules.candidates = Candidates(p)
-            m.d.comb += [cand.d0.eq(buf.r_data0), cand.d1.eq(buf.r_data1), cand.parity.eq(s1_parity),
-                         cand.is_sparse.eq(is_sparse),
+            m.d.comb += [cand.d0.eq(buf.r_data0), cand.d1.eq(buf.r_data1), cand.parity.eq(parity[B]),
+                         cand.is_sparse.eq(is_sparse), cand.en.eq(~stall),
                          cand.zero.as_value().eq(w_bits[zero_at:zero_at + CODE_BITS * L])]
             for r in range(R):
                 row = m.submodules[f"row{r}"] = ArrayRow(p)
@@ -150,14 +153,37 @@ class Engine(wiring.Component):
                              row.codes.as_value().eq(row_codes(r)), row.meta.as_value().eq(row_meta(r)),
                              row.is_sparse.eq(is_sparse), row.is_pv.eq(is_pv), row.en.eq(~stall)]
                 row_sums.append((row.p, row.a))
-        s2 = Signal(tags)
+        s2_valid, s2 = valid[S2], tag[S2]
+        s3_valid = Signal()
+        s3 = tag[st.acc]
+        m.d.comb += s3_valid.eq(valid[st.acc] & s3.last_gb)
+        # the bank stage: a tile's last-beat ops, requantized, enter the output bank
+        # (sb_valid and rq_need are registers of the chain, computed one stage early, so that the
+        # stall is a few LUTs of registers)
+        sb_valid = Signal()
+        sb = tag[D]
         with m.If(~stall):
-            m.d.sync += [s2_valid.eq(s1_valid), s2.eq(s1)]
-        s3 = Signal(tags)
+            m.d.sync += sb_valid.eq(valid[D - 1] & tag[D - 1].last_gb & tag[D - 1].last_beat)
+
+        # the rq stream through a pipeline register (``rq_full``, ``rq_buf``): its valid reaches no
+        # enable. A requantized tile takes its beat when its first token's last beat is at S3.
+        rq_full = Signal()
+        rq_buf = Signal(rl)
+        rq_take = Signal()
+        rq_need = Signal()
+        pre = tag[st.acc - 1]
         with m.If(~stall):
-            m.d.sync += [s3_valid.eq(s2_valid & s2.last_gb), s3.eq(s2)]
+            m.d.sync += rq_need.eq(valid[st.acc - 1] & pre.last_gb & pre.last_beat & (pre.t == 0) & cmd.requant)
+        rq_fire = Signal()
+        m.d.comb += [self.rq.ready.eq(~rq_full | rq_take), rq_fire.eq(self.rq.valid & (~rq_full | rq_take))]
+        m.d.sync += rq_full.eq(rq_fire | (rq_full & ~rq_take))
+        with m.If(rq_fire):
+            m.d.sync += rq_buf.eq(self.rq.payload)
+        rq_bits = rq_buf.as_value()
 
         bank = m.submodules.output_bank = OutputBank(p)
+        skid = m.submodules.output_skid = OutputSkid(R * ACC, self.layouts["out"])
+        wiring.connect(m, skid.out, wiring.flipped(self.out))
         accs = []
         for r in range(R):
             grp = m.submodules[f"group{r}"] = GroupRow(p)
@@ -171,27 +197,30 @@ class Engine(wiring.Component):
                 grp.m_in.eq(sc_bits[sl["m"].offset + W_MIN.bits * r:][:W_MIN.bits].as_signed()),
                 grp.p.eq(row_sums[r][0]), grp.a.eq(row_sums[r][1]),
                 grp.valid.eq(s2_valid), grp.hold.eq(stall), grp.first_gb.eq(s2.first_gb), grp.t.eq(s2.t),
-                # S3: accumulators and the output bank
+                # S3: accumulators; into the requantizers
                 acc.write.eq(s3_valid & ~stall), acc.first_group.eq(s3.first_group),
-                acc.last_beat.eq(s3.last_beat), acc.t.eq(s3.t), acc.g.eq(grp.g), acc.read_t.eq(bank.e),
-                acc.mult_in.eq(self.rq.payload.as_value()[rl["mult"].offset + MULT_BITS * r:][:MULT_BITS]),
-                acc.shift_in.eq(self.rq.payload.as_value()[rl["shift"].offset + SHIFT_BITS * r:][:SHIFT_BITS]),
-                # output: one beat of pe_rows values per token
-                rq.acc.eq(acc.value), rq.shift.eq(acc.shift), rq.requant.eq(bank.requant),
-                self.out.payload.as_value()[ACC * r:ACC * (r + 1)].eq(rq.out),
+                acc.t.eq(s3.t), acc.g.eq(grp.g), acc.rq_load.eq(rq_take),
+                acc.mult_in.eq(rq_bits[rl["mult"].offset + MULT_BITS * r:][:MULT_BITS]),
+                acc.shift_in.eq(rq_bits[rl["shift"].offset + SHIFT_BITS * r:][:SHIFT_BITS]),
+                rq.acc.eq(acc.final), rq.mult.eq(acc.mult), rq.shift.eq(acc.shift), rq.requant.eq(cmd.requant),
+                rq.en.eq(~stall),
+                # the bank stage: the bank takes the requantized values; out: one beat per token
+                acc.bank_write.eq(sb_valid & ~stall), acc.bank_t.eq(sb.t), acc.bank_in.eq(rq.out),
+                acc.read_t.eq(bank.e),
+                skid.data[ACC * r:ACC * (r + 1)].eq(acc.value),
             ]
-            m.d.comb += rq.mult.eq(accs[r].mult)
 
-        # ---------------- S3: hand-over to the output bank; the stall ----------------
-        m.d.comb += [bank.ready.eq(self.out.ready), self.out.valid.eq(bank.valid), bank.t.eq(s3.t),
+        # ---------------- the bank stage: hand-over to the output bank; the stall ----------------
+        # busy: a command runs, or the bank still holds beats not yet in the output register
+        m.d.comb += self.busy.eq(seq.busy | bank.valid)
+        m.d.comb += [bank.ready.eq(skid.room), skid.push.eq(bank.valid & skid.room), bank.t.eq(sb.t),
                      bank.tokens_in.eq(cmd.tokens), bank.requant_in.eq(cmd.requant)]
-        # A requantized tile takes its per-row mult/shift beat (``rq``) when it enters the output bank.
-        rq_wait = cmd.requant & ~self.rq.valid
-        m.d.comb += stall.eq(s3_valid & s3.last_beat & Mux(s3.last_tok, ~bank.may_final | rq_wait, ~bank.may_write))
-        m.d.comb += self.rq.ready.eq(s3_valid & s3.last_beat & s3.last_tok & cmd.requant & bank.may_final)
+        # the stall: the bank cannot take a finished tile's token, or a requantized tile's rq beat is
+        # not there yet; both from registers only (bank state, ``rq_full``, the stage tags)
+        m.d.comb += stall.eq((sb_valid & Mux(sb.last_tok, ~bank.may_final, ~bank.may_write))
+                             | (rq_need & ~rq_full))
+        m.d.comb += rq_take.eq(rq_need & ~stall)
         arm = Signal()
         m.d.comb += bank.arm.eq(arm)
-        m.d.comb += arm.eq(s3_valid & ~stall & s3.last_beat & s3.last_tok)
-        for acc in accs:
-            m.d.comb += acc.rq_load.eq(arm)
+        m.d.comb += arm.eq(sb_valid & ~stall & sb.last_tok)
         return m

@@ -13,11 +13,13 @@ The rules, read off the RTL (docs/engine.md, "Cycle behaviour"):
   (x 2 in ``multiplier_style: dsp`` for a 2:4 command, whose beats run as two half-beat ops, and for
   4-bit codes, QK, PV and a ``wide`` DENSE command, whose beats run as two digit ops:
   ``hw.engine_parts.beat_ops``);
-* an op reaches S3 three cycles after its issue; a tile's last-beat ops enter the output bank there.
+* an op reaches the bank stage ``pipe_drain(p)`` cycles after its issue (``hw.engine_parts.stages``:
+  the buffer, the array, the group stage, the accumulators, the requantizers); a tile's last-beat ops enter the output bank there.
   The last token arms the bank once the old tile's last beat leaves (this cycle or before); until
   then the whole pipeline stalls (the only stall when no stream stalls: a tile of more tokens than
   the next command needs cycles to load and compute);
-* the armed bank sends one beat per token on the following cycles.
+* the armed bank sends one beat per token on the following cycles into the output register, which
+  puts it on ``out`` ``out_latency(p)`` cycles later.
 
 ``Command`` is one ``cmd`` beat (``hw.engine.layouts()["cmd"]``); ``Op`` describes an operation by its
 shape (K, N) as the estimator and compiler see it and ``op_command`` lowers it to its command.
@@ -27,17 +29,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine_parts import TILE_BITS, Mode, beat_ops, max_reduction
+from .engine_parts import TILE_BITS, Mode, beat_ops, max_reduction, stages
 from .params import EngineParams
 
 __all__ = ["Command", "CommandTiming", "EngineCommandError", "Op", "MODES", "timeline", "command_cycles",
            "check_command", "op_beats", "op_command", "op_cycles", "sequence_cycles", "ops_cycles",
-           "CMD_CYCLES", "PIPE_DRAIN", "RESET_CYCLES"]
+           "CMD_CYCLES", "pipe_drain", "out_latency", "RESET_CYCLES"]
 
 MODES = ("dense", "sparse", "qk", "pv")
-#: the command beat's own cycle, and the cycles from an op's issue to S3 (S1, S2, S3)
+#: the command beat's own cycle
 CMD_CYCLES = 1
-PIPE_DRAIN = 3
+
+
+def pipe_drain(p: EngineParams) -> int:
+    """Cycles from an op's issue to the bank stage (through the accumulators and the requantizers into
+    the output bank): the RTL's own stage count, ``hw.engine_parts.stages(p).drain``."""
+    return stages(p).drain
+
+
+def out_latency(p: EngineParams) -> int:
+    """Cycles from a beat leaving the output bank to ``out`` (the output register,
+    ``hw.engine_parts.stages(p).out``)."""
+    return stages(p).out
+
 #: the first command after reset starts one cycle late: the testbenches' first cycle is the reset's
 RESET_CYCLES = 1
 
@@ -118,7 +132,7 @@ def timeline(p: EngineParams, commands: list[Command], from_reset: bool = False)
         beats = []
         for tile in range(c.tiles):
             # nominal S3 cycle of the tile's last-beat (last-half) op for token 0, after the stalls so far
-            s3 = first_issue + (tile * kb + kb - 1) * T * h + (h - 1) * T + PIPE_DRAIN + delay
+            s3 = first_issue + (tile * kb + kb - 1) * T * h + (h - 1) * T + pipe_drain(p) + delay
             # The tile's tokens reach S3 on consecutive cycles; the last arms the bank once the old
             # tile's last beat leaves (this cycle or before). Token t < T - 1 must also wait for the
             # old token t, but never does here: within a command the old tile has the same tokens and
@@ -127,8 +141,8 @@ def timeline(p: EngineParams, commands: list[Command], from_reset: bool = False)
             arm = s3 + T - 1
             if bank_arm is not None:
                 arm = max(arm, bank_arm + bank_tokens)
-            delay = arm - (first_issue + (tile * kb + kb - 1) * T * h + (h - 1) * T + PIPE_DRAIN + T - 1)
-            beats += [arm + 1 + t for t in range(T)]
+            delay = arm - (first_issue + (tile * kb + kb - 1) * T * h + (h - 1) * T + pipe_drain(p) + T - 1)
+            beats += [arm + 1 + out_latency(p) + t for t in range(T)]
             bank_arm, bank_tokens = arm, T
         last_issue = first_issue + c.tiles * kb * T * h - 1 + delay
         out.append(CommandTiming(accept, first_issue, last_issue, tuple(beats), delay))

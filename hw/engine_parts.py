@@ -23,6 +23,7 @@ Widths come from ``quant.formats``; nothing here is a test harness.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -145,6 +146,96 @@ def tag_layout(p: EngineParams) -> data.StructLayout:
     })
 
 
+@dataclass(frozen=True)
+class Stages:
+    """The engine's pipeline registers, counted in cycles of an op that is not held: the one place the
+    RTL (``hw.engine.Engine`` builds exactly these registers) and the cycle models
+    (``hw.engine_model``, ``hw.controller_model``) read its latency from.
+
+    * ``buffer``: from the op's issue (S0) to its activation words at the array: the block RAM's
+      read and its output register (the DOA_REG/DOB_REG place, so the RAM's slow clock-to-out sees
+      no logic);
+    * ``array``: from those words to the row sums ``p``, ``a`` (S2): ``lut`` style the candidates
+      and their ``3a`` (``Candidates``, a register), the products and the first ``TREE_SPLIT`` levels
+      of the adder trees, a register, the rest of the trees, a register; ``dsp`` style
+      ``hw.engine_dsp.DspRows`` (one register);
+    * ``codes``: of those, the cycles before the array takes the weight beat's codes (``lut``: 1,
+      after the candidates' register; ``dsp``: 0);
+    * ``group``: from S2 to the group value ``g`` (S3): the group partial sums, the DSP's A/B input
+      registers, its M register, the sum ``s * Pg + m * Ag`` registered (``GroupRow``);
+    * ``acc``: issue to S3, where the accumulators add ``g`` (and at a tile's last beat the sum goes
+      into the requantizers);
+    * ``requant``: the requantizers' registers (``Requantizer(pipelined=True)``: the inputs, the two
+      partial products, their sum, the rounding add, the shift; the saturation goes into the bank);
+    * ``drain``: issue to the bank stage, where a finished tile's values enter the output bank (and
+      the bank's rules may stall the pipeline);
+    * ``out``: from the bank to ``out``: the output register (``OutputSkid``), so a beat leaves the
+      cycle after it left the bank."""
+
+    buffer: int
+    array: int
+    codes: int
+    group: int
+    requant: int
+    out: int
+
+    @property
+    def acc(self) -> int:
+        return self.buffer + self.array + self.group
+
+    @property
+    def drain(self) -> int:
+        return self.acc + self.requant
+
+
+#: the pipelined requantizer's register stages (``Requantizer``)
+REQUANT_STAGES = 5
+#: the low part of the requantizer's split product: ``acc[:17]`` (unsigned) and ``acc[17:]`` (signed)
+#: each times ``mult`` fit one DSP48E2 (27 x 18) for acc_bits <= 44
+REQUANT_LO_BITS = 17
+
+#: levels of ArrayRow's adder trees before its middle register (pe_lanes products -> pe_lanes / 2**k sums)
+TREE_SPLIT = 2
+
+
+def stages(p: EngineParams) -> Stages:
+    """The pipeline of ``p`` (``Stages``)."""
+    dsp = p.multiplier_style == "dsp"
+    return Stages(buffer=2, array=1 if dsp else 3, codes=0 if dsp else 1, group=3, requant=REQUANT_STAGES, out=1)
+
+
+def tree_levels(m: Module, values: list, levels: int, name: str) -> list:
+    """``levels`` levels of a balanced adder tree of two-input adders, every node a named wire Yosys
+    keeps (``keep``): adders on carry chains, not one multi-operand ``$macc`` (mapped to LUT full
+    adders of many levels). Returns the sums left (one once the tree is complete)."""
+    vals = list(values)
+    for level in range(levels):
+        if len(vals) <= 1:
+            break
+        nxt = []
+        for i in range(0, len(vals) - 1, 2):
+            w = max(len(v) + (0 if v.shape().signed else 1) for v in (vals[i], vals[i + 1])) + 1
+            s = Signal(signed(w), name=f"{name}_t{level}_{i // 2}", attrs={"keep": 1})
+            m.d.comb += s.eq(vals[i] + vals[i + 1])
+            nxt.append(s)
+        if len(vals) % 2:
+            nxt.append(vals[-1])
+        vals = nxt
+    return vals
+
+
+def register_all(m: Module, values: list, en, name: str) -> list:
+    """Each of ``values`` registered while ``en`` (same shapes; reset-less, as data registers are: a
+    reset would sit beside the enable on every bit, and what they hold is only read with a valid op)."""
+    regs = []
+    for i, v in enumerate(values):
+        r = Signal(v.shape(), name=f"{name}_{i}", reset_less=True)
+        with m.If(en):
+            m.d.sync += r.eq(v)
+        regs.append(r)
+    return regs
+
+
 def tree_sum(values: list):
     """A balanced adder tree (pairs, then pairs of pairs)."""
     vals = list(values)
@@ -234,6 +325,7 @@ class Sequencer(wiring.Component):
             "word": Out(word_bits(p) + 1),
             "tags": Out(tag_layout(p)),
             "words_per_token": Out(range(2 * kb_max + 1)),
+            "is_sparse": Out(1), "is_pv": Out(1),   # the command's mode, registered with it
         })
 
     def elaborate(self, platform):
@@ -244,7 +336,29 @@ class Sequencer(wiring.Component):
         m = Module()
         cmd = self.command
         wpt = self.words_per_token  # activation words per token
-        m.d.comb += wpt.eq(Mux(cmd.mode == Mode.SPARSE, cmd.k_beats << 1, cmd.k_beats))
+        # what the issue logic compares against, registered with the command (``c`` = the beat taken):
+        # the counts minus one and the mode's flags, so a counter's end is an equality of registers
+        c = self.cmd.payload
+        c_sparse = c.mode == Mode.SPARSE
+        tokens_m1 = Signal.like(cmd.tokens, name="tokens_m1")
+        gb_m1 = Signal.like(cmd.group_beats, name="gb_m1")
+        kb_m1 = Signal.like(cmd.k_beats, name="kb_m1")
+        tiles_m1 = Signal(TILE_BITS, name="tiles_m1")
+        wpt_m1 = Signal.like(wpt, name="wpt_m1")
+        sparse = Signal(name="is_sparse")
+        two_ops = Signal(name="two_ops")  # beat_ops == 2 in dsp style: 2:4, QK/PV, wide DENSE
+        scaled = Signal(name="has_scale")
+        # counts - 2 (wrapping for a count of 1, whose end comes from the ``_1`` flag instead)
+        tokens_m2, gb_m2, kb_m2, tiles_m2 = (Signal(len(x) + 1, name=x.name.replace("m1", "m2"))
+                                             for x in (tokens_m1, gb_m1, kb_m1, tiles_m1))
+        tokens_1, gb_1, kb_1, tiles_1 = (Signal(name=n) for n in ("tokens_1", "gb_1", "kb_1", "tiles_1"))
+        accept_regs = [tokens_m2.eq(c.tokens - 2), gb_m2.eq(c.group_beats - 2), kb_m2.eq(c.k_beats - 2),
+                       tiles_m2.eq(c.tiles - 2), tokens_1.eq(c.tokens == 1), gb_1.eq(c.group_beats == 1),
+                       kb_1.eq(c.k_beats == 1), tiles_1.eq(c.tiles == 1)]
+        accept_regs += [wpt.eq(Mux(c_sparse, c.k_beats << 1, c.k_beats)), tokens_m1.eq(c.tokens - 1),
+                       gb_m1.eq(c.group_beats - 1), kb_m1.eq(c.k_beats - 1), tiles_m1.eq(c.tiles - 1),
+                       wpt_m1.eq(Mux(c_sparse, c.k_beats << 1, c.k_beats) - 1), sparse.eq(c_sparse),
+                       scaled.eq(c.mode != Mode.PV), two_ops.eq((c.mode != Mode.DENSE) | c.wide), self.is_sparse.eq(c_sparse), self.is_pv.eq(c.mode == Mode.PV)]
 
         lw = Signal(wb)                     # word being written
         lword = Signal(range(2 * kb_max + 1))
@@ -263,16 +377,33 @@ class Sequencer(wiring.Component):
         # last op, and the beats are taken with the last
         split = Signal()
         half = Signal()
-        m.d.comb += split.eq(((cmd.mode != Mode.DENSE) | cmd.wide) if p.multiplier_style == "dsp" else 0)
+        m.d.comb += split.eq(two_ops if p.multiplier_style == "dsp" else 0)
         half_last = ~split | half
-        last_tok = t == cmd.tokens - 1
-        last_gb = gb == cmd.group_beats - 1
-        last_beat = b == cmd.k_beats - 1
-        need_scale = (cmd.mode != Mode.PV) & last_gb
+        # a counter's end (t == tokens - 1, ...) as a register set with the counter: the issue logic
+        # sees flip-flops, not comparators (``set``: the counter's new value and its flag)
+        last_tok, last_gb, last_beat, first_gb = Signal(), Signal(), Signal(), Signal()
+        is_last_tile = Signal()
+
+        # restart (0): its end if the count is 1; step (+1): its end if the old value is count - 2
+        def set_t(step):
+            return [t.eq(t + 1), last_tok.eq(t == tokens_m2)] if step else [t.eq(0), last_tok.eq(tokens_1)]
+
+        def set_gb(step):
+            return ([gb.eq(gb + 1), last_gb.eq(gb == gb_m2), first_gb.eq(0)] if step
+                    else [gb.eq(0), last_gb.eq(gb_1), first_gb.eq(1)])
+
+        def set_b(step):
+            return [b.eq(b + 1), last_beat.eq(b == kb_m2)] if step else [b.eq(0), last_beat.eq(kb_1)]
+
+        def set_tile(step):
+            return ([tile.eq(tile + 1), is_last_tile.eq(tile == tiles_m2)] if step
+                    else [tile.eq(0), is_last_tile.eq(tiles_1)])
+
+        need_scale = scaled & last_gb
         m.d.comb += [
             self.load_word.eq(lw),
-            self.word.eq(tok_base + b_word + (half & (cmd.mode == Mode.SPARSE))),
-            self.tags.t.eq(t), self.tags.first_gb.eq((gb == 0) & ~half), self.tags.last_gb.eq(last_gb & half_last),
+            self.word.eq(tok_base + b_word + (half & sparse)),
+            self.tags.t.eq(t), self.tags.first_gb.eq(first_gb & ~half), self.tags.last_gb.eq(last_gb & half_last),
             self.tags.first_group.eq(g_first), self.tags.last_beat.eq(last_beat & half_last),
             self.tags.last_tok.eq(last_tok), self.tags.half.eq(half),
             self.w_ready.eq(self.issue & last_tok & half_last),
@@ -283,34 +414,34 @@ class Sequencer(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(self.pipe_empty)
                 with m.If(self.cmd.valid & self.pipe_empty):
-                    m.d.sync += [cmd.eq(self.cmd.payload), lw.eq(0), lword.eq(0), ltok.eq(0)]
+                    m.d.sync += [cmd.eq(self.cmd.payload), lw.eq(0), lword.eq(0), ltok.eq(0), *accept_regs]
                     m.next = "LOAD"
             with m.State("LOAD"):
                 m.d.comb += [self.act_ready.eq(1), self.load_en.eq(self.act_valid)]
                 with m.If(self.act_valid):
                     m.d.sync += [lw.eq(lw + 1), lword.eq(lword + 1)]
-                    with m.If(lword == wpt - 1):
+                    with m.If(lword == wpt_m1):
                         m.d.sync += [lword.eq(0), ltok.eq(ltok + 1)]
-                        with m.If(ltok == cmd.tokens - 1):
-                            m.d.sync += [t.eq(0), b.eq(0), gb.eq(0), g_first.eq(1), tile.eq(0),
+                        with m.If(ltok == tokens_m1):
+                            m.d.sync += [*set_t(0), *set_b(0), *set_gb(0), g_first.eq(1), *set_tile(0),
                                          tok_base.eq(0), b_word.eq(0), half.eq(0)]
                             m.next = "COMPUTE"
             with m.State("COMPUTE"):
                 m.d.comb += self.issue.eq(self.w_valid & (~need_scale | self.sc_valid) & ~self.stall)
                 with m.If(self.issue):
                     with m.If(last_tok & ~half_last):  # the beat's second half
-                        m.d.sync += [t.eq(0), tok_base.eq(0), half.eq(1)]
+                        m.d.sync += [*set_t(0), tok_base.eq(0), half.eq(1)]
                     with m.Elif(last_tok):
-                        m.d.sync += [t.eq(0), tok_base.eq(0), b.eq(b + 1), gb.eq(gb + 1), half.eq(0),
-                                     b_word.eq(b_word + Mux(cmd.mode == Mode.SPARSE, 2, 1))]
+                        m.d.sync += [*set_t(0), tok_base.eq(0), *set_b(1), *set_gb(1), half.eq(0),
+                                     b_word.eq(b_word + Mux(sparse, 2, 1))]
                         with m.If(last_gb):
-                            m.d.sync += [gb.eq(0), g_first.eq(0)]
+                            m.d.sync += [*set_gb(0), g_first.eq(0)]
                         with m.If(last_beat):
-                            m.d.sync += [b.eq(0), b_word.eq(0), gb.eq(0), g_first.eq(1), tile.eq(tile + 1)]
-                            with m.If(tile == cmd.tiles - 1):
+                            m.d.sync += [*set_b(0), b_word.eq(0), *set_gb(0), g_first.eq(1), *set_tile(1)]
+                            with m.If(is_last_tile):
                                 m.next = "IDLE"
                     with m.Else():
-                        m.d.sync += [t.eq(t + 1), tok_base.eq(tok_base + wpt)]
+                        m.d.sync += [*set_t(1), tok_base.eq(tok_base + wpt)]
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE") | ~self.pipe_empty)
         return m
 
@@ -318,8 +449,10 @@ class Sequencer(wiring.Component):
 class ActBuffer(wiring.Component):
     """The activation buffer: two banks of ``pe_lanes`` bytes (``Memory``), word ``w`` in bank
     ``w % 2`` at ``w // 2``. One write port (``w_en``, ``w_word``, ``w_data``); both banks read at
-    ``r_word // 2`` each cycle ``r_en`` is set, registered (``r_data0``, ``r_data1``), so the pair
-    of words a 2:4 beat needs comes out in one cycle."""
+    ``r_word // 2`` each cycle ``r_en`` is set and the words go through an output register (also held
+    while ``r_en`` is low) to ``r_data0``, ``r_data1``: ``stages(p).buffer`` = 2 cycles from the
+    address to the data, and nothing but wires between the RAM and its output register (the place
+    of the RAM's own DOA_REG/DOB_REG). The pair of words a 2:4 beat needs comes out together."""
 
     def __init__(self, p: EngineParams):
         self.params = p
@@ -340,7 +473,9 @@ class ActBuffer(wiring.Component):
             rp = bank.read_port(domain="sync")
             m.d.comb += [wp.addr.eq(self.w_word >> 1), wp.data.eq(self.w_data),
                          wp.en.eq(self.w_en & (self.w_word[0] == i)),
-                         rp.addr.eq(self.r_word >> 1), rp.en.eq(self.r_en), out.eq(rp.data)]
+                         rp.addr.eq(self.r_word >> 1), rp.en.eq(self.r_en)]
+            with m.If(self.r_en):
+                m.d.sync += out.eq(rp.data)
         return m
 
 
@@ -355,14 +490,16 @@ class Candidates(wiring.Component):
     """The activation side of the array, shared by every row: from the two buffer words (``d0``,
     ``d1``) and the op's word parity, each lane pair's four candidate activations ``a`` and their
     ``3a`` (``pair_candidates``: in 2:4 mode the pair's group of four of the 2 x pe_lanes inputs, else
-    the pair's own two activations at candidates 0 and 3), and the P·V zero row: ``zsum`` = sum over
-    lanes of the lane's activation times its key's zero-point (``zero``). Combinational."""
+    the pair's own two activations at candidates 0 and 3), registered (``a``, ``a3``, loading while
+    ``en``), and the P·V zero row: ``zsum`` = sum over lanes of the lane's registered activation
+    times its key's zero-point (``zero``, taken with the registered candidates), its tree split by a
+    register where ``ArrayRow``'s are, so ``zsum`` arrives with the rows' own partial sums."""
 
     def __init__(self, p: EngineParams):
         self.params = p
         L = p.pe_lanes
         super().__init__({
-            **candidate_inputs(p), "is_sparse": In(1),
+            **candidate_inputs(p), "is_sparse": In(1), "en": In(1),
             "a": Out(data.ArrayLayout(signed(ACT.bits), 2 * L)),      # [4 * pair + i]
             "a3": Out(data.ArrayLayout(signed(MULTIPLE_BITS), 2 * L)),
             "zsum": Out(signed(partial_bits(p))),
@@ -379,16 +516,19 @@ class Candidates(wiring.Component):
         cand = [pair_candidates(m, [wide.word_select(4 * pair + i, 8).as_signed() for i in range(4)],
                                 a_dense[2 * pair], a_dense[2 * pair + 1], self.is_sparse, pair)
                 for pair in range(L // 2)]
-        for pair in range(L // 2):
-            for i in range(4):
-                m.d.comb += [self.a[4 * pair + i].eq(cand[pair][i][0]), self.a3[4 * pair + i].eq(cand[pair][i][2])]
+        with m.If(self.en):
+            for pair in range(L // 2):
+                for i in range(4):
+                    m.d.sync += [self.a[4 * pair + i].eq(cand[pair][i][0]), self.a3[4 * pair + i].eq(cand[pair][i][2])]
         zero = self.zero.as_value()
         zprods = []
         for lane in range(L):
-            own = cand[lane // 2][0 if lane % 2 == 0 else 3]
+            k = 4 * (lane // 2) + (0 if lane % 2 == 0 else 3)  # the lane's own activation, registered
+            own = multiples_of(m, self.a[k], self.a3[k], f"zown{lane}")
             zprods.append(split_product(m, own, own, zero[CODE_BITS * lane:CODE_BITS * (lane + 1)],
                                         Const(1), f"zp{lane}"))
-        m.d.comb += self.zsum.eq(tree_sum(zprods))
+        half = register_all(m, tree_levels(m, zprods, TREE_SPLIT, "zs"), self.en, "zs_r")
+        m.d.comb += self.zsum.eq(tree_levels(m, half, 64, "zs2")[0])
         return m
 
 
@@ -396,7 +536,10 @@ class ArrayRow(wiring.Component):
     """One row of the array: ``pe_lanes`` products of the row's codes with the activations its 2:4
     patterns choose among the shared candidates (``pe_pair``), summed by two adder trees: ``p`` = sum
     of the products, ``a`` = sum of the chosen activations (or, in P·V mode, the zero row's ``zsum``).
-    Both registered while ``en`` (S1 -> S2)."""
+    The trees are split by a register after ``TREE_SPLIT`` levels; both registers load while ``en``:
+    2 cycles from the (registered) candidates to ``p``, ``a`` (S2; with ``Candidates``' register
+    ``stages(p).array`` = 3). ``zsum`` is taken in
+    the second cycle (``Candidates`` registers it at the same split)."""
 
     def __init__(self, p: EngineParams):
         self.params = p
@@ -427,8 +570,14 @@ class ArrayRow(wiring.Component):
                              self.is_sparse, hi_enable, 0, pair)
             prods += pp
             acts += xx
+        pv = Signal()
         with m.If(self.en):
-            m.d.sync += [self.p.eq(tree_sum(prods)), self.a.eq(Mux(self.is_pv, self.zsum, tree_sum(acts)))]
+            m.d.sync += pv.eq(self.is_pv)
+        prods = register_all(m, tree_levels(m, prods, TREE_SPLIT, "p"), self.en, "p_r")
+        acts = register_all(m, tree_levels(m, acts, TREE_SPLIT, "a"), self.en, "a_r")
+        p_sum, a_sum = register_all(m, [tree_levels(m, prods, 64, "p2")[0],
+                                        Mux(pv, self.zsum, tree_levels(m, acts, 64, "a2")[0])], self.en, "sums")
+        m.d.comb += [self.p.eq(p_sum), self.a.eq(a_sum)]
         return m
 
 
@@ -436,7 +585,9 @@ class GroupRow(wiring.Component):
     """One row's group stage: the op's scale (``s_in``, ``m_in``; s = 1, m = -1 in P·V mode) is
     registered with the row's sums while ``load`` (S1 -> S2); for a valid op not held (``valid``,
     ``hold``) the group partial sums of its token add the row's ``p`` and ``a`` (restarting at a
-    group's first beat) and ``g = s * sum(q*a) + m * sum(a)`` is registered (S2 -> S3)."""
+    group's first beat), and ``g = s * sum(q*a) + m * sum(a)`` follows ``stages(p).group`` = 3
+    cycles after S2 through registers that load while ``load``: the sums with their s, m (the
+    multipliers' A/B registers), the two products (M), their sum ``g`` (S3)."""
 
     def __init__(self, p: EngineParams):
         self.params = p
@@ -462,24 +613,37 @@ class GroupRow(wiring.Component):
         m.d.comb += [ptot.eq(Mux(self.first_gb, 0, pg[self.t]) + self.p),
                      atot.eq(Mux(self.first_gb, 0, ag[self.t]) + self.a)]
         with m.If(self.valid & ~self.hold):
-            m.d.sync += [pg[self.t].eq(ptot), ag[self.t].eq(atot), self.g.eq(s * ptot + mn * atot)]
+            m.d.sync += [pg[self.t].eq(ptot), ag[self.t].eq(atot)]
+        pt_r, at_r = Signal(signed(WP)), Signal(signed(WP))
+        s_r, mn_r = Signal(unsigned(W_SCALE.bits)), Signal(signed(W_MIN.bits))
+        prod_p = Signal(signed(WP + W_SCALE.bits + 1))
+        prod_a = Signal(signed(WP + W_MIN.bits))
+        with m.If(self.load):
+            m.d.sync += [pt_r.eq(ptot), at_r.eq(atot), s_r.eq(s), mn_r.eq(mn),   # A, B
+                         prod_p.eq(s_r * pt_r), prod_a.eq(mn_r * at_r),           # M
+                         self.g.eq(prod_p + prod_a)]                              # the sum: S3
         return m
 
 
 class AccRow(wiring.Component):
     """One row's accumulators (one per token) and its slot of the output bank. While ``write``, token
-    ``t``'s accumulator adds ``g`` (restarting at a tile's first group) and at the tile's last beat the
-    sum also goes into the bank (``value`` = the bank's token ``read_t``). ``rq_load`` takes the row's
-    requantization (``mult_in``, ``shift_in``) for the tile entering the bank."""
+    ``t``'s accumulator adds ``g`` (restarting at a tile's first group); ``final`` is the sum (the
+    tile's value at its last beat, which goes into the row's requantizer). ``rq_load`` takes the row's
+    requantization (``mult_in``, ``shift_in``) for the tile whose first token is at its last beat;
+    ``mult``/``shift`` are those values (this cycle's while ``rq_load``). The bank: while
+    ``bank_write`` token ``bank_t``'s slot takes ``bank_in`` (the requantizer's output);
+    ``value`` is the bank's token ``read_t``."""
 
     def __init__(self, p: EngineParams):
         self.params = p
         TT, ACC = p.mm_tokens, p.acc_bits
         super().__init__({
-            "write": In(1), "first_group": In(1), "last_beat": In(1), "t": In(range(TT)),
-            "g": In(signed(ACC)), "read_t": In(range(TT + 1)), "value": Out(signed(ACC)),
+            "write": In(1), "first_group": In(1), "t": In(range(TT)),
+            "g": In(signed(ACC)), "final": Out(signed(ACC)),
             "rq_load": In(1), "mult_in": In(MULT_BITS), "shift_in": In(SHIFT_BITS),
             "mult": Out(MULT_BITS), "shift": Out(SHIFT_BITS),
+            "bank_write": In(1), "bank_t": In(range(TT)), "bank_in": In(signed(ACC)),
+            "read_t": In(range(TT + 1)), "value": Out(signed(ACC)),
         })
 
     def elaborate(self, platform):
@@ -487,21 +651,24 @@ class AccRow(wiring.Component):
         m = Module()
         acc = Array(Signal(signed(ACC), name=f"acc_t{tk}") for tk in range(TT))
         ob = Array(Signal(signed(ACC), name=f"ob_t{tk}") for tk in range(TT))
-        m.d.comb += self.value.eq(ob[self.read_t])
+        m.d.comb += [self.value.eq(ob[self.read_t]),
+                     self.final.eq(Mux(self.first_group, 0, acc[self.t]) + self.g)]
         with m.If(self.write):
-            new = Signal(signed(ACC), name="newacc")
-            m.d.comb += new.eq(Mux(self.first_group, 0, acc[self.t]) + self.g)
-            m.d.sync += acc[self.t].eq(new)
-            with m.If(self.last_beat):
-                m.d.sync += ob[self.t].eq(new)
+            m.d.sync += acc[self.t].eq(self.final)
+        with m.If(self.bank_write):
+            m.d.sync += ob[self.bank_t].eq(self.bank_in)
+        mult_r, shift_r = Signal(MULT_BITS), Signal(SHIFT_BITS)
         with m.If(self.rq_load):
-            m.d.sync += [self.mult.eq(self.mult_in), self.shift.eq(self.shift_in)]
+            m.d.sync += [mult_r.eq(self.mult_in), shift_r.eq(self.shift_in)]
+        m.d.comb += [self.mult.eq(Mux(self.rq_load, self.mult_in, mult_r)),
+                     self.shift.eq(Mux(self.rq_load, self.shift_in, shift_r))]
         return m
 
 
 class OutputBank(wiring.Component):
     """The output bank's control: ``valid`` while the bank holds a tile, ``e`` the token going out
-    (one beat per token, advanced on ``ready``). A finished tile may overwrite token ``t`` of the bank
+    (one beat per token, advanced on ``ready``: the output register's room, ``OutputSkid``, a
+    register, so ``out.ready`` reaches none of this). A finished tile may overwrite token ``t`` of the bank
     once the bank's old token ``t`` has gone out or goes out this cycle (``may_write``); its last token
     re-arms the bank (``arm``: ``tokens_in`` beats, ``requant_in``) when the old contents have all gone
     out (``may_final``). So a tile of one beat per token does not wait for the drain."""
@@ -523,42 +690,125 @@ class OutputBank(wiring.Component):
         t3 = self.t
         out_fire = Signal()
         fire_last = Signal()
-        m.d.comb += [out_fire.eq(self.valid & self.ready), fire_last.eq(out_fire & (ob_e == ob_tokens - 1))]
+        ob_tm1 = Signal(range(TT + 1))  # ob_tokens - 1, registered with it
+        # pending[t]: the bank's token t has not gone out yet (= busy & e <= t < tokens), one flip-flop
+        # per token so that the rules below are a select, not comparisons
+        pending = Signal(TT)
+        e_last = Signal()  # ob_e == ob_tm1, a register kept with both
+        m.d.comb += [out_fire.eq(self.valid & self.ready), fire_last.eq(out_fire & e_last)]
+        e_oh = Signal(TT, init=1)  # one-hot of ob_e (within 0..TT-1), kept with it
+        # pending after this cycle's beat left: the slot of token t3 is free if it is not pending then
+        left = Signal(TT)
+        m.d.comb += left.eq(pending & ~Mux(out_fire, e_oh, 0))
         with m.If(out_fire):
-            m.d.sync += ob_e.eq(ob_e + 1)
-            with m.If(ob_e == ob_tokens - 1):
-                m.d.sync += [ob_busy.eq(0), ob_e.eq(0)]
-        may_write = ~ob_busy | (t3 >= ob_tokens) | (t3 < ob_e) | ((t3 == ob_e) & out_fire)
+            m.d.sync += [ob_e.eq(ob_e + 1), pending.eq(left), e_last.eq(ob_e + 1 == ob_tm1), e_oh.eq(e_oh << 1)]
+            with m.If(e_last):
+                m.d.sync += [ob_busy.eq(0), ob_e.eq(0), e_oh.eq(1)]
+        may_write = ~left.bit_select(t3, 1)
         may_final = ~ob_busy | fire_last
         m.d.comb += [self.may_write.eq(may_write), self.may_final.eq(may_final)]
         with m.If(self.arm):
-            m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(self.tokens_in), ob_rq.eq(self.requant_in)]
+            m.d.sync += [ob_busy.eq(1), ob_e.eq(0), ob_tokens.eq(self.tokens_in), ob_tm1.eq(self.tokens_in - 1),
+                         ob_rq.eq(self.requant_in), pending.eq((Const(1, TT + 1) << self.tokens_in) - 1),
+                         e_last.eq(self.tokens_in == 1), e_oh.eq(1)]
         return m
 
 
 class Requantizer(wiring.Component):
-    """One output's requantizer, combinational: ``out = saturate(shift_round(acc * mult, shift))`` to
-    int8 (sign-extended to acc_bits) when ``requant`` is set, else ``acc`` unchanged
-    (``quant.reference.requantize``; proved exact for every input in ``tests/hw/test_formal.py``)."""
+    """One output's requantizer: ``out = saturate(shift_round(acc * mult, shift))`` to int8
+    (sign-extended to acc_bits) when ``requant`` is set, else ``acc`` unchanged
+    (``quant.reference.requantize``). ``pipelined=False``: combinational (proved exact for every
+    input in ``tests/hw/test_formal.py``); ``pipelined=True``: the same expressions with a register
+    (loading while ``en``) after each of ``REQUANT_STAGES`` steps: the inputs (the DSPs' A/B), the
+    two partial products ``acc[:17] * mult`` and ``acc[17:] * mult`` (M), their sum, the rounding
+    add, the shift; the saturation is left for the register ``out`` goes into."""
 
-    def __init__(self, acc_bits: int):
+    def __init__(self, acc_bits: int, pipelined: bool = False):
         self.acc_bits = acc_bits
+        self.pipelined = pipelined
         super().__init__({
             "acc": In(signed(acc_bits)), "mult": In(MULT_BITS), "shift": In(SHIFT_BITS), "requant": In(1),
-            "out": Out(signed(acc_bits)),
+            "en": In(1), "out": Out(signed(acc_bits)),
         })
 
     def elaborate(self, platform):
         m = Module()
         ACC = self.acc_bits
-        half = Signal(64)
-        m.d.comb += half.eq(Mux(self.shift == 0, 0, (Const(1, 1) << self.shift) >> 1))
+        stages = 0
+
+        def stage(values: dict) -> dict:
+            """One step's values through a register (pipelined) or wires."""
+            nonlocal stages
+            stages += 1
+            out = {}
+            for name, v in values.items():
+                sig = Signal(v.shape(), name=f"{name}_s{stages}")
+                if self.pipelined:
+                    with m.If(self.en):
+                        m.d.sync += sig.eq(v)
+                else:
+                    m.d.comb += sig.eq(v)
+                out[name] = sig
+            return out
+
         # |acc * mult| < 2**(ACC+16) and half <= 2**62: the sum fits max(ACC + 18, 64) bits (64 for
         # acc_bits <= 46, a machine word in Verilator).
         sum_bits = max(ACC + MULT_BITS + 2, 64)
+        LO = min(REQUANT_LO_BITS, ACC - 1)
+        x = stage({"acc": self.acc, "mult": self.mult, "shift": self.shift, "rq": self.requant})
+        lo, hi = x["acc"][:LO], x["acc"][LO:].as_signed()
+        y = stage({"plo": lo * x["mult"], "phi": hi * x["mult"], "acc": x["acc"], "shift": x["shift"], "rq": x["rq"]})
+        prod = Signal(signed(sum_bits))
+        m.d.comb += prod.eq(y["plo"] + (y["phi"] << LO))
+        z = stage({"prod": prod, "acc": y["acc"], "shift": y["shift"], "rq": y["rq"]})
+        half = Signal(64)
+        m.d.comb += half.eq(Mux(z["shift"] == 0, 0, (Const(1, 1) << z["shift"]) >> 1))
         summed = Signal(signed(sum_bits))
+        m.d.comb += summed.eq(z["prod"] + half)
+        u = stage({"summed": summed, "acc": z["acc"], "shift": z["shift"], "rq": z["rq"]})
         scaled = Signal(signed(sum_bits))
-        m.d.comb += [summed.eq(self.acc * self.mult + half), scaled.eq(summed >> self.shift)]
-        sat = Mux(scaled > ACT.max, ACT.max, Mux(scaled < ACT.min, ACT.min, scaled))
-        m.d.comb += self.out.eq(Mux(self.requant, sat, self.acc))
+        m.d.comb += scaled.eq(u["summed"] >> u["shift"])
+        v = stage({"scaled": scaled, "acc": u["acc"], "rq": u["rq"]})
+        assert stages == REQUANT_STAGES
+        sc = v["scaled"]
+        sat = Mux(sc > ACT.max, ACT.max, Mux(sc < ACT.min, ACT.min, sc))
+        m.d.comb += self.out.eq(Mux(v["rq"], sat, v["acc"]))
+        return m
+
+
+class OutputSkid(wiring.Component):
+    """The output register: two entries between the output bank and ``out``. ``out.payload`` and
+    ``out.valid`` come straight from flip-flops; ``room`` (a register: fewer than two entries held at
+    the start of the cycle) is all the bank sees, so ``out.ready`` only moves this component's own
+    registers (local flow control: it reaches no pipeline enable). ``push`` with ``data`` enters a
+    beat (only while ``room``); with ``out.ready`` always high each beat leaves the cycle after its
+    push (``Stages.out`` = 1)."""
+
+    def __init__(self, width: int, layout):
+        self.width = width
+        super().__init__({
+            "push": In(1), "data": In(width), "room": Out(1),
+            "out": Out(stream.Signature(layout)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        head = Signal(self.width)
+        second = Signal(self.width)
+        count = Signal(range(3))
+        room = Signal(init=1)  # count < 2, a register kept with count
+        pop = Signal()
+        m.d.comb += [pop.eq(self.out.valid & self.out.ready), self.room.eq(room),
+                     self.out.valid.eq(count != 0), self.out.payload.as_value().eq(head)]
+        with m.If(self.push & pop):
+            # count is 1 here (a push needs room, a pop a beat; with two held the push waits)
+            m.d.sync += head.eq(self.data)
+        with m.Elif(self.push):
+            m.d.sync += [count.eq(count + 1), room.eq(count == 0)]
+            with m.If(count == 0):
+                m.d.sync += head.eq(self.data)
+            with m.Else():
+                m.d.sync += second.eq(self.data)
+        with m.Elif(pop):
+            m.d.sync += [count.eq(count - 1), head.eq(second), room.eq(1)]
         return m

@@ -33,32 +33,32 @@ BUGS = {
     ),
     "out_bank_overwrite": (
         "a finished tile overwrites the output bank's token that is on the output but not yet taken",
-        "may_write = ~ob_busy | (t3 >= ob_tokens) | (t3 < ob_e) | ((t3 == ob_e) & out_fire)",
-        "may_write = ~ob_busy | (t3 >= ob_tokens) | (t3 < ob_e) | (t3 == ob_e)",
+        "m.d.comb += left.eq(pending & ~Mux(out_fire, e_oh, 0))",
+        "m.d.comb += left.eq(pending & ~e_oh)",
         "engine_parts.py",
     ),
     "no_hold_on_stall": (
-        "the S1 pipeline registers load on every cycle, stall or not (the op in S1 is lost: a hang)",
-        "        with m.If(~stall):\n            m.d.sync += [\n                s1_valid.eq(seq.issue),",
-        "        with m.If(1):\n            m.d.sync += [\n                s1_valid.eq(seq.issue),",
+        "the pipeline's stage registers (valid, tags, weight and scale beats) load on every cycle, stall or not (an op is lost: a hang)",
+        "        with m.If(~stall):\n            for k in range(1, D + 1):",
+        "        with m.If(1):\n            for k in range(1, D + 1):",
         "engine.py",
     ),
     "round_up_shift_gt8": (
         "the requantizer adds 1 before the shift when shift > 8",
-        "summed.eq(self.acc * self.mult + half)",
-        "summed.eq(self.acc * self.mult + half + (self.shift > 8))",
+        'summed.eq(z["prod"] + half)',
+        'summed.eq(z["prod"] + half + (z["shift"] > 8))',
         "engine_parts.py",
     ),
     "out_duplicate": (
         "not from the audit, for the formal beat count: the output bank stays armed after its last "
         "token went out, so the tile's beats are sent again",
-        "m.d.sync += [ob_busy.eq(0), ob_e.eq(0)]",
-        "m.d.sync += [ob_e.eq(0)]",
+        "m.d.sync += [ob_busy.eq(0), ob_e.eq(0), e_oh.eq(1)]",
+        "m.d.sync += [ob_e.eq(0), e_oh.eq(1)]",
         "engine_parts.py",
     ),
     "rq_row0": (
         "not from the audit, for the per-row requantization: every row requantized with row 0's mult",
-        "rq.mult.eq(accs[r].mult)",
+        "rq.mult.eq(acc.mult)",
         "rq.mult.eq(accs[0].mult)",
         "engine.py",
     ),
@@ -67,6 +67,38 @@ BUGS = {
         'acc = Array(Signal(signed(ACC), name=f"acc_t{tk}")',
         'acc = Array(Signal(signed(24), name=f"acc_t{tk}")',
         "engine_parts.py",
+    ),
+    # the 225 MHz pipeline (issue 10 item 2): local flow control and the stage registers
+    "skid_pop_ignores_ready": (
+        "the output register lets its head go whether or not out.ready is high (a beat dropped when "
+        "ready falls)",
+        "m.d.comb += [pop.eq(self.out.valid & self.out.ready), self.room.eq(room),",
+        "m.d.comb += [pop.eq(self.out.valid), self.room.eq(room),",
+        "engine_parts.py",
+    ),
+    "skid_full_overwrite": (
+        "the output register takes a beat while it holds two (the second one is overwritten)",
+        "m.d.sync += [count.eq(count + 1), room.eq(count == 0)]",
+        "m.d.sync += [count.eq(count + 1), room.eq(count != 2)]",
+        "engine_parts.py",
+    ),
+    "requant_not_held": (
+        "the requantizers' pipeline registers load during a stall (a held op's value moves on)",
+        "                if self.pipelined:\n                    with m.If(self.en):",
+        "                if self.pipelined:\n                    with m.If(1):",
+        "engine_parts.py",
+    ),
+    "group_not_held": (
+        "the group stage's product registers load during a stall",
+        "        with m.If(self.load):\n            m.d.sync += [pt_r.eq(ptot)",
+        "        with m.If(1):\n            m.d.sync += [pt_r.eq(ptot)",
+        "engine_parts.py",
+    ),
+    "rq_buffer_lost": (
+        "the rq pipeline register takes a new beat while it still holds one not yet used",
+        "m.d.comb += [self.rq.ready.eq(~rq_full | rq_take), rq_fire.eq(self.rq.valid & (~rq_full | rq_take))]",
+        "m.d.comb += [self.rq.ready.eq(1), rq_fire.eq(self.rq.valid)]",
+        "engine.py",
     ),
     # multiplier_style: dsp (hw/engine_dsp.py; tests/hw/test_engine_dsp.py catches each)
     "dsp_field_offset": (

@@ -86,6 +86,32 @@ def test_bram_output_register():
     assert r0["estimate_ns"] == pytest.approx(r["estimate_ns"] + BUDGET.bram_co_ns)
 
 
+def test_registers_in_fabric_next_to_a_dsp_or_bram():
+    """Flip-flops straight on a bare DSP48E2's inputs and straight after its P (or after a RAM's data
+    out): registered in fabric (``fabric_registered``, no budget problem), still timed as a DSP stage
+    or the RAM's clock-to-out. One LUT in between on either side and the cell is unregistered."""
+    bare = {**_ff("ra", 2, 10), **_ff("rb", 3, 11), **_dsp("d", 10, 11, 12, AREG=0, BREG=0, MREG=0, PREG=0),
+            **_ff("rp", 12, 14)}
+    r = walk(_net(bare), "top")
+    assert r["unregistered"] == [] and [u["cell"] for u in r["fabric_registered"]] == ["d"]
+    assert r["path_dsp"] == 1 and r["path"] == ["FDRE ra", "d", "FDRE rp"] and check_budget(r) == []
+    logic_after = {**bare, **_ff("rp", 13, 14), **_lut("l", [12], 13)}
+    r = walk(_net(logic_after), "top")
+    assert [u["cell"] for u in r["unregistered"]] == ["d"] and r["fabric_registered"] == []
+    logic_before = {**bare, **_lut("l", [9], 10), **_ff("ra", 2, 9)}
+    r = walk(_net(logic_before), "top")
+    assert [u["cell"] for u in r["unregistered"]] == ["d"]
+    ram = {"m": _cell("RAMB36E2", {"CLKARDCLK": [1], "ADDRARDADDR": [2], "DOUTADOUT": [10]},
+                      {"DOA_REG": format(0, "032b"), "DOB_REG": format(0, "032b")},
+                      {"CLKARDCLK": "input", "ADDRARDADDR": "input", "DOUTADOUT": "output"}),
+           **_ff("r", 10, 12), **_ff("ra", 13, 2)}
+    r = walk(_net(ram), "top")
+    assert r["unregistered"] == [] and [u["cell"] for u in r["fabric_registered"]] == ["m"]
+    assert r["estimate_ns"] == pytest.approx(BUDGET.overhead_ns + BUDGET.bram_co_ns)
+    r = walk(_net({**ram, **_lut("l", [10], 11), **_ff("r", 11, 12)}), "top")
+    assert [u["cell"] for u in r["unregistered"]] == ["m"]
+
+
 def test_bad_netlists_are_named():
     with pytest.raises(DepthError, match="cell types the depth walk does not know: MYSTERY"):
         walk(_net({"x": _cell("MYSTERY", {"I": [2], "O": [3]}, dirs={"I": "input", "O": "output"})}), "top")

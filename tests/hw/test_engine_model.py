@@ -42,13 +42,14 @@ def test_every_beat_on_the_predicted_cycle():
 
 
 def test_long_tiles_then_short_commands_stall_on_the_output_bank():
-    """mm_tokens = 8: a tile of 8 tokens then commands of 1 token and 1 beat reach the output bank before
-    the 8 beats have left (the pipeline stalls); the model has the same stall cycles."""
-    p = EngineParams(pe_rows=2, pe_lanes=4, mm_tokens=8, acc_bits=32, max_reduction_len=64, max_head_dim=64,
-                     max_keys=64, act_buffer_bytes=512)
+    """mm_tokens = 32: a tile of 32 tokens then commands of 1 token and 1 beat reach the output bank
+    before the 32 beats have left (the pipeline stalls; with 8 tokens the ``stages(p).drain`` = 13
+    cycles of the 225 MHz pipeline already cover the drain); the model has the same stall cycles."""
+    p = EngineParams(pe_rows=2, pe_lanes=4, mm_tokens=32, acc_bits=32, max_reduction_len=64, max_head_dim=64,
+                     max_keys=64, act_buffer_bytes=2048)
     rng = np.random.default_rng(4)
     cases = []
-    for tokens, kb, tiles in ((8, 1, 2), (1, 1, 3), (8, 2, 1), (2, 1, 2), (8, 1, 1), (1, 1, 1), (3, 1, 2)):
+    for tokens, kb, tiles in ((32, 1, 2), (1, 1, 3), (32, 2, 1), (2, 1, 2), (32, 1, 1), (1, 1, 1), (3, 1, 2)):
         cases.append(ec.make_case(p, "dense_mm" if tokens > 1 else "dense_mv", rng, k_beats=kb,
                                   n=tiles * p.pe_rows, tokens=tokens, group_beats=kb))
     tl = M.timeline(p, [_command(c) for c in cases], from_reset=True)

@@ -17,9 +17,11 @@ from sim import formal, planted
 #: control path of the full engine, few data bits
 SMALL = EngineParams(pe_rows=1, pe_lanes=2, mm_tokens=2, acc_bits=24, max_reduction_len=4, max_head_dim=4,
                      max_keys=4, act_buffer_bytes=64)
-#: steps from reset: a command is accepted, loaded, computed and its first beats leave by step 6; the
-#: planted stream bugs fail at step 9 (measured); each further step costs more than the last
-DEPTH = 14
+#: steps from reset: a command is accepted, loaded and computed, and its first beats leave by step 16
+#: (the 225 MHz pipeline: ``hw.engine_parts.stages``, 12 cycles from issue to the output bank and one
+#: to ``out``); the planted stream bugs fail at steps 17-22 (measured: no_hold_on_stall at 22), so 23.
+#: Each further step costs more than the last: the clean proof took 13.6 s at 23, > 300 s at 27
+DEPTH = 23
 CUT_PRODUCTS = "cutpoint top.engine*/t:$mul; "  # products are free values: the properties are about control
 
 
@@ -59,7 +61,7 @@ def test_output_stream_rules_and_beat_count(tmp_path):
 
 
 @pytest.mark.parametrize("bug, line", [
-    ("out_bank_overwrite", "Assert(rq_in == held_in)"),   # payload changed while valid and not ready
+    ("skid_pop_ignores_ready", "Assert(e.out.valid)"),     # valid dropped while not ready: a lost beat
     ("no_hold_on_stall", "Assert(owed == 0)"),            # idle with a beat never delivered: lost
     ("out_duplicate", "Assert(owed >= 0)"),               # more beats than the commands owe
 ])

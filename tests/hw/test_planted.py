@@ -21,10 +21,20 @@ def test_every_patch_applies():
         assert planted.source(name) != planted.ENGINE_SOURCE.read_text()
 
 
-@pytest.mark.parametrize("bug", ["bram_enable", "out_bank_overwrite"])
+@pytest.mark.parametrize("bug", ["bram_enable", "out_bank_overwrite",
+                                 # the 225 MHz pipeline's: the output register, the stage registers
+                                 "skid_full_overwrite", "requant_not_held", "group_not_held"])
 def test_hazard_catches(params, bug):
     bad, first, _, _ = hazard_check(params, 0, planted.load(bug).Engine)
     assert bad > 0, f"{bug} passed the hazard check"
+
+
+@pytest.mark.parametrize("bug", ["skid_pop_ignores_ready", "rq_buffer_lost"])
+def test_hazard_watchdog_catches_lost_beats(params, bug):
+    """The output register dropping its head when ready is low, the rq register overwritten: beats
+    lost, the run hangs and the watchdog names the output."""
+    with pytest.raises(EngineHang, match="out stopped"):
+        hazard_check(params, 0, planted.load(bug).Engine)
 
 
 def test_hazard_watchdog_catches_registers_not_held(params):
