@@ -358,7 +358,8 @@ class Sequencer(wiring.Component):
         accept_regs += [wpt.eq(Mux(c_sparse, c.k_beats << 1, c.k_beats)), tokens_m1.eq(c.tokens - 1),
                        gb_m1.eq(c.group_beats - 1), kb_m1.eq(c.k_beats - 1), tiles_m1.eq(c.tiles - 1),
                        wpt_m1.eq(Mux(c_sparse, c.k_beats << 1, c.k_beats) - 1), sparse.eq(c_sparse),
-                       scaled.eq(c.mode != Mode.PV), two_ops.eq((c.mode != Mode.DENSE) | c.wide), self.is_sparse.eq(c_sparse), self.is_pv.eq(c.mode == Mode.PV)]
+                       scaled.eq(c.mode != Mode.PV), two_ops.eq((c.mode != Mode.DENSE) | c.wide),
+                       self.is_sparse.eq(c_sparse), self.is_pv.eq(c.mode == Mode.PV)]
 
         lw = Signal(wb)                     # word being written
         lword = Signal(range(2 * kb_max + 1))

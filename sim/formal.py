@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from amaranth.hdl import Assert, Assume, Cat, Elaboratable, Module, Mux, Signal, signed
+from amaranth.hdl import Assert, Assume, Elaboratable, Module, Mux, Signal, signed
 
 from hw.engine_parts import REQUANT_LO_BITS
 from quant.formats import ACT, REQ_SHIFT_MAX

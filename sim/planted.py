@@ -127,8 +127,8 @@ BUGS = {
     ),
     "dsp_w4_one_pass": (
         "the sequencer ignores the command's wide bit: a W4 dense beat runs one op, its high digits dropped",
-        "split.eq(((cmd.mode != Mode.DENSE) | cmd.wide) if",
-        "split.eq((cmd.mode != Mode.DENSE) if",
+        "two_ops.eq((c.mode != Mode.DENSE) | c.wide),",
+        "two_ops.eq(c.mode != Mode.DENSE),",
         "engine_parts.py",
     ),
     "dsp_kept_sum_pair": (
