@@ -68,7 +68,9 @@ def _module_ports(text: str, name: str, backend: str) -> list[str]:
     else:
         m = re.search(rf"^module {re.escape(name)}\((.*?)\);", text, re.S | re.M)
         if m:
-            return [p.strip() for p in m.group(1).split(",") if p.strip()]
+            # an escaped identifier (``\final `` : Amaranth escapes names that are Verilog keywords) is the
+            # name without its backslash
+            return [p.strip().removeprefix("\\").strip() for p in m.group(1).split(",") if p.strip()]
     raise HierarchyError(f"module {name} not found in its own conversion")
 
 

@@ -24,11 +24,23 @@ U280_RESULT = REPO / "benchmarks/results/u280_utilization.json"
 KEYS = ("lut", "ff", "dsp", "bram36", "uram")
 
 
+def _array_rows(parts: dict, style: str) -> int:
+    """The array rows the parts hold: ``ArrayRow`` s in lut style, three rows to a ``DspRows3`` (and the
+    rest in a ``DspRows1``/``DspRows2``) in dsp style; ``parts`` maps name to an object or a dict with a
+    ``count``."""
+    def count(p):
+        return p["count"] if isinstance(p, dict) else p.count
+    if style == "dsp":
+        assert "engine.ArrayRow" not in parts
+        return sum(n * count(parts[f"engine.DspRows{n}"]) for n in (1, 2, 3) if f"engine.DspRows{n}" in parts)
+    return count(parts["engine.ArrayRow"])
+
+
 @pytest.mark.parametrize("hw", ["ci-small", "u280"])
 def test_parts_from_the_real_tops(hw):
     cfg = load_hw(hw)
     parts = {p.name: p for p in AR.accel_parts(cfg.engine, cfg.accelerator)}
-    assert parts["engine.ArrayRow"].count == cfg.engine.pe_rows and parts["engine.top"].count == 1
+    assert _array_rows(parts, cfg.engine.multiplier_style) == cfg.engine.pe_rows and parts["engine.top"].count == 1
     sfus = {n for n, p in parts.items() if p.category == "special_functions"}
     assert len(sfus) == len(UNITS) == 13 and all(parts[n].count == 1 for n in sfus)
     for name in ("Controller", "MemOps", "EngineStreamer", "SpadMux", "Memory", "ReadPortMux", "ReadPortArbiter",
@@ -135,7 +147,7 @@ def test_recorded_u280_utilization_is_its_parts_summed():
     util = _recorded(U280_RESULT)
     assert util["engine"]["pe_rows"] == 256 and util["accelerator"]["spad_words"] == 1 << 20
     by = _by_part(util)
-    assert by["engine.ArrayRow"]["count"] == 256
+    assert _array_rows(by, util["engine"]["multiplier_style"]) == 256
     for k in KEYS:
         tot = sum(d["each"][k] * d["count"] for d in by.values())
         assert util[k] == pytest.approx(tot, abs=0.5), k

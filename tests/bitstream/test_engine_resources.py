@@ -20,10 +20,13 @@ KEYS = ("lut", "ff", "dsp", "bram36", "uram")
 
 @pytest.mark.parametrize("hw", ["ci-small", "u280"])
 def test_instance_counts_from_the_real_top(hw):
-    p = load_hw(hw).engine
+    """The lut style's parts (u280 itself builds the dsp style: test_dsp_style_parts_by_variant)."""
+    import dataclasses
+
+    p = dataclasses.replace(load_hw(hw).engine, multiplier_style="lut")
     inst = R.engine_instances(p)
     per_row = {"ArrayRow", "GroupRow", "AccRow", "Requantizer"}
-    once = {"Sequencer", "ActBuffer", "Candidates", "OutputBank"}
+    once = {"Sequencer", "ActBuffer", "Candidates", "OutputBank", "OutputSkid"}
     assert set(inst) == per_row | once
     assert all(inst[n]["count"] == p.pe_rows for n in per_row)
     assert all(inst[n]["count"] == 1 for n in once)

@@ -337,7 +337,7 @@ def test_power_uses_the_whole_accelerator_count_of_the_same_config():
     assert {k: r[k] for k in EN.RESOURCE_KEYS} == {k: float(util[k]) for k in EN.RESOURCE_KEYS}
     assert r["engine_part"]["lut"] == util["by_component"]["engine"]["lut"]
     assert r["source"].startswith("benchmarks/results/u280_utilization.json (hw u280")
-    for other in (dataclasses.replace(cfg.engine, multiplier_style="dsp"),):
+    for other in (dataclasses.replace(cfg.engine, multiplier_style="lut"),):
         fb = EN.accelerator_resources(other, cfg.accelerator, "u280")
         assert fb["source"].startswith("FALLBACK, the engine alone") and fb["uram"] == 0
     fb = EN.accelerator_resources(cfg.engine, dataclasses.replace(cfg.accelerator, spad_words=1 << 19), "u280")
