@@ -556,3 +556,29 @@ def test_cli_build_vitis_plan_and_run_error(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "accllm build: error: --run needs v++ on PATH" in err
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.slow  # both u280 plans converted (the whole 256-row accelerator: ~50 CPU-s each)
+def test_u280_plans_as_text():
+    """Both targets for the u280 config itself, 16 striped 512-bit masters and aux: the Vivado plan's
+    memory path traced master by master (``vivado_problems``: converters, widths, protocols, the HBM port
+    of each pseudo-channel, clocks, address map, pointers), the part, and the Vitis kernel's ports,
+    arguments and HBM connectivity."""
+    from accllm.config import load_hw
+    cfg = load_hw("u280")
+    engine, accel = cfg.engine, cfg.accelerator
+    assert accel.mem_ports == 16 and accel.mem_word_bits == 512
+    vv, top = VV.files(engine, cfg.target, accel)
+    assert vivado_problems(vv, top.accel) == []
+    tcl = vv[f"{VV.TOP_NAME}.tcl"] if f"{VV.TOP_NAME}.tcl" in vv else "\n".join(vv.values())
+    assert PART in tcl
+    vt, kern = VT.files(engine, cfg.target, accel)
+    root = ET.fromstring(vt["kernel.xml"])
+    ports = {p.get("name"): p for p in root.find("kernel").find("ports")}
+    assert set(ports) == {"s_axi_control", "m_axi_aux"} | {f"m_axi_mem{p}" for p in range(16)}
+    assert all(ports[f"m_axi_{n}"].get("dataWidth") == "512" for n in kern.port_names)
+    sp = dict(re.findall(rf"^sp={VT.INSTANCE}\.(\w+):(HBM\[[\d:]+\])$", vt["connectivity.cfg"], re.M))
+    assert {n: sp[n] for n in sp if n != "m_axi_aux"} == {f"m_axi_mem{p}": f"HBM[{p}]" for p in range(16)}
+    assert f"module {VT.KERNEL_NAME}" in vt[f"{VT.KERNEL_NAME}.v"]
+    # the repeated rows are modules of their own (bitstream/hier.py), the dsp array's among them
+    assert "module bb_DspRows3" in vt[f"{VT.KERNEL_NAME}.v"] or "DspRows3" in vt[f"{VT.KERNEL_NAME}.v"]
