@@ -33,9 +33,9 @@ from accllm.config import load_hw  # noqa: E402
 from bitstream.depth import BUDGET, check_budget, logic_depth  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "depth.json"
-CONFIGS = {"ci-small": ("ci-small", {}), "u280-2rows": ("u280", {"pe_rows": 2}),
+CONFIGS = {"ci-small": ("ci-small", {}), "u280-2rows": ("u280", {"pe_rows": 2, "multiplier_style": "lut"}),
            # tests/bitstream/test_engine_depth.py's slice; the dsp style's smallest (one DspRows3)
-           "u280-1row": ("u280", {"pe_rows": 1}),
+           "u280-1row": ("u280", {"pe_rows": 1, "multiplier_style": "lut"}),
            "u280-dsp-3rows": ("u280", {"pe_rows": 3, "multiplier_style": "dsp"})}
 
 
