@@ -34,7 +34,8 @@ from amaranth.lib.wiring import In, Out
 from quant.formats import ACT, SPARSE_PATTERNS
 
 from .dsp import FIELD_BITS, OFFSET, ROWS_PER_DSP, expand_group
-from .engine_parts import (CODE_BITS, META_BITS, candidate_inputs, multiples_of, partial_bits, tree_sum)
+from .engine_parts import (CODE_BITS, META_BITS, candidate_inputs, multiples_of, partial_bits, tree_levels,
+                           tree_sum)
 from .mult import split_product
 from .params import EngineParams
 
@@ -50,23 +51,10 @@ assert OFFSET == 1 << OFFSET_SHIFT
 
 
 def adder_tree(m: Module, values: list, name: str):
-    """``tree_sum`` with every node a named wire Yosys must keep: an adder tree of two-input adders on
-    carry chains, one per node, instead of the one multi-operand ``$macc`` Yosys' ``alumacc`` would
-    merge the tree into (mapped to full adders in LUTs: more LUTs, measured in docs/arithmetic.md)."""
-    vals, level = list(values), 0
-    while len(vals) > 1:
-        nxt = []
-        for i in range(0, len(vals) - 1, 2):
-            # exactly wide enough: a signed node one bit above its wider operand (unsigned ones counted
-            # with their sign bit)
-            w = max(len(v) + (0 if v.shape().signed else 1) for v in (vals[i], vals[i + 1])) + 1
-            s = Signal(signed(w), name=f"{name}_t{level}_{i // 2}", attrs={"keep": 1})
-            m.d.comb += s.eq(vals[i] + vals[i + 1])
-            nxt.append(s)
-        if len(vals) % 2:
-            nxt.append(vals[-1])
-        vals, level = nxt, level + 1
-    return vals[0]
+    """The whole of ``tree_levels``' balanced tree (every node a kept two-input adder on a carry chain,
+    instead of the one multi-operand ``$macc`` Yosys' ``alumacc`` would merge the tree into: more LUTs,
+    measured in docs/arithmetic.md): its one sum."""
+    return tree_levels(m, values, max(1, len(values) - 1).bit_length(), name)[0]
 
 
 def dsp_row_groups(p: EngineParams) -> list[tuple[int, int]]:
