@@ -5,7 +5,7 @@ port, synthesized flat with ``synth_xilinx -family xcup``; bitstream/yosys.py):
 
 * ``engine_lut``: today's array cell, ``hw.engine.ArraySlice`` (hw.mult ``lut`` pieces: 4-bit code
   lanes, the 2:4 candidate selects), rows x 32 lanes.
-* ``mult_lut_w2``: ``hw.mult.Array`` in ``lut`` style with 2-bit codes: a dense-W2-only LUT array
+* ``mult_lut_w2``: ``hw.mult.ColumnArray`` in ``lut`` style with 2-bit codes: a dense-W2-only LUT array
   (the best case for LUTs).
 * ``packed_w2x3``: ``hw.dsp.W2x3`` cells, 3 rows per DSP48E2, one shared activation per lane.
 * ``sparse24_w2x3``: 2:4 weights expanded on the weight side (``hw.dsp.Expand24``, 8 groups per row
@@ -121,12 +121,12 @@ class TwoTokenSlice(Elaboratable):
 
 def designs(rows: int):
     from hw.engine import ArraySlice
-    from hw.mult import Array
+    from hw.mult import ColumnArray
     return {
         "engine_lut": (ArraySlice(rows, LANES // 2), rows * LANES,
                        f"hw.engine.ArraySlice({rows}, {LANES // 2}): today's array cell, {rows} x {LANES}"),
-        "mult_lut_w2": (Array(rows, LANES, 2, "lut"), rows * LANES,
-                        f"hw.mult.Array({rows}, {LANES}, 2, 'lut'): dense W2 LUT columns"),
+        "mult_lut_w2": (ColumnArray(rows, LANES, 2, "lut"), rows * LANES,
+                        f"hw.mult.ColumnArray({rows}, {LANES}, 2, 'lut'): dense W2 LUT columns"),
         "packed_w2x3": (PackedSlice(rows, LANES), rows * LANES,
                         f"{rows // 3} x {LANES} hw.dsp.W2x3 cells ({rows} rows x {LANES} lanes)"),
         "sparse24_w2x3": (PackedSlice(rows, LANES, sparse=True), rows * LANES,

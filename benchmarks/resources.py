@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from accllm.config import load_hw  # noqa: E402
 from bitstream.yosys import YosysError, estimate, yosys_version  # noqa: E402
-from hw.mult import Array, Column, dsps_for  # noqa: E402
+from hw.mult import Column, ColumnArray, dsps_for  # noqa: E402
 
 # Alveo U280 (xcu280): device totals used for the fractions below.
 from bitstream.platform import U280_RESOURCES as U280  # noqa: E402  (one source of truth)
@@ -54,7 +54,7 @@ def _summary(res: dict) -> dict:
 
 def measure_column(rows: int, code_bits: int, style: str, cols: int = 1) -> dict:
     hstyle, nodsp = _style_args(style)
-    design = Column(rows, code_bits, hstyle) if cols == 1 else Array(rows, cols, code_bits, hstyle)
+    design = Column(rows, code_bits, hstyle) if cols == 1 else ColumnArray(rows, cols, code_bits, hstyle)
     # Columns share nothing, so the hierarchy is kept (synth_xilinx's default): same counts, and
     # the per-column breakdown is in the Yosys log.
     res = estimate(design, nodsp=nodsp, flatten=False)

@@ -303,7 +303,7 @@ class Column(Elaboratable):
         return m
 
 
-class Array(Elaboratable):
+class ColumnArray(Elaboratable):
     """A measurement harness: ``cols`` columns of ``rows`` products each (``cols`` activations, one
     code per product), products as top-level outputs. The multiplier array of an engine with
     ``pe_rows = rows`` and ``pe_lanes = cols``."""
