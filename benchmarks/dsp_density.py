@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from amaranth.hdl import Elaboratable, Module, Signal, signed  # noqa: E402
 
 from bitstream.yosys import estimate, yosys_version  # noqa: E402
 from hw import dsp as D  # noqa: E402
+from quant.atomic import write_json  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "dsp_density.json"
 U280 = {"lut": 1_303_680, "ff": 2_607_360, "dsp": 9_024}  # xcu280 totals (as benchmarks/resources.py)
@@ -204,10 +204,7 @@ def main(argv=None) -> int:
                     "A/B/M/P stage registers for -family xcup: their FFs are counted in fabric here. "
                     "The projection multiplies slice costs by instance counts; it is not a synthesis "
                     "of the 256 x 32 array.")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, OUT)
+    write_json(OUT, data)
     for name, v in data["projection_256x32"].items():
         print(f"projection {name}: " + ", ".join(f"{k} {v[k]:,}" for k in KEYS)
               + f" (LUT {100 * v['u280_fraction']['lut']:.1f} %, DSP {100 * v['u280_fraction']['dsp']:.1f} %)")

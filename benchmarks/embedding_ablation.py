@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant import reference  # noqa: E402
 from quant.artifact import load_artifact  # noqa: E402
+from quant.atomic import write_text  # noqa: E402
 from quant.evaluate import perplexity  # noqa: E402
 from quant.model import FloatLinear  # noqa: E402
 
@@ -56,10 +55,7 @@ def main(argv=None) -> dict:
                                                  progress=False)["perplexity"]
     text = json.dumps(res, indent=2) + "\n"
     if a.out:  # written whole, then moved into place
-        fd, tmp = tempfile.mkstemp(dir=str(Path(a.out).resolve().parent), prefix=".ablation-")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, a.out)
+        write_text(a.out, text)
     else:
         sys.stdout.write(text)
     return res

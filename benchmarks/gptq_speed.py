@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from quant.atomic import write_json  # noqa: E402
 
 SHAPES = {  # (hidden, intermediate, heads, kv heads, head_dim); sources: the models' config.json
     "smollm2-135m": (576, 1536, 9, 3, 64),     # HuggingFaceTB/SmolLM2-135M config.json
@@ -161,10 +164,7 @@ def main(argv=None) -> int:
            "runs": runs}
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_json(out, res, indent=2)
     return 0
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quant.atomic import write_json  # noqa: E402
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,9 +57,7 @@ def main(argv=None):
     out["ratio_integer_over_float"] = out["integer"]["perplexity"] / out["float"]["perplexity"]
     out["loadavg_end"] = os.getloadavg()[0]
     p = Path(args.out)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(p)
+    write_json(p, out, indent=2)
     print(f"integer / float = {out['ratio_integer_over_float']:.4f}")
 
 

@@ -10,7 +10,6 @@ inputs); float64 sees the same rounded inputs, so the figures are the error of t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant import reference as R  # noqa: E402
+from quant.atomic import write_json  # noqa: E402
 
 FX = 65536.0
 
@@ -153,10 +153,7 @@ def main(argv=None):
     rows = measure(args.seed)
     out = {"command": "python benchmarks/special_functions.py", "seed": args.seed, "rows": rows}
     p = Path(args.out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(p)
+    write_json(p, out, indent=2)
     for r in rows:
         print(f"{r['function']:<52} max {r['max']:.3g}  median {r['median']:.3g}   ({r['measure']})")
 

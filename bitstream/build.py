@@ -33,6 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hw.params import AccelParams, EngineParams, TargetParams
+from quant.atomic import write_json
 
 from .platform import U280_RESOURCES
 
@@ -274,12 +275,6 @@ def _hash_files(files: dict[str, str]) -> dict[str, str]:
     return {n: hashlib.sha256(t.encode()).hexdigest() for n, t in sorted(files.items())}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_plan(out: Path, target: str, files: dict[str, str], tools: dict) -> dict:
     """Write ``files`` to ``out/target`` under a temporary name, then rename; skip when the folder
     already holds exactly these files made with the same tools. Returns the manifest."""
@@ -360,7 +355,7 @@ def build(params: EngineParams, target_params: TargetParams | None = None, out: 
         if units is not None:
             util["units"] = sorted(op.name for op in units)  # not the whole accelerator: say so
         util["tools"] = {**util["tools"], **tools}
-        _write_atomic(out / "utilization.json", json.dumps(util, indent=1) + "\n")
+        write_json(out / "utilization.json", util)
         summary["utilization"] = util  # --json prints what utilization.json holds
         if not util["fits_u280"]:
             worst = max(KEYS, key=lambda k: util["percent"][k])
@@ -385,5 +380,5 @@ def _run_tool(plan_dir: Path, target: str, key: str, log) -> dict:
         raise BuildError(f"{script} failed (exit {r.returncode}) in {plan_dir}: see the logs there")
     done = {"key": key, "seconds": round(time.monotonic() - t0, 1),
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    _write_atomic(marker, json.dumps(done, indent=1) + "\n")
+    write_json(marker, done)
     return done | {"cached": False}

@@ -11,8 +11,9 @@ import dataclasses
 import html
 import io
 import json
-import os
 from pathlib import Path
+
+from quant.atomic import write_json, write_text
 
 from .estimate import LATENCY_SWEEP, SCOPE, ArtifactFormat, EstimateError, estimate
 from .hbm import SHUHAI_SEQUENTIAL_GBPS
@@ -291,17 +292,7 @@ accelerator 1 (an upper bound). Coefficients and their sources: docs/estimate.md
 def write_report(out, p, target, m, recipe_arg, context, batch, *, hw_name, hw_arg, model_arg,
                  json_out=None, load_recipe=None, accel=None) -> Path:
     doc, main = build(p, target, m, recipe_arg, context, batch, hw_name, hw_arg, model_arg, load_recipe, accel)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(doc, encoding="utf-8")
-    if json_out:
-        jp = Path(json_out)
-        jp.parent.mkdir(parents=True, exist_ok=True)
-        jt = jp.with_name(f".{jp.name}.tmp-{os.getpid()}")
-        jt.write_text(json.dumps({"command": f"accllm report --hw {hw_arg} --model {model_arg} --recipe "
-                                             f"{recipe_arg} --context {context} --batch {batch}", **main},
-                                 indent=1) + "\n")
-        os.replace(jt, jp)
-    os.replace(tmp, out)
-    return out
+    if json_out:  # the JSON first: the report's presence says both were written
+        write_json(json_out, {"command": f"accllm report --hw {hw_arg} --model {model_arg} --recipe "
+                                         f"{recipe_arg} --context {context} --batch {batch}", **main})
+    return write_text(out, doc)
