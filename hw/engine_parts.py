@@ -16,7 +16,8 @@ by instance count (``bitstream/engine_resources.py``):
   requantization (mult, shift) (S3);
 * ``OutputBank``  (1)        the output bank's control: which token goes out, when a finished tile may
   be written into it;
-* ``Requantizer`` (pe_rows)  ``saturate(shift_round(acc * mult, shift))`` on the way out.
+* ``Requantizer`` (pe_rows)  ``saturate(shift_round(acc * mult, shift))`` on the way out; not built
+  in the lean engine (``EngineParams.requantizer`` false), whose commands must not requantize.
 
 Widths come from ``quant.formats``; nothing here is a test harness.
 """
@@ -61,6 +62,16 @@ class EngineConfigError(ValueError):
     def __init__(self, param: str, message: str):
         self.param = param
         super().__init__(f"engine.{param}: {message}")
+
+
+def check_requant(p: EngineParams, requant: bool, where: str) -> None:
+    """Refuse a requantizing command for the lean engine (``requantizer: false``), which has no
+    requantizers and would hand back the accumulators unchanged; ``where`` names the command."""
+    if p.requantizer or not requant:
+        return
+    raise EngineConfigError("requantizer", f"false, but {where} requantizes: the lean engine has no per-row "
+                            f"requantizers (the accelerator's controller never asks for them, RESCALE "
+                            f"requantizes). Set engine.requantizer: true, or send requant = 0")
 
 
 def max_reduction(p: EngineParams) -> int:
@@ -167,6 +178,7 @@ class Stages:
       into the requantizers);
     * ``requant``: the requantizers' registers (``Requantizer(pipelined=True)``: the inputs, the two
       partial products, their sum, the rounding add, the shift; the saturation goes into the bank);
+      0 in the lean engine (``requantizer: false``), where the accumulators' sum goes into the bank;
     * ``drain``: issue to the bank stage, where a finished tile's values enter the output bank (and
       the bank's rules may stall the pipeline);
     * ``out``: from the bank to ``out``: the output register (``OutputSkid``), so a beat leaves the
@@ -201,7 +213,8 @@ TREE_SPLIT = 2
 def stages(p: EngineParams) -> Stages:
     """The pipeline of ``p`` (``Stages``)."""
     dsp = p.multiplier_style == "dsp"
-    return Stages(buffer=2, array=1 if dsp else 3, codes=0 if dsp else 1, group=3, requant=REQUANT_STAGES, out=1)
+    return Stages(buffer=2, array=1 if dsp else 3, codes=0 if dsp else 1, group=3,
+                  requant=REQUANT_STAGES if p.requantizer else 0, out=1)
 
 
 def tree_levels(m: Module, values: list, levels: int, name: str) -> list:
@@ -632,17 +645,20 @@ class AccRow(wiring.Component):
     tile's value at its last beat, which goes into the row's requantizer). ``rq_load`` takes the row's
     requantization (``mult_in``, ``shift_in``) for the tile whose first token is at its last beat;
     ``mult``/``shift`` are those values (this cycle's while ``rq_load``). The bank: while
-    ``bank_write`` token ``bank_t``'s slot takes ``bank_in`` (the requantizer's output);
-    ``value`` is the bank's token ``read_t``."""
+    ``bank_write`` token ``bank_t``'s slot takes ``bank_in`` (the requantizer's output, or ``final``
+    in the lean engine); ``value`` is the bank's token ``read_t``. The lean engine's rows
+    (``requantizer: false``) have no requantization registers and no ``rq_load``/``mult``/``shift``
+    ports."""
 
     def __init__(self, p: EngineParams):
         self.params = p
         TT, ACC = p.mm_tokens, p.acc_bits
+        rq = {"rq_load": In(1), "mult_in": In(MULT_BITS), "shift_in": In(SHIFT_BITS),
+              "mult": Out(MULT_BITS), "shift": Out(SHIFT_BITS)} if p.requantizer else {}
         super().__init__({
             "write": In(1), "first_group": In(1), "t": In(range(TT)),
             "g": In(signed(ACC)), "final": Out(signed(ACC)),
-            "rq_load": In(1), "mult_in": In(MULT_BITS), "shift_in": In(SHIFT_BITS),
-            "mult": Out(MULT_BITS), "shift": Out(SHIFT_BITS),
+            **rq,
             "bank_write": In(1), "bank_t": In(range(TT)), "bank_in": In(signed(ACC)),
             "read_t": In(range(TT + 1)), "value": Out(signed(ACC)),
         })
@@ -658,6 +674,8 @@ class AccRow(wiring.Component):
             m.d.sync += acc[self.t].eq(self.final)
         with m.If(self.bank_write):
             m.d.sync += ob[self.bank_t].eq(self.bank_in)
+        if not self.params.requantizer:
+            return m
         mult_r, shift_r = Signal(MULT_BITS), Signal(SHIFT_BITS)
         with m.If(self.rq_load):
             m.d.sync += [mult_r.eq(self.mult_in), shift_r.eq(self.shift_in)]

@@ -26,6 +26,9 @@ class EngineParams:
                                   choices=["lut", "dsp"])
     act_buffer_bytes: int = param(8192, "on-chip activation buffer (int8 inputs of one operation)",
                                   min=64, max=1 << 26)
+    requantizer: bool = param(True, "build the per-row requantizers and the rq stream (hw.engine_parts."
+                              "Requantizer); false: the lean engine, whose commands must not requantize "
+                              "(the accelerator's controller never asks: RESCALE does it, docs/engine.md)")
 
     @property
     def macs_per_cycle(self) -> int:

@@ -30,6 +30,7 @@ from amaranth.hdl import Cat, Elaboratable, Module, Signal
 from hw.beats import fields, pack
 from hw.compile import scale_beat_fields, weight_beat_fields
 from hw.engine import Engine, Mode, check_params, layouts
+from hw.engine_parts import check_requant
 from hw.params import EngineParams
 from quant import reference as ref
 from quant.formats import ACT, SPARSE_PATTERNS
@@ -164,8 +165,9 @@ def make_case(p: EngineParams, mode: str, rng: np.random.Generator, *, edge: str
     if mode in ("qk", "pv"):
         group_beats = kb
     G = group_beats * per_beat
-    if requant is None:
-        requant = bool(rng.random() < 0.4)
+    if requant is None:  # the lean engine (requantizer: false) draws the same and never requantizes
+        requant = bool(rng.random() < 0.4) and p.requantizer
+    check_requant(p, requant, f"make_case({mode!r}, requant=True)")
     mult = int(_vals(rng, 1, 65535, (), "extreme" if edge else None))  # 0 is refused (reference)
     shift = int(_vals(rng, 0, 62, (), "extreme" if edge else None))
     if requant and rng.random() < 0.7:
@@ -345,6 +347,8 @@ def stream_words(p: EngineParams, cases: list[Case]) -> dict[str, np.ndarray]:
     """All cases' beats, back to back, per input stream, as packed byte matrices."""
     lay = layouts(p)
     out = {}
+    for i, c in enumerate(cases):
+        check_requant(p, bool(np.any(np.asarray(c.beats["cmd"]["requant"]))), f"case {i} ({c.mode})'s command")
     for st in STREAMS:
         parts = [c.beats[st] for c in cases]
         names = parts[0].keys()

@@ -462,6 +462,10 @@ BUGS = {
     "w4_flag_dropped": (
         "P4: the command beat's wide bit not taken from FLAG_W4 (the W4 lm_head run as 2-bit codes in dsp style)",
         "cp.wide.eq((ins.flags & FLAG_W4).any())]", "cp.wide.eq(0)]"),
+    "requant_sent": (
+        "P4: the ENGINE command asks the engine to requantize (the lean engine, requantizer: false, has no "
+        "requantizers to do it)",
+        "cp.requant.eq(0)", "cp.requant.eq(1)"),
     "out_beat_dropped": (
         "P4: the output capture takes a new engine beat while the previous is still being written",
         "m.d.comb += self.out.ready.eq(running & ~o_full)",

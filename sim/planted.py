@@ -100,6 +100,14 @@ BUGS = {
         "m.d.comb += [self.rq.ready.eq(1), rq_fire.eq(self.rq.valid)]",
         "engine.py",
     ),
+    # the lean engine (requantizer: false; tests/hw/test_engine_lean.py catches it)
+    "lean_bank_late": (
+        "the lean engine's bank stage one cycle after the accumulators (a requantizer stage left in the "
+        "count): the bank takes the next op's sum",
+        "requant=REQUANT_STAGES if p.requantizer else 0, out=1)",
+        "requant=REQUANT_STAGES if p.requantizer else 1, out=1)",
+        "engine_parts.py",
+    ),
     # multiplier_style: dsp (hw/engine_dsp.py; tests/hw/test_engine_dsp.py catches each)
     "dsp_field_offset": (
         "the dsp array packs the rows' codes 9 bits apart while it reads the fields 10 bits apart",

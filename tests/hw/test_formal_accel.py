@@ -116,6 +116,7 @@ def test_streamer_engine_streams(tmp_path):
     ("tile_stride_ignored", "Assert(u.wrd.req.payload.addr == (h.c + wjobs * F)"),   # P3: step 20, 45 s
     ("weight_drop_on_stall", "Assert(stream.valid)"),     # P1/P4: weight beat replaced while stalled, 117 s
     ("w4_flag_dropped", "Assert(cp.wide == (h.flags & FLAG_W4).any())"),  # P4: the command's wide bit
+    ("requant_sent", "Assert(cp.requant == 0)"),  # P4: what lets u280 build the lean engine
 ])
 def test_streamer_proofs_find_planted_bugs(tmp_path, bug, line):
     """act_ignores_ready and out_beat_dropped (sim/formal_accel.BUGS) are not reached by depth 22:
