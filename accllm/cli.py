@@ -394,13 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     q = sub.add_parser("quantize", help="compress a checkpoint with a recipe into a packed artifact",
-                       description="MODEL: a Hugging Face Llama folder, a .gguf file, or smollm2-135m. "
-                                   "Writes DIR atomically: model.safetensors, recipe.yaml, manifest.json, "
-                                   "report.json.")
+                       description="MODEL: a Hugging Face Llama folder, a .gguf file, or smollm2-135m; or an "
+                                   "artifact, continued with a recipe that repeats its own and adds train_e2e "
+                                   "(same calibration; same bytes as quantizing the checkpoint with the whole "
+                                   "recipe). Writes DIR atomically: model.safetensors, recipe.yaml, "
+                                   "manifest.json, report.json.")
     q.add_argument("model")
     q.add_argument("--recipe", required=True, help="built-in name (fp16, rtn-w2a8kv4, w2a8kv4, "
-                                                   "w2a8kv4-sparse24, w2a8kv4-recon, w2a8kv4-sparse24-recon, "
-                                                   "w2a8kv4-rot) "
+                                                   "w2a8kv4-sparse24, w2a8kv4-recon, w2a8kv4-recon-e2e, "
+                                                   "w2a8kv4-sparse24-recon, w2a8kv4-rot) "
                                                    "or a YAML path")
     q.add_argument("--out", required=True, metavar="DIR")
     q.add_argument("--calib-text", default=None, metavar="FILE", help="calibration text (default: built-in)")

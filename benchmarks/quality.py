@@ -64,6 +64,9 @@ ROWS = {
     "recon": ("W2A8KV4 + reconstruction stage (integer path)", "w2a8kv4-recon", "short", None),
     "recon-long": ("W2A8KV4 + reconstruction, long context, full attention", "w2a8kv4-recon", "long", "off"),
     "recon-long-lambda": ("W2A8KV4 + reconstruction, long context, Λ 4 + 508", "w2a8kv4-recon", "long", (4, 508)),
+    "e2e": ("W2A8KV4 + reconstruction + end-to-end training (integer path)", "w2a8kv4-recon-e2e", "short", None),
+    "e2e-long-lambda": ("W2A8KV4 + reconstruction + end-to-end training, long context, Λ 4 + 508",
+                        "w2a8kv4-recon-e2e", "long", (4, 508)),
     "sparse-recon": ("W2A8KV4 + 2:4 + reconstruction stage (integer path)", "w2a8kv4-sparse24-recon", "short", None),
     "sparse-long-lambda": ("W2A8KV4 + 2:4, long context, Λ 4 + 508", "w2a8kv4-sparse24", "long", (4, 508)),
 }

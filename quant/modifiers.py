@@ -18,7 +18,8 @@ calls the modifiers in the recipe's order:
                ``quantize_weights``, which quantizes them (jointly with the 2:4 choice: SparseGPT's pass)
 ``tune``       per layer: ``reconstruct`` tunes the quantized fields to the float model's outputs
 ``finalize``   after the last layer: ``quantize_weights`` quantizes an ``lm_head`` named in its overrides;
-               ``quantize_embedding`` hands its codes to the artifact
+               ``quantize_embedding`` hands its codes to the artifact; ``train_e2e`` trains every quantized
+               linear's scales through the whole model against the float model's logits
 =============  ==============================================================================================
 
 ``quantize_activations``, ``quantize_kv`` and ``attention_window`` also set the deployment numerics
@@ -51,7 +52,7 @@ from .errors import QuantError
 from .model import ATTN, MLP_NAMES, FloatLinear, linear_name, rms_norm
 from .reconstruct import reconstruct_layer
 from .recipe import (AttentionWindow, Prune, QuantizeActivations, QuantizeEmbedding, QuantizeKV, QuantizeWeights,
-                     Reconstruct, Rotate)
+                     Reconstruct, Rotate, TrainE2E)
 
 #: q/k/v and gate/up read the same input: one Hessian each, kept under the first projection's name
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
@@ -384,10 +385,31 @@ class ReconstructModifier(Modifier):
         self.xf, self.yf = self.yf, self.xf
 
 
+class TrainE2EModifier(Modifier):
+    """End-to-end training of every quantized linear's scales against the float model's logits
+    (quant/e2e.py), at ``finalize``, after every layer and the lm_head are quantized (listed after
+    quantize_weights, so its finalize has quantized the lm_head). The float model is read whole."""
+
+    config = TrainE2E
+
+    def needs(self):
+        return {"activations"}
+
+    def finalize(self, run):
+        from .e2e import train_e2e
+        from .model import LlamaLM
+
+        teacher = LlamaLM.from_store(run.cfg, run.store).eval()
+        tuned, st = train_e2e(run.quantized_model(), teacher, run.ids, self.cfg, seed=run.seed, deploy=run.nm)
+        for name, q in tuned.items():
+            run.replace_quantized(name, q)
+        run.log("train_e2e", st)
+
+
 #: configuration class -> the modifier that does its work
 MODIFIER_CLASSES = {c.config: c for c in (RotateModifier, PruneModifier, QuantizeWeightsModifier, QuantizeEmbeddingModifier,
                                          QuantizeActivationsModifier, QuantizeKVModifier, AttentionWindowModifier,
-                                         ReconstructModifier)}
+                                         ReconstructModifier, TrainE2EModifier)}
 
 
 def build(recipe) -> list[Modifier]:

@@ -35,6 +35,8 @@ rows at once): on SmolLM2-135M (49152 × 576) the run's peak rose from 1.55 GB t
 for Llama-2-7B's 131 M-weight head that term grows about 4.6× (not measured). Rows are independent
 given the Hessian, so quantizing the head in row blocks would bound it; not done yet.
 The embedding is quantized first (``quantize_embedding``): V·H·8 bytes transiently.
+``train_e2e`` (quant/e2e.py) is the exception: at the end it holds the float model and the quantized one
+whole, with a backward pass. An artifact given as the source is continued with it (``train_artifact``).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class Run:
         self.embed_f = self.store.get(f"{EMBED}.weight").to(torch.float32)
         self.embed_in = self.embed_f  # the table calibration reads (quantize_embedding replaces it)
         self.emb_meta = None
-        self.x = self.y = None
+        self.x = self.y = self.ids = None
         self.calib_info = None
         self.tensors: dict = {}
         self.linears: dict[str, dict] = {}
@@ -116,6 +118,7 @@ class Run:
 
     def calibrate(self, text, samples: int, seq_len: int):
         ids, self.calib_info = calibration_windows(self.tok, text, samples, seq_len, self.seed)
+        self.ids = ids  # (N, L) token ids: train_e2e trains on them
         self.x = self.embed_in[ids]  # (N, L, H): the embedding the artifact stores
         self.y = torch.empty_like(self.x)
 
@@ -164,6 +167,39 @@ class Run:
             self.forward(lw.layer, self.x, self.y)
             self.x, self.y = self.y, self.x
 
+    def replace_quantized(self, name: str, res):
+        """A quantized linear's fields changed after it was packed (train_e2e): the same shapes, repacked."""
+        packed, meta = pack_linear(name, res)
+        if meta != self.linears[name] or set(packed) != {k for k in self.tensors if k.startswith(name + ".")}:
+            raise QuantError(f"{name}: the retrained fields {meta} do not match the packed layer {self.linears[name]}")
+        self.tensors.update(packed)
+
+    def quantized_model(self):
+        """The model as the artifact will hold it, before ``leftovers`` (so from the run's own parts: the
+        embedding table calibration reads, every layer as packed or written, the lm_head), for train_e2e.
+        Built as ``load_artifact`` builds it, so that training an artifact gives the same bytes."""
+        import numpy as np
+
+        from .artifact import unpack_linear
+        from .model import DecoderLayer, FloatLinear, LlamaLM
+
+        tnp = {k: v for k, v in self.tensors.items() if isinstance(v, np.ndarray)}
+
+        def lin(name):
+            if name in self.linears:
+                return QLinear(unpack_linear(name, tnp, self.linears[name]), self.nm, name)
+            w = self.tensors.get(name + ".weight")
+            return FloatLinear(w if w is not None else self.store.get(name + ".weight"))
+
+        layers = []
+        for i in range(self.cfg.num_hidden_layers):
+            lins = {p: lin(linear_name(i, p)) for p in ATTN + MLP_NAMES}
+            norms = {n: self.tensors[f"model.layers.{i}.{n}.weight"] for n in ("input_layernorm", "post_attention_layernorm")}
+            layers.append(DecoderLayer(self.cfg, self.nm, lins, norms))
+        head = self.store.lm_head()
+        head = lin("lm_head") if "lm_head" in self.linears else (None if head is None else FloatLinear(head))
+        return LlamaLM(self.cfg, self.embed_in, layers, self.store.get("model.norm.weight"), head, self.nm).eval()
+
     def leftovers(self):
         """What no modifier wrote: the float embedding, the final norm, an untied float lm_head."""
         if self.emb_meta is None:
@@ -182,8 +218,9 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
 
     t0, secs = time.time(), {}
     path = resolve_source(source)
-    if is_artifact(path):
-        raise QuantError(f"{path} is already an accllm artifact; quantize the original checkpoint")
+    if is_artifact(path):  # only the end-of-pipeline training can continue an artifact
+        return train_artifact(path, recipe, out_dir, calib_text=calib_text, calib_samples=calib_samples,
+                              seq_len=seq_len, seed=seed, progress=progress)
     cfg = load_config(path)
     check_recipe(cfg, recipe, str(path))
     mods = M.build(recipe)
@@ -218,6 +255,8 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
             m.finalize(run)
         run.leftovers()
         secs["lm_head"] = _lap(t)
+        if "train_e2e" in run.logs:  # inside the lm_head lap (finalize), also on its own
+            secs["train_e2e"] = run.logs["train_e2e"][0]["seconds"]
         calib_tokens = calib_samples * seq_len if "activations" in needs else 0
         return _write(run, tmp, source, secs, t0, calib_tokens)
 
@@ -248,6 +287,8 @@ def _write(run: Run, tmp: Path, source: str, secs: dict, t0: float, calib_tokens
         "not_applied": [], "k_smoothing": run.logs.get("k_smoothing"),
         "reconstruct": run.logs.get("reconstruct"),
     }
+    if "train_e2e" in run.logs:
+        manifest["train_e2e"] = run.logs["train_e2e"][0]
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     stored = sum(tensor_bytes(v) for v in tensors.values())
     report = {
@@ -277,4 +318,132 @@ def _write(run: Run, tmp: Path, source: str, secs: dict, t0: float, calib_tokens
         "not_applied": [],
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# continuing an artifact: the end-of-pipeline training (train_e2e) on an artifact already quantized
+# ---------------------------------------------------------------------------------------------------
+#: modifiers that act at finalize only, on the finished model: what an artifact can be continued with
+CONTINUES = ("train_e2e",)
+
+
+def _resume_problem(art: Path, recipe: Recipe) -> str | None:
+    """Why ``recipe`` cannot continue the artifact ``art`` (None when it can): the recipe must be the
+    artifact's own, modifier for modifier, followed by modifiers the artifact lacks that act on the finished
+    model only (``CONTINUES``), so that the result equals quantizing the checkpoint with the whole recipe."""
+    import yaml
+
+    from .artifact import recipe_dict
+
+    try:
+        have = yaml.safe_load((art / "recipe.yaml").read_text())["recipe"]["modifiers"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        return f"its recipe.yaml is unreadable ({e}); the artifact is corrupt"
+    want = recipe_dict(recipe)["recipe"]["modifiers"]
+    key = lambda m: next(iter(m))  # noqa: E731
+    done = [m for m in have if key(m) in CONTINUES]
+    if done:
+        return f"it was already made with {key(done[0])}; continue the artifact it was made from, or quantize the checkpoint"
+    n = len(want)
+    while n and key(want[n - 1]) in CONTINUES:
+        n -= 1
+    base = want[:n]
+    if n == len(want):
+        return (f"the recipe {recipe.name!r} does not end with modifiers that continue a finished artifact "
+                f"({', '.join(CONTINUES)}); quantize the original checkpoint")
+    for i, (a, b) in enumerate(zip(have, base)):
+        if a != b:
+            return (f"modifiers[{i}] differs: the artifact was made with {a}, the recipe has {b}; the recipe "
+                    f"must repeat the artifact's modifiers exactly, then add {', '.join(CONTINUES)}")
+    if len(base) != len(have):
+        return (f"the artifact was made with {len(have)} modifiers, the recipe has {len(base)} before "
+                f"{key(want[n])}; the recipe must repeat the artifact's modifiers exactly")
+    return None
+
+
+def train_artifact(art: Path, recipe: Recipe, out_dir: str | Path, *, calib_text=None, calib_samples: int = 32,
+                   seq_len: int = 512, seed: int = 0, progress: bool = True) -> dict:
+    """``quantize_model`` from an artifact: run the recipe's end-of-pipeline training (``train_e2e``) on the
+    artifact ``art`` made with the rest of the recipe, and write the result to ``out_dir`` (atomically).
+    The calibration (text, samples, length, seed) and the float checkpoint (its sha256) must be the
+    artifact's own: the result has the same bytes as quantizing the checkpoint with the whole recipe."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from .artifact import load_artifact, pack_linear
+    from .e2e import train_e2e
+    from .model import LlamaLM
+    from .recipe import Rotate
+
+    t0 = time.time()
+    art = Path(art)
+    why = _resume_problem(art, recipe)
+    if why:
+        raise QuantError(f"{art} is already an accllm artifact and {why}")
+    manifest = json.loads((art / "manifest.json").read_text())
+    src = Path(manifest.get("source_path") or "")
+    if not src.exists():
+        raise QuantError(f"{art}: its float checkpoint {src} (manifest source_path) is not there; train_e2e needs "
+                         f"the float model as its teacher")
+    cfg = load_config(src)
+    check_recipe(cfg, recipe, str(src))
+    run = Run(src, cfg, recipe, seed)
+    got = run.store.source_hash()
+    if got != manifest.get("source_sha256"):
+        raise QuantError(f"{art}: the checkpoint at {src} has sha256 {got[:16]}…, not the {str(manifest.get('source_sha256'))[:16]}… "
+                         f"the artifact was made from; quantize the checkpoint instead")
+    for m in M.build(recipe):  # the rotation, if any: the teacher is the rotated float model, as in the pipeline
+        if isinstance(m.cfg, Rotate):
+            m.start(run)
+    run.calibrate(calib_text, calib_samples, seq_len)
+    had = dict(manifest.get("calibration") or {})  # none: the artifact's recipe read no calibration text
+    mine = {k: run.calib_info[k] for k in ("tokens_in_text", "samples", "seq_len", "seed", "windows")}
+    if had and ({k: had.get(k) for k in mine} != mine
+                or Path(str(had.get("text"))).name != Path(run.calib_info["text"]).name):
+        raise QuantError(f"{art} was calibrated on {had.get('samples')} x {had.get('seq_len')} tokens of "
+                         f"{Path(str(had.get('text'))).name}, seed {had.get('seed')}; give the same calibration "
+                         f"(--calib-text, --calib-samples, --seq-len, --seed) as the artifact, not {calib_samples} x "
+                         f"{seq_len}, seed {seed} of {Path(run.calib_info['text']).name}")
+    student, _ = load_artifact(art)
+    teacher = LlamaLM.from_store(run.cfg, run.store).eval()
+    mods = [m for m in M.build(recipe) if type(m.cfg).__name__ == "TrainE2E"]
+    tuned, st = train_e2e(student, teacher, run.ids, mods[0].cfg, seed=seed, deploy=run.nm, progress=progress)
+    with safe_open(str(art / "model.safetensors"), framework="pt") as h:
+        md = h.metadata() or {}
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    linears = json.loads(md.get("accllm.linears", "{}"))
+    emb = json.loads(md["accllm.embedding"]) if "accllm.embedding" in md else None
+    for name, q in tuned.items():
+        packed, meta = pack_linear(name, q)
+        if meta != linears[name]:
+            raise QuantError(f"{name}: the trained fields {meta} do not match the artifact's {linears[name]}")
+        tensors.update(packed)
+    secs = {"train_e2e": st["seconds"]}
+    with atomic_dir(out_dir) as tmp:
+        write_model(tmp, tensors, linears, emb)
+        skip = {"model.safetensors", "manifest.json", "report.json", "recipe.yaml"}
+        for f in art.iterdir():  # config.json and the tokenizer's files, as the artifact has them
+            if f.is_file() and f.name not in skip:
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
+        seconds = time.time() - t0
+        man = {**manifest, "recipe": recipe.name, "tools": tool_versions(), "continued_from": str(art),
+               "seconds": {**manifest.get("seconds", {}), **{k: round(v, 3) for k, v in secs.items()}},
+               "calibration": manifest.get("calibration") or run.calib_info, "train_e2e": st}
+        (tmp / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
+        report = json.loads((art / "report.json").read_text())
+        report.update({
+            "recipe": recipe.name,
+            "seconds": round(report.get("seconds", 0) + seconds, 3),  # the whole recipe: artifact + this
+            "continue_seconds": round(seconds, 3),
+            "seconds_per_step": man["seconds"],
+            "peak_rss_bytes": max(report.get("peak_rss_bytes", 0), peak_rss_bytes()),
+            "continue_peak_rss_bytes": peak_rss_bytes(),
+            "size_bytes": (tmp / "model.safetensors").stat().st_size,
+            "continued_from": str(art),
+        })
+        report["artifact_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -202,6 +202,42 @@ class Reconstruct:
             out["quantize_kv"] += ", and it trains through KV4 (simulate_quant)"
         return out
 
+@dataclass
+class TrainE2E:
+    """End-to-end training of the quantization parameters (EfficientQAT's E2E-QP; quant/e2e.py): after every
+    layer is quantized (and reconstructed), the codes stay frozen and the group scales and mins (integer
+    units) and the row scales (log, float16) of every quantized linear are trained together, through the
+    whole quantized model with straight-through rounding, against the float model's next-token
+    distribution (``kl``) or the calibration text itself (``ce``)."""
+    steps: int = param(100, "optimizer steps over the whole model", min=1, max=1_000_000)
+    lr: float = param(0.01, "learning rate of the group scales and mins (integer units: a value must move "
+                            "by 0.5 to change)", min=0.0, max=1.0)
+    row_scale_lr: float = param(0.0001, "learning rate of the log row scales (0 keeps them fixed)",
+                                min=0.0, max=1.0)
+    batch_samples: int = param(2, "training sequences per optimizer step", min=1, max=4096)
+    seq_len: int = param(256, "tokens per training sequence: the calibration sequences cut into pieces of "
+                              "this length (0 = whole calibration sequences)", min=0, max=131_072)
+    loss: str = param("kl", "kl: KL(float model || quantized model) over the vocabulary at every position; "
+                            "ce: cross-entropy on the calibration text's next tokens", choices=["kl", "ce"])
+    lm_head: bool = param(True, "also train the quantized lm_head's scales (when the recipe quantizes it)")
+    simulate_quant: bool = param(True, "train through A8 and KV4 simulated with straight-through rounding "
+                                        "(otherwise activations and the KV cache stay float while training)")
+    probe_samples: int = param(4, "training sequences held out (never trained on; at most a quarter of them): "
+                                  "the loss on them before and after decides whether the trained fields are "
+                                  "kept", min=1, max=4096)
+
+    def must_follow(self) -> dict[str, str]:
+        out = {"quantize_weights": "train_e2e trains the quantized fields quantize_weights produces (the "
+                                   "lm_head's at the end)",
+               "prune": "train_e2e trains the pruned layers prune produces (their masks fixed)",
+               "reconstruct": "train_e2e starts from the reconstructed fields",
+               "quantize_embedding": "train_e2e trains through the embedding table the artifact stores"}
+        if self.simulate_quant:
+            out["quantize_activations"] = "train_e2e trains through A8 (simulate_quant)"
+            out["quantize_kv"] = "train_e2e trains through KV4 (simulate_quant)"
+        return out
+
+
 #: The modifier names a recipe may list, in YAML as single-key mappings.
 MODIFIERS = {
     "rotate": Rotate,
@@ -212,9 +248,10 @@ MODIFIERS = {
     "quantize_kv": QuantizeKV,
     "attention_window": AttentionWindow,
     "reconstruct": Reconstruct,
+    "train_e2e": TrainE2E,
 }
 Modifier = (Rotate | Prune | QuantizeWeights | QuantizeEmbedding | QuantizeActivations | QuantizeKV | AttentionWindow
-            | Reconstruct)
+            | Reconstruct | TrainE2E)
 
 
 @dataclass
@@ -257,6 +294,8 @@ class Recipe:
         prune, qw = self.get(Prune), self.get(QuantizeWeights)
         if self.get(Reconstruct) and not qw:
             out.append(("modifiers", "reconstruct needs a quantize_weights modifier to tune"))
+        if self.get(TrainE2E) and not qw:
+            out.append(("modifiers", "train_e2e needs a quantize_weights modifier to train"))
         if prune and qw and qw.group_size % 4:
             out.append(("modifiers", "2:4 pruning needs a weight group size that is a multiple of 4"))
         return out

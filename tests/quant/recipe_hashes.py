@@ -19,8 +19,8 @@ digests that differ from every recorded set, under this machine's label. The tes
 only: a pipeline change still gives bytes that no CPU recorded.
 
 What is hashed: ``model.safetensors`` (every tensor), ``recipe.yaml``, ``config.json`` and the manifest's
-deterministic part (runtime numerics, calibration windows and the text's file name, the key-smoothing and reconstruction logs
-without their seconds); not timings, paths, tool versions or RSS. The tiny checkpoint's own digest is
+deterministic part (runtime numerics, calibration windows and the text's file name, the key-smoothing, reconstruction and
+end-to-end training logs without their seconds); not timings, paths, tool versions or RSS. The tiny checkpoint's own digest is
 recorded too, so a changed input (another transformers' initialisation, say) is told apart from a changed
 pipeline.
 """
@@ -89,8 +89,11 @@ def _stable(man: dict) -> dict:
         return None if entries is None else [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
 
     cal = man["calibration"] and {**man["calibration"], "text": Path(man["calibration"]["text"]).name}  # not the clone's path
-    return {"runtime": man["runtime"], "calibration": cal, "not_applied": man["not_applied"],
-            "k_smoothing": man["k_smoothing"], "reconstruct": strip(man["reconstruct"])}
+    out = {"runtime": man["runtime"], "calibration": cal, "not_applied": man["not_applied"],
+           "k_smoothing": man["k_smoothing"], "reconstruct": strip(man["reconstruct"])}
+    if "train_e2e" in man:  # only recipes with the end-to-end stage: the others' digests stay as recorded
+        out["train_e2e"] = {k: v for k, v in man["train_e2e"].items() if k != "seconds"}
+    return out
 
 
 def artifact_digest(folder: Path) -> dict:
