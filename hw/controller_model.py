@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from .engine import Mode, beat_ops, layouts
 from .engine_model import out_latency, pipe_drain
+from .engine_parts import stages
 from .isa import ENGINE_MODE_MASK, FLAG_INDEXED, FLAG_W4, INSTR_BITS, UNIT_OPS, Instr, Op
 from .params import AccelParams, EngineParams
 
@@ -119,8 +120,9 @@ def engine_run(ins: Instr, engine: EngineParams, accel: AccelParams, mem: MemTim
     wpt = 2 * kb if mode == Mode.SPARSE else kb
     need_scale = mode != Mode.PV
     # activations: one element per cycle, a beat every pe_lanes + 1 cycles; the cmd beat at cycle 0,
-    # the engine takes the last word at (Ln + 1) * words and issues from the next cycle
-    first_issue = (Ln + 1) * T * wpt + 1
+    # the engine takes the last word at (Ln + 1) * words and issues from the next cycle after its op
+    # queue (stages(p).seq)
+    first_issue = (Ln + 1) * T * wpt + 1 + stages(p).seq
 
     # weight words: one job of kb * WB words per tile on read port 0; scale words: one job on port 1
     def word_stream(jobs_words: list[int]):

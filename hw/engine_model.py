@@ -9,7 +9,8 @@ The rules, read off the RTL (docs/engine.md, "Cycle behaviour"):
 * a command is accepted when the engine is idle and its pipeline empty: at cycle 0 for the first, one
   cycle after the previous command's last tile entered the output bank for the next;
 * the activation load takes one cycle per word (``tokens x words_per_token``, 2 x k_beats words per
-  token in 2:4 mode), then one op (token, weight beat) issues per cycle, ``tiles x k_beats x tokens``
+  token in 2:4 mode), then, ``stages(p).seq`` cycle(s) later (the sequencer's op queue), one op
+  (token, weight beat) issues per cycle, ``tiles x k_beats x tokens``
   (x 2 in ``multiplier_style: dsp`` for a 2:4 command, whose beats run as two half-beat ops, and for
   4-bit codes, QK, PV and a ``wide`` DENSE command, whose beats run as two digit ops:
   ``hw.engine_parts.beat_ops``);
@@ -127,7 +128,8 @@ def timeline(p: EngineParams, commands: list[Command], from_reset: bool = False)
     for i, c in enumerate(commands):
         check_command(p, c, f"command {i}")
         T, kb, h = c.tokens, c.k_beats, beat_ops(p, c.mode, c.wide)
-        first_issue = accept + CMD_CYCLES + T * c.words_per_token()  # after the cmd beat and the load
+        # after the cmd beat, the load and the sequencer's op queue (stages(p).seq)
+        first_issue = accept + CMD_CYCLES + T * c.words_per_token() + stages(p).seq
         delay = 0  # stall cycles so far in this command
         beats = []
         for tile in range(c.tiles):

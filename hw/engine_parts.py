@@ -163,6 +163,9 @@ class Stages:
     RTL (``hw.engine.Engine`` builds exactly these registers) and the cycle models
     (``hw.engine_model``, ``hw.controller_model``) read its latency from.
 
+    * ``seq``: from the op's generation by the sequencer's counters to its issue: the op queue
+      (``Sequencer``), a register between the counters and the stall, so the first op of a command
+      issues ``seq`` cycles after the load's last word;
     * ``buffer``: from the op's issue (S0) to its activation words at the array: the block RAM's
       read and its output register (the DOA_REG/DOB_REG place, so the RAM's slow clock-to-out sees
       no logic);
@@ -184,6 +187,7 @@ class Stages:
     * ``out``: from the bank to ``out``: the output register (``OutputSkid``), so a beat leaves the
       cycle after it left the bank."""
 
+    seq: int
     buffer: int
     array: int
     codes: int
@@ -213,7 +217,7 @@ TREE_SPLIT = 2
 def stages(p: EngineParams) -> Stages:
     """The pipeline of ``p`` (``Stages``)."""
     dsp = p.multiplier_style == "dsp"
-    return Stages(buffer=2, array=1 if dsp else 3, codes=0 if dsp else 1, group=3,
+    return Stages(seq=1, buffer=2, array=1 if dsp else 3, codes=0 if dsp else 1, group=3,
                   requant=REQUANT_STAGES if p.requantizer else 0, out=1)
 
 
@@ -414,20 +418,53 @@ class Sequencer(wiring.Component):
                     else [tile.eq(0), is_last_tile.eq(tiles_1)])
 
         need_scale = scaled & last_gb
+        # the op queue (``stages(p).seq`` = 1): the counters generate an op (``gen``) into a queue of two
+        # entries while it has ``room`` (a register), and the issue takes the queue's head when its
+        # weight (and scale) beat is there and the pipeline is not stalled. So the stall reaches only
+        # the queue's own few registers, never the counters (issue 10's 225 MHz budget), and the beats
+        # are taken at the issue, by the head's ``w_take``/``sc_take``.
+        op = data.StructLayout({"tags": tag_layout(p), "word": wb + 1, "need_scale": 1, "w_take": 1, "sc_take": 1})
+        gen = Signal()
+        gen_op = Signal(op)
+        head, second = Signal(op, name="q_head"), Signal(op, name="q_second")
+        q_count = Signal(range(3))
+        q_room = Signal(init=1)    # q_count < 2, a register kept with it
+        q_valid = Signal()         # q_count != 0, a register kept with it
+        q_empty = Signal()
         m.d.comb += [
             self.load_word.eq(lw),
-            self.word.eq(tok_base + b_word + (half & sparse)),
-            self.tags.t.eq(t), self.tags.first_gb.eq(first_gb & ~half), self.tags.last_gb.eq(last_gb & half_last),
-            self.tags.first_group.eq(g_first), self.tags.last_beat.eq(last_beat & half_last),
-            self.tags.last_tok.eq(last_tok), self.tags.half.eq(half),
-            self.w_ready.eq(self.issue & last_tok & half_last),
-            self.sc_ready.eq(self.issue & need_scale & last_tok & half_last),
+            gen_op.word.eq(tok_base + b_word + (half & sparse)),
+            gen_op.tags.t.eq(t), gen_op.tags.first_gb.eq(first_gb & ~half),
+            gen_op.tags.last_gb.eq(last_gb & half_last),
+            gen_op.tags.first_group.eq(g_first), gen_op.tags.last_beat.eq(last_beat & half_last),
+            gen_op.tags.last_tok.eq(last_tok), gen_op.tags.half.eq(half),
+            gen_op.need_scale.eq(need_scale), gen_op.w_take.eq(last_tok & half_last),
+            gen_op.sc_take.eq(need_scale & last_tok & half_last),
+            self.issue.eq(q_valid & self.w_valid & (~head.need_scale | self.sc_valid) & ~self.stall),
+            self.word.eq(head.word), self.tags.eq(head.tags),
+            self.w_ready.eq(self.issue & head.w_take),
+            self.sc_ready.eq(self.issue & head.sc_take),
+            q_empty.eq(~q_valid),
         ]
+        pop = self.issue
+        with m.If(gen & pop):
+            m.d.sync += head.eq(gen_op)  # q_count is 1 here (a pop needs an entry, a push room)
+        with m.Elif(gen):
+            m.d.sync += [q_count.eq(q_count + 1), q_room.eq(q_count == 0), q_valid.eq(1)]
+            with m.If(q_count == 0):
+                m.d.sync += head.eq(gen_op)
+            with m.Else():
+                m.d.sync += second.eq(gen_op)
+        with m.Elif(pop):
+            m.d.sync += [q_count.eq(q_count - 1), head.eq(second), q_room.eq(1), q_valid.eq(q_count == 2)]
+        # the pipeline is empty for a new command once the queue is too
+        empty = Signal()
+        m.d.comb += empty.eq(self.pipe_empty & q_empty)
 
         with m.FSM(name="state") as fsm:
             with m.State("IDLE"):
-                m.d.comb += self.cmd.ready.eq(self.pipe_empty)
-                with m.If(self.cmd.valid & self.pipe_empty):
+                m.d.comb += self.cmd.ready.eq(empty)
+                with m.If(self.cmd.valid & empty):
                     m.d.sync += [cmd.eq(self.cmd.payload), lw.eq(0), lword.eq(0), ltok.eq(0), *accept_regs]
                     m.next = "LOAD"
             with m.State("LOAD"):
@@ -441,8 +478,8 @@ class Sequencer(wiring.Component):
                                          tok_base.eq(0), b_word.eq(0), half.eq(0)]
                             m.next = "COMPUTE"
             with m.State("COMPUTE"):
-                m.d.comb += self.issue.eq(self.w_valid & (~need_scale | self.sc_valid) & ~self.stall)
-                with m.If(self.issue):
+                m.d.comb += gen.eq(q_room)
+                with m.If(gen):
                     with m.If(last_tok & ~half_last):  # the beat's second half
                         m.d.sync += [*set_t(0), tok_base.eq(0), half.eq(1)]
                     with m.Elif(last_tok):
@@ -456,7 +493,7 @@ class Sequencer(wiring.Component):
                                 m.next = "IDLE"
                     with m.Else():
                         m.d.sync += [*set_t(1), tok_base.eq(tok_base + wpt)]
-        m.d.comb += self.busy.eq(~fsm.ongoing("IDLE") | ~self.pipe_empty)
+        m.d.comb += self.busy.eq(~fsm.ongoing("IDLE") | ~empty)
         return m
 
 

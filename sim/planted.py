@@ -108,6 +108,26 @@ BUGS = {
         "requant=REQUANT_STAGES if p.requantizer else 1, out=1)",
         "engine_parts.py",
     ),
+    # the sequencer's op queue (stages(p).seq): the stall reaches the queue, not the counters
+    "queue_room_kept": (
+        "the sequencer's op queue keeps its room after the second entry is filled (a third op overwrites it)",
+        "m.d.sync += [q_count.eq(q_count + 1), q_room.eq(q_count == 0), q_valid.eq(1)]",
+        "m.d.sync += [q_count.eq(q_count + 1), q_room.eq(1), q_valid.eq(1)]",
+        "engine_parts.py",
+    ),
+    "queue_head_kept": (
+        "the op queue's head stays when it issues with a second op behind it (the head op issues twice, "
+        "the second is lost)",
+        "m.d.sync += [q_count.eq(q_count - 1), head.eq(second), q_room.eq(1), q_valid.eq(q_count == 2)]",
+        "m.d.sync += [q_count.eq(q_count - 1), q_room.eq(1), q_valid.eq(q_count == 2)]",
+        "engine_parts.py",
+    ),
+    "queue_not_empty": (
+        "the sequencer takes the next command while its op queue still holds ops of the last one",
+        "m.d.comb += empty.eq(self.pipe_empty & q_empty)",
+        "m.d.comb += empty.eq(self.pipe_empty)",
+        "engine_parts.py",
+    ),
     # multiplier_style: dsp (hw/engine_dsp.py; tests/hw/test_engine_dsp.py catches each)
     "dsp_field_offset": (
         "the dsp array packs the rows' codes 9 bits apart while it reads the fields 10 bits apart",

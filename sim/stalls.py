@@ -58,6 +58,11 @@ PROFILES = {
     "bursty": ("bursts: inputs stall in runs of mean 8 cycles (about 30 % of cycles), the output in runs "
                "of mean 20 (about 70 %) (stall_probability unused)",
                lambda p: {**{s: Chain(0.054, 0.875) for s in INPUTS}, "out": Chain(0.117, 0.95)}),
+    "weight-bursts": ("directed: the weight stream stalls before about half of its beats, in runs of mean "
+                      "32 cycles, every other stream never (stall_probability unused): the sequencer's op "
+                      "queue holds a command's last ops while the pipeline drains and the next command "
+                      "is offered",
+                      lambda p: {**{s: NEVER for s in STREAMS}, "weight": Chain(0.5, 31 / 32)}),
 }
 PROFILE_NAMES = tuple(PROFILES)
 

@@ -169,7 +169,7 @@ def test_array_cell_every_pattern():
 # ---------------------------------------------------------------------------------------------------
 # Stall profiles, the directed hazard test, full-size reductions, the watchdog (issue 10)
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("profile", ["none", "input-only", "output-only", "asymmetric", "bursty"])
+@pytest.mark.parametrize("profile", ["none", "input-only", "output-only", "asymmetric", "bursty", "weight-bursts"])
 def test_stall_profiles_bit_exact(params, profile):
     from sim.engine_check import make_cases
 

@@ -37,6 +37,30 @@ def test_hazard_watchdog_catches_lost_beats(params, bug):
         hazard_check(params, 0, planted.load(bug).Engine)
 
 
+@pytest.mark.parametrize("bug, caught", [("queue_not_empty", "mismatch"), ("queue_head_kept", "hang"),
+                                         ("queue_room_kept", "hang")])
+def test_weight_bursts_catch_op_queue_bugs(params, bug, caught):
+    """The sequencer's op queue (the stall reaches it, not the counters): with the weight stream stalled
+    before half its beats for runs of mean 32 cycles (``weight-bursts``) the queue fills and holds a
+    command's last ops while the pipeline drains and the next command is offered. Measured on this
+    run: a command taken with ops still queued gives 1 mismatching case of 6; the head kept on a pop
+    (an op issued twice, the next lost) and the room kept with two entries (an op overwritten) hang,
+    and the watchdog names the output. (The hazard profile, inputs never stalled, catches none of
+    the three: its queue never fills.)"""
+    from sim.engine_check import check, make_cases, run_amaranth
+
+    cases = make_cases(params, 6, seed=30 + len("weight-bursts"))
+    if caught == "hang":
+        with pytest.raises(EngineHang, match="out stopped"):
+            run_amaranth(params, cases, seed=3, stall_probability=0.5, stall_profile="weight-bursts",
+                         engine_factory=planted.load(bug).Engine)
+    else:
+        actual, _ = run_amaranth(params, cases, seed=3, stall_probability=0.5, stall_profile="weight-bursts",
+                                 engine_factory=planted.load(bug).Engine)
+        bad, _ = check(cases, actual)
+        assert bad > 0, f"{bug} passed the weight-bursts profile"
+
+
 def test_hazard_watchdog_catches_registers_not_held(params):
     with pytest.raises(EngineHang, match="out stopped"):
         hazard_check(params, 0, planted.load("no_hold_on_stall").Engine)
