@@ -9,9 +9,10 @@ unregistered DSPs and memories, and what breaks the budget (``bitstream.depth.BU
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/depth.py ci-small
 
 Configurations: ``ci-small`` (configs/hw/ci-small.yaml), ``u280-2rows`` and ``u280-1row``
-(configs/hw/u280.yaml with ``pe_rows = 2`` / ``1``: the u280 lane width and widths; the one-row slice is
-the depth test's, tests/bitstream/test_engine_depth.py) and ``u280-dsp-3rows`` (``multiplier_style:
-dsp``, one ``DspRows3``). Writes benchmarks/results/depth.json
+(configs/hw/u280.yaml with ``pe_rows = 2`` / ``1``, lut style: the u280 lane width and widths; the one-row
+slice is the depth test's, tests/bitstream/test_engine_depth.py), ``u280-dsp-1row`` (the same slice in
+``multiplier_style: dsp``, u280.yaml's own style: one ``DspRows1``; the depth test's too) and
+``u280-dsp-3rows`` (dsp, one ``DspRows3``). Writes benchmarks/results/depth.json
 (merging with what is there; written to a temporary name and moved into place).
 """
 
@@ -36,6 +37,8 @@ OUT = ROOT / "benchmarks" / "results" / "depth.json"
 CONFIGS = {"ci-small": ("ci-small", {}), "u280-2rows": ("u280", {"pe_rows": 2, "multiplier_style": "lut"}),
            # tests/bitstream/test_engine_depth.py's slice; the dsp style's smallest (one DspRows3)
            "u280-1row": ("u280", {"pe_rows": 1, "multiplier_style": "lut"}),
+           # the same slice in dsp style (u280.yaml's own: one DspRows1), the depth test's too
+           "u280-dsp-1row": ("u280", {"pe_rows": 1, "multiplier_style": "dsp"}),
            "u280-dsp-3rows": ("u280", {"pe_rows": 3, "multiplier_style": "dsp"})}
 
 

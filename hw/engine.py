@@ -137,7 +137,8 @@ class Engine(wiring.Component):
         if p.multiplier_style == "dsp":  # hw/engine_dsp.py: three rows per DSP48E2 column
             cand = m.submodules.candidates = DspCandidates(p)
             m.d.comb += [cand.d0.eq(buf.r_data0), cand.d1.eq(buf.r_data1), cand.parity.eq(parity[B]),
-                         cand.is_pv.eq(is_pv), cand.zero.as_value().eq(w_bits[zero_at:zero_at + CODE_BITS * L])]
+                         cand.is_pv.eq(is_pv), cand.en.eq(~stall),
+                         cand.zero.as_value().eq(w_bits[zero_at:zero_at + CODE_BITS * L])]
             for gi, (r0, n) in enumerate(dsp_row_groups(p)):
                 rows = m.submodules[f"dsprows{gi}"] = DspRows(p, n)
                 m.d.comb += [rows.act.eq(cand.act), rows.pair_sums.eq(cand.pair_sums), rows.a_shared.eq(cand.a_shared),

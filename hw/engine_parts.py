@@ -172,7 +172,7 @@ class Stages:
     * ``array``: from those words to the row sums ``p``, ``a`` (S2): ``lut`` style the candidates
       and their ``3a`` (``Candidates``, a register), the products and the first ``TREE_SPLIT`` levels
       of the adder trees, a register, the rest of the trees, a register; ``dsp`` style
-      ``hw.engine_dsp.DspRows`` (one register);
+      ``hw.engine_dsp.DspRows`` (``DSP_ARRAY_STAGES``: the DSPs' A/B, M, the trees' split, the sums);
     * ``codes``: of those, the cycles before the array takes the weight beat's codes (``lut``: 1,
       after the candidates' register; ``dsp``: 0);
     * ``group``: from S2 to the group value ``g`` (S3): the group partial sums, the DSP's A/B input
@@ -210,6 +210,11 @@ REQUANT_STAGES = 5
 #: each times ``mult`` fit one DSP48E2 (27 x 18) for acc_bits <= 44
 REQUANT_LO_BITS = 17
 
+#: the dsp array's register stages (``hw.engine_dsp.DspRows``), from the op's buffer words and weight
+#: codes to the row sums (S2): the DSP48E2s' A/B inputs, their products (M), the adder trees split
+#: after ``TREE_SPLIT`` levels, the row sums
+DSP_ARRAY_STAGES = 4
+
 #: levels of ArrayRow's adder trees before its middle register (pe_lanes products -> pe_lanes / 2**k sums)
 TREE_SPLIT = 2
 
@@ -217,7 +222,7 @@ TREE_SPLIT = 2
 def stages(p: EngineParams) -> Stages:
     """The pipeline of ``p`` (``Stages``)."""
     dsp = p.multiplier_style == "dsp"
-    return Stages(seq=1, buffer=2, array=1 if dsp else 3, codes=0 if dsp else 1, group=3,
+    return Stages(seq=1, buffer=2, array=DSP_ARRAY_STAGES if dsp else 3, codes=0 if dsp else 1, group=3,
                   requant=REQUANT_STAGES if p.requantizer else 0, out=1)
 
 

@@ -137,19 +137,19 @@ BUGS = {
     ),
     "dsp_no_correction": (
         "the dsp array leaves out the -128 * sum(c) correction of the offset packing",
-        "m.d.comb += corr.eq(ls - (lc << OFFSET_SHIFT))",
+        "m.d.comb += corr.eq(ls - (lc_s << OFFSET_SHIFT))",
         "m.d.comb += corr.eq(ls)",
         "engine_dsp.py",
     ),
     "dsp_pass1_unshifted": (
         "the dsp array adds a 4-bit beat's high-digit pass (op 1) without its shift by 2 (KV4, W4)",
-        "self.p[r].eq(Mux(digit, corr << DIGIT_BITS, corr))",
+        "self.p[r].eq(Mux(digit_s, corr << DIGIT_BITS, corr))",
         "self.p[r].eq(corr)",
         "engine_dsp.py",
     ),
     "dsp_sum_a_twice": (
         "the dsp array sends sum(a) (P·V: the zero row) with both ops of a 4-bit beat, counting it twice",
-        "Mux(digit, 0, self.a_shared)",
+        "Mux(digit_s, 0, self.a_shared)",
         "self.a_shared",
         "engine_dsp.py",
     ),
@@ -163,6 +163,19 @@ BUGS = {
         "the dsp array's 2:4 pair sums add a group's first kept activation twice (sum of kept activations wrong)",
         "acts[4 * q + i] + acts[4 * q + j]",
         "acts[4 * q + i] + acts[4 * q + i]",
+        "engine_dsp.py",
+    ),
+    "dsp_ab_not_held": (
+        "the dsp array's DSP48E2 A/B and M registers load during a stall (a held op's operands and product move on)",
+        "            with m.If(en):\n                m.d.sync += [packed.eq(Cat(*slots))",
+        "            with m.If(1):\n                m.d.sync += [packed.eq(Cat(*slots))",
+        "engine_dsp.py",
+    ),
+    "dsp_digit_undelayed": (
+        "the dsp array's digit flag (op 1 of a 4-bit beat) reaches the row sums without the op's delay: "
+        "another op's shift and sum(a) are applied",
+        'digit_s = _delay(m, digit, en, DSP_ARRAY_STAGES - 1, "digit")',
+        "digit_s = digit",
         "engine_dsp.py",
     ),
     "dsp_half_swapped": (

@@ -103,11 +103,21 @@ PLANTED = {
     "dsp_w4_one_pass": (("w4",),),
     "dsp_half_swapped": (("sparse_mv",),),
     "dsp_kept_sum_pair": (("sparse_mv",),),
+    "dsp_digit_undelayed": (("qk",), ("pv",), ("w4",)),
 }
+#: the planted dsp bugs of the array's pipeline registers (not held on a stall): the directed hazard
+#: run (output stalled 80 %, inputs never) must catch each
+HOLD_PLANTED = ("dsp_ab_not_held",)
 
 
 def test_every_dsp_bug_is_listed():
-    assert set(PLANTED) == {b for b in planted.BUGS if b.startswith("dsp_")}
+    assert set(PLANTED) | set(HOLD_PLANTED) == {b for b in planted.BUGS if b.startswith("dsp_")}
+
+
+@pytest.mark.parametrize("bug", HOLD_PLANTED)
+def test_planted_hold_bug_is_caught_by_the_hazard_run(params, bug):
+    bad, first, _, stalled = ec.hazard_check(params, 0, planted.load(bug).Engine)
+    assert stalled > 0 and bad > 0, f"planted {bug} ({planted.BUGS[bug][0]}) passed the hazard run"
 
 
 @pytest.mark.parametrize("bug", sorted(PLANTED))
