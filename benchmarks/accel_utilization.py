@@ -20,8 +20,6 @@ unchanged design only re-reads them. The output is written to a temporary name a
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from accllm.config import load_hw  # noqa: E402
 from bitstream.build import estimate_accelerator, precheck, utilization  # noqa: E402
+from quant.atomic import write_json  # noqa: E402
 
 DEFAULT_OUT = {"u280": "u280_utilization.json", "ci-small": "utilization-ci-small.json"}
 
@@ -77,9 +76,7 @@ def main(argv=None) -> int:
             **({"units": [u.name for u in units]} if units else {}),
             "wall_seconds": round(time.monotonic() - t0, 1),
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(util, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_json(out, util)
     print(f"{args.hw}: " + ", ".join(f"{k} {util[k]:,} ({util['percent'][k]:.2f} %)"
                                      for k in ("lut", "ff", "dsp", "bram36", "uram")))
     for b in util["binding"]:

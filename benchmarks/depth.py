@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from accllm.config import load_hw  # noqa: E402
 from bitstream.depth import BUDGET, check_budget, logic_depth  # noqa: E402
+from quant.atomic import write_json  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "depth.json"
 CONFIGS = {"ci-small": ("ci-small", {}), "u280-2rows": ("u280", {"pe_rows": 2, "multiplier_style": "lut"}),
@@ -102,10 +102,7 @@ def main(argv=None) -> int:
     data.setdefault("commands", {}).update(
         {name: f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/depth.py {name}" for name in new})
     data["host"] = {"python": platform.python_version(), "machine": platform.machine()}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, OUT)
+    write_json(OUT, data)
     print(f"wrote {OUT.relative_to(ROOT)}")
     return 0
 

@@ -109,6 +109,7 @@ VARIANTS = {"noclip": _noclip, "novo": _novo, "voonly": _voonly, "fold": _fold, 
 # Rows quanto-w2, quanto-w4, hqq-w2, hqq-w4 (+ quanto-w2a16, quanto-w4a16, peers-float); run by the hook
 # in main(); without the extra a row is reported as skipped with the install command.
 from benchmarks.peers import PEER_ROWS  # noqa: E402  (light: torch/quanto/hqq are imported per row)
+from quant.atomic import write_json, write_text  # noqa: E402
 
 ROWS.update({name: (spec[0], "peer", "short", None) for name, spec in PEER_ROWS.items()})
 # --- end peer quantizers ----------------------------------------------------------------------------
@@ -192,12 +193,9 @@ def write_tables(args, text, results):
         lines += meta["commands"] + ["```"]
     if meta["notes"]:
         lines += ["", "Notes:", ""] + [f"* {n}" for n in meta["notes"]]
-    tmpj = out.with_suffix(".json.tmp")  # after the ratios: rows gain "ratio" and "ratio_ci95"
-    tmpj.write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
-    os.replace(tmpj, out.with_suffix(".json"))
-    tmpm = out.with_suffix(".md.tmp")
-    tmpm.write_text("\n".join(lines) + "\n")
-    os.replace(tmpm, out.with_suffix(".md"))
+    # after the ratios: rows gain "ratio" and "ratio_ci95"
+    write_json(out.with_suffix(".json"), {"meta": meta, "rows": results}, indent=2)
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return lines
 
 

@@ -28,6 +28,7 @@ from accllm.config import load_hw  # noqa: E402
 from bitstream.engine_resources import KEYS, engine_estimate, flat_check, lut_mapper  # noqa: E402
 from bitstream.platform import U280_RESOURCES  # noqa: E402
 from bitstream.yosys import _package_version, yosys_version  # noqa: E402
+from quant.atomic import write_json  # noqa: E402
 
 TARGET_PERCENT = {"lut": 35.0, "dsp": 45.0}
 #: the sum of parts must be within this of the flat run, in percent of the flat count (LUT, FF, DSP)
@@ -83,9 +84,7 @@ def main(argv=None) -> int:
                                     for k in ("lut", "ff", "dsp")),
         }
     out["seconds"] = round(time.monotonic() - t0, 1)
-    tmp = Path(args.out).with_suffix(".json.tmp")  # written whole, then moved into place
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, out)
     print(json.dumps({k: out[k] for k in ("totals", "percent_of_u280", "meets_target")}, indent=1))
     if "flat_check" in out:
         print("flat check:", json.dumps(out["flat_check"]["difference_percent"]),

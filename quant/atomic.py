@@ -6,9 +6,9 @@ does the same for artifact folders)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import itertools
 from pathlib import Path
 
 __all__ = ["write_text", "write_json"]
