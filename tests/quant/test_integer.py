@@ -349,3 +349,25 @@ def test_quantize_refuses_a_shape_the_integer_formats_cannot_run(tmp_path):
         quantize_model(str(tmp_path / "m"), load_recipe("rtn-w2a8kv4"), tmp_path / "a", calib_samples=2,
                        seq_len=32, progress=False)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("sinks,window", [(3, 9), (0, 12), (2, 5)])
+def test_banded_attention_equals_one_block(dense_art, sinks, window, monkeypatch):
+    """Under Λ the decoder runs queries in blocks over only the keys they can see (Decoder.query_block):
+    the same integer logits as the whole score matrix at once, for block sizes that do and do not divide
+    the prompt, and for a prompt continued after a cache already holds earlier tokens (start > 0)."""
+    model, _ = _integer_model(dense_art, sinks, window)
+    dec = model.integer_decoder()
+    ids = torch.from_numpy(np.random.default_rng(11).integers(0, 300, 45))
+    monkeypatch.setattr(I.Decoder, "query_block", None)
+    whole = dec.forward(ids, 0, dec.new_caches())
+    c0 = dec.new_caches()
+    head = dec.forward(ids[:17], 0, c0)
+    tail = dec.forward(ids[17:], 17, c0)
+    assert torch.equal(torch.cat([head, tail]), whole)
+    for block in (1, 4, 7, 16):
+        monkeypatch.setattr(I.Decoder, "query_block", block)
+        assert torch.equal(dec.forward(ids, 0, dec.new_caches()), whole), block
+        c = dec.new_caches()
+        part = torch.cat([dec.forward(ids[:17], 0, c), dec.forward(ids[17:], 17, c)])
+        assert torch.equal(part, whole), block
