@@ -34,12 +34,14 @@ from bitstream.depth import BUDGET, check_budget, logic_depth  # noqa: E402
 from quant.atomic import write_json  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "depth.json"
-CONFIGS = {"ci-small": ("ci-small", {}), "u280-2rows": ("u280", {"pe_rows": 2, "multiplier_style": "lut"}),
+# the u280 slices keep the requantizer (u280 builds the lean engine, requantizer false), so that the
+# numbers recorded before stay comparable and its stages stay measured
+CONFIGS = {"ci-small": ("ci-small", {}), "u280-2rows": ("u280", {"pe_rows": 2, "multiplier_style": "lut", "requantizer": True}),
            # tests/bitstream/test_engine_depth.py's slice; the dsp style's smallest (one DspRows3)
-           "u280-1row": ("u280", {"pe_rows": 1, "multiplier_style": "lut"}),
+           "u280-1row": ("u280", {"pe_rows": 1, "multiplier_style": "lut", "requantizer": True}),
            # the same slice in dsp style (u280.yaml's own: one DspRows1), the depth test's too
-           "u280-dsp-1row": ("u280", {"pe_rows": 1, "multiplier_style": "dsp"}),
-           "u280-dsp-3rows": ("u280", {"pe_rows": 3, "multiplier_style": "dsp"})}
+           "u280-dsp-1row": ("u280", {"pe_rows": 1, "multiplier_style": "dsp", "requantizer": True}),
+           "u280-dsp-3rows": ("u280", {"pe_rows": 3, "multiplier_style": "dsp", "requantizer": True})}
 
 
 def _engine_params(name: str):

@@ -1,4 +1,4 @@
-"""The lean engine (``EngineParams.requantizer: false``): no per-row
+"""The lean engine (``EngineParams.requantizer: false``, what configs/hw/u280.yaml builds): no per-row
 requantizers, the accumulators' sums straight into the output bank (``stages(p).requant`` = 0), the
 ``rq`` stream never ready. Bit-exact and on the cycle model's cycle in both multiplier styles, under
 stalls; a requantizing command is refused with the parameter named; the controller never sends one
@@ -28,7 +28,8 @@ def _lean(style: str):
     return dataclasses.replace(load_hw("ci-small").engine, requantizer=False, multiplier_style=style)
 
 
-def test_ci_small_keeps_the_requantizers():
+def test_u280_builds_the_lean_engine():
+    assert load_hw("u280").engine.requantizer is False
     assert load_hw("ci-small").engine.requantizer is True  # the standalone engine tests keep theirs
 
 
