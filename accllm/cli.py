@@ -122,7 +122,8 @@ def cmd_eval(args) -> int:
     _threads(args)
     res = evaluate(args.model, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens,
                    integer_path=args.integer_path, progress=not args.json,
-                   attention=args.attention, against=args.against, bootstrap=args.bootstrap)
+                   attention=args.attention, against=args.against, bootstrap=args.bootstrap,
+                   stream_layers=args.stream_layers)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -440,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     ip = e.add_mutually_exclusive_group()
     ip.add_argument("--integer-path", dest="integer_path", action="store_true", default=None)
     ip.add_argument("--float-path", dest="integer_path", action="store_false")
+    e.add_argument("--stream-layers", action="store_true",
+                   help="read the decoder layers one at a time (every window through layer i, then layer i is "
+                        "freed and layer i+1 read) instead of loading the whole model: for a model bigger than "
+                        "memory (a float Llama-2-7B, ~27 GB in float32). The same result exactly; memory is one "
+                        "layer plus the embedding, lm_head and the windows' hidden states (docs/quantizer.md)")
     e.add_argument("--json", action="store_true",
                    help='print the result as JSON: "perplexity", "tokens", "seq_len", "integer_path", "ci95", '
                         'the per-window losses, and "ratio" with --against')

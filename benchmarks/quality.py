@@ -236,12 +236,13 @@ def _main(argv=None) -> int:
                          "the machine's load, rows carried over); kept by --append")
     ap.add_argument("--artifacts-dir", default=None,
                     help="keep artifacts in DIR/<recipe> and reuse one found there (same settings assumed)")
+    ap.add_argument("--stream-layers", action="store_true",
+                    help="evaluate with the decoder layers read one at a time (accllm eval --stream-layers): for "
+                         "a model bigger than memory; the same numbers exactly")
     args = ap.parse_args(argv)
 
     from accllm.config import load_recipe
-    from quant.artifact import load_artifact
-    from quant.evaluate import perplexity
-    from quant.loading import load_model
+    from quant.evaluate import open_model, perplexity_of
     from quant.pipeline import peak_rss_bytes, quantize_model
 
     text = Path(args.text) if args.text else default_text()
@@ -249,6 +250,9 @@ def _main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    if args.stream_layers and any(r in PEER_ROWS for r in rows):
+        ap.error(f"--stream-layers: the peer rows {[r for r in rows if r in PEER_ROWS]} load their own whole "
+                 f"model (benchmarks/peers.py) and cannot stream; run them without --stream-layers")
     # the text must hold --max-tokens tokens and a window of every context asked for: refuse it now,
     # before any quantization, rather than after an hour (quant.data.eval_windows says what is short)
     from quant.data import eval_windows
@@ -290,8 +294,8 @@ def _main(argv=None) -> int:
             qreport = None
             if recipe is None:
                 if float_model is None:
-                    float_model = load_model(args.model)
-                model, tok = float_model
+                    float_model = open_model(args.model, args.stream_layers)
+                model, tok, parts = float_model
             else:
                 if recipe not in artifacts:
                     out = Path(args.artifacts_dir or tmp) / recipe.replace(":", "-")
@@ -305,8 +309,8 @@ def _main(argv=None) -> int:
                         qreport = quantize_model(args.model, rec, out,
                                                  calib_samples=args.calib_samples, seq_len=args.calib_seq_len,
                                                  seed=args.seed, progress=True)
-                    artifacts[recipe] = (load_artifact(out), qreport)
-                (model, tok), qreport = artifacts[recipe]
+                    artifacts[recipe] = (open_model(str(out), args.stream_layers), qreport)
+                (model, tok, parts), qreport = artifacts[recipe]
                 model.numerics.integer_path = not recipe.endswith(":floatw")  # float weights: no integer path
             nm = model.numerics
             saved = (nm.sinks, nm.window)
@@ -315,8 +319,7 @@ def _main(argv=None) -> int:
             elif lam is not None:
                 nm.sinks, nm.window = lam
             t1 = time.time()
-            res = perplexity(model, tok, text, seq_len=seq, max_tokens=args.max_tokens, progress=True,
-                             bootstrap=args.bootstrap)
+            res = perplexity_of(model, tok, parts, text, seq, args.max_tokens, True, args.bootstrap)
             used = None if nm.window is None else [nm.sinks, nm.window]
             nm.sinks, nm.window = saved
             row = {"row": r, "description": desc, "recipe": recipe, **res,

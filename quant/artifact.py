@@ -328,74 +328,134 @@ def load_artifact(path: str | Path, device: str = "cpu", numerics: Numerics | No
     A quantized embedding becomes the model's float table ``code * S_row`` (so the float route looks up
     what is stored) and, for the integer route, ``model.embed_q = (codes int8 (V, H), row_scale float64
     (V,))``; ``model.embed_q`` is None when the artifact keeps the embedding in float."""
-    from safetensors import safe_open
-    from .loading import check_architecture, load_tokenizer
+    parts = ArtifactParts(path, numerics)
+    model = parts.shell([parts.layer(i) for i in range(parts.n_layers)])
+    return model.to(device).eval(), parts.tokenizer()
 
-    path = Path(path)
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise QuantError(f"artifact {path}: manifest.json unreadable ({e}); the artifact is corrupt") from e
-    if manifest.get("format") != FORMAT:
-        raise QuantError(f"artifact {path}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
-    from transformers import AutoConfig
 
-    try:
-        cfg = AutoConfig.from_pretrained(str(path))
-    except Exception as e:
-        raise QuantError(f"artifact {path}: config.json unreadable ({e})") from e
-    check_architecture(cfg, str(path))
-    f = path / "model.safetensors"
-    try:
-        with safe_open(str(f), framework="pt") as h:
-            md = h.metadata() or {}
-            t = {k: h.get_tensor(k) for k in h.keys()}
-    except Exception as e:
-        raise QuantError(f"artifact {f}: cannot read ({type(e).__name__}: {e}); the artifact is corrupt") from e
-    linears = json.loads(md.get("accllm.linears", "{}"))
-    rt = manifest.get("runtime", {})
-    nm = numerics or Numerics(a8=bool(rt.get("a8")), kv4=bool(rt.get("kv4")), sinks=int(rt.get("sinks") or 0),
-                              window=rt.get("window"))
-    tnp = None
+class _Tensors:
+    """The artifact's tensors by name, each read from model.safetensors when asked for (nothing is held)."""
 
-    def lin(name):
-        nonlocal tnp
-        if name in linears:
-            if tnp is None:
-                tnp = {k: v.numpy() for k, v in t.items()}
-            return QLinear(unpack_linear(name, tnp, linears[name]), nm, name)
-        if name + ".weight" not in t:
-            raise QuantError(f"artifact {f}: tensor {name}.weight missing; the artifact is corrupt")
-        return FloatLinear(t[name + ".weight"])
+    def __init__(self, f: Path, names, numpy: bool = False):
+        self.f, self.names, self.numpy = f, set(names), numpy
 
-    def get(name):
-        if name not in t:
-            raise QuantError(f"artifact {f}: tensor {name} missing; the artifact is corrupt")
-        return t[name]
+    def __contains__(self, name):
+        return name in self.names
 
-    if "accllm.embedding" in md or f"{EMBED}.qweight" in t:
+    def keys(self):
+        return sorted(self.names)
+
+    def __getitem__(self, name):
+        from safetensors import safe_open
+
+        if name not in self.names:
+            raise KeyError(name)
         try:
-            emeta = json.loads(md.get("accllm.embedding", "null"))
-        except json.JSONDecodeError as e:
-            raise QuantError(f"artifact {f}: header accllm.embedding unreadable ({e}); the artifact is corrupt") from e
-        if not isinstance(emeta, dict):
-            raise QuantError(f"artifact {f}: {EMBED}.qweight present but the header lists no accllm.embedding; "
-                             f"the artifact is corrupt")
-        if (emeta.get("vocab"), emeta.get("hidden")) != (cfg.vocab_size, cfg.hidden_size):
-            raise QuantError(f"artifact {f}: embedding header {emeta} does not match config.json (vocab "
-                             f"{cfg.vocab_size}, hidden {cfg.hidden_size}); the artifact is corrupt")
-        codes, rs = unpack_embedding({k: t[k].numpy() for k in (f"{EMBED}.qweight", f"{EMBED}.row_scale") if k in t},
-                                     emeta, f"artifact {f}")
-        embed_q = (codes, rs)
-        embed = torch.from_numpy(reference.dequantize_embedding(codes, rs)).to(torch.float32)
-    else:
-        embed_q, embed = None, get(f"{EMBED}.weight")
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        lins = {p: lin(linear_name(i, p)) for p in ATTN + MLP_NAMES}
-        norms = {n: get(f"model.layers.{i}.{n}.weight") for n in ("input_layernorm", "post_attention_layernorm")}
-        layers.append(DecoderLayer(cfg, nm, lins, norms))
-    head = lin("lm_head") if ("lm_head" in linears or "lm_head.weight" in t) else None
-    model = LlamaLM(cfg, embed, layers, get("model.norm.weight"), head, nm)
-    model.embed_q = embed_q
-    return model.to(device).eval(), load_tokenizer(path)
+            with safe_open(str(self.f), framework="pt") as h:
+                t = h.get_tensor(name)
+        except Exception as e:
+            raise QuantError(f"artifact {self.f}: cannot read {name} ({type(e).__name__}: {e}); the artifact is "
+                             f"corrupt") from e
+        return t.numpy() if self.numpy else t
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+
+class ArtifactParts:
+    """An artifact opened for reading part by part: ``layer(i)`` reads decoder layer i's tensors (packed
+    linears unpacked into QLinear modules, norms) and nothing else; ``shell(layers)`` is the LlamaLM
+    around given layers (embedding, final norm, lm_head). ``load_artifact`` is ``shell`` over every layer;
+    a streamed evaluation (quant.evaluate.stream_logits) reads one layer at a time."""
+
+    def __init__(self, path: str | Path, numerics: Numerics | None = None):
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        from .loading import check_architecture
+
+        path = Path(path)
+        self.path = path
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise QuantError(f"artifact {path}: manifest.json unreadable ({e}); the artifact is corrupt") from e
+        if manifest.get("format") != FORMAT:
+            raise QuantError(f"artifact {path}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
+        try:
+            cfg = AutoConfig.from_pretrained(str(path))
+        except Exception as e:
+            raise QuantError(f"artifact {path}: config.json unreadable ({e})") from e
+        check_architecture(cfg, str(path))
+        self.config = cfg
+        f = self.file = path / "model.safetensors"
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                md = h.metadata() or {}
+                names = list(h.keys())
+        except Exception as e:
+            raise QuantError(f"artifact {f}: cannot read ({type(e).__name__}: {e}); the artifact is corrupt") from e
+        self._md = md
+        self._t, self._tnp = _Tensors(f, names), _Tensors(f, names, numpy=True)
+        self.linears = json.loads(md.get("accllm.linears", "{}"))
+        rt = manifest.get("runtime", {})
+        self.numerics = numerics or Numerics(a8=bool(rt.get("a8")), kv4=bool(rt.get("kv4")),
+                                             sinks=int(rt.get("sinks") or 0), window=rt.get("window"))
+        self.n_layers = int(cfg.num_hidden_layers)
+
+    def _lin(self, name):
+        if name in self.linears:
+            return QLinear(unpack_linear(name, self._tnp, self.linears[name]), self.numerics, name)
+        if name + ".weight" not in self._t:
+            raise QuantError(f"artifact {self.file}: tensor {name}.weight missing; the artifact is corrupt")
+        return FloatLinear(self._t[name + ".weight"])
+
+    def _get(self, name):
+        if name not in self._t:
+            raise QuantError(f"artifact {self.file}: tensor {name} missing; the artifact is corrupt")
+        return self._t[name]
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any linear (lm_head included) is stored quantized."""
+        return bool(self.linears)
+
+    def float_linear(self) -> str | None:
+        """The first decoder linear stored in float (the integer route cannot run it), or None."""
+        return next((linear_name(i, p) for i in range(self.n_layers) for p in ATTN + MLP_NAMES
+                     if linear_name(i, p) not in self.linears), None)
+
+    def layer(self, i: int) -> DecoderLayer:
+        lins = {p: self._lin(linear_name(i, p)) for p in ATTN + MLP_NAMES}
+        norms = {n: self._get(f"model.layers.{i}.{n}.weight") for n in ("input_layernorm", "post_attention_layernorm")}
+        return DecoderLayer(self.config, self.numerics, lins, norms)
+
+    def shell(self, layers: list | None = None) -> LlamaLM:
+        """The LlamaLM with ``layers`` (none: the embedding, final norm and lm_head only)."""
+        md, t, f, cfg = self._md, self._t, self.file, self.config
+        if "accllm.embedding" in md or f"{EMBED}.qweight" in t:
+            try:
+                emeta = json.loads(md.get("accllm.embedding", "null"))
+            except json.JSONDecodeError as e:
+                raise QuantError(f"artifact {f}: header accllm.embedding unreadable ({e}); the artifact is corrupt") from e
+            if not isinstance(emeta, dict):
+                raise QuantError(f"artifact {f}: {EMBED}.qweight present but the header lists no accllm.embedding; "
+                                 f"the artifact is corrupt")
+            if (emeta.get("vocab"), emeta.get("hidden")) != (cfg.vocab_size, cfg.hidden_size):
+                raise QuantError(f"artifact {f}: embedding header {emeta} does not match config.json (vocab "
+                                 f"{cfg.vocab_size}, hidden {cfg.hidden_size}); the artifact is corrupt")
+            codes, rs = unpack_embedding({k: self._tnp[k] for k in (f"{EMBED}.qweight", f"{EMBED}.row_scale") if k in t},
+                                         emeta, f"artifact {f}")
+            embed_q = (codes, rs)
+            embed = torch.from_numpy(reference.dequantize_embedding(codes, rs)).to(torch.float32)
+        else:
+            embed_q, embed = None, self._get(f"{EMBED}.weight")
+        head = self._lin("lm_head") if ("lm_head" in self.linears or "lm_head.weight" in t) else None
+        model = LlamaLM(cfg, embed, list(layers or []), self._get("model.norm.weight"), head, self.numerics)
+        model.embed_q = embed_q
+        return model.eval()
+
+    def tokenizer(self):
+        from .loading import load_tokenizer
+
+        return load_tokenizer(self.path)

@@ -31,12 +31,16 @@ def perplexity(model, tokenizer, text: str | Path | None, seq_len: int = 512, ma
     from tqdm import tqdm
 
     wins, info = eval_windows(tokenizer, text, seq_len, max_tokens)
+    logits = (model(w[None])[0] for w in tqdm(wins, desc="eval", unit="window", disable=not progress))
+    return _result(logits, wins, info, model.numerics, seq_len, bootstrap)
+
+
+def _result(logits, wins, info, nm, seq_len, bootstrap) -> dict:
+    """perplexity's result from each window's logits (an iterable, consumed once, in window order)."""
     nll, cnt = [], []
-    for w in tqdm(wins, desc="eval", unit="window", disable=not progress):
-        logits = model(w[None])[0]
-        nll.append(float(torch.nn.functional.cross_entropy(logits[:-1].to(torch.float64), w[1:], reduction="sum")))
+    for w, lg in zip(wins, logits, strict=True):
+        nll.append(float(torch.nn.functional.cross_entropy(lg[:-1].to(torch.float64), w[1:], reduction="sum")))
         cnt.append(int(w.numel() - 1))
-    nm = model.numerics
     window = getattr(nm, "window", None)  # (a peer's model, benchmarks/peers.py, has full attention only)
     res = {"perplexity": math.exp(sum(nll) / sum(cnt)), "tokens": sum(cnt), "seq_len": seq_len,
            "integer_path": bool(nm.integer_path), "windows": len(wins),
@@ -46,6 +50,48 @@ def perplexity(model, tokenizer, text: str | Path | None, seq_len: int = 512, ma
     res["ci95"] = perplexity_ci(res, bootstrap)
     res["bootstrap"] = {"samples": bootstrap, "seed": BOOTSTRAP_SEED, "unit": "window"}
     return res
+
+
+@torch.no_grad()
+def stream_logits(parts, model, wins, progress: bool = False):
+    """Each window's logits, as ``model(w[None])[0]`` gives them, with the decoder layers read one at a time:
+    every window's hidden state goes through layer i, then layer i is dropped and layer i + 1 read
+    (``parts.layer(i)``, from the checkpoint or the artifact). ``model`` is ``parts.shell()`` (embedding,
+    final norm, lm_head: no decoder layers) with its numerics set. The same calls as LlamaLM.forward (the
+    float route) and integer.Decoder.forward (the integer route) per window, so the same logits exactly.
+    Yields the logits window by window (window order) after the last layer."""
+    from tqdm import tqdm
+
+    if len(model.layers):
+        raise QuantError("stream_logits: the model holds decoder layers; give parts.shell() (no layers)")
+    integer = bool(model.numerics.integer_path)
+    if integer:
+        from .integer import to_float_logits
+        from .model import integer_layer
+
+        dec = model.integer_decoder()
+        hs = [dec.embed_tokens(w, 0) for w in wins]  # (x (T, H), positions)
+    else:
+        pos = [torch.arange(w.numel()) for w in wins]
+        hs = [model.embed_tokens[w[None]] for w in wins]
+    bar = tqdm(total=parts.n_layers * len(wins), desc="eval (streamed)", unit="window-layer", disable=not progress)
+    for i in range(parts.n_layers):
+        layer = parts.layer(i)
+        if integer:
+            lay = dec.build_layer(dec.spec.check_layer(i, integer_layer(i, layer)))
+            del layer
+            for j, (x, p) in enumerate(hs):
+                hs[j] = (dec.layer(i, x, p, dec.new_cache(), None, lay), p)
+                bar.update()
+        else:
+            for j in range(len(hs)):
+                hs[j] = layer(hs[j], model.rope, pos[j])
+                bar.update()
+        lay = layer = None  # layer i is freed before layer i + 1 is read
+    bar.close()
+    for j in range(len(hs)):
+        h, hs[j] = hs[j], None
+        yield to_float_logits(dec.head(h[0])) if integer else model.head(h)[0]
 
 
 def _resample(n_windows: int, samples: int) -> np.ndarray:
@@ -89,11 +135,14 @@ def _short(v):
     return f"{len(v)} windows" if isinstance(v, list) else repr(v)
 
 
-def _set_integer_path(model, integer_path: bool | None, where: str) -> bool:
+def _set_integer_path(model, integer_path: bool | None, where: str, parts=None) -> bool:
     """The integer route (the whole decoder in integers) by default whenever the model can run it; asked
-    for explicitly on a model that cannot, a clear error says what is float."""
+    for explicitly on a model that cannot, a clear error says what is float. ``parts``: the model is a
+    streamed shell (no decoder layers) and ``parts`` says what its layers are."""
     why = model.integer_unready() if hasattr(model, "integer_unready") else "not an accllm model"
-    if not model.quantized:
+    if parts is not None and why is None and parts.float_linear():
+        why = f"the integer path needs every linear quantized; {parts.float_linear()} is float"
+    if not (model.quantized if parts is None else parts.quantized):
         why = "this model has no quantized linear layers"
     if integer_path is None:
         integer_path = why is None
@@ -150,12 +199,15 @@ def load_result(path: str | Path) -> dict:
 
 def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512, max_tokens: int | None = None,
              integer_path: bool | None = None, progress: bool = True,
-             attention=None, against: str | dict | None = None, bootstrap: int = BOOTSTRAP_SAMPLES) -> dict:
+             attention=None, against: str | dict | None = None, bootstrap: int = BOOTSTRAP_SAMPLES,
+             stream_layers: bool = False) -> dict:
     """-> :func:`perplexity`'s result ({"perplexity", "tokens", "seq_len", "integer_path", "ci95", ...}).
     ``integer_path`` defaults to True for an artifact with quantized layers (W×A8), else False.
     ``attention``: see :func:`parse_attention`. ``against``: a reference (a model or artifact to evaluate
     on the float path with the same windows and the same attention, or a previous result: a dict or the
-    path of an ``accllm eval --json`` output); the result then has ``ratio`` = :func:`paired_ratio`."""
+    path of an ``accllm eval --json`` output); the result then has ``ratio`` = :func:`paired_ratio`.
+    ``stream_layers``: read the decoder layers one at a time (:func:`stream_logits`) instead of loading the
+    whole model, for a model bigger than memory; the same result exactly (and ``"streamed": True``)."""
     if bootstrap < 0:
         raise QuantError(f"--bootstrap must be >= 0, got {bootstrap}")
     ref = None
@@ -163,8 +215,8 @@ def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512
         ref = load_result(against)  # read it first: a bad file fails before the long evaluation
     elif isinstance(against, dict):
         ref = against
-    model, tok = load_model(model_or_artifact)
-    _set_integer_path(model, integer_path, str(model_or_artifact))
+    model, tok, parts = open_model(model_or_artifact, stream_layers)
+    _set_integer_path(model, integer_path, str(model_or_artifact), parts)
     _set_attention(model, attention)
     mine = effective_attention(model.numerics.sinks, model.numerics.window, seq_len)
     if ref is not None and effective_attention(ref.get("sinks"), ref.get("window"), ref.get("seq_len")) != mine:
@@ -172,18 +224,44 @@ def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512
                          f"({ref.get('sinks')}, {ref.get('window')}) at seq_len {ref.get('seq_len')}, this model "
                          f"runs ({model.numerics.sinks}, {model.numerics.window}) at {seq_len}; pass --attention "
                          f"so both use the same")
-    res = perplexity(model, tok, text, seq_len, max_tokens, progress, bootstrap)
+    res = perplexity_of(model, tok, parts, text, seq_len, max_tokens, progress, bootstrap)
     res["model"] = str(model_or_artifact)
     if against is not None:
         if ref is None:
             del model
-            rmodel, rtok = load_model(str(against))
-            _set_integer_path(rmodel, False, str(against))
+            rmodel, rtok, rparts = open_model(str(against), stream_layers)
+            _set_integer_path(rmodel, False, str(against), rparts)
             rmodel.numerics.sinks, rmodel.numerics.window = res["sinks"], res["window"]
-            ref = perplexity(rmodel, rtok, text, seq_len, max_tokens, progress, bootstrap)
+            ref = perplexity_of(rmodel, rtok, rparts, text, seq_len, max_tokens, progress, bootstrap)
             ref["model"] = str(against)
         res["ratio"] = paired_ratio(res, ref, bootstrap)
         res["ratio"]["against_model"] = ref.get("model")
+    return res
+
+
+def open_model(source, stream_layers: bool):
+    """-> (model, tokenizer, parts): the whole model and None, or (streamed) the shell without decoder
+    layers and the parts that read them one at a time."""
+    if not stream_layers:
+        return (*load_model(source), None)
+    from .loading import open_parts
+
+    if not isinstance(source, (str, Path)):
+        raise QuantError(f"--stream-layers: {source!r} is not a model path; a streamed evaluation reads the "
+                         f"layers from a checkpoint folder, .gguf file or artifact")
+    parts = open_parts(str(source))
+    if parts.n_layers < 1:
+        raise QuantError(f"--stream-layers: {source} has no decoder layers to stream")
+    return parts.shell(), parts.tokenizer(), parts
+
+
+@torch.no_grad()
+def perplexity_of(model, tok, parts, text, seq_len, max_tokens, progress, bootstrap) -> dict:
+    if parts is None:
+        return perplexity(model, tok, text, seq_len, max_tokens, progress, bootstrap)
+    wins, info = eval_windows(tok, text, seq_len, max_tokens)
+    res = _result(stream_logits(parts, model, wins, progress), wins, info, model.numerics, seq_len, bootstrap)
+    res["streamed"] = True
     return res
 
 

@@ -102,6 +102,16 @@ class Spec:
     def vocab(self) -> int:
         return int(self.embed_codes.shape[0])
 
+    def check_layer(self, i: int, lay: "Layer") -> "Layer":
+        """Layer i's attention projections have this model's shapes (named otherwise)."""
+        d = self.head_dim
+        want = {"q_proj": (self.n_heads * d, self.hidden), "k_proj": (self.n_kv * d, self.hidden),
+                "v_proj": (self.n_kv * d, self.hidden), "o_proj": (self.hidden, self.n_heads * d)}
+        for p, shp in want.items():
+            if lay.linears[p].shape != shp:
+                raise FormatError(f"layer {i} {p}: shape {lay.linears[p].shape}, expected {shp}")
+        return lay
+
     def check(self) -> "Spec":
         """Shapes and bounds that every later operation relies on, named."""
         d = self.head_dim
@@ -110,12 +120,8 @@ class Spec:
             raise FormatError("; ".join(f"{k}: {m}" for k, m in probs))
         if self.rope_theta.shape != (d // 2,):
             raise FormatError(f"head_dim {d}: RoPE needs D/2 = {d // 2} frequencies, got {self.rope_theta.shape}")
-        want = {"q_proj": (self.n_heads * d, self.hidden), "k_proj": (self.n_kv * d, self.hidden),
-                "v_proj": (self.n_kv * d, self.hidden), "o_proj": (self.hidden, self.n_heads * d)}
         for i, lay in enumerate(self.layers):
-            for p, shp in want.items():
-                if lay.linears[p].shape != shp:
-                    raise FormatError(f"layer {i} {p}: shape {lay.linears[p].shape}, expected {shp}")
+            self.check_layer(i, lay)
         if self.lm_head.shape != (self.vocab, self.hidden):
             raise FormatError(f"lm_head {self.lm_head.shape} does not match the embedding {self.embed_codes.shape}")
         return self

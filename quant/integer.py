@@ -302,9 +302,7 @@ class Decoder:
 
     def __init__(self, spec: G.Spec):
         self.spec = spec.check()
-        self.layers = [{"attn_norm": (_t(l.attn_norm.g), l.attn_norm.eps_term),
-                        "mlp_norm": (_t(l.mlp_norm.g), l.mlp_norm.eps_term),
-                        **{p: Linear(l.linears[p]) for p in G.ATTN_PROJ + G.MLP_PROJ}} for l in spec.layers]
+        self.layers = [self.build_layer(l) for l in spec.layers]
         self.final_norm = (_t(spec.final_norm.g), spec.final_norm.eps_term)
         self.lm_head = Linear(spec.lm_head)
         self.embed = (_t(spec.embed_codes), _t(spec.embed_mult), _t(spec.embed_shift))
@@ -312,12 +310,25 @@ class Decoder:
         if spec.window is not None and (spec.sinks + spec.window) * ACT_QMAX * KV_QMAX >= _F32_EXACT:
             raise FormatError("Λ cache too large for the exact float32 P.V products")
 
-    def new_caches(self) -> list[Cache]:
-        s = self.spec
-        return [Cache(s.n_kv, s.head_dim, s.sinks, s.window) for _ in s.layers]
+    @staticmethod
+    def build_layer(l: G.Layer) -> dict:
+        """One decoder layer's tensors (norms, the seven linears' integer weights) from its golden.Layer.
+        ``layer(i, ..., lay=build_layer(...))`` runs a layer the decoder does not hold (a streamed
+        evaluation builds each in turn, runs every window through it and drops it)."""
+        return {"attn_norm": (_t(l.attn_norm.g), l.attn_norm.eps_term),
+                "mlp_norm": (_t(l.mlp_norm.g), l.mlp_norm.eps_term),
+                **{p: Linear(l.linears[p]) for p in G.ATTN_PROJ + G.MLP_PROJ}}
 
-    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: Cache, trace: dict | None):
-        s, lay = self.spec, self.layers[i]
+    def new_cache(self) -> Cache:
+        s = self.spec
+        return Cache(s.n_kv, s.head_dim, s.sinks, s.window)
+
+    def new_caches(self) -> list[Cache]:
+        return [self.new_cache() for _ in self.spec.layers]
+
+    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: Cache, trace: dict | None,
+                  lay: dict | None = None):
+        s, lay = self.spec, self.layers[i] if lay is None else lay
         p = f"layer{i}.attn"
         d, nh, nkv = s.head_dim, s.n_heads, s.n_kv
         rep = nh // nkv
@@ -396,11 +407,12 @@ class Decoder:
         acc_pv = _matmul_exact(pa, vv, ACT_QMAX * KV_QMAX)
         return pv_output(acc_pv, wmax, esum), z, vis, pa  # (heads, Tq, D), ...
 
-    def layer(self, i: int, x, positions, cache: Cache, trace: dict | None):
-        lay = self.layers[i]
+    def layer(self, i: int, x, positions, cache: Cache, trace: dict | None, lay: dict | None = None):
+        """Decoder layer i (its tensors ``lay``, by default the decoder's own layer i) on x (T, H)."""
+        lay = self.layers[i] if lay is None else lay
         p = f"layer{i}"
         xn = rmsnorm(x, *lay["attn_norm"])
-        h = _sat(x + self.attention(i, xn, positions, cache, trace))
+        h = _sat(x + self.attention(i, xn, positions, cache, trace, lay))
         hn = rmsnorm(h, *lay["mlp_norm"])
         gate = lay["gate_proj"](hn, trace, f"{p}.mlp.gate_proj")
         up = lay["up_proj"](hn, trace, f"{p}.mlp.up_proj")
@@ -414,6 +426,13 @@ class Decoder:
     @torch.no_grad()
     def forward(self, ids, start: int, caches: list[Cache], trace: dict | None = None) -> torch.Tensor:
         """ids (T,) at positions start..start+T-1 -> logits (T, V) int64 Q15.16."""
+        x, positions = self.embed_tokens(ids, start, trace)
+        for i in range(len(self.layers)):
+            x = self.layer(i, x, positions, caches[i], trace)
+        return self.head(x, trace)
+
+    def embed_tokens(self, ids, start: int, trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (T,) at positions start.. -> (the embedded rows (T, H) Q15.16, the positions (T,))."""
         s = self.spec
         ids = torch.as_tensor(ids, dtype=I64).reshape(-1)
         positions = torch.arange(start, start + ids.numel(), dtype=I64)
@@ -423,8 +442,11 @@ class Decoder:
         x = embed_lookup(ids, *self.embed)
         if trace is not None:
             trace["embed"] = x
-        for i in range(len(self.layers)):
-            x = self.layer(i, x, positions, caches[i], trace)
+        return x, positions
+
+    @torch.no_grad()
+    def head(self, x: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+        """The last layer's output (T, H) -> logits (T, V): final RMSNorm and the lm_head."""
         xn = rmsnorm(x, *self.final_norm)
         logits = self.lm_head(xn, trace, "lm_head")
         if trace is not None:

@@ -386,6 +386,52 @@ def load_model(source: str, device: str = "cpu"):
     return model, tok
 
 
+class CheckpointParts:
+    """A float checkpoint opened for reading part by part (the artifact's twin, quant.artifact.ArtifactParts):
+    ``layer(i)`` reads decoder layer i from the WeightStore, tensor by tensor; ``shell(layers)`` is the
+    LlamaLM around given layers. ``LlamaLM.from_store`` is ``shell`` over every layer."""
+
+    quantized = False
+
+    def __init__(self, path: Path, numerics=None):
+        from .model import Numerics
+
+        self.path = Path(path)
+        self.config = load_config(self.path)
+        self.store = WeightStore(self.path, self.config)
+        self.numerics = numerics or Numerics()
+        self.n_layers = int(self.config.num_hidden_layers)
+
+    def float_linear(self) -> str | None:
+        from .model import linear_name
+
+        return linear_name(0, "q_proj") if self.n_layers else None
+
+    def layer(self, i: int):
+        from .model import float_layer
+
+        return float_layer(self.config, self.store, i, self.numerics)
+
+    def shell(self, layers: list | None = None):
+        from .model import LlamaLM
+
+        return LlamaLM.from_store(self.config, self.store, self.numerics, layers=list(layers or [])).eval()
+
+    def tokenizer(self):
+        return load_tokenizer(self.path)
+
+
+def open_parts(source: str):
+    """-> ArtifactParts or CheckpointParts for an alias, folder, GGUF file or artifact: the model read one
+    decoder layer at a time (quant.evaluate's streamed evaluation)."""
+    path = resolve_source(source)
+    if is_artifact(path):
+        from .artifact import ArtifactParts
+
+        return ArtifactParts(path)
+    return CheckpointParts(path)
+
+
 def default_text_dir() -> Path | None:
     d = os.environ.get("ACCLLM_TEXT_DIR")
     return Path(d) if d else None

@@ -318,13 +318,17 @@ class KVCache:
         return tuple(t[:, order] for t in (self.k, self.kz, self.kr, self.v, self.vz, self.vr)) + (self.pos[order],)
 
 
+def attention_shape(cfg) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of a Llama config."""
+    heads = cfg.num_attention_heads
+    return heads, getattr(cfg, "num_key_value_heads", None) or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, numerics: Numerics, q, k, v, o):
         super().__init__()
         self.nm = numerics
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.n_heads, self.n_kv, self.head_dim = attention_shape(cfg)
         self.scaling = self.head_dim ** -0.5
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
 
@@ -482,6 +486,36 @@ def float_layer(cfg, store, i: int, numerics: Numerics) -> DecoderLayer:
     return DecoderLayer(cfg, numerics, lin, norms)
 
 
+def layer_float_linear(i: int, lay: DecoderLayer) -> str | None:
+    """Why decoder layer i cannot run on the integer route (a float linear), or None."""
+    for p in ATTN + MLP_NAMES:
+        if not isinstance(getattr(lay.self_attn if p in ATTN else lay.mlp, p), QLinear):
+            return f"the integer path needs every linear quantized; {linear_name(i, p)} is float"
+    return None
+
+
+def _golden_linear(m: "QLinear", name: str):
+    from . import golden as G
+
+    q = m.q
+    return G.Linear.from_fields(name, q.codes, q.scales, q.mins, q.row_scale, q.group_size, q.bits, q.mask, q.bias)
+
+
+def integer_layer(i: int, lay: DecoderLayer):
+    """Decoder layer i (every linear a QLinear) as a ``quant.golden.Layer``: its integers, the norms' γ and
+    eps converted as ``reference.rmsnorm_params`` does. Raises QuantError naming a float linear."""
+    from . import golden as G
+    from .errors import QuantError
+
+    why = layer_float_linear(i, lay)
+    if why:
+        raise QuantError(why)
+    mods = {p: getattr(lay.self_attn, p) for p in ATTN} | {p: getattr(lay.mlp, p) for p in MLP_NAMES}
+    return G.Layer(G.Norm.from_float(lay.input_layernorm.detach().numpy(), lay.eps),
+                   G.Norm.from_float(lay.post_attention_layernorm.detach().numpy(), lay.eps),
+                   {p: _golden_linear(m, linear_name(i, p)) for p, m in mods.items()})
+
+
 class LlamaLM(nn.Module):
     def __init__(self, cfg, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
                  lm_head: nn.Module | None, numerics: Numerics):
@@ -496,9 +530,12 @@ class LlamaLM(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     @classmethod
-    def from_store(cls, cfg, store, numerics: Numerics | None = None) -> "LlamaLM":
+    def from_store(cls, cfg, store, numerics: Numerics | None = None, layers: list | None = None) -> "LlamaLM":
+        """The float model read from a WeightStore; ``layers`` given: around those (e.g. none, for a streamed
+        evaluation) instead of every layer of the store."""
         nm = numerics or Numerics()
-        layers = [float_layer(cfg, store, i, nm) for i in range(cfg.num_hidden_layers)]
+        if layers is None:
+            layers = [float_layer(cfg, store, i, nm) for i in range(cfg.num_hidden_layers)]
         head = store.lm_head()
         return cls(cfg, store.get("model.embed_tokens.weight"), layers, store.get("model.norm.weight"),
                    None if head is None else FloatLinear(head), nm)
@@ -524,10 +561,9 @@ class LlamaLM(nn.Module):
             return ("the integer path needs a quantized lm_head (quantize_weights.overrides {lm_head: 4}); this "
                     "model keeps it in float")
         for i, lay in enumerate(self.layers):
-            for p in ATTN + MLP_NAMES:
-                m = getattr(lay.self_attn if p in ATTN else lay.mlp, p)
-                if not isinstance(m, QLinear):
-                    return f"the integer path needs every linear quantized; {linear_name(i, p)} is float"
+            why = layer_float_linear(i, lay)
+            if why:
+                return why
         return None
 
     def integer_spec(self):
@@ -543,26 +579,16 @@ class LlamaLM(nn.Module):
         if why:
             raise QuantError(why)
 
-        def lin(m, name):  # integer_unready has checked that every linear is a QLinear
-            q = m.q
-            return G.Linear.from_fields(name, q.codes, q.scales, q.mins, q.row_scale, q.group_size, q.bits,
-                                        q.mask, q.bias)
-
-        layers = []
-        for i, lay in enumerate(self.layers):
-            mods = {p: getattr(lay.self_attn, p) for p in ATTN} | {p: getattr(lay.mlp, p) for p in MLP_NAMES}
-            layers.append(G.Layer(G.Norm.from_float(lay.input_layernorm.detach().numpy(), lay.eps),
-                                  G.Norm.from_float(lay.post_attention_layernorm.detach().numpy(), lay.eps),
-                                  {p: lin(m, linear_name(i, p)) for p, m in mods.items()}))
-        a = self.layers[0].self_attn
+        layers = [integer_layer(i, lay) for i, lay in enumerate(self.layers)]
+        cfg = self.config
+        n_heads, n_kv, head_dim = attention_shape(cfg)
         codes, row_scale = self.embed_q
         em, es = R.embedding_multipliers(row_scale)
         theta, table = R.rope_params(self.rope.inv_freq.detach().numpy(), self.rope.scale)
-        mc, sc = R.softmax_params(a.head_dim)
-        cfg = self.config
-        return G.Spec(hidden=cfg.hidden_size, n_heads=a.n_heads, n_kv=a.n_kv, head_dim=a.head_dim, layers=layers,
+        mc, sc = R.softmax_params(head_dim)
+        return G.Spec(hidden=cfg.hidden_size, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, layers=layers,
                       final_norm=G.Norm.from_float(self.norm.detach().numpy(), self.eps),
-                      lm_head=lin(self.lm_head, "lm_head"), embed_codes=np.asarray(codes, np.int8),
+                      lm_head=_golden_linear(self.lm_head, "lm_head"), embed_codes=np.asarray(codes, np.int8),
                       embed_mult=em, embed_shift=es, rope_theta=theta, rope_table=table, softmax_mult=mc,
                       softmax_shift=sc, sinks=nm.sinks if nm.window is not None else 0, window=nm.window,
                       max_positions=getattr(cfg, "max_position_embeddings", None)).check()
@@ -585,7 +611,8 @@ class LlamaLM(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V): float32 on the float route; on the integer route the decoder's
-        Q15.16 integer logits as float64 (exact)."""
+        Q15.16 integer logits as float64 (exact). (quant.evaluate.stream_logits runs the same calls one
+        layer at a time over many windows.)"""
         if self.numerics.integer_path:
             from .integer import to_float_logits
 

@@ -184,3 +184,45 @@ def test_same_tensors_give_the_same_file_bytes(tmp_path):
 
     with safe_open(str(tmp_path / "0" / "model.safetensors"), framework="np") as h:  # still a valid file
         assert h.metadata()["format"] and np.array_equal(h.get_tensor("a.qweight"), t["a.qweight"])
+
+
+@pytest.mark.parametrize("attention", ["full", "2,16"])
+def test_streamed_evaluation_equals_the_whole_model(tiny, attention):
+    """--stream-layers reads the decoder layers one at a time (quant.evaluate.stream_logits): on the float
+    path the same per-window losses and the same logits, element for element, as the whole model, with
+    full attention and with Λ 2 + 16 over 64-token windows (tokens beyond sinks + window dropped).
+    Planted while writing it: the streamed loop over range(n_layers - 1) (a layer skipped), layers read as
+    parts.layer(n_layers - 1 - i) (swapped), and the streamed layers given a fresh Numerics() (the Λ mask
+    dropped): each failed the window_nll equality (the last only in the "2,16" case)."""
+    from quant.evaluate import _set_attention, stream_logits
+    from quant.loading import load_model, open_parts
+
+    whole = evaluate(str(tiny), None, seq_len=64, max_tokens=320, progress=False, attention=attention)
+    streamed = evaluate(str(tiny), None, seq_len=64, max_tokens=320, progress=False, attention=attention,
+                        stream_layers=True)
+    assert streamed["streamed"] and "streamed" not in whole
+    assert streamed["window_nll"] == whole["window_nll"] and streamed["perplexity"] == whole["perplexity"]
+    model, tok = load_model(str(tiny))
+    parts = open_parts(str(tiny))
+    shell = parts.shell()
+    for m in (model, shell):
+        _set_attention(m, attention)
+    wins = [torch.from_numpy(np.random.default_rng(3).integers(0, 320, 64)), torch.arange(40)]
+    got = list(stream_logits(parts, shell, wins))
+    assert len(got) == 2 and all(torch.equal(g, model(w[None])[0]) for g, w in zip(got, wins))
+    with pytest.raises(QuantError, match="holds decoder layers"):
+        next(stream_logits(parts, model, wins))
+
+
+def test_cli_eval_stream_layers(tiny, capsys):
+    assert cli_main(["eval", str(tiny), "--seq-len", "64", "--max-tokens", "256", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert cli_main(["eval", str(tiny), "--seq-len", "64", "--max-tokens", "256", "--json", "--stream-layers",
+                     "--against", str(tiny)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["window_nll"] == whole["window_nll"] and res["ratio"]["ratio"] == 1.0
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--help"])
+    assert "bigger than memory" in capsys.readouterr().out
+    with pytest.raises(QuantError, match="not a model path"):
+        evaluate(object(), None, seq_len=64, max_tokens=256, progress=False, stream_layers=True)

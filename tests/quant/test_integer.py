@@ -371,3 +371,32 @@ def test_banded_attention_equals_one_block(dense_art, sinks, window, monkeypatch
         c = dec.new_caches()
         part = torch.cat([dec.forward(ids[:17], 0, c), dec.forward(ids[17:], 17, c)])
         assert torch.equal(part, whole), block
+
+
+@pytest.mark.parametrize("sinks,window", [(3, 9), (0, 12), (4, None)])
+def test_streamed_integer_evaluation_equals_the_whole_decoder(dense_art, sinks, window):
+    """The integer path read one layer at a time from the artifact (quant.evaluate.stream_logits: each
+    layer's packed tensors unpacked, its integer.Decoder layer built, run over every window, dropped) gives
+    the whole decoder's logits exactly, under Λ (40-token windows, past sinks + window) and full attention;
+    and evaluate(stream_layers=True) the same per-window losses. Planted: the streamed loop building every
+    integer layer from parts.layer(0) (layer 0 twice, layer 1 skipped) failed all three cases; the
+    streamed decoder rebuilt with sinks=0, window=None (the Λ mask dropped) failed (3, 9) and (0, 12);
+    a loop over range(n_layers - 1) and layers read in reverse order failed all three."""
+    from quant.artifact import ArtifactParts
+    from quant.evaluate import evaluate, stream_logits
+
+    model, _ = load_artifact(dense_art)
+    assert model.embed_q is not None  # the recipe quantizes the table: the artifact runs integer as stored
+    parts = ArtifactParts(dense_art)
+    shell = parts.shell()
+    for m in (model, shell):
+        m.numerics.sinks, m.numerics.window, m.numerics.integer_path = sinks, window, True
+    wins = [torch.from_numpy(np.random.default_rng(k).integers(0, 300, 40)) for k in (7, 8)]
+    got = list(stream_logits(parts, shell, wins))
+    assert all(torch.equal(g, model(w[None])[0]) for g, w in zip(got, wins))
+    att = "full" if window is None else f"{sinks},{window}"
+    kw = dict(seq_len=40, max_tokens=160, progress=False, attention=att)
+    whole = evaluate(str(dense_art), None, **kw)
+    streamed = evaluate(str(dense_art), None, stream_layers=True, **kw)
+    assert whole["integer_path"] and streamed["integer_path"]
+    assert streamed["window_nll"] == whole["window_nll"]
