@@ -163,14 +163,17 @@ def write_tables(args, text, results):
     floats = {}
     for r in results:
         if not r.get("skipped") and r["row"].startswith("float") and "perplexity" in r:
-            floats.setdefault((r["seq_len"], attention(r), r.get("tokens")), r)
+            floats.setdefault((r["seq_len"], attention(r), r.get("tokens"), r.get("text_sha256")), r)
+    # rows joined from runs on different text files are paired with the float row of their own text, and
+    # the table names the text of each row
+    several_texts = len({r.get("text_sha256") for r in results if not r.get("skipped")}) > 1
     for r in results:
         if r.get("skipped"):  # a peer row whose optional package is missing (benchmarks/peers.py)
             lines.append(f"| {r['description']} | skipped: {r['skipped']} | | | | | | | | | | |")
             continue
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "float"
         lam = "-" if not r["lambda"] else f"{tuple(r['lambda'])}"
-        ref = floats.get((r["seq_len"], attention(r), r.get("tokens")))
+        ref = floats.get((r["seq_len"], attention(r), r.get("tokens"), r.get("text_sha256")))
         ratio, rci = "-", "-"
         if ref is not None:
             if "window_nll" in r and "window_nll" in ref:
@@ -185,7 +188,9 @@ def write_tables(args, text, results):
         qs = r.get("quantize_seconds")
         rss = r.get("quantize_peak_rss_bytes") or r.get("peak_rss_bytes")  # peer rows: the row's peak
         rss = f"{rss / 2**30:.2f} GiB" if rss else "-"
-        lines.append(f"| {r['description']} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | {ci} | {ratio} | "
+        desc = r["description"] + (f" [text {Path(r['text']).name} {r['text_sha256'][:8]}]"
+                                   if several_texts and r.get("text") and r.get("text_sha256") else "")
+        lines.append(f"| {desc} | {r['seq_len']} | {lam} | {bpw} | {r['perplexity']:.3f} | {ci} | {ratio} | "
                      f"{rci} | {r['tokens']} | {qs if qs is not None else '-'} | {rss} | {r['eval_seconds']} |")
     if meta["commands"]:
         lines += ["", "Made by (in this order; artifacts quantized by the first rows that need them, or found in "
@@ -231,6 +236,9 @@ def _main(argv=None) -> int:
     ap.add_argument("--include", action="append", default=[], metavar="JSON",
                     help="also list the rows of another results JSON of this format (e.g. "
                          "benchmarks/results/peers.json); rows of the same name measured here win")
+    ap.add_argument("--include-min-tokens", type=int, default=0, metavar="N",
+                    help="leave out --include rows evaluated on fewer than N tokens (e.g. a 4k-token screen "
+                         "in a 16k-token table); each one left out is printed")
     ap.add_argument("--note", dest="notes", action="append", default=[], metavar="TEXT",
                     help="a sentence for the table's notes (how artifacts found in --artifacts-dir were made, "
                          "the machine's load, rows carried over); kept by --append")
@@ -273,10 +281,17 @@ def _main(argv=None) -> int:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
     args.commands = args.commands + [(env + " " if env else "") + ".venv/bin/python benchmarks/quality.py "
                                      + shlex.join(sys.argv[1:] if argv is None else argv)]
-    for inc in args.include:  # a row already here (same name and token count) or about to be measured wins
-        have = {(r["row"], r.get("tokens")) for r in results}
-        results += [r for r in json.loads(Path(inc).read_text())["rows"]
-                    if r["row"] not in rows and (r["row"], r.get("tokens")) not in have]
+    for inc in args.include:  # a row already here (same name, token count and text) or about to be measured wins
+        have = {(r["row"], r.get("tokens"), r.get("text_sha256")) for r in results}
+        for r in json.loads(Path(inc).read_text())["rows"]:
+            if r["row"] in rows or (r["row"], r.get("tokens"), r.get("text_sha256")) in have:
+                continue
+            if (r.get("tokens") or 0) < args.include_min_tokens:
+                print(f"--include {inc}: row {r['row']} left out ({r.get('tokens')} tokens < "
+                      f"--include-min-tokens {args.include_min_tokens})", flush=True)
+                continue
+            results.append(r)
+            have.add((r["row"], r.get("tokens"), r.get("text_sha256")))
     artifacts: dict[str, tuple] = {}
     float_model = None
     with tempfile.TemporaryDirectory(prefix="accllm-quality-") as tmp:

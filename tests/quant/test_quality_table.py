@@ -1,0 +1,46 @@
+"""benchmarks/quality.py's join mode (``--rows '' --include ...``), on the recorded 16k-token results: each
+row's ratio is paired with the float row of its own text, context and attention (runs on two text files
+whose first 16k tokens agree are joined in benchmarks/results/quality16k_all.md), and
+``--include-min-tokens`` leaves the 4k-token screen rows out."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RES = REPO / "benchmarks/results"
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks/quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ppl(r):
+    return math.exp(sum(r["window_nll"]) / sum(r["window_tokens"]))
+
+
+def test_join_pairs_each_row_with_the_float_of_its_own_text(tmp_path, capsys):
+    out = tmp_path / "joined"
+    assert _quality().main(["--rows", "", "--include", str(RES / "quality16k_e2e.json"),
+                            "--include", str(RES / "quality16k_recon.json"),
+                            "--include", str(RES / "quality16k.json"),
+                            "--include-min-tokens", "16000", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert all(r["tokens"] >= 16000 for r in rows)
+    assert "gptq-long-lambda left out (4094 tokens" in capsys.readouterr().out
+    floats = {r["text_sha256"]: r for r in rows if r["row"] == "float" and r["seq_len"] == 512}
+    assert len(floats) == 2  # one per text file, both kept
+    assert len({r["row"] for r in rows if r["row"] == "recon"}) == 1 and sum(r["row"] == "recon" for r in rows) == 2
+    for r in rows:
+        if r["row"].startswith("float") or r["seq_len"] != 512:
+            continue
+        ref = floats[r["text_sha256"]]
+        assert r["ratio"] == pytest.approx(_ppl(r) / _ppl(ref), rel=1e-12), r["row"]  # the texts differ by 1e-7
+    md = out.with_suffix(".md").read_text()
+    assert "[text pride-and-prejudice.txt dfc684d4]" in md and "[text eval-pride-and-prejudice.txt 22586498]" in md
