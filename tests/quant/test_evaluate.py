@@ -226,3 +226,28 @@ def test_cli_eval_stream_layers(tiny, capsys):
     assert "bigger than memory" in capsys.readouterr().out
     with pytest.raises(QuantError, match="not a model path"):
         evaluate(object(), None, seq_len=64, max_tokens=256, progress=False, stream_layers=True)
+
+
+def test_quality_stream_layers_gives_the_same_rows(tiny, tmp_path):
+    """benchmarks/quality.py --stream-layers: the float row and the rtn row (integer path, read from the
+    artifact one layer at a time) have the same per-window losses as without; a peer row, which loads its
+    own whole model, is refused by name before any work. Planted: quality.py's float rows opened without
+    the switch passed on (open_model(args.model, False)) failed it (KeyError 'streamed'); the peer check
+    removed failed it (DID NOT RAISE SystemExit: the quanto row ran)."""
+    from benchmarks import quality
+
+    arts = tmp_path / "arts"
+    common = ["--model", str(tiny), "--rows", "float,rtn", "--short", "64", "--max-tokens", "256",
+              "--calib-samples", "4", "--calib-seq-len", "64", "--artifacts-dir", str(arts), "--bootstrap", "0"]
+    rows = {}
+    for name, extra in (("whole", []), ("streamed", ["--stream-layers"])):
+        assert quality.main(common + ["--out", str(tmp_path / name)] + extra) == 0
+        rows[name] = {r["row"]: r for r in json.loads((tmp_path / f"{name}.json").read_text())["rows"]}
+    for r in ("float", "rtn"):
+        assert rows["streamed"][r]["streamed"] and "streamed" not in rows["whole"][r]
+        assert rows["streamed"][r]["window_nll"] == rows["whole"][r]["window_nll"]
+    assert rows["streamed"]["rtn"]["integer_path"]
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--model", str(tiny), "--rows", "float,quanto-w2", "--stream-layers",
+                      "--out", str(tmp_path / "p")])
+    assert e.value.code == 2 and not (tmp_path / "p.json").exists()
