@@ -3,22 +3,20 @@ row's ratio is paired with the float row of its own text, context and attention 
 whose first 16k tokens agree are joined in benchmarks/results/quality16k_all.md), and
 ``--include-min-tokens`` leaves the 4k-token screen rows out."""
 
-import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import quality as bench  # noqa: E402
+
 RES = REPO / "benchmarks/results"
-
-
-def _quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks/quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _ppl(r):
@@ -27,7 +25,7 @@ def _ppl(r):
 
 def test_join_pairs_each_row_with_the_float_of_its_own_text(tmp_path, capsys):
     out = tmp_path / "joined"
-    assert _quality().main(["--rows", "", "--include", str(RES / "quality16k_e2e.json"),
+    assert bench.main(["--rows", "", "--include", str(RES / "quality16k_e2e.json"),
                             "--include", str(RES / "quality16k_recon.json"),
                             "--include", str(RES / "quality16k.json"),
                             "--include-min-tokens", "16000", "--out", str(out)]) == 0
