@@ -60,29 +60,35 @@ F64 = torch.float64
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
+def _tensor(x) -> torch.Tensor:
+    """x as a tensor where it is (a tensor stays on its device; an array or list goes to the CPU, not to
+    torch's default device)."""
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device="cpu")
+
+
 def hessian(x: torch.Tensor) -> torch.Tensor:
     """H = 2 XᵀX / n for inputs X (..., K) flattened to (n, K); float64 (K, K)."""
-    x = torch.as_tensor(x).reshape(-1, x.shape[-1]).to(F64)
+    x = _tensor(x).reshape(-1, x.shape[-1]).to(F64)
     return 2.0 * (x.T @ x) / max(x.shape[0], 1)
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor, relative: bool = True) -> float:
     """‖(W − Ŵ) Xᵀ‖_F, divided by ‖W Xᵀ‖_F when ``relative``."""
-    w = torch.as_tensor(w).to(F64)
-    d = (w - torch.as_tensor(w_hat).to(F64)) @ torch.as_tensor(x).to(F64).T
+    w = _tensor(w).to(F64)
+    d = (w - _tensor(w_hat).to(F64)) @ _tensor(x).to(F64).T
     num = torch.linalg.norm(d).item()
     if not relative:
         return num
-    return num / max(torch.linalg.norm(w @ torch.as_tensor(x).to(F64).T).item(), 1e-300)
+    return num / max(torch.linalg.norm(w @ _tensor(x).to(F64).T).item(), 1e-300)
 
 
 def _weight(W, name: str = "W") -> torch.Tensor:
-    w = torch.as_tensor(W)
+    w = _tensor(W)
     if w.ndim != 2:
         raise ValueError(f"{name} must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError(f"{name} contains non-finite values")
-    return w.detach().to("cpu", F64).clone()
+    return w.detach().to(dtype=F64).clone()  # on W's device: every algorithm computes where W is
 
 
 def _check_group(k: int, group_size: int, bits: int):
@@ -92,26 +98,26 @@ def _check_group(k: int, group_size: int, bits: int):
         raise FormatError(f"group size {group_size} does not divide the input dimension {k}")
 
 
-def _hessian(H, k: int) -> torch.Tensor:
+def _hessian(H, k: int, device=None) -> torch.Tensor:
     if H is None:
         raise ValueError("this method needs the input Hessian H = 2XᵀX/n (K, K); got None")
-    h = torch.as_tensor(H)
+    h = _tensor(H)
     if tuple(h.shape) != (k, k):
         raise ValueError(f"Hessian shape {tuple(h.shape)} does not match the layer's {k} inputs: need ({k}, {k})")
     if not torch.isfinite(h).all():
         raise ValueError("Hessian contains non-finite values")
-    return h.detach().to("cpu", F64).clone()
+    return h.detach().to(device=h.device if device is None else device, dtype=F64).clone()
 
 
-def _mask(mask, shape, n: int = SPARSE_N, m: int = SPARSE_M) -> torch.Tensor | None:
+def _mask(mask, shape, n: int = SPARSE_N, m: int = SPARSE_M, device=None) -> torch.Tensor | None:
     if mask is None:
         return None
-    mk = torch.as_tensor(np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, bool))
+    mk = torch.as_tensor(np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, bool), device="cpu")
     if tuple(mk.shape) != tuple(shape):
         raise FormatError(f"mask shape {tuple(mk.shape)} must match the weight {tuple(shape)}")
     if (n, m) == (SPARSE_N, SPARSE_M):
         reference.check_24_mask(mk.numpy())
-    return mk
+    return mk if device is None else mk.to(device)
 
 
 def _codes(w, S, s, m, bits: int) -> torch.Tensor:
@@ -128,7 +134,7 @@ def _codes(w, S, s, m, bits: int) -> torch.Tensor:
 def clip_candidates(steps: int = 14, max_frac: float = 0.42, max_total: float = 0.8) -> torch.Tensor:
     """(C, 2) shrink fractions (a, b): a group's range [lo, hi] becomes [lo + a r, hi − b r], r = hi − lo.
     Asymmetric grid of fractions 0, max_frac/(steps-1), ..., max_frac with a + b <= max_total; (0, 0) first."""
-    f = torch.linspace(0.0, max_frac, steps, dtype=F64)
+    f = torch.linspace(0.0, max_frac, steps, dtype=F64, device="cpu")
     a, b = torch.meshgrid(f, f, indexing="ij")
     ab = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
     return ab[ab.sum(1) <= max_total + 1e-12]
@@ -139,7 +145,7 @@ def _group_ranges(wg: torch.Tensor, keep: torch.Tensor | None):
     """min / max over the (kept) weights of each group; groups with nothing kept get [0, 0]."""
     if keep is None:
         return wg.amin(-1), wg.amax(-1)
-    inf = torch.tensor(math.inf, dtype=F64)
+    inf = torch.tensor(math.inf, dtype=F64, device=wg.device)
     lo = torch.where(keep, wg, inf).amin(-1)
     hi = torch.where(keep, wg, -inf).amax(-1)
     empty = ~keep.any(-1)
@@ -240,8 +246,8 @@ def _row_scale(wg, keep, wt, bits: int, clip: bool) -> torch.Tensor:
         lo, hi = _search(wg, keep, wt, bits, None, True)
     else:
         lo, hi = _group_ranges(wg, keep)
-    S, _, _ = reference.fit_weight_grid(lo.numpy(), hi.numpy(), bits)
-    return torch.from_numpy(S)
+    S, _, _ = reference.fit_weight_grid(lo.cpu().numpy(), hi.cpu().numpy(), bits)
+    return torch.from_numpy(S).to(lo.device)
 
 
 def _finish(codes, s_hat, m_hat, S, cfg_group: int, bits: int, mask, bias) -> QuantizedLinear:
@@ -249,14 +255,14 @@ def _finish(codes, s_hat, m_hat, S, cfg_group: int, bits: int, mask, bias) -> Qu
     if mask is not None:
         codes = torch.where(mask, codes, 0)
     return QuantizedLinear(
-        codes=codes.numpy().astype(np.uint8),
-        scales=s_hat.numpy().astype(np.int64),
-        mins=m_hat.numpy().astype(np.int64),
-        row_scale=S.numpy(),
+        codes=codes.cpu().numpy().astype(np.uint8),
+        scales=s_hat.cpu().numpy().astype(np.int64),
+        mins=m_hat.cpu().numpy().astype(np.int64),
+        row_scale=S.cpu().numpy(),
         group_size=cfg_group,
         bits=bits,
-        mask=None if mask is None else mask.numpy(),
-        bias=None if bias is None else torch.as_tensor(bias).detach().cpu().to(torch.float32).numpy(),
+        mask=None if mask is None else mask.cpu().numpy(),
+        bias=None if bias is None else _tensor(bias).detach().cpu().to(torch.float32).numpy(),
     )
 
 
@@ -272,13 +278,13 @@ def rtn(W, cfg: QuantizeWeights, mask=None, h_diag=None, bias=None) -> Quantized
     n, k = w.shape
     G, bits = cfg.group_size, cfg.bits
     _check_group(k, G, bits)
-    mk = _mask(mask, w.shape)
+    mk = _mask(mask, w.shape, device=w.device)
     ng = k // G
     wg = w.reshape(n, ng, G)
     keep = None if mk is None else mk.reshape(n, ng, G)
     wt = None
     if h_diag is not None:
-        hd = torch.as_tensor(h_diag).detach().cpu().to(F64).reshape(-1)
+        hd = _tensor(h_diag).detach().to(w.device, F64).reshape(-1)
         if hd.numel() != k:
             raise ValueError(f"h_diag has {hd.numel()} entries, the layer has {k} inputs")
         wt = hd.reshape(1, ng, G)
@@ -296,7 +302,7 @@ def rtn(W, cfg: QuantizeWeights, mask=None, h_diag=None, bias=None) -> Quantized
 def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
     k = H.shape[0]
     damp = damp_percent * torch.mean(torch.diagonal(H))
-    H = H + damp * torch.eye(k, dtype=F64)
+    H = H + damp * torch.eye(k, dtype=F64, device=H.device)
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() != 0:
         raise ValueError(
@@ -337,6 +343,7 @@ def _obs_pass(
     if grid_from not in ("current", "initial"):
         raise ValueError(f"grid_from must be 'auto', 'current' or 'initial', got {grid_from!r}")
     n, k = W.shape
+    dev = W.device
     W = W.clone()
     H = H.clone()
     diag0 = torch.diagonal(H).clone()
@@ -354,27 +361,27 @@ def _obs_pass(
     if bits is not None:
         wt0 = diag0.reshape(1, ng, G)
         S = _row_scale(W.reshape(n, ng, G), None if mask is None else mask.reshape(n, ng, G), wt0, bits, clip)
-        s_all = torch.zeros(n, ng, dtype=torch.int64)
-        m_all = torch.zeros(n, ng, dtype=torch.int64)
-        ready = torch.zeros(ng, dtype=torch.bool)
+        s_all = torch.zeros(n, ng, dtype=torch.int64, device=dev)
+        m_all = torch.zeros(n, ng, dtype=torch.int64, device=dev)
+        ready = [False] * ng  # a Python list: a device tensor here would synchronize at every column
 
     if act_order and select_nm is None:
         perm = torch.argsort(diag0, descending=True, stable=True)
     else:
-        perm = torch.arange(k)
+        perm = torch.arange(k, device=dev)
     invperm = torch.argsort(perm)
     W = W[:, perm]
     H = H[perm][:, perm]
     keepP = None if mask is None else mask[:, perm].clone()
     if select_nm is not None:
-        keepP = torch.ones(n, k, dtype=torch.bool)
+        keepP = torch.ones(n, k, dtype=torch.bool, device=dev)
         sn, sm = select_nm
         if block_size % sm or k % sm:
             raise ValueError(f"{sn}:{sm} pruning needs block_size ({block_size}) and in_features ({k}) divisible by {sm}")
     Hinv = _inverse_cholesky(H, damp_percent)
     hinv_diag = torch.diagonal(Hinv)
-    Q = torch.zeros(n, k, dtype=F64)  # codes, permuted order
-    W_hat = torch.zeros(n, k, dtype=F64)
+    Q = torch.zeros(n, k, dtype=F64, device=dev)  # codes, permuted order
+    W_hat = torch.zeros(n, k, dtype=F64, device=dev)
     perm_l = perm.tolist()
 
     def select(vals, pos):  # SparseGPT score w² / [H⁻¹]_jj², keep the sn largest of each sm
@@ -388,13 +395,13 @@ def _obs_pass(
         i2 = min(i1 + block_size, k)
         cnt = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros(n, cnt, dtype=F64)
+        Err1 = torch.zeros(n, cnt, dtype=F64, device=dev)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(cnt):
             j = i1 + i
             col = perm_l[j]
             if select_nm is not None and j % sm == 0:
-                keepP[:, j : j + sm] = select(W1[:, i : i + sm], torch.arange(j, j + sm))
+                keepP[:, j : j + sm] = select(W1[:, i : i + sm], torch.arange(j, j + sm, device=dev))
             if bits is not None:
                 g = col // G
                 if not ready[g]:
@@ -403,7 +410,7 @@ def _obs_pass(
                         vals = W0[:, g * G : (g + 1) * G]
                     else:  # the whole group's current weights (none of its columns is processed yet)
                         inb = pos < i2
-                        vals = torch.empty(n, G, dtype=F64)
+                        vals = torch.empty(n, G, dtype=F64, device=dev)
                         vals[:, inb] = W1[:, pos[inb] - i1]
                         if (~inb).any():  # later blocks: add the lazy update this block owes them so far
                             later = pos[~inb]
@@ -460,8 +467,8 @@ def gptq(W, H, cfg: QuantizeWeights, mask=None, bias=None, grid_from: str = "aut
     w = _weight(W)
     n, k = w.shape
     _check_group(k, cfg.group_size, cfg.bits)
-    h = _hessian(H, k)
-    mk = _mask(mask, w.shape)
+    h = _hessian(H, k, w.device)
+    mk = _mask(mask, w.shape, device=w.device)
     _, Q, s_hat, m_hat, S, _ = _obs_pass(
         w, h, bits=cfg.bits, group_size=cfg.group_size, clip=cfg.clip_search, act_order=cfg.act_order,
         damp_percent=cfg.damp_percent, block_size=cfg.block_size, mask=mk, select_nm=None, grid_from=grid_from,
@@ -478,7 +485,7 @@ def sparsegpt(W, H, prune: Prune, qcfg: QuantizeWeights | None = None, bias=None
     n, k = w.shape
     if prune.m <= 0 or k % prune.m or not 0 < prune.n <= prune.m:
         raise FormatError(f"{prune.n}:{prune.m} pruning does not fit {k} inputs")
-    h = _hessian(H, k)
+    h = _hessian(H, k, w.device)
     if qcfg is None:
         W_hat, _, _, _, _, mk = _obs_pass(
             w, h, bits=None, group_size=k, clip=False, act_order=False, damp_percent=prune.damp_percent,
@@ -514,7 +521,7 @@ def wanda(W, x_norm, prune: Prune) -> torch.Tensor:
     """Wanda mask: score |W_ij| · ‖X_j‖₂, keep the ``prune.n`` largest of every ``prune.m`` consecutive
     inputs of each row (ties: the earlier input). Returns (N, K) bool."""
     w = _weight(W)
-    xn = torch.as_tensor(x_norm).detach().cpu().to(F64).reshape(-1)
+    xn = _tensor(x_norm).detach().to(w.device, F64).reshape(-1)
     if xn.numel() != w.shape[1]:
         raise ValueError(f"x_norm has {xn.numel()} entries, the layer has {w.shape[1]} inputs")
     return _nm_mask(w.abs() * xn[None, :], prune.n, prune.m)
@@ -539,12 +546,14 @@ class PairMax:
         if head_dim % 2:
             raise ValueError(f"head_dim {head_dim} is odd: RoPE needs channel pairs")
         self.heads, self.d = heads, head_dim
-        self.max = torch.zeros(heads, head_dim // 2, dtype=torch.float64)
+        self.max = torch.zeros(heads, head_dim // 2, dtype=torch.float64, device="cpu")
 
     def __call__(self, module, inputs, output):
         o = output.detach().reshape(-1, self.heads, self.d).to(torch.float64)
         h = self.d // 2
         pn = torch.sqrt(o[..., :h] ** 2 + o[..., h:] ** 2).amax(0)
+        if self.max.device != pn.device:  # made on the CPU, kept where the calibration runs
+            self.max = self.max.to(pn.device)
         torch.maximum(self.max, pn, out=self.max)
 
 
@@ -600,7 +609,7 @@ def quantize_linear(W, H, x_norm, qcfg: QuantizeWeights, prune: Prune | None = N
     k = w.shape[1]
     if qcfg.method not in ("rtn", "gptq"):
         raise ValueError(f"unknown quantization method {qcfg.method!r}; known: rtn, gptq")
-    h_diag = None if H is None else torch.diagonal(_hessian(H, k))
+    h_diag = None if H is None else torch.diagonal(_hessian(H, k, w.device))
     if prune is None:
         if qcfg.method == "rtn":
             return rtn(w, qcfg, h_diag=h_diag, bias=bias)
@@ -722,8 +731,8 @@ def reconstruct_linear(ql: QuantizedLinear, x: torch.Tensor, y: torch.Tensor, st
     up to 0.5 to change an integer), so values like Reconstruct's 1e-3 change nothing in 60 steps.
     (The block-wise stage of the pipeline uses FakeQuantLinear directly inside a decoder layer.)"""
     fq = FakeQuantLinear(ql, train_row_scale=train_row_scale, tune_codes=tune_codes)
-    x = torch.as_tensor(x).to(torch.float32)
-    y = torch.as_tensor(y).to(torch.float32)
+    x = _tensor(x).to(torch.float32)
+    y = _tensor(y).to(torch.float32)
     opt = torch.optim.Adam([p for p in fq.parameters() if p.requires_grad], lr=lr)
     with torch.no_grad():
         start = torch.mean((fq(x) - y) ** 2).item()

@@ -35,7 +35,7 @@ def read_text(path: str | Path | None, *, kind: str) -> tuple[str, str]:
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D LongTensor of ids (no special tokens)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 def calibration_windows(tokenizer, text_path: str | Path | None, n: int, seq_len: int, seed: int = 0

@@ -54,17 +54,18 @@ def fake_quantize(model: LlamaLM, cfg: TrainE2E, nm: Numerics) -> dict[str, Fake
     ``cfg.lm_head``; a frozen one is still a FakeQuantLinear, for its differentiable A8)."""
     out: dict[str, FakeQuantLinear] = {}
     rs = cfg.row_scale_lr > 0
+    dev = model.device
     for i, lay in enumerate(model.layers):
         lay.self_attn.nm = nm
         for p in ATTN + MLP_NAMES:
             parent = lay.self_attn if p in ATTN else lay.mlp
             m = getattr(parent, p)
             if isinstance(m, QLinear):
-                fq = FakeQuantLinear(m.q, train_row_scale=rs, a8=nm.a8)
+                fq = FakeQuantLinear(m.q, train_row_scale=rs, a8=nm.a8).to(dev)
                 setattr(parent, p, fq)
                 out[linear_name(i, p)] = fq
     if isinstance(model.lm_head, QLinear):
-        fq = FakeQuantLinear(model.lm_head.q, train_row_scale=rs and cfg.lm_head, a8=nm.a8)
+        fq = FakeQuantLinear(model.lm_head.q, train_row_scale=rs and cfg.lm_head, a8=nm.a8).to(dev)
         model.lm_head = fq
         if cfg.lm_head:
             out["lm_head"] = fq
@@ -75,8 +76,8 @@ def fake_quantize(model: LlamaLM, cfg: TrainE2E, nm: Numerics) -> dict[str, Fake
 
 def hidden(model: LlamaLM, ids: torch.Tensor) -> torch.Tensor:
     """The last decoder layer's output (before the final norm) for ids (B, T), on the float route."""
-    pos = torch.arange(ids.shape[1])
-    h = model.embed_tokens[ids]
+    pos = torch.arange(ids.shape[1], device=model.device)
+    h = model.embed_tokens[ids.to(model.device)]
     for layer in model.layers:
         h = layer(h, model.rope, pos)
     return h
@@ -119,7 +120,10 @@ def train_e2e(student: LlamaLM, teacher: LlamaLM, ids: torch.Tensor, cfg: TrainE
     fq = fake_quantize(student, cfg, nm)
     if not fq:
         raise QuantError("train_e2e: the model has no quantized linear to train")
-    data = pieces(ids, cfg.seq_len)
+    if teacher.device != student.device:
+        raise QuantError(f"train_e2e: the teacher is on {teacher.device}, the student on {student.device}; "
+                         f"put both on one device")
+    data = pieces(ids, cfg.seq_len).to(student.device)
     if data.shape[0] < 2:
         raise QuantError(f"train_e2e: {data.shape[0]} training sequence of {data.shape[1]} tokens: one must be "
                          f"held out and one trained on; calibrate on more sequences (--calib-samples) or lower "
@@ -147,14 +151,14 @@ def train_e2e(student: LlamaLM, teacher: LlamaLM, ids: torch.Tensor, cfg: TrainE
         groups.append({"params": [m.log_row_scale for m in mods], "lr": cfg.row_scale_lr})
     opt = torch.optim.Adam(groups)
     before = probe_loss()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # the CPU's stream: the same batches on any device
     n, b = train.shape[0], min(cfg.batch_samples, train.shape[0])
-    order, at = torch.randperm(n, generator=g), 0
+    order, at = torch.randperm(n, generator=g, device="cpu").to(data.device), 0
     trace, acc, every = [], [], max(1, cfg.steps // 10)
     with torch.enable_grad():
         for step in tqdm(range(cfg.steps), desc="train_e2e", unit="step", disable=not progress):
             if at + b > n:  # a new epoch
-                order, at = torch.randperm(n, generator=g), 0
+                order, at = torch.randperm(n, generator=g, device="cpu").to(data.device), 0
             idx = order[at: at + b]
             at += b
             opt.zero_grad(set_to_none=True)

@@ -39,7 +39,8 @@ def _result(logits, wins, info, nm, seq_len, bootstrap) -> dict:
     """perplexity's result from each window's logits (an iterable, consumed once, in window order)."""
     nll, cnt = [], []
     for w, lg in zip(wins, logits, strict=True):
-        nll.append(float(torch.nn.functional.cross_entropy(lg[:-1].to(torch.float64), w[1:], reduction="sum")))
+        nll.append(float(torch.nn.functional.cross_entropy(lg[:-1].to(torch.float64), w[1:].to(lg.device),
+                                                          reduction="sum")))
         cnt.append(int(w.numel() - 1))
     window = getattr(nm, "window", None)  # (a peer's model, benchmarks/peers.py, has full attention only)
     res = {"perplexity": math.exp(sum(nll) / sum(cnt)), "tokens": sum(cnt), "seq_len": seq_len,
@@ -65,6 +66,7 @@ def stream_logits(parts, model, wins, progress: bool = False):
     if len(model.layers):
         raise QuantError("stream_logits: the model holds decoder layers; give parts.shell() (no layers)")
     integer = bool(model.numerics.integer_path)
+    dev = model.device
     if integer:
         from .integer import to_float_logits
         from .model import integer_layer
@@ -72,8 +74,8 @@ def stream_logits(parts, model, wins, progress: bool = False):
         dec = model.integer_decoder()
         hs = [dec.embed_tokens(w, 0) for w in wins]  # (x (T, H), positions)
     else:
-        pos = [torch.arange(w.numel()) for w in wins]
-        hs = [model.embed_tokens[w[None]] for w in wins]
+        pos = [torch.arange(w.numel(), device=dev) for w in wins]
+        hs = [model.embed_tokens[w[None].to(dev)] for w in wins]
     bar = tqdm(total=parts.n_layers * len(wins), desc="eval (streamed)", unit="window-layer", disable=not progress)
     for i in range(parts.n_layers):
         layer = parts.layer(i)
@@ -84,6 +86,7 @@ def stream_logits(parts, model, wins, progress: bool = False):
                 hs[j] = (dec.layer(i, x, p, dec.new_cache(), None, lay), p)
                 bar.update()
         else:
+            layer = layer.to(dev)
             for j in range(len(hs)):
                 hs[j] = layer(hs[j], model.rope, pos[j])
                 bar.update()
@@ -200,14 +203,19 @@ def load_result(path: str | Path) -> dict:
 def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512, max_tokens: int | None = None,
              integer_path: bool | None = None, progress: bool = True,
              attention=None, against: str | dict | None = None, bootstrap: int = BOOTSTRAP_SAMPLES,
-             stream_layers: bool = False) -> dict:
+             stream_layers: bool = False, device=None) -> dict:
     """-> :func:`perplexity`'s result ({"perplexity", "tokens", "seq_len", "integer_path", "ci95", ...}).
     ``integer_path`` defaults to True for an artifact with quantized layers (W×A8), else False.
     ``attention``: see :func:`parse_attention`. ``against``: a reference (a model or artifact to evaluate
     on the float path with the same windows and the same attention, or a previous result: a dict or the
     path of an ``accllm eval --json`` output); the result then has ``ratio`` = :func:`paired_ratio`.
     ``stream_layers``: read the decoder layers one at a time (:func:`stream_logits`) instead of loading the
-    whole model, for a model bigger than memory; the same result exactly (and ``"streamed": True``)."""
+    whole model, for a model bigger than memory; the same result exactly (and ``"streamed": True``).
+    ``device``: where the model runs (``quant.runtime.resolve_device``: cpu, cuda, cuda:N); the integer path
+    gives the same integers on any device, the float path the same up to float rounding."""
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
     if bootstrap < 0:
         raise QuantError(f"--bootstrap must be >= 0, got {bootstrap}")
     ref = None
@@ -215,7 +223,7 @@ def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512
         ref = load_result(against)  # read it first: a bad file fails before the long evaluation
     elif isinstance(against, dict):
         ref = against
-    model, tok, parts = open_model(model_or_artifact, stream_layers)
+    model, tok, parts = open_model(model_or_artifact, stream_layers, dev)
     _set_integer_path(model, integer_path, str(model_or_artifact), parts)
     _set_attention(model, attention)
     mine = effective_attention(model.numerics.sinks, model.numerics.window, seq_len)
@@ -226,10 +234,11 @@ def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512
                          f"so both use the same")
     res = perplexity_of(model, tok, parts, text, seq_len, max_tokens, progress, bootstrap)
     res["model"] = str(model_or_artifact)
+    res["device"] = str(dev)
     if against is not None:
         if ref is None:
             del model
-            rmodel, rtok, rparts = open_model(str(against), stream_layers)
+            rmodel, rtok, rparts = open_model(str(against), stream_layers, dev)
             _set_integer_path(rmodel, False, str(against), rparts)
             rmodel.numerics.sinks, rmodel.numerics.window = res["sinks"], res["window"]
             ref = perplexity_of(rmodel, rtok, rparts, text, seq_len, max_tokens, progress, bootstrap)
@@ -239,11 +248,12 @@ def evaluate(model_or_artifact: str, text: str | Path | None, seq_len: int = 512
     return res
 
 
-def open_model(source, stream_layers: bool):
-    """-> (model, tokenizer, parts): the whole model and None, or (streamed) the shell without decoder
-    layers and the parts that read them one at a time."""
+def open_model(source, stream_layers: bool, device=None):
+    """-> (model, tokenizer, parts) on ``device`` (default the CPU): the whole model and None, or (streamed)
+    the shell without decoder layers and the parts that read them one at a time (each moved to the device as
+    it is used)."""
     if not stream_layers:
-        return (*load_model(source), None)
+        return (*load_model(source, device or "cpu"), None)
     from .loading import open_parts
 
     if not isinstance(source, (str, Path)):
@@ -252,7 +262,7 @@ def open_model(source, stream_layers: bool):
     parts = open_parts(str(source))
     if parts.n_layers < 1:
         raise QuantError(f"--stream-layers: {source} has no decoder layers to stream")
-    return parts.shell(), parts.tokenizer(), parts
+    return parts.shell().to(device or "cpu"), parts.tokenizer(), parts
 
 
 @torch.no_grad()
@@ -284,11 +294,15 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos: int | N
     return out
 
 
-def generate(model_or_artifact: str, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt`` (the new text only, without the prompt)."""
+def generate(model_or_artifact: str, prompt: str, max_new_tokens: int = 32, device=None) -> str:
+    """Greedy continuation of ``prompt`` (the new text only, without the prompt), on ``device`` (cpu,
+    cuda, cuda:N; default the CPU)."""
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
     if max_new_tokens < 0:
         raise QuantError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    model, tok = load_model(model_or_artifact)
+    model, tok = load_model(model_or_artifact, dev)
     _set_integer_path(model, None, str(model_or_artifact))
     ids = tok(prompt, add_special_tokens=True)["input_ids"]
     if not ids:

@@ -27,8 +27,9 @@ _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
 
 
-def _t(a) -> torch.Tensor:
-    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.int64)))
+def _t(a, device=None) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.int64)))
+    return t if device is None else t.to(device)
 
 
 def _sat(x: torch.Tensor, fmt=FX) -> torch.Tensor:
@@ -38,8 +39,8 @@ def _sat(x: torch.Tensor, fmt=FX) -> torch.Tensor:
 def shift_round(x: torch.Tensor, s) -> torch.Tensor:
     if isinstance(s, int):  # one shift for the whole tensor: no per-element half
         return (x + (1 << (s - 1))) >> s if s > 0 else x
-    s = _t(s)
-    half = torch.bitwise_left_shift(torch.ones((), dtype=I64), (s - 1).clamp(min=0)) * (s > 0)
+    s = _t(s, x.device)
+    half = torch.bitwise_left_shift(torch.ones((), dtype=I64, device=x.device), (s - 1).clamp(min=0)) * (s > 0)
     return torch.bitwise_right_shift(x + half, s)
 
 
@@ -94,7 +95,7 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def _matmul_exact(a: torch.Tensor, b: torch.Tensor, max_term: int) -> torch.Tensor:
     """a @ b of int64 tensors through float32/float64 where every partial sum is exact; int64 result."""
     bound = a.shape[-1] * max_term
-    if bound < _F32_EXACT:
+    if bound < _F32_EXACT and M.exact_float32(a.device):
         return (a.to(torch.float32) @ b.to(torch.float32)).to(I64)
     if bound < _F64_EXACT:
         return (a.to(torch.float64) @ b.to(torch.float64)).to(I64)
@@ -104,17 +105,17 @@ def _matmul_exact(a: torch.Tensor, b: torch.Tensor, max_term: int) -> torch.Tens
 class Linear:
     """A golden.Linear as torch tensors: the integer weight s_hat*q + m_hat (0 where pruned)."""
 
-    def __init__(self, lin: G.Linear):
+    def __init__(self, lin: G.Linear, device=None):
         self.name = lin.name
         g = lin.group_size
         w = (np.repeat(lin.scales.astype(np.int64), g, axis=1) * lin.codes.astype(np.int64)
              + np.repeat(lin.mins.astype(np.int64), g, axis=1))
         if lin.mask is not None:
             w = np.where(lin.mask, w, 0)
-        self.w_t = torch.from_numpy(w.T.copy()).to(torch.float64)  # (K, N)
+        self.w_t = torch.from_numpy(w.T.copy()).to(device=device, dtype=torch.float64)  # (K, N)
         self.max_w = int(np.abs(w).max()) if w.size else 0
-        self.row_mult, self.row_shift = _t(lin.row_mult), _t(lin.row_shift)
-        self.bias = None if lin.bias_fx is None else _t(lin.bias_fx)
+        self.row_mult, self.row_shift = _t(lin.row_mult, device), _t(lin.row_shift, device)
+        self.bias = None if lin.bias_fx is None else _t(lin.bias_fx, device)
 
     def __call__(self, x: torch.Tensor, trace: dict | None = None, name: str = "") -> torch.Tensor:
         a, amax = quantize_activations(x)
@@ -140,9 +141,16 @@ class Linear:
 # ---------------------------------------------------------------------------------------------------
 # the special functions (twins of reference.rmsnorm, rope_*, attention_logits, softmax_exp, ...)
 # ---------------------------------------------------------------------------------------------------
-_RSQRT = torch.from_numpy(G.R.rsqrt_table())
-_EXP2 = torch.from_numpy(G.R.exp2_table())
-_SIGMOID = torch.from_numpy(G.R.sigmoid_table())
+_TABLES = {"rsqrt": G.R.rsqrt_table, "exp2": G.R.exp2_table, "sigmoid": G.R.sigmoid_table}
+_ON_DEVICE: dict = {}
+
+
+def _table(name: str, device) -> torch.Tensor:
+    """The special-function table ``name`` (reference.*_table) on ``device`` (made once per device)."""
+    key = (name, str(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = torch.from_numpy(_TABLES[name]()).to(device)
+    return _ON_DEVICE[key]
 
 
 def rsqrt(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +158,7 @@ def rsqrt(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sh = 2 * e - F.RSQRT_MANT_FRAC
     mq = torch.where(sh > 0, torch.bitwise_right_shift(v, sh.clamp(min=0)),
                      torch.bitwise_left_shift(v, (-sh).clamp(min=0)))
-    y = _RSQRT[mq >> F.RSQRT_INDEX_SHIFT]
+    y = _table("rsqrt", v.device)[mq >> F.RSQRT_INDEX_SHIFT]
     t = shift_round(mq * (y * y), 2 * F.RSQRT_FRAC)
     h = (3 << F.RSQRT_MANT_FRAC) - t
     return shift_round(y * h, F.RSQRT_MANT_FRAC + 1).clamp(max=1 << F.RSQRT_FRAC), e
@@ -204,7 +212,7 @@ def softmax_exp(z: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     idx = ((d & ((1 << F.FX_FRAC_BITS) - 1)) + (1 << (step - 1))) >> step
     carry = idx == (1 << F.EXP2_TABLE_BITS)
     ip, idx = torch.where(carry, ip + 1, ip), torch.where(carry, 0, idx)
-    return torch.where(visible, shift_round(_EXP2[idx], ip.clamp(max=REQ_SHIFT_MAX)), 0)
+    return torch.where(visible, shift_round(_table("exp2", z.device)[idx], ip.clamp(max=REQ_SHIFT_MAX)), 0)
 
 
 def pv_weights(e: torch.Tensor, v_range: torch.Tensor):
@@ -228,7 +236,8 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
     off = x.clamp(lo, hi - 1) - lo
     idx = off >> F.SIGMOID_STEP_SHIFT
     fr = off & ((1 << F.SIGMOID_STEP_SHIFT) - 1)
-    t0, t1 = _SIGMOID[idx], _SIGMOID[idx + 1]
+    tab = _table("sigmoid", x.device)
+    t0, t1 = tab[idx], tab[idx + 1]
     s = t0 + shift_round((t1 - t0) * fr, F.SIGMOID_STEP_SHIFT)
     return torch.where(x < lo, 0, torch.where(x >= hi, 1 << F.SIGMOID_FRAC, s))
 
@@ -251,16 +260,18 @@ class Cache:
     """One layer's Λ-shaped KV4 cache for one sequence (golden.Cache in torch): S + W slots, a ring
     buffer for the window; growing (doubling) under full attention."""
 
-    def __init__(self, n_kv: int, head_dim: int, sinks: int, window: int | None):
+    def __init__(self, n_kv: int, head_dim: int, sinks: int, window: int | None, device=None):
         self.n_kv, self.head_dim, self.sinks, self.window = n_kv, head_dim, sinks, window
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self._alloc(sinks + window if window is not None else 16)
 
     def _alloc(self, n: int):
-        self.k = torch.zeros(self.n_kv, n, self.head_dim, dtype=torch.uint8)
+        dev = self.device
+        self.k = torch.zeros(self.n_kv, n, self.head_dim, dtype=torch.uint8, device=dev)
         self.v = torch.zeros_like(self.k)
-        self.kz, self.vz = (torch.zeros(self.n_kv, n, dtype=torch.uint8) for _ in range(2))
-        self.kr, self.vr = (torch.zeros(self.n_kv, n, dtype=I64) for _ in range(2))
-        self.pos = torch.full((n,), -1, dtype=I64)
+        self.kz, self.vz = (torch.zeros(self.n_kv, n, dtype=torch.uint8, device=dev) for _ in range(2))
+        self.kr, self.vr = (torch.zeros(self.n_kv, n, dtype=I64, device=dev) for _ in range(2))
+        self.pos = torch.full((n,), -1, dtype=I64, device=dev)
 
     def slot(self, t: int) -> int:
         if self.window is None:
@@ -300,28 +311,29 @@ class Decoder:
     #: one block: it records the full score matrix.
     query_block: int | None = 64
 
-    def __init__(self, spec: G.Spec):
+    def __init__(self, spec: G.Spec, device=None):
         self.spec = spec.check()
+        self.device = dev = torch.device("cpu") if device is None else torch.device(device)
         self.layers = [self.build_layer(l) for l in spec.layers]
-        self.final_norm = (_t(spec.final_norm.g), spec.final_norm.eps_term)
-        self.lm_head = Linear(spec.lm_head)
-        self.embed = (_t(spec.embed_codes), _t(spec.embed_mult), _t(spec.embed_shift))
-        self.rope = (_t(spec.rope_theta), _t(spec.rope_table))
+        self.final_norm = (_t(spec.final_norm.g, dev), spec.final_norm.eps_term)
+        self.lm_head = Linear(spec.lm_head, dev)
+        self.embed = (_t(spec.embed_codes, dev), _t(spec.embed_mult, dev), _t(spec.embed_shift, dev))
+        self.rope = (_t(spec.rope_theta, dev), _t(spec.rope_table, dev))
         if spec.window is not None and (spec.sinks + spec.window) * ACT_QMAX * KV_QMAX >= _F32_EXACT:
             raise FormatError("Λ cache too large for the exact float32 P.V products")
 
-    @staticmethod
-    def build_layer(l: G.Layer) -> dict:
+    def build_layer(self, l: G.Layer) -> dict:
         """One decoder layer's tensors (norms, the seven linears' integer weights) from its golden.Layer.
         ``layer(i, ..., lay=build_layer(...))`` runs a layer the decoder does not hold (a streamed
         evaluation builds each in turn, runs every window through it and drops it)."""
-        return {"attn_norm": (_t(l.attn_norm.g), l.attn_norm.eps_term),
-                "mlp_norm": (_t(l.mlp_norm.g), l.mlp_norm.eps_term),
-                **{p: Linear(l.linears[p]) for p in G.ATTN_PROJ + G.MLP_PROJ}}
+        dev = self.device
+        return {"attn_norm": (_t(l.attn_norm.g, dev), l.attn_norm.eps_term),
+                "mlp_norm": (_t(l.mlp_norm.g, dev), l.mlp_norm.eps_term),
+                **{p: Linear(l.linears[p], dev) for p in G.ATTN_PROJ + G.MLP_PROJ}}
 
     def new_cache(self) -> Cache:
         s = self.spec
-        return Cache(s.n_kv, s.head_dim, s.sinks, s.window)
+        return Cache(s.n_kv, s.head_dim, s.sinks, s.window, self.device)
 
     def new_caches(self) -> list[Cache]:
         return [self.new_cache() for _ in self.spec.layers]
@@ -360,7 +372,7 @@ class Decoder:
             cs, ss = rope_cos_sin(positions.clamp(max=s.sinks + s.window - 1), *self.rope)
             qsa, qsamax = quantize_activations(rope_rotate(q.view(t, nh, d).transpose(0, 1), cs, ss))
         # GQA: query head h reads KV head h // rep
-        idx = torch.arange(nh) // rep
+        idx = torch.arange(nh, device=x.device) // rep
         kk = keys[idx] - kzs[idx].unsqueeze(-1)  # (heads, Tk, D)
         vv, krh, vrh = vals[idx] - vzs[idx].unsqueeze(-1), krs[idx], vrs[idx]
         qs = (qsa, qsamax) if sinks_apart else None
@@ -434,8 +446,8 @@ class Decoder:
     def embed_tokens(self, ids, start: int, trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (T,) at positions start.. -> (the embedded rows (T, H) Q15.16, the positions (T,))."""
         s = self.spec
-        ids = torch.as_tensor(ids, dtype=I64).reshape(-1)
-        positions = torch.arange(start, start + ids.numel(), dtype=I64)
+        ids = torch.as_tensor(ids, dtype=I64, device=self.device).reshape(-1)
+        positions = torch.arange(start, start + ids.numel(), dtype=I64, device=self.device)
         if s.window is None and s.max_positions is not None and ids.numel() and int(positions[-1]) >= s.max_positions:
             raise FormatError(f"position {int(positions[-1])} beyond the model's {s.max_positions} positions "
                               f"without Λ-attention: use a recipe with attention_window")

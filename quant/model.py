@@ -161,13 +161,21 @@ def fake_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _F32_EXACT = 1 << 24
 
 
+def exact_float32(device) -> bool:
+    """Whether float32 matmuls on ``device`` sum integer products exactly (below 2**24): on the CPU yes; on
+    CUDA only when TF32 is off (``torch.backends.cuda.matmul.allow_tf32``: TF32 keeps 10 mantissa bits of
+    each operand, so a product of 8-bit codes may be rounded). Otherwise the exact routes use float64."""
+    dev = torch.device(device)
+    return dev.type == "cpu" or (dev.type == "cuda" and not torch.backends.cuda.matmul.allow_tf32)
+
+
 def _int_matmul(a: torch.Tensor, b: torch.Tensor, max_term: int) -> torch.Tensor:
     """a @ b for integer-valued float tensors whose products are at most ``max_term`` in magnitude,
     returned as float64. When every partial sum is bounded by (inner dimension) · max_term < 2**24 the
     product is computed in float32, which is then exact whatever the summation order (each partial sum
     is an integer float32 represents); otherwise in float64 (exact below 2**53). The float32 route is
     2-3x faster on a CPU and is what makes the calibration and evaluation passes affordable."""
-    if a.shape[-1] * max_term < _F32_EXACT:
+    if a.shape[-1] * max_term < _F32_EXACT and exact_float32(a.device):
         return (a.to(torch.float32) @ b.to(torch.float32)).to(F64)
     return a.to(F64) @ b.to(F64)
 
@@ -243,7 +251,8 @@ class Rope(nn.Module):
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        hf = LlamaRotaryEmbedding(cfg)
+        with torch.device("cpu"):  # built on the CPU whatever the default device; moved with the model
+            hf = LlamaRotaryEmbedding(cfg)
         self.register_buffer("inv_freq", hf.inv_freq.detach().clone().to(torch.float32), persistent=False)
         self.scale = float(hf.attention_scaling)
 
@@ -272,18 +281,19 @@ class KVCache:
     """One layer's cache for one sequence: S + W slots under Λ (a ring, ``reference.cache_slot``),
     otherwise growing. Stores 4-bit codes + zero + range when KV4 is on, float otherwise."""
 
-    def __init__(self, n_kv: int, head_dim: int, numerics: Numerics, capacity: int | None):
+    def __init__(self, n_kv: int, head_dim: int, numerics: Numerics, capacity: int | None, device=None):
         self.nm = numerics
+        dev = torch.device("cpu") if device is None else device
         self.capacity = capacity
         size = capacity or 16
         dt = torch.uint8 if numerics.kv4 else torch.float32
-        self.k = torch.zeros(n_kv, size, head_dim, dtype=dt)
-        self.v = torch.zeros(n_kv, size, head_dim, dtype=dt)
-        self.kz = torch.zeros(n_kv, size, dtype=torch.int64)
-        self.kr = torch.zeros(n_kv, size, dtype=torch.int64)
-        self.vz = torch.zeros(n_kv, size, dtype=torch.int64)
-        self.vr = torch.zeros(n_kv, size, dtype=torch.int64)
-        self.pos = torch.full((size,), -1, dtype=torch.int64)  # token index held by each slot
+        self.k = torch.zeros(n_kv, size, head_dim, dtype=dt, device=dev)
+        self.v = torch.zeros(n_kv, size, head_dim, dtype=dt, device=dev)
+        self.kz = torch.zeros(n_kv, size, dtype=torch.int64, device=dev)
+        self.kr = torch.zeros(n_kv, size, dtype=torch.int64, device=dev)
+        self.vz = torch.zeros(n_kv, size, dtype=torch.int64, device=dev)
+        self.vr = torch.zeros(n_kv, size, dtype=torch.int64, device=dev)
+        self.pos = torch.full((size,), -1, dtype=torch.int64, device=dev)  # token index held by each slot
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kz, self.kr, self.vz, self.vr, self.pos))
@@ -399,8 +409,8 @@ class Attention(nn.Module):
         kc, kz, krng, vc, vz, vrng = (self._expand(z) for z in self._kv_store(kr_, v))
         scores = self._scores(qr, kc, kz, krng)
         lam = nm.window is not None
-        n = torch.arange(t)[:, None]
-        j = torch.arange(t)[None, :]
+        n = torch.arange(t, device=x.device)[:, None]
+        j = torch.arange(t, device=x.device)[None, :]
         visible = j <= n
         if lam:
             s, w = nm.sinks, nm.window
@@ -423,7 +433,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(self.n_heads, self.head_dim)
         k = self.k_proj(x).view(self.n_kv, self.head_dim)
         v = self.v_proj(x).view(self.n_kv, self.head_dim)
-        cos, sin = rope(torch.tensor([n]))
+        cos, sin = rope(torch.tensor([n], device=x.device))
         cache.write(n, rotate(k, cos, sin), v)
         kc, kz, krng, vc, vz, vrng, kpos = cache.view()
         kc, kz, krng, vc, vz, vrng = (self._expand(z, 0) for z in (kc, kz, krng, vc, vz, vrng))
@@ -432,7 +442,7 @@ class Attention(nn.Module):
         qr = rotate(q, cos, sin).unsqueeze(1)  # (heads, 1, D)
         scores = self._scores(qr, kc, kz, krng)  # (heads, 1, Tk)
         if nm.window is not None and nm.sinks > 0 and n > nm.sinks + nm.window - 1:
-            cs, ss = rope(torch.tensor([nm.sinks + nm.window - 1]))
+            cs, ss = rope(torch.tensor([nm.sinks + nm.window - 1], device=x.device))
             ns = int((kpos < nm.sinks).sum())
             sink = self._scores(rotate(q, cs, ss).unsqueeze(1), kc[:, :ns],
                                 None if kz is None else kz[:, :ns], None if krng is None else krng[:, :ns])
@@ -511,8 +521,8 @@ def integer_layer(i: int, lay: DecoderLayer):
     if why:
         raise QuantError(why)
     mods = {p: getattr(lay.self_attn, p) for p in ATTN} | {p: getattr(lay.mlp, p) for p in MLP_NAMES}
-    return G.Layer(G.Norm.from_float(lay.input_layernorm.detach().numpy(), lay.eps),
-                   G.Norm.from_float(lay.post_attention_layernorm.detach().numpy(), lay.eps),
+    return G.Layer(G.Norm.from_float(lay.input_layernorm.detach().cpu().numpy(), lay.eps),
+                   G.Norm.from_float(lay.post_attention_layernorm.detach().cpu().numpy(), lay.eps),
                    {p: _golden_linear(m, linear_name(i, p)) for p, m in mods.items()})
 
 
@@ -539,6 +549,12 @@ class LlamaLM(nn.Module):
         head = store.lm_head()
         return cls(cfg, store.get("model.embed_tokens.weight"), layers, store.get("model.norm.weight"),
                    None if head is None else FloatLinear(head), nm)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors are (``model.to(device)`` moves them; the integer decoder and the caches
+        follow)."""
+        return self.embed_tokens.device
 
     @property
     def quantized(self) -> bool:
@@ -584,10 +600,10 @@ class LlamaLM(nn.Module):
         n_heads, n_kv, head_dim = attention_shape(cfg)
         codes, row_scale = self.embed_q
         em, es = R.embedding_multipliers(row_scale)
-        theta, table = R.rope_params(self.rope.inv_freq.detach().numpy(), self.rope.scale)
+        theta, table = R.rope_params(self.rope.inv_freq.detach().cpu().numpy(), self.rope.scale)
         mc, sc = R.softmax_params(head_dim)
         return G.Spec(hidden=cfg.hidden_size, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, layers=layers,
-                      final_norm=G.Norm.from_float(self.norm.detach().numpy(), self.eps),
+                      final_norm=G.Norm.from_float(self.norm.detach().cpu().numpy(), self.eps),
                       lm_head=_golden_linear(self.lm_head, "lm_head"), embed_codes=np.asarray(codes, np.int8),
                       embed_mult=em, embed_shift=es, rope_theta=theta, rope_table=table, softmax_mult=mc,
                       softmax_shift=sc, sinks=nm.sinks if nm.window is not None else 0, window=nm.window,
@@ -597,9 +613,9 @@ class LlamaLM(nn.Module):
         """The torch integer decoder for the current numerics (built once per Λ setting)."""
         from .integer import Decoder
 
-        key = (self.numerics.sinks, self.numerics.window)
+        key = (self.numerics.sinks, self.numerics.window, self.device)
         if getattr(self, "_decoder_key", None) != key:
-            self._decoder = Decoder(self.integer_spec())
+            self._decoder = Decoder(self.integer_spec(), device=self.device)
             self._decoder_key = key
         return self._decoder
 
@@ -618,7 +634,8 @@ class LlamaLM(nn.Module):
 
             dec = self.integer_decoder()
             return torch.stack([to_float_logits(dec.forward(row, 0, dec.new_caches())) for row in ids])
-        pos = torch.arange(ids.shape[1])
+        ids = ids.to(self.device)
+        pos = torch.arange(ids.shape[1], device=self.device)
         h = self.embed_tokens[ids]
         for layer in self.layers:
             h = layer(h, self.rope, pos)
@@ -630,7 +647,7 @@ class LlamaLM(nn.Module):
             return self.integer_decoder().new_caches()
         cap = None if nm.window is None else nm.sinks + nm.window
         a = self.layers[0].self_attn
-        return [KVCache(a.n_kv, a.head_dim, nm, cap) for _ in self.layers]
+        return [KVCache(a.n_kv, a.head_dim, nm, cap, self.device) for _ in self.layers]
 
     def step(self, token: int, n: int, cache: list[KVCache]) -> torch.Tensor:
         """Logits (V,) for one token at position n, updating the caches."""
@@ -638,7 +655,7 @@ class LlamaLM(nn.Module):
             from .integer import to_float_logits
 
             return to_float_logits(self.integer_decoder().forward([token], n, cache)[0])
-        h = self.embed_tokens[torch.tensor([[token]])]
+        h = self.embed_tokens[torch.tensor([[token]], device=self.device)]
         for layer, c in zip(self.layers, cache):
             h = layer.step(h, self.rope, n, c)
         return self.head(h)[0, 0]

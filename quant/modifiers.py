@@ -80,12 +80,14 @@ class Stats:
     """Hook accumulating XᵀX (float64) and Σx² of a linear's inputs."""
 
     def __init__(self, k: int):
-        self.xtx = torch.zeros(k, k, dtype=torch.float64)
-        self.sq = torch.zeros(k, dtype=torch.float64)
+        self.xtx = torch.zeros(k, k, dtype=torch.float64, device="cpu")
+        self.sq = torch.zeros(k, dtype=torch.float64, device="cpu")
         self.n = 0
 
     def __call__(self, module, inputs, output):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+        if self.xtx.device != x.device:  # made on the CPU, accumulated where the calibration runs
+            self.xtx, self.sq = self.xtx.to(x.device), self.sq.to(x.device)
         self.xtx += x.T @ x
         self.sq += (x * x).sum(0)
         self.n += x.shape[0]
@@ -223,12 +225,12 @@ class PruneModifier(Modifier):
                 continue
             w, st = lw.linear(p).weight.data, lw.stats_for(p)
             if self.cfg.method == "sparsegpt":
-                w_p = torch.as_tensor(algorithms.sparsegpt(w, st.hessian(), self.cfg)[0]).to(torch.float32)
+                w_p = algorithms.sparsegpt(w, st.hessian(), self.cfg)[0].to(torch.float32)
             else:
-                w_p = (w * torch.as_tensor(algorithms.wanda(w, st.x_norm(), self.cfg))).to(torch.float32)
+                w_p = (w * algorithms.wanda(w, st.x_norm(), self.cfg)).to(torch.float32)
             setattr(lw.parent(p), p, FloatLinear(w_p))
             name = linear_name(lw.i, p) + ".weight"
-            run.tensors[name] = w_p.to(run.store.get(name).dtype)
+            run.tensors[name] = w_p.to("cpu", run.store.get(name).dtype)
             lw.done.add(p)
 
 
@@ -272,11 +274,11 @@ class QuantizeWeightsModifier(Modifier):
         if hb is None:
             return
         head_w = run.store.lm_head()
-        w = (run.embed_f if head_w is None else head_w).to(torch.float32)  # tied: the float table, not its codes
+        w = (run.embed_f if head_w is None else head_w).to(run.device, torch.float32)  # tied: the float table
         st = None
         if "input_stats" in self.needs():
             st = Stats(w.shape[1])
-            h = rms_norm(run.x, run.store.get("model.norm.weight").to(torch.float32), run.cfg.rms_norm_eps)
+            h = rms_norm(run.x, run.store.get("model.norm.weight").to(run.device, torch.float32), run.cfg.rms_norm_eps)
             st(None, (h,), None)
         run.add_quantized("lm_head", self._quantize(w, st, hb, None))
 
@@ -399,8 +401,8 @@ class TrainE2EModifier(Modifier):
         from .e2e import train_e2e
         from .model import LlamaLM
 
-        teacher = LlamaLM.from_store(run.cfg, run.store).eval()
-        tuned, st = train_e2e(run.quantized_model(), teacher, run.ids, self.cfg, seed=run.seed, deploy=run.nm)
+        teacher = LlamaLM.from_store(run.cfg, run.store).to(run.device).eval()
+        tuned, st = train_e2e(run.quantized_model().to(run.device), teacher, run.ids, self.cfg, seed=run.seed, deploy=run.nm)
         for name, q in tuned.items():
             run.replace_quantized(name, q)
         run.log("train_e2e", st)

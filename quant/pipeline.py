@@ -94,15 +94,18 @@ class Run:
     stream (``x`` in, ``y`` out of the current layer), the deployment numerics and the artifact's tensors
     as they are produced."""
 
-    def __init__(self, path: Path, cfg, recipe: Recipe, seed: int):
+    def __init__(self, path: Path, cfg, recipe: Recipe, seed: int, device=None):
         from .model import Rope
 
         self.path, self.cfg, self.recipe, self.seed = path, cfg, recipe, seed
+        #: where the layers, the calibration stream, the statistics and the algorithms run; what is
+        #: written (``tensors``) and the store stay on the CPU
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.nm = Numerics(**recipe.runtime())
         self.float_nm = Numerics()  # Hessians from the float layer (on the quantized predecessors' outputs)
         self.store = WeightStore(path, cfg)
         self.tok = load_tokenizer(path)
-        self.rope = Rope(cfg)
+        self.rope = Rope(cfg).to(self.device)
         self.embed_f = self.store.get(f"{EMBED}.weight").to(torch.float32)
         self.embed_in = self.embed_f  # the table calibration reads (quantize_embedding replaces it)
         self.emb_meta = None
@@ -119,19 +122,19 @@ class Run:
     def calibrate(self, text, samples: int, seq_len: int):
         ids, self.calib_info = calibration_windows(self.tok, text, samples, seq_len, self.seed)
         self.ids = ids  # (N, L) token ids: train_e2e trains on them
-        self.x = self.embed_in[ids]  # (N, L, H): the embedding the artifact stores
+        self.x = self.embed_in[ids].to(self.device)  # (N, L, H): the embedding the artifact stores
         self.y = torch.empty_like(self.x)
 
     @torch.no_grad()
     def forward(self, layer, x: torch.Tensor, out: torch.Tensor):
-        pos = torch.arange(x.shape[1])
+        pos = torch.arange(x.shape[1], device=x.device)
         for s in range(0, x.shape[0], CHUNK):
             out[s: s + CHUNK] = layer(x[s: s + CHUNK], self.rope, pos)
 
     def open_layer(self, i: int) -> M.Layer:
         for nrm in ("input_layernorm", "post_attention_layernorm"):
             self.tensors[f"model.layers.{i}.{nrm}.weight"] = self.store.get(f"model.layers.{i}.{nrm}.weight")
-        return M.Layer(i, float_layer(self.cfg, self.store, i, self.float_nm))
+        return M.Layer(i, float_layer(self.cfg, self.store, i, self.float_nm).to(self.device))
 
     def observe(self, lw: M.Layer):
         """The calibration pass through the float layer with the hooks the modifiers asked for."""
@@ -157,11 +160,12 @@ class Run:
             name = linear_name(lw.i, p)
             if p not in lw.results and p not in lw.done:
                 w0 = self.store.get(name + ".weight")
-                self.tensors[name + ".weight"] = lw.linear(p).weight.data.to(w0.dtype) if p in lw.changed else w0
+                self.tensors[name + ".weight"] = (lw.linear(p).weight.data.to("cpu", w0.dtype) if p in lw.changed
+                                                  else w0)
         for p, res in lw.results.items():
             name = linear_name(lw.i, p)
             self.add_quantized(name, res)
-            setattr(lw.parent(p), p, QLinear(res, self.nm, name))
+            setattr(lw.parent(p), p, QLinear(res, self.nm, name).to(self.device))
         if self.x is not None:
             lw.layer.self_attn.nm = self.nm
             self.forward(lw.layer, self.x, self.y)
@@ -211,22 +215,28 @@ class Run:
 
 
 def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_text: str | Path | None = None,
-                   calib_samples: int = 32, seq_len: int = 512, seed: int = 0, progress: bool = True) -> dict:
+                   calib_samples: int = 32, seq_len: int = 512, seed: int = 0, progress: bool = True,
+                   device=None) -> dict:
     """Compress ``source`` with ``recipe`` into the artifact folder ``out_dir`` (written atomically).
-    Returns the report dict (also written to out_dir/report.json)."""
+    Returns the report dict (also written to out_dir/report.json). ``device`` (cpu, cuda, cuda:N;
+    ``quant.runtime.resolve_device``): where the layers, the calibration stream, the Hessians, GPTQ and the
+    training stages run; the checkpoint is read and the artifact written from the CPU."""
     from tqdm import tqdm
 
+    from .runtime import resolve_device
+
     t0, secs = time.time(), {}
+    dev = resolve_device(device)
     path = resolve_source(source)
     if is_artifact(path):  # only the end-of-pipeline training can continue an artifact
         return train_artifact(path, recipe, out_dir, calib_text=calib_text, calib_samples=calib_samples,
-                              seq_len=seq_len, seed=seed, progress=progress)
+                              seq_len=seq_len, seed=seed, progress=progress, device=dev)
     cfg = load_config(path)
     check_recipe(cfg, recipe, str(path))
     mods = M.build(recipe)
     needs = set().union(*(m.needs() for m in mods))
     with atomic_dir(out_dir) as tmp:
-        run = Run(path, cfg, recipe, seed)
+        run = Run(path, cfg, recipe, seed, dev)
         secs["load"] = _lap(t0)
         t = time.time()
         for m in mods:
@@ -314,6 +324,7 @@ def _write(run: Run, tmp: Path, source: str, secs: dict, t0: float, calib_tokens
         "seconds_per_layer": round(secs["layers"] / cfg.num_hidden_layers, 3),
         "peak_rss_bytes": peak_rss_bytes(),
         "layers": cfg.num_hidden_layers,
+        "device": str(run.device),
         "calibration_tokens": calib_tokens,
         "not_applied": [],
     }
@@ -363,7 +374,7 @@ def _resume_problem(art: Path, recipe: Recipe) -> str | None:
 
 
 def train_artifact(art: Path, recipe: Recipe, out_dir: str | Path, *, calib_text=None, calib_samples: int = 32,
-                   seq_len: int = 512, seed: int = 0, progress: bool = True) -> dict:
+                   seq_len: int = 512, seed: int = 0, progress: bool = True, device=None) -> dict:
     """``quantize_model`` from an artifact: run the recipe's end-of-pipeline training (``train_e2e``) on the
     artifact ``art`` made with the rest of the recipe, and write the result to ``out_dir`` (atomically).
     The calibration (text, samples, length, seed) and the float checkpoint (its sha256) must be the
@@ -377,7 +388,10 @@ def train_artifact(art: Path, recipe: Recipe, out_dir: str | Path, *, calib_text
     from .model import LlamaLM
     from .recipe import Rotate
 
+    from .runtime import resolve_device
+
     t0 = time.time()
+    dev = resolve_device(device)
     art = Path(art)
     why = _resume_problem(art, recipe)
     if why:
@@ -389,7 +403,7 @@ def train_artifact(art: Path, recipe: Recipe, out_dir: str | Path, *, calib_text
                          f"the float model as its teacher")
     cfg = load_config(src)
     check_recipe(cfg, recipe, str(src))
-    run = Run(src, cfg, recipe, seed)
+    run = Run(src, cfg, recipe, seed, dev)
     got = run.store.source_hash()
     if got != manifest.get("source_sha256"):
         raise QuantError(f"{art}: the checkpoint at {src} has sha256 {got[:16]}…, not the {str(manifest.get('source_sha256'))[:16]}… "
@@ -406,8 +420,8 @@ def train_artifact(art: Path, recipe: Recipe, out_dir: str | Path, *, calib_text
                          f"{Path(str(had.get('text'))).name}, seed {had.get('seed')}; give the same calibration "
                          f"(--calib-text, --calib-samples, --seq-len, --seed) as the artifact, not {calib_samples} x "
                          f"{seq_len}, seed {seed} of {Path(run.calib_info['text']).name}")
-    student, _ = load_artifact(art)
-    teacher = LlamaLM.from_store(run.cfg, run.store).eval()
+    student, _ = load_artifact(art, dev)
+    teacher = LlamaLM.from_store(run.cfg, run.store).to(dev).eval()
     mods = [m for m in M.build(recipe) if type(m.cfg).__name__ == "TrainE2E"]
     tuned, st = train_e2e(student, teacher, run.ids, mods[0].cfg, seed=seed, deploy=run.nm, progress=progress)
     with safe_open(str(art / "model.safetensors"), framework="pt") as h:
@@ -441,6 +455,7 @@ def train_artifact(art: Path, recipe: Recipe, out_dir: str | Path, *, calib_text
             "seconds_per_step": man["seconds"],
             "peak_rss_bytes": max(report.get("peak_rss_bytes", 0), peak_rss_bytes()),
             "continue_peak_rss_bytes": peak_rss_bytes(),
+            "continue_device": str(dev),
             "size_bytes": (tmp / "model.safetensors").stat().st_size,
             "continued_from": str(art),
         })

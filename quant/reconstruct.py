@@ -80,6 +80,7 @@ def reconstruct_layer(layer: DecoderLayer, qlin: dict[str, QuantizedLinear], x: 
     fq = {p: FakeQuantLinear(q, train_row_scale=cfg.row_scale_lr > 0, tune_codes=cfg.tune_codes,
                              a8=bool(sim and deploy.a8))
           for p, q in qlin.items()}
+    fq = {p: m.to(x.device) for p, m in fq.items()}  # the trained fields live where the layer runs
     for p, m in fq.items():
         _set(layer, p, m)
     groups = [{"params": [p for m in fq.values() for p in (m.s, m.m)], "lr": cfg.lr}]
@@ -90,15 +91,15 @@ def reconstruct_layer(layer: DecoderLayer, qlin: dict[str, QuantizedLinear], x: 
     opt = torch.optim.Adam(groups)
     if 0 < cfg.seq_len < x.shape[1]:  # causal attention: a prefix's outputs depend on the prefix only
         x, y = x[:, : cfg.seq_len], y[:, : cfg.seq_len]
-    pos = torch.arange(x.shape[1])
+    pos = torch.arange(x.shape[1], device=x.device)
     probe = slice(0, min(PROBE_SAMPLES, x.shape[0]))
     before = _loss(layer, x[probe], y[probe], rope, pos, cfg.loss)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # the CPU's stream: the same batches on any device
     n = x.shape[0]
     b = min(cfg.batch_samples, n)
     with torch.enable_grad():
         for _ in range(cfg.steps):
-            idx = torch.randperm(n, generator=g)[:b]
+            idx = torch.randperm(n, generator=g, device="cpu")[:b].to(x.device)
             opt.zero_grad(set_to_none=True)
             loss = _objective(layer(x[idx], rope, pos), y[idx], cfg.loss)
             loss.backward()

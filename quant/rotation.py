@@ -82,18 +82,18 @@ def hadamard(n: int) -> np.ndarray | None:
 
 def orthogonal(n: int, kind: str, seed: int) -> torch.Tensor:
     """A random orthogonal n × n matrix (float64), the same for the same (n, kind, seed)."""
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator(device="cpu").manual_seed(int(seed))  # on the CPU: the same matrix on any machine
     if kind == "hadamard":
         h = hadamard(n)
         if h is None:
             raise QuantError(f"rotate: no Hadamard matrix of order {n} from Sylvester's and Paley's constructions; "
                              f"use rotate: {{kind: orthogonal}}")
-        signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1
+        signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64, device="cpu") * 2 - 1
         return signs.to(torch.float64)[:, None] * torch.from_numpy(h).to(torch.float64) / np.sqrt(n)
     if kind == "identity":  # the norms' fold alone, no rotation: a diagnostic (what the fold itself costs)
-        return torch.eye(n, dtype=torch.float64)
+        return torch.eye(n, dtype=torch.float64, device="cpu")
     if kind == "orthogonal":
-        q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64, device="cpu"))
         return q * torch.sign(torch.diagonal(r))[None, :]
     raise QuantError(f"rotate: unknown kind {kind!r}; choose hadamard, orthogonal or identity")
 

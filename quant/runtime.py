@@ -51,3 +51,37 @@ def set_threads(requested: int | None = None) -> int:
     n = choose_threads(requested)
     torch.set_num_threads(n)
     return n
+
+
+#: the device types quantize, eval and generate accept (``--device``)
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def resolve_device(spec=None):
+    """``--device`` -> a torch.device: ``cpu`` (the default, also for None or ""), ``cuda`` or ``cuda:N``.
+    A device torch does not see is refused with a QuantError that says why and what to do, before any work
+    is done (nothing is written)."""
+    import torch
+
+    from .errors import QuantError
+
+    if spec is None or str(spec).strip() == "":
+        return torch.device("cpu")
+    try:
+        dev = torch.device(str(spec).strip() if not isinstance(spec, torch.device) else spec)
+    except (RuntimeError, ValueError):
+        raise QuantError(f"--device {spec!r}: not a device torch knows; give one of cpu, cuda, cuda:N") from None
+    if dev.type not in DEVICE_TYPES:
+        raise QuantError(f"--device {spec}: only {', '.join(DEVICE_TYPES)} are supported (the integer path needs "
+                         f"exact int64 and float64 arithmetic); give cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda or "none (a CPU-only build)"
+            raise QuantError(f"--device {spec}: torch sees no CUDA device (torch {torch.__version__}, CUDA "
+                             f"{built}); run with --device cpu, or install a CUDA build of torch on a machine "
+                             f"with a GPU")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise QuantError(f"--device {spec}: there {'is' if n == 1 else 'are'} only {n} CUDA "
+                             f"device{'s' if n != 1 else ''} (cuda:0..cuda:{n - 1})")
+    return dev
