@@ -108,7 +108,7 @@ def cmd_quantize(args) -> int:
     recipe = load_recipe(args.recipe)
     report = quantize_model(args.model, recipe, args.out, calib_text=args.calib_text,
                             calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed,
-                            progress=not args.quiet)
+                            progress=not args.quiet, device=args.device)
     print(json.dumps(report, indent=2) if args.json else
           f"wrote {args.out}: " + ("no weights quantized, " if report.get("bits_per_weight") is None else
                                    f"{report['bits_per_weight']:.3f} bits/weight, ") +
@@ -123,7 +123,7 @@ def cmd_eval(args) -> int:
     res = evaluate(args.model, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens,
                    integer_path=args.integer_path, progress=not args.json,
                    attention=args.attention, against=args.against, bootstrap=args.bootstrap,
-                   stream_layers=args.stream_layers)
+                   stream_layers=args.stream_layers, device=args.device)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -143,13 +143,14 @@ def cmd_generate(args) -> int:
     from quant.evaluate import generate
 
     if not args.golden:
-        print(generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens))
+        print(generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device))
         return 0
     from quant.errors import QuantError
     from quant.integer import generate_against_golden
     from quant.loading import load_model
+    from quant.runtime import resolve_device
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, resolve_device(args.device))
     ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
     if not ids:
         raise QuantError("--prompt is empty after tokenization; give some text")
@@ -417,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: OMP_NUM_THREADS, else the CPUs this process may use). "
                         "OpenMP threads wait passively unless OMP_WAIT_POLICY says otherwise, which keeps "
                         "them fast on a machine other jobs share (docs/quantizer.md, Speed)")
+    _device_option(q, "the layers, the calibration stream, the Hessians, GPTQ and the training stages run there; "
+                      "the checkpoint is read and the artifact written from the CPU")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model or artifact on a text",
@@ -449,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true",
                    help='print the result as JSON: "perplexity", "tokens", "seq_len", "integer_path", "ci95", '
                         'the per-window losses, and "ratio" with --against')
+    _device_option(e, "the integer path gives the same integers on any device (float64 and int64 arithmetic), "
+                      "the float path the same up to float rounding")
     e.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="generate text for a quick look")
@@ -458,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--golden", action="store_true",
                      help="generate on the integer path and with the numpy golden model (quant.golden) and "
                           'print {"tokens_torch_integer", "tokens_golden", "equal", ...}; exit 1 if they differ')
+    _device_option(gen, "the integer path's tokens are the same on any device")
     gen.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("simulate", help="simulate hardware against the integer reference")
@@ -513,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_estimate_parsers(sub)
     add_build_parser(sub)
     return p
+
+
+def _device_option(parser, what: str):
+    parser.add_argument("--device", default="cpu", metavar="DEV",
+                        help=f"cpu (default), cuda or cuda:N, where torch sees a GPU: {what}. A device torch "
+                             f"does not see is refused before any work (exit status 2)")
 
 
 def main(argv: list[str] | None = None) -> int:

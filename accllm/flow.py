@@ -86,7 +86,7 @@ def _step_quantize(cfg: Config, out: Path, done: dict) -> dict:
     m = cfg.model
     report = quantize_model(m.source, cfg.recipe, out / "artifact", calib_text=m.calib_text or None,
                             calib_samples=m.calib_samples, seq_len=m.calib_seq_len, seed=m.seed,
-                            progress=True)
+                            progress=True, device=m.device)
     keep = ("bits_per_weight", "size_bytes", "seconds", "peak_rss_bytes")
     return {"ok": True, "artifact": "quantize/artifact", **{k: report.get(k) for k in keep}}
 
@@ -97,7 +97,7 @@ def _step_evaluate(cfg: Config, out: Path, done: dict) -> dict:
 
     m = cfg.model
     run_dir = out.parent
-    kw = dict(seq_len=m.eval_seq_len, max_tokens=m.eval_max_tokens or None)
+    kw = dict(seq_len=m.eval_seq_len, max_tokens=m.eval_max_tokens or None, device=m.device)
     base = evaluate(m.source, m.eval_text or None, integer_path=False, **kw)
     art = evaluate(str(run_dir / "quantize" / "artifact"), m.eval_text or None, **kw)
     res = {"ok": True, "as_loaded": base, "compressed": art,
@@ -137,6 +137,17 @@ STEPS: list[Step] = [
 ]
 
 
+def _check_device(cfg: Config):
+    """model.device names a device torch sees, before any step runs (nothing is written otherwise)."""
+    from quant.errors import QuantError
+    from quant.runtime import resolve_device
+
+    try:
+        resolve_device(cfg.model.device)
+    except QuantError as e:
+        raise config_mod.ConfigError("", "model.device", str(e)) from None
+
+
 def _key(obj: object, upstream: str) -> str:
     blob = json.dumps(obj, sort_keys=True, default=str) + upstream
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -145,6 +156,7 @@ def _key(obj: object, upstream: str) -> str:
 def run(config_files: list[str] | tuple = (), out_dir: str | Path = "build/run", force: bool = False,
         steps: list[str] | None = None, progress: bool = True) -> dict:
     cfg = config_mod.load(*config_files) if config_files else Config()
+    _check_device(cfg)
     names = [s.name for s in STEPS]
     if steps:
         unknown = [s for s in steps if s not in names]

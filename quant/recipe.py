@@ -38,6 +38,8 @@ class ModelConfig:
     eval_max_tokens: int = param(8192, "evaluate at most this many tokens (0 = the whole text)",
                                  min=0, max=1 << 31)
     seed: int = param(0, "seed for sampling calibration windows", min=0)
+    device: str = param("cpu", "where quantize and evaluate run: cpu, cuda or cuda:N where torch sees a GPU "
+                               "(quant.runtime.resolve_device; checked before any step runs)")
 
 
 @dataclass
