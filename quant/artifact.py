@@ -260,7 +260,15 @@ def recipe_dict(recipe) -> dict:
     from .recipe import MODIFIERS
 
     names = {cls: key for key, cls in MODIFIERS.items()}
-    mods = [{names[type(m)]: dataclasses.asdict(m)} for m in recipe.modifiers]
+
+    def fields(m) -> dict:  # fields marked omit_default (quant.schema.param) only when set
+        d = dataclasses.asdict(m)
+        for f in dataclasses.fields(m):
+            if f.metadata.get("omit_default") and d[f.name] == f.default:
+                del d[f.name]
+        return d
+
+    mods = [{names[type(m)]: fields(m)} for m in recipe.modifiers]
     return {"recipe": {"name": recipe.name, "modifiers": mods}}
 
 

@@ -96,6 +96,23 @@ def objective(logits: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor | 
     raise QuantError(f"train_e2e.loss {kind!r}: choose kl or ce")
 
 
+def training_ids(cfg: TrainE2E, run) -> tuple[torch.Tensor, dict | None]:
+    """The stage's training sequences -> (ids (N, L), where they came from or None): the pipeline's
+    calibration sequences, or ``cfg.samples`` windows of the calibration length drawn from ``cfg.text``
+    (``quant.data.calibration_windows`` with the run's seed; a missing or too short text is refused)."""
+    if not cfg.text:
+        return run.ids, None
+    from .data import calibration_windows
+
+    try:
+        ids, info = calibration_windows(run.tok, cfg.text, cfg.samples, int(run.ids.shape[1]), run.seed)
+    except QuantError as e:
+        hint = " (for this stage: a longer train_e2e.text or fewer train_e2e.samples)" if "too short" in str(e) else ""
+        raise QuantError(f"train_e2e.text: {e}{hint}") from None
+    return ids, {"text": str(info["text"]), "tokens_in_text": info["tokens_in_text"], "samples": info["samples"],
+                 "seq_len": info["seq_len"], "windows": info["windows"]}
+
+
 def pieces(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Calibration sequences (N, L) cut into (N · ⌊L / seq_len⌋, seq_len) pieces (0: as they are)."""
     if seq_len <= 0 or seq_len >= ids.shape[1]:

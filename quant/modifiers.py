@@ -154,6 +154,9 @@ class Modifier:
     def start(self, run):
         pass
 
+    def calibrated(self, run):
+        """After the calibration sequences are read, before the first layer (a modifier's own data)."""
+
     def observe(self, run, lw: Layer):
         pass
 
@@ -397,12 +400,20 @@ class TrainE2EModifier(Modifier):
     def needs(self):
         return {"activations"}
 
+    def calibrated(self, run):  # its own text read now: a missing or short one fails before any layer
+        from .e2e import training_ids
+
+        self.ids, self.data_info = training_ids(self.cfg, run)
+
     def finalize(self, run):
         from .e2e import train_e2e
         from .model import LlamaLM
 
         teacher = LlamaLM.from_store(run.cfg, run.store).to(run.device).eval()
-        tuned, st = train_e2e(run.quantized_model().to(run.device), teacher, run.ids, self.cfg, seed=run.seed, deploy=run.nm)
+        tuned, st = train_e2e(run.quantized_model().to(run.device), teacher, self.ids, self.cfg, seed=run.seed,
+                              deploy=run.nm)
+        if self.data_info is not None:
+            st["data"] = self.data_info
         for name, q in tuned.items():
             run.replace_quantized(name, q)
         run.log("train_e2e", st)

@@ -245,6 +245,8 @@ def quantize_model(source: str, recipe: Recipe, out_dir: str | Path, *, calib_te
         t = time.time()
         if "activations" in needs:
             run.calibrate(calib_text, calib_samples, seq_len)
+            for m in mods:
+                m.calibrated(run)
         secs["calibration_data"] = _lap(t)
         t = time.time()
         for i in tqdm(range(cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
@@ -420,10 +422,13 @@ def train_artifact(art: Path, recipe: Recipe, out_dir: str | Path, *, calib_text
                          f"{Path(str(had.get('text'))).name}, seed {had.get('seed')}; give the same calibration "
                          f"(--calib-text, --calib-samples, --seq-len, --seed) as the artifact, not {calib_samples} x "
                          f"{seq_len}, seed {seed} of {Path(run.calib_info['text']).name}")
+    mods = [m for m in M.build(recipe) if type(m.cfg).__name__ == "TrainE2E"]
+    mods[0].calibrated(run)  # its own training text, if any: read (or refused) before the models are loaded
     student, _ = load_artifact(art, dev)
     teacher = LlamaLM.from_store(run.cfg, run.store).to(dev).eval()
-    mods = [m for m in M.build(recipe) if type(m.cfg).__name__ == "TrainE2E"]
-    tuned, st = train_e2e(student, teacher, run.ids, mods[0].cfg, seed=seed, deploy=run.nm, progress=progress)
+    tuned, st = train_e2e(student, teacher, mods[0].ids, mods[0].cfg, seed=seed, deploy=run.nm, progress=progress)
+    if mods[0].data_info is not None:
+        st["data"] = mods[0].data_info
     with safe_open(str(art / "model.safetensors"), framework="pt") as h:
         md = h.metadata() or {}
         tensors = {k: h.get_tensor(k) for k in h.keys()}

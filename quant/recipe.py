@@ -227,6 +227,19 @@ class TrainE2E:
     probe_samples: int = param(4, "training sequences held out (never trained on; at most a quarter of them): "
                                   "the loss on them before and after decides whether the trained fields are "
                                   "kept", min=1, max=4096)
+    text: str = param("", "the stage's own training text, any plain text file ('' = the pipeline's calibration "
+                          "sequences): more tokens than the calibration set, which the per-layer stages need "
+                          "in memory", omit_default=True)
+    samples: int = param(0, "with text: windows of the calibration length (--seq-len) drawn from it at random "
+                            "(the run's seed), cut into seq_len pieces as the calibration sequences are",
+                         min=0, max=1_000_000, omit_default=True)
+
+    def problems(self):
+        if self.text and self.samples < 1:
+            return [("samples", f"text {self.text!r} needs samples >= 1 (windows to draw from it)")]
+        if self.samples and not self.text:
+            return [("text", f"samples: {self.samples} draws windows from a text; give text (a file) or samples: 0")]
+        return []
 
     def must_follow(self) -> dict[str, str]:
         out = {"quantize_weights": "train_e2e trains the quantized fields quantize_weights produces (the "

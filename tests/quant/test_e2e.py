@@ -200,3 +200,69 @@ def test_same_bytes_at_1_and_2_threads(tmp_path):
         got[n] = RH.artifact_digest(out)
         assert json.loads((out / "manifest.json").read_text())["train_e2e"]["improved"]
     assert got[1] == got[2], got
+
+
+def _own_text(tmp_path):
+    """A training text of its own: the second half of the built-in evaluation excerpt (not the calibration
+    text), written to a file."""
+    src = (Path(__file__).resolve().parents[2] / "quant" / "data" / "eval-pride-and-prejudice.txt").read_text()
+    p = tmp_path / "own.txt"
+    p.write_text(src[len(src) // 2:])
+    return p
+
+
+def test_the_stage_can_train_on_a_text_of_its_own(arts, tmp_path):
+    """``train_e2e: {text: FILE, samples: N}``: the stage trains on N windows of the calibration length drawn
+    from FILE, not on the calibration sequences: the manifest names the text and windows, the fields differ
+    from training on the calibration set, the artifact is still exact on the integer path, and continuing
+    the base artifact gives the whole recipe's bytes. A recipe without the option keeps its recipe.yaml
+    (no text / samples keys: test_recipe_hashes holds the bytes). Planted: training_ids returning run.ids
+    whatever cfg.text says (no "data" in the manifest: failed). Planted: quantize_model not calling
+    Modifier.calibrated (test_a_bad_training_text_is_refused_before_any_layer failed)."""
+    from quant.data import calibration_windows
+    from quant.e2e import training_ids
+
+    own = _own_text(tmp_path)
+    rec = _with_e2e(_base(), text=str(own), samples=12)
+    quantize_model(str(arts / "m"), rec, tmp_path / "own", **CAL)
+    man = json.loads((tmp_path / "own" / "manifest.json").read_text())
+    data = man["train_e2e"]["data"]
+    assert data["text"] == str(own) and data["samples"] == 12 and data["seq_len"] == CAL["seq_len"]
+    assert man["train_e2e"]["train_sequences"] + man["train_e2e"]["probe_sequences"] == 24  # 12 x 64 -> 24 x 32
+    assert man["calibration"]["text"].endswith("calib-sense-and-sensibility.txt")  # the layers' calibration
+    mine, base = _fields(tmp_path / "own"), _fields(arts / "e2e")
+    assert any(not np.array_equal(mine[k].scales, base[k].scales) for k in mine)
+    model, _ = load_artifact(tmp_path / "own")
+    model.numerics.integer_path = True
+    assert_integer_route_exact(model, np.random.default_rng(5).integers(0, 300, 16))
+    rep = quantize_model(str(arts / "base"), rec, tmp_path / "cont", **CAL)
+    assert rep["continued_from"] and RH.artifact_digest(tmp_path / "cont") == RH.artifact_digest(tmp_path / "own")
+
+    class R:  # training_ids reads the run's tokenizer, calibration length and seed only
+        tok, seed, ids = load_artifact(arts / "base")[1], 0, torch.zeros(1, CAL["seq_len"], dtype=torch.long)
+    ids, info = training_ids(rec.modifiers[-1], R)
+    assert torch.equal(ids, calibration_windows(R.tok, own, 12, CAL["seq_len"], 0)[0]) and info["windows"]
+    assert "text:" not in (arts / "e2e" / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"text": "MISSING", "samples": 4}, r"train_e2e.text: .*missing.txt: no such file"),
+    ({"text": "OWN", "samples": 100_000}, r"train_e2e.text: .*too short.*fewer train_e2e.samples"),
+    ({"samples": 4}, r"TrainE2E.text: samples: 4 draws windows from a text"),
+    ({"text": "OWN"}, r"samples.*needs samples >= 1"),
+])
+def test_a_bad_training_text_is_refused_before_any_layer(arts, tmp_path, monkeypatch, kw, match):
+    """From the checkpoint and from an artifact: refused by name, nothing written, and before any layer
+    starts (the text is read with the calibration, Modifier.calibrated; a layer opened fails the test)."""
+    from quant.pipeline import Run
+
+    def no_layer(self, i):
+        raise AssertionError(f"layer {i} was started before the bad text was refused")
+
+    monkeypatch.setattr(Run, "open_layer", no_layer)
+    own = str(_own_text(tmp_path))
+    kw = {k: (own if v == "OWN" else str(tmp_path / "missing.txt") if v == "MISSING" else v) for k, v in kw.items()}
+    for src in ("m", "base"):
+        with pytest.raises(QuantError, match=match):
+            quantize_model(str(arts / src), _with_e2e(_base(), **kw), tmp_path / "x", **CAL)
+        assert not (tmp_path / "x").exists()
