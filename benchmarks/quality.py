@@ -67,6 +67,10 @@ ROWS = {
     "e2e": ("W2A8KV4 + reconstruction + end-to-end training (integer path)", "w2a8kv4-recon-e2e", "short", None),
     "e2e-long-lambda": ("W2A8KV4 + reconstruction + end-to-end training, long context, Λ 4 + 508",
                         "w2a8kv4-recon-e2e", "long", (4, 508)),
+    "e2e120-lr05": ("W2A8KV4 + reconstruction + 120 steps of end-to-end training at 2.5x the learning rates "
+                    "(integer path)", "w2a8kv4-recon-e2e120-lr05", "short", None),
+    "e2e120-emma": ("W2A8KV4 + reconstruction + 120 steps of end-to-end training on 98k tokens of Emma "
+                    "(integer path)", "w2a8kv4-recon-e2e120-emma", "short", None),
     "sparse-recon": ("W2A8KV4 + 2:4 + reconstruction stage (integer path)", "w2a8kv4-sparse24-recon", "short", None),
     "sparse-long-lambda": ("W2A8KV4 + 2:4, long context, Λ 4 + 508", "w2a8kv4-sparse24", "long", (4, 508)),
 }
@@ -100,6 +104,13 @@ def _floatw(rec):  # the recipe's activation, KV and Λ numerics on float weight
     from quant.recipe import QuantizeEmbedding, QuantizeWeights
 
     rec.modifiers = [m for m in rec.modifiers if not isinstance(m, (QuantizeWeights, QuantizeEmbedding))]
+
+
+def recipe_source(name: str) -> str:
+    """A row's recipe: benchmarks/recipes/NAME.yaml when there is one (experiments kept out of the built-in
+    recipes), else the built-in NAME."""
+    f = REPO / "benchmarks" / "recipes" / f"{name}.yaml"
+    return str(f) if f.is_file() else name
 
 
 #: recipe variants named after a colon in ROWS (w2a8kv4:noclip)
@@ -317,7 +328,7 @@ def _main(argv=None) -> int:
                     if (out / "report.json").is_file():
                         qreport = json.loads((out / "report.json").read_text())
                     else:
-                        rec = load_recipe(recipe.split(":")[0])
+                        rec = load_recipe(recipe_source(recipe.split(":")[0]))
                         if ":" in recipe:
                             VARIANTS[recipe.split(":")[1]](rec)
                             rec.name += "-" + recipe.split(":")[1]

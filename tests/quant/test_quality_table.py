@@ -42,3 +42,16 @@ def test_join_pairs_each_row_with_the_float_of_its_own_text(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(_ppl(r) / _ppl(ref), rel=1e-12), r["row"]  # the texts differ by 1e-7
     md = out.with_suffix(".md").read_text()
     assert "[text pride-and-prejudice.txt dfc684d4]" in md and "[text eval-pride-and-prejudice.txt 22586498]" in md
+
+
+def test_every_row_names_a_recipe_that_loads():
+    """Each quantized row's recipe is a built-in one or benchmarks/recipes/NAME.yaml (quality.recipe_source),
+    and loads: a typo in a row or a recipe file fails here, not hours into a run. Planted: the e2e120-emma
+    row's recipe misspelt (failed)."""
+    from accllm.config import load_recipe
+
+    names = {r[1].split(":")[0] for k, r in bench.ROWS.items() if r[1] not in (None, "peer")}
+    assert {"w2a8kv4-recon-e2e120-lr05", "w2a8kv4-recon-e2e120-emma"} <= names
+    for name in sorted(names):
+        rec = load_recipe(bench.recipe_source(name))
+        assert rec.name == name, (name, rec.name)
