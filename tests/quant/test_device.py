@@ -15,13 +15,13 @@ where it should be); those moves are at the entry points (``Run``, ``load_model`
 A device torch does not see (``cuda`` without a GPU, ``mps``, a typo) is refused by name before any work,
 exit status 2, nothing written."""
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
+import recipe_hashes as RH
 from accllm.cli import main as cli_main
 from accllm.config import load_recipe
 from quant.errors import QuantError
@@ -49,10 +49,6 @@ def _recipe(name):
 def _e2e(rec):  # every stage that trains: reconstruction (in the recipe) and a short end-to-end stage
     return Recipe(name=rec.name + "-e2e", modifiers=list(rec.modifiers) + [
         TrainE2E(steps=4, lr=0.05, row_scale_lr=0.002, batch_samples=2, seq_len=32)])
-
-
-def _digest(art):
-    return hashlib.sha256((art / "model.safetensors").read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +95,7 @@ def test_quantize_on_the_device(tiny, tmp_path, device):
     assert generate_against_golden(model, tok("The", add_special_tokens=True)["input_ids"], 8)["equal"]
     if device == "cpu":
         quantize_model(str(tiny / "m"), rec, tmp_path / "default", **CAL)
-        assert _digest(tmp_path / "dev") == _digest(tmp_path / "default")
+        assert RH.artifact_digest(tmp_path / "dev") == RH.artifact_digest(tmp_path / "default")
 
 
 RECIPES = ["w2a8kv4-recon", "w2a8kv4-sparse24", "w2a8kv4-rot", "rtn-w2a8kv4"]
@@ -126,7 +122,7 @@ def test_quantize_makes_no_tensor_on_the_default_device(tiny, plain, tmp_path, n
     rec = _e2e(_recipe(name)) if name == "w2a8kv4-recon" else _recipe(name)
     with torch.device("meta"):
         quantize_model(str(tiny / "m"), rec, tmp_path / name, **CAL, device="cpu")
-    assert _digest(tmp_path / name) == _digest(plain / name)
+    assert RH.artifact_digest(tmp_path / name) == RH.artifact_digest(plain / name)
 
 
 def test_eval_and_generate_make_no_tensor_on_the_default_device(tiny):
